@@ -1,0 +1,770 @@
+"""The asyncio agent: one per service process. The I/O shell around the pure core.
+
+It carries out what :class:`~meshmq._node.Node` decides (connect, send, drop a
+peer), moves envelopes through the :class:`~meshmq._transport.Transport`, and
+hands received messages to local subscriptions. Everything here runs on the
+agent's event loop, except :meth:`AsyncAgent._enqueue`, which the blocking
+:class:`~meshmq.Agent` calls from its own threads (it only touches thread-safe
+links and an immutable route snapshot).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import inspect
+import ipaddress
+import itertools
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import zmq
+
+from ._config import Config
+from ._discovery import Discovery
+from ._errors import AgentClosed, MeshError, MeshTimeout, PeerQueueFull, ProtocolError, UsageError
+from ._log import QuietLogger
+from ._message import Message
+from ._node import Connect, Disconnect, Node, PeerDown, PeerUp, Send, Timing
+from ._routing import RouteIndex
+from ._topics import check_pattern, check_topic, matches
+from ._transport import Link, Transport
+from ._wire import (
+    Data, Limits, NodeRecord, Subscription as AdvertisedSubscription, check_headers, decode_envelope,
+    decode_frame, encode_envelope, encode_payload,
+)
+
+log = logging.getLogger("meshmq.agent")
+quiet = QuietLogger(log)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+Handler = Callable[[Message], Any]
+
+
+def _check_name(kind: str, value: object) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise UsageError(f"{kind} {value!r} must be 1-63 characters: letters, digits, '.', '-', '_'")
+    return value
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """A node this agent knows: what ``meshmq peers`` shows."""
+
+    node: str
+    service: str
+    endpoint: str
+    subscriptions: tuple[tuple[str, str | None], ...]
+    last_seen: float
+    """Seconds since the peer was last heard from."""
+
+
+class _Full(Exception):
+    """Internal: a destination link has no room; nothing was enqueued."""
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+
+
+class Subscription:
+    """A live subscription. Close it with :meth:`close`.
+
+    With a handler, every matching message is passed to it (a coroutine handler
+    is awaited, one message at a time, in arrival order). Without one, iterate
+    it: ``async for msg in sub`` on :class:`AsyncAgent`, ``for msg in sub`` or
+    :meth:`get` on :class:`Agent`. Used as a decorator, the decorated function
+    becomes the handler.
+    """
+
+    def __init__(self, agent: AsyncAgent, pattern: str, queue: str | None, handler: Handler | None,
+                 threaded: bool) -> None:
+        self.pattern = pattern
+        self.queue = queue
+        self.handler = handler
+        self.closed = False
+        self.delivered = 0
+        self._agent = agent
+        self._tokens = check_pattern(pattern, agent.config.max_topic_length, agent.config.max_topic_tokens)
+        self._threaded = threaded  # iterated from another thread (blocking Agent)
+        self._buffer: collections.deque[Message] = collections.deque()
+        self._limit = agent.config.subscription_queue_messages
+        self._async_ready: asyncio.Future[None] | None = None
+        self._cond = threading.Condition() if threaded else None
+        self._worker: asyncio.Task[None] | None = None
+        self._queued_mode = handler is None or inspect.iscoroutinefunction(handler)
+
+    # --- configuration --------------------------------------------------------------
+
+    def __call__(self, handler: Handler) -> Handler:
+        """Decorator form: ``@agent.subscribe("orders.*")`` makes the function the handler."""
+        if not callable(handler):
+            raise UsageError(f"handler must be callable, got {handler!r}")
+        self._agent._call_on_loop(self._set_handler, handler)
+        return handler
+
+    def _set_handler(self, handler: Handler) -> None:
+        self.handler = handler
+        self._queued_mode = inspect.iscoroutinefunction(handler)
+        waiting = list(self._buffer)
+        self._buffer.clear()
+        for msg in waiting:  # delivered before the decorator ran: keep their order
+            self._deliver(msg)
+
+    def close(self) -> None:
+        """Stop receiving; the pattern is withdrawn from the mesh. Idempotent."""
+        if not self.closed:
+            self._agent._call_on_loop(self._agent._unsubscribe, self)
+
+    # --- delivery (loop thread) --------------------------------------------------------
+
+    def _deliver(self, msg: Message) -> None:
+        self.delivered += 1
+        if not self._queued_mode:
+            try:
+                self.handler(msg)  # type: ignore[misc]
+            except Exception as exc:
+                self._agent._handler_failed(self, msg, exc)
+            return
+        if self._cond is not None and self.handler is None:
+            with self._cond:
+                self._buffer.append(msg)
+                self._cond.notify()
+        else:
+            self._buffer.append(msg)
+            if self.handler is not None:
+                if self._worker is None:
+                    self._worker = asyncio.ensure_future(self._run_handler())
+                elif self._async_ready is not None and not self._async_ready.done():
+                    self._async_ready.set_result(None)
+            elif self._async_ready is not None and not self._async_ready.done():
+                self._async_ready.set_result(None)
+        if len(self._buffer) >= self._limit:
+            self._agent._overloaded(self)
+
+    async def _run_handler(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.closed:
+            while self._buffer:
+                msg = self._buffer.popleft()
+                self._drained()
+                try:
+                    await self.handler(msg)  # type: ignore[misc]
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self._agent._handler_failed(self, msg, exc)
+            self._async_ready = loop.create_future()
+            await self._async_ready
+
+    def _drained(self) -> None:
+        if len(self._buffer) == self._limit // 2:
+            self._agent._call_on_loop(self._agent._maybe_resume)
+
+    def _closed(self) -> None:
+        self.closed = True
+        if self._worker is not None:
+            self._worker.cancel()
+        if self._async_ready is not None and not self._async_ready.done():
+            self._async_ready.set_result(None)
+        if self._cond is not None:
+            with self._cond:
+                self._cond.notify_all()
+
+    # --- iteration ------------------------------------------------------------------
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        if self.handler is not None or self._threaded:
+            raise UsageError("only a subscription without a handler, on AsyncAgent, is an async iterator")
+        return self
+
+    async def __anext__(self) -> Message:
+        while not self._buffer:
+            if self.closed:
+                raise StopAsyncIteration
+            self._async_ready = asyncio.get_running_loop().create_future()
+            await self._async_ready
+        msg = self._buffer.popleft()
+        self._drained()
+        return msg
+
+    def __iter__(self) -> Iterator[Message]:
+        if self.handler is not None or not self._threaded:
+            raise UsageError("only a subscription without a handler, on the blocking Agent, is an iterator")
+        while True:
+            msg = self.get()
+            if msg is None:
+                return
+            yield msg
+
+    def get(self, timeout: float | None = None) -> Message | None:
+        """Blocking Agent: the next message, or None when closed or after ``timeout`` seconds."""
+        if self._cond is None:
+            raise UsageError("get() is for subscriptions of the blocking Agent; use 'async for' on AsyncAgent")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self._buffer:
+                if self.closed:
+                    return None
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+            msg = self._buffer.popleft()
+        self._drained()
+        return msg
+
+    def __repr__(self) -> str:
+        group = f", queue={self.queue!r}" if self.queue else ""
+        return f"Subscription({self.pattern!r}{group}, delivered={self.delivered}, closed={self.closed})"
+
+
+class AsyncAgent:
+    """The meshmq agent for asyncio services.
+
+    >>> async with AsyncAgent("orders") as agent:
+    ...     await agent.publish("orders.placed", {"orderId": "ORD-1"}, type="OrderPlaced")
+
+    Args:
+        service: this service's name, shown to peers and in every message's ``source``.
+        config: a :class:`Config` (default: built from the environment).
+        **overrides: any :class:`Config` field, e.g. ``seeds=["tcp://10.0.0.5:7400"]``.
+    """
+
+    def __init__(self, service: str, *, config: Config | None = None, **overrides: Any) -> None:
+        self.service = _check_name("service name", service)
+        self.config = Config.load(config, **overrides)
+        self.limits = Limits.from_config(self.config)
+        self.node_id = os.urandom(8).hex()
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._state = "new"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._subs: list[Subscription] = []
+        self._type_handlers: dict[str, list[Handler]] = {}
+        self._plain_cache: dict[str, list[Subscription]] = {}
+        self._rr = itertools.count()
+        self._node: Node | None = None
+        self._transport: Transport | None = None
+        self._discovery: Discovery | None = None
+        self._local = Link("local", None, self.config.peer_queue_messages, self.config.peer_queue_bytes)
+        self._local.node = self.node_id
+        self._local.service = self.service
+        self._node_links: dict[str, Link] = {}
+        self._index = RouteIndex(())
+        self._route_waiters: list[asyncio.Future[None]] = []
+        self._overloaded_subs: set[Subscription] = set()
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._id_prefix = bytes.fromhex(self.node_id)
+        self._id_counter = itertools.count(1)
+        self._started_at = 0.0
+        self._last_route_change = 0.0
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> AsyncAgent:
+        """Bind, announce, and start meeting peers. Returns at once; peers arrive within ~1 s."""
+        if self._state != "new":
+            raise AgentClosed(f"agent {self.service!r} was already started" if self._state == "running"
+                              else f"agent {self.service!r} is stopped and cannot be restarted; create a new one")
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        cfg = self.config
+        interfaces = _expand_interfaces(cfg.interfaces)
+        transport = Transport(cfg, self.node_id, self._on_frame)
+        try:
+            endpoints = transport.async_bind(loop, _bind_endpoints(cfg, interfaces))
+        except zmq.ZMQError as exc:
+            transport.ctx.term()
+            raise MeshError(f"cannot bind {cfg.bind or interfaces}: {exc}") from exc
+        self._transport = transport
+        self._started_at = time.monotonic()
+        record = NodeRecord(self.node_id, self.service, endpoints, self._advertised(), 1, time.time())
+        self._node = Node(cfg.mesh, record, timing=Timing(cfg.heartbeat_interval, cfg.peer_timeout),
+                          limits=self.limits, max_peers=cfg.max_peers)
+        self._node_links[self.node_id] = self._local
+        self._state = "running"
+        self._apply(self._node.start(time.monotonic(), cfg.seeds))
+        if cfg.discovery:
+            self._discovery = Discovery(mesh=cfg.mesh, node=self.node_id, service=self.service,
+                                        endpoints=endpoints, interfaces=interfaces, on_hint=self._on_hint)
+            try:
+                await self._discovery.async_start()
+            except Exception as exc:  # no multicast here: seeds and hellos still work
+                quiet.warning("mdns", "mDNS discovery unavailable on %s: %s", interfaces, exc)
+                self._discovery = None
+        self._schedule_tick()
+        log.info("agent %s (%s) started on %s, mesh %r", self.service, self.node_id, ", ".join(endpoints), cfg.mesh)
+        return self
+
+    async def stop(self) -> None:
+        """Say goodbye, send what is queued (up to ``stop_timeout``), and close. Idempotent."""
+        if self._state != "running":
+            self._state = "stopped"
+            return
+        self._state = "stopping"
+        assert self._node is not None and self._transport is not None
+        deadline = time.monotonic() + self.config.stop_timeout
+        self._apply(self._node.stop(time.monotonic()))
+        self._transport.flush_all()
+        while self._transport.pending() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # bounded by stop_timeout; the links flush on their own
+            self._transport.flush_all()
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        if self._discovery is not None:
+            await self._discovery.async_close()
+        for sub in list(self._subs):
+            sub._closed()
+        self._transport.async_close(linger=max(0.0, deadline - time.monotonic()))
+        self._state = "stopped"
+        for fut in self._route_waiters:
+            if not fut.done():
+                fut.set_result(None)
+        log.info("agent %s (%s) stopped", self.service, self.node_id)
+
+    async def __aenter__(self) -> AsyncAgent:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._state == "running"
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """The endpoints this agent receives on (after start)."""
+        return self._node.record.endpoints if self._node else ()
+
+    def _check_running(self) -> None:
+        if self._state != "running":
+            what = "not started (use 'async with' or await start())" if self._state == "new" else "stopped"
+            raise AgentClosed(f"agent {self.service!r} is {what}")
+
+    # --- publishing -----------------------------------------------------------------
+
+    async def publish(self, topic: str, data: Any, *, type: str | None = None, key: str | None = None,
+                      headers: dict[str, str] | None = None, schema_version: int = 1) -> str:
+        """Send ``data`` to every subscriber of ``topic``; return the message id.
+
+        ``data`` is bytes (sent as they are) or a msgpack-able value. ``type`` is
+        the event type used by :meth:`on`; ``key`` keeps related messages on one
+        queue-group member. Waits up to ``publish_timeout`` while a destination's
+        queue is full, then raises :class:`PeerQueueFull`; nothing is sent then.
+        """
+        prepared = self._prepare(topic, data, type, key, headers, schema_version)
+        deadline = time.monotonic() + self.config.publish_timeout
+        while True:
+            try:
+                return self._enqueue(prepared, threadsafe=False)
+            except _Full as full:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise self._full_error(full.link) from None
+                assert self._transport is not None
+                await self._transport.async_wait_space(min(remaining, 0.1))
+
+    def publish_nowait(self, topic: str, data: Any, *, type: str | None = None, key: str | None = None,
+                       headers: dict[str, str] | None = None, schema_version: int = 1) -> str:
+        """As :meth:`publish`, for plain (non-async) code on the loop: raises
+        :class:`PeerQueueFull` at once instead of waiting for room."""
+        prepared = self._prepare(topic, data, type, key, headers, schema_version)
+        try:
+            return self._enqueue(prepared, threadsafe=threading.get_ident() != self._loop_thread)
+        except _Full as full:
+            raise self._full_error(full.link) from None
+
+    def _full_error(self, link: Link) -> PeerQueueFull:
+        self.counters["publish_backpressure_errors"] += 1
+        return PeerQueueFull(link.node, link.service, link.queued, self.config.publish_timeout)
+
+    def _prepare(self, topic: str, data: Any, type_: str | None, key: str | None,
+                 headers: dict[str, str] | None, schema_version: int) -> tuple[str, str | None, bytes, bytes]:
+        """Check every argument and encode the envelope: safe from any thread, touches no state."""
+        self._check_running()
+        cfg = self.config
+        check_topic(topic, cfg.max_topic_length, cfg.max_topic_tokens)
+        if type_ is not None and (not isinstance(type_, str) or not 0 < len(type_) <= 255):
+            raise UsageError(f"type must be a non-empty str of at most 255 characters, got {type_!r}")
+        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 255):
+            raise UsageError(f"key must be a non-empty str of at most 255 characters, got {key!r}")
+        if not isinstance(schema_version, int) or isinstance(schema_version, bool) or schema_version < 0:
+            raise UsageError(f"schema_version must be a non-negative int, got {schema_version!r}")
+        fmt, raw = encode_payload(data, self.limits)
+        hdrs = check_headers(headers, self.limits)
+        mid = self._id_prefix + next(self._id_counter).to_bytes(8, "big")
+        env = encode_envelope(mid, time.time(), topic, type_, self.service, self.node_id,
+                              schema_version, hdrs, key, fmt, raw)
+        return topic, key, mid, env
+
+    def _enqueue(self, prepared: tuple[str, str | None, bytes, bytes], threadsafe: bool) -> str:
+        """Put one envelope on every destination's link, or on none (raises :class:`_Full`)."""
+        topic, key, mid, env = prepared
+        if self._state != "running":
+            self._check_running()
+        dests = self._index.destinations(topic, key)
+        if not dests:
+            self.counters["published_without_subscribers"] += 1
+            return mid.hex()
+        links = self._node_links
+        targets = []
+        for node, groups in dests.items():
+            link = links.get(node)
+            if link is None:  # its record arrived a moment before its link: it is not reachable yet
+                continue
+            if not link.has_room():
+                raise _Full(link)
+            targets.append((link, [env, list(groups)] if groups else env))
+        size = len(env)
+        for link, entry in targets:
+            if link.put(entry, size):
+                self._wake(link, threadsafe)
+        self.counters["published"] += 1
+        return mid.hex()
+
+    def _wake(self, link: Link, threadsafe: bool) -> None:
+        assert self._loop is not None and self._transport is not None
+        flush = self._flush_local if link is self._local else self._transport.flush
+        if threadsafe:
+            self._loop.call_soon_threadsafe(flush, link)
+        else:
+            self._loop.call_soon(flush, link)
+
+    def _flush_local(self, link: Link) -> None:
+        with link.lock:
+            link.scheduled = False
+        was_full = not link.has_room()
+        seq = link.next_seq
+        while True:
+            entries = link.take(self.config.max_batch_messages, self.config.max_batch_bytes)
+            if not entries:
+                break
+            self._deliver_entries(entries, seq)
+            seq += len(entries)
+        link.next_seq = seq
+        if was_full and self._transport is not None:
+            self._transport._notify_space()
+
+    # --- receiving ------------------------------------------------------------------
+
+    def _on_frame(self, frame: bytes) -> None:
+        try:
+            decoded = decode_frame(frame, self.limits)
+        except ProtocolError as exc:
+            self.counters["frames_rejected"] += 1
+            quiet.warning("frame", "dropped a malformed frame (%d bytes): %s", len(frame), exc)
+            return
+        assert self._node is not None
+        if type(decoded) is Data:
+            self._node.touch(decoded.node, time.monotonic())
+            self._deliver_entries(decoded.entries, decoded.first_seq)
+        else:
+            self._apply(self._node.receive(decoded, time.monotonic()))
+
+    def _deliver_entries(self, entries: list[Any], seq: int) -> None:
+        limits = self.limits
+        for entry in entries:
+            try:
+                if type(entry) is bytes:
+                    msg = decode_envelope(entry, limits, seq)
+                    groups: tuple[str, ...] | list[str] = ()
+                elif type(entry) is list and len(entry) == 2 and type(entry[0]) is bytes and type(entry[1]) is list:
+                    msg = decode_envelope(entry[0], limits, seq)
+                    groups = entry[1]
+                else:
+                    raise ProtocolError("bad data entry")
+            except ProtocolError as exc:
+                self.counters["messages_rejected"] += 1
+                quiet.warning("envelope", "dropped a malformed message: %s", exc)
+                seq += 1
+                continue
+            seq += 1
+            self._dispatch(msg, groups)
+
+    def _dispatch(self, msg: Message, groups: tuple[str, ...] | list[str]) -> None:
+        subs = self._plain_cache.get(msg.topic)
+        if subs is None:
+            subs = self._match_plain(msg.topic)
+        self.counters["received"] += 1
+        for sub in subs:
+            sub._deliver(msg)
+        delivered = bool(subs)
+        for group in groups:
+            members = [s for s in self._subs if s.queue == group and matches(s._tokens, msg.topic)]
+            if members:
+                members[next(self._rr) % len(members)]._deliver(msg)
+                delivered = True
+        if not delivered:
+            # Our subscription closed after the sender routed this message to us.
+            self.counters["received_without_subscription"] += 1
+
+    def _match_plain(self, topic: str) -> list[Subscription]:
+        subs = [s for s in self._subs if s.queue is None and matches(s._tokens, topic)]
+        if len(self._plain_cache) > 4096:
+            self._plain_cache.clear()
+        self._plain_cache[topic] = subs
+        return subs
+
+    def _handler_failed(self, sub: Subscription, msg: Message, exc: Exception) -> None:
+        self.counters["handler_errors"] += 1
+        quiet.log(logging.ERROR, f"handler:{sub.pattern}",
+                  "handler of %r raised on message %s (topic %s): %r", sub.pattern, msg.id, msg.topic, exc)
+
+    def _overloaded(self, sub: Subscription) -> None:
+        """A subscription's backlog reached its limit: stop reading until it halves."""
+        self._overloaded_subs.add(sub)
+        if self._transport is not None and self._transport.reading:
+            self.counters["receive_paused"] += 1
+            self._transport.async_pause()
+
+    def _maybe_resume(self) -> None:
+        self._overloaded_subs = {
+            s for s in self._overloaded_subs if not s.closed and len(s._buffer) > s._limit // 2
+        }
+        if not self._overloaded_subs and self._transport is not None and self._state == "running":
+            self._transport.async_resume()
+
+    # --- subscribing ----------------------------------------------------------------
+
+    def subscribe(self, pattern: str, handler: Handler | None = None, *, queue: str | None = None) -> Subscription:
+        """Receive messages whose topic matches ``pattern`` (``*`` one token, ``>`` the rest).
+
+        ``handler`` may be a function or a coroutine function; without one the
+        returned :class:`Subscription` is an async iterator, or a decorator.
+        With ``queue``, each message goes to one member of that queue group.
+        May be called before :meth:`start`.
+        """
+        return self._subscribe(pattern, handler, queue, threaded=False)
+
+    def _subscribe(self, pattern: str, handler: Handler | None, queue: str | None, threaded: bool) -> Subscription:
+        if self._state in ("stopping", "stopped"):
+            self._check_running()
+        if handler is not None and not callable(handler):
+            raise UsageError(f"handler must be callable, got {handler!r}")
+        if queue is not None:
+            _check_name("queue group", queue)
+        if len(self._subs) >= self.config.max_subscriptions:
+            raise UsageError(f"this agent already has max_subscriptions={self.config.max_subscriptions}")
+        sub = Subscription(self, pattern, queue, handler, threaded)
+        self._subs.append(sub)
+        self._subscriptions_changed()
+        return sub
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        if sub in self._subs:
+            self._subs.remove(sub)
+            sub._closed()
+            self._overloaded_subs.discard(sub)
+            self._subscriptions_changed()
+            self._maybe_resume()
+
+    def _subscriptions_changed(self) -> None:
+        self._plain_cache = {}
+        if self._node is not None and self._state == "running":
+            self._apply(self._node.set_subscriptions(self._advertised(), time.monotonic()))
+
+    def _advertised(self) -> tuple[AdvertisedSubscription, ...]:
+        seen: dict[AdvertisedSubscription, None] = {}
+        for s in self._subs:
+            seen[AdvertisedSubscription(s.pattern, s.queue)] = None
+        return tuple(seen)
+
+    @property
+    def subscriptions(self) -> list[Subscription]:
+        return list(self._subs)
+
+    # --- dispatch by type (the concept documents' handler registry) ---------------------
+
+    def on(self, type: str) -> Callable[[Handler], Handler]:
+        """Register the decorated function as the handler of messages of this ``type``.
+
+        Messages reach it through subscriptions whose handler is :meth:`dispatch`:
+        ``agent.subscribe("orders.>", agent.dispatch)``.
+        """
+        _check_name("message type", type)
+
+        def register(fn: Handler) -> Handler:
+            if not callable(fn):
+                raise UsageError(f"handler must be callable, got {fn!r}")
+            self._type_handlers.setdefault(type, []).append(fn)
+            return fn
+
+        return register
+
+    async def dispatch(self, msg: Message) -> None:
+        """Hand ``msg`` to the handlers registered with :meth:`on` for its type.
+
+        A message whose type has no handler is counted and logged (rate-limited), not an error.
+        """
+        handlers = self._type_handlers.get(msg.type or "")
+        if not handlers:
+            self.counters["unhandled_type"] += 1
+            quiet.warning(f"type:{msg.type}", "no handler for message type %r (topic %s)", msg.type, msg.topic)
+            return
+        for fn in handlers:
+            result = fn(msg)
+            if isinstance(result, Awaitable):
+                await result
+
+    # --- looking at the mesh --------------------------------------------------------
+
+    def peers(self) -> list[PeerInfo]:
+        """The nodes this agent currently routes to."""
+        if self._node is None:
+            return []
+        now = time.monotonic()
+        return [
+            PeerInfo(n, p.record.service, p.endpoint,
+                     tuple((s.pattern, s.group) for s in p.record.subscriptions), now - p.last_seen)
+            for n, p in sorted(self._node.peers.items(), key=lambda kv: (kv[1].record.service, kv[0]))
+        ]
+
+    def stats(self) -> dict[str, int]:
+        """Counters of this agent: messages published, received, rejected, dropped, ..."""
+        out: collections.Counter[str] = collections.Counter(self.counters)
+        if self._node is not None:
+            out.update(self._node.counters)
+            out["peers"] = len(self._node.peers)
+        if self._transport is not None:
+            out.update(self._transport.counters)
+            out["queued"] = self._transport.pending() + self._local.queued
+        return dict(out)
+
+    async def wait_for_subscribers(self, topic: str, count: int = 1, timeout: float = 5.0) -> int:
+        """Wait until at least ``count`` nodes receive ``topic`` (queue groups count once); return how many."""
+        self._check_running()
+        check_topic(topic, self.config.max_topic_length, self.config.max_topic_tokens)
+        deadline = time.monotonic() + timeout
+        while True:
+            n = self._receivers(topic)
+            if n >= count:
+                return n
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise MeshTimeout(f"{n} of {count} subscribers of {topic!r} found within {timeout:g}s")
+            await self._routes_changed(remaining)
+
+    def _receivers(self, topic: str) -> int:
+        route = self._index.resolve(topic)
+        return len(route.plain) + len(route.groups)
+
+    async def wait_settled(self, timeout: float = 2.0, quiet_period: float = 0.3) -> int:
+        """Wait until every node discovered so far has answered and none new appeared for
+        ``quiet_period`` seconds (bounded by ``timeout``); return the number of peers."""
+        self._check_running()
+        assert self._node is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            now = time.monotonic()
+            settled = not self._node.pending or set(self._node.pending) <= set(self._node.seeds)
+            if settled and now - max(self._started_at, self._last_route_change) >= quiet_period:
+                return len(self._node.peers)
+            if now >= deadline:
+                return len(self._node.peers)
+            await self._routes_changed(min(deadline - now, quiet_period / 3))
+
+    async def _routes_changed(self, timeout: float) -> None:
+        assert self._loop is not None
+        fut = self._loop.create_future()
+        self._route_waiters.append(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    # --- carrying out the core's decisions ------------------------------------------------
+
+    def _apply(self, actions: list[Any]) -> None:
+        transport = self._transport
+        assert transport is not None and self._node is not None
+        changed = False
+        for action in actions:
+            kind = type(action)
+            if kind is Send:
+                transport.async_send_control(action.endpoint, action.frame)
+            elif kind is Connect:
+                transport.async_connect(action.endpoint)
+            elif kind is PeerUp:
+                rec = action.record
+                link = transport.links.get(rec.endpoints[0])
+                if link is not None:
+                    link.node, link.service = rec.node, rec.service
+                    if rec.node not in self._node_links:
+                        log.info("peer up: %s (%s) at %s", rec.service, rec.node, rec.endpoints[0])
+                    self._node_links[rec.node] = link
+                changed = True
+            elif kind is PeerDown:
+                self._node_links.pop(action.node, None)
+                log.info("peer %s: %s (%s)", action.reason, action.service, action.node)
+                changed = True
+            elif kind is Disconnect:
+                dropped = transport.async_disconnect(action.endpoint)
+                if dropped:
+                    self.counters["dropped_peer_gone"] += dropped
+                    quiet.warning(f"gone:{action.endpoint}",
+                                  "%d queued messages to %s could not be sent: the peer is gone",
+                                  dropped, action.endpoint)
+        if changed:
+            self._index = self._node.routes.index
+            self._last_route_change = time.monotonic()
+            waiters, self._route_waiters = self._route_waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def _on_hint(self, node: str | None, endpoints: tuple[str, ...], mesh: str | None) -> None:
+        if self._node is not None and self._state == "running":
+            self._apply(self._node.discovered(time.monotonic(), node, endpoints, mesh))
+
+    def _schedule_tick(self) -> None:
+        assert self._loop is not None and self._node is not None
+        delay = self._node.next_deadline(time.monotonic()) - time.monotonic()
+        self._tick_handle = self._loop.call_later(max(delay, 0.001), self._tick)
+
+    def _tick(self) -> None:
+        if self._state != "running" or self._node is None or self._transport is None:
+            return
+        self._apply(self._node.tick(time.monotonic()))
+        self._transport.flush_all()  # fallback for a missed writable edge
+        if self._overloaded_subs:
+            self._maybe_resume()
+        self._schedule_tick()
+
+    def _call_on_loop(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn`` on the agent's loop: now if we are on it (or it has not started), else soon."""
+        if self._loop is None or threading.get_ident() == self._loop_thread or self._state != "running":
+            fn(*args)
+        else:
+            self._loop.call_soon_threadsafe(fn, *args)
+
+
+def _expand_interfaces(interfaces: tuple[str, ...]) -> list[str]:
+    """IP addresses to bind and announce on; ``all`` means every address of every interface."""
+    if "all" not in interfaces:
+        return list(interfaces)
+    import ifaddr
+
+    found: list[str] = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str):
+                found.append(ip.ip)
+    return found or ["127.0.0.1"]
+
+
+def _bind_endpoints(config: Config, interfaces: list[str]) -> list[str]:
+    if config.bind:
+        return [ep.strip() for ep in config.bind.split(",")]
+    out = []
+    for ip in interfaces:
+        host = f"[{ip}]" if ipaddress.ip_address(ip).version == 6 else ip
+        out.append(f"tcp://{host}:*")
+    return out

@@ -1,0 +1,244 @@
+"""One frozen, validated object holding every default and limit of an agent.
+
+Each field can be set three ways, later ones winning: the default below, a
+``MESHMQ_<FIELD>`` environment variable, and a keyword override of the agent
+(``AsyncAgent("orders", peer_timeout=5)``). Every limit meshmq enforces lives
+here, so nothing is unbounded by accident.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ._errors import ConfigError
+
+_MESH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+_KiB = 1024
+_MiB = 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """Settings of one agent. Build with :meth:`Config.load` to read the environment."""
+
+    # --- identity and reachability ---
+    mesh: str = "default"
+    """Name of the mesh; agents of different meshes ignore each other."""
+    interfaces: tuple[str, ...] = ("127.0.0.1",)
+    """Addresses to bind and advertise. Loopback only by default; ``all`` opts in to every interface."""
+    bind: str | None = None
+    """Explicit ZeroMQ endpoint(s) to bind, comma-separated (e.g. ``tcp://127.0.0.1:7400``); default: one OS-chosen port per interface."""
+    seeds: tuple[str, ...] = ()
+    """Static peer endpoints (``tcp://host:port``) for networks where multicast does not reach."""
+    discovery: bool = True
+    """Announce and browse with mDNS. Seeds work with it off."""
+    data_dir: Path | None = None
+    """Where the agent keeps its state (``MESHMQ_DATA_DIR``); default ``~/.meshmq/<service>``."""
+
+    # --- liveness ---
+    heartbeat_interval: float = 0.5
+    """Seconds between heartbeats to each peer."""
+    peer_timeout: float = 3.0
+    """Seconds of silence after which a peer is declared dead and leaves routing."""
+
+    # --- sizes ---
+    max_frame_bytes: int = 4 * _MiB
+    """Largest ZeroMQ frame accepted; larger ones are refused by the socket."""
+    max_payload_bytes: int = 1 * _MiB
+    """Largest message payload (after serialization)."""
+    max_topic_length: int = 256
+    """Longest topic or pattern, in characters."""
+    max_topic_tokens: int = 32
+    """Most dot-separated tokens in a topic or pattern."""
+    max_header_count: int = 64
+    """Most free headers on one message."""
+    max_header_bytes: int = 16 * _KiB
+    """Largest total size of a message's free headers (keys plus values, UTF-8)."""
+    max_batch_messages: int = 256
+    """Most messages packed into one frame to a peer."""
+    max_batch_bytes: int = 256 * _KiB
+    """Target size of one batch frame; a single larger message travels alone."""
+    max_subscriptions: int = 10_000
+    """Most subscriptions one node may advertise (own and accepted from peers)."""
+    max_peers: int = 4096
+    """Most peers one node tracks; records beyond it are refused and counted."""
+
+    # --- queues and time limits ---
+    peer_queue_messages: int = 50_000
+    """Messages waiting for one peer before publishing to it waits (back-pressure)."""
+    peer_queue_bytes: int = 64 * _MiB
+    """Bytes waiting for one peer before publishing to it waits (back-pressure)."""
+    subscription_queue_messages: int = 10_000
+    """Messages waiting for one subscription's handler or iterator before the agent stops reading the network."""
+    publish_timeout: float = 5.0
+    """Seconds ``publish`` waits for room in a full peer queue before raising ``PeerQueueFull``."""
+    socket_hwm: int = 1000
+    """ZeroMQ high-water mark, in frames, of every socket."""
+    stop_timeout: float = 2.0
+    """Seconds ``stop`` spends flushing queued messages before closing."""
+
+    def __post_init__(self) -> None:
+        _check(bool(_MESH_NAME.match(self.mesh)), "mesh", f"{self.mesh!r} must be 1-63 letters, digits, '-' or '_'")
+        _check(len(self.interfaces) > 0, "interfaces", "at least one interface is required")
+        for iface in self.interfaces:
+            if iface != "all":
+                try:
+                    ipaddress.ip_address(iface)
+                except ValueError:
+                    raise ConfigError("interfaces", f"{iface!r} is not an IP address or 'all'") from None
+        if self.bind is not None:
+            for ep in self.bind.split(","):
+                _check(_is_endpoint(ep.strip()), "bind", f"{ep!r} is not a ZeroMQ endpoint like tcp://127.0.0.1:7400")
+        for seed in self.seeds:
+            _check(_is_endpoint(seed), "seeds", f"{seed!r} is not an endpoint like tcp://127.0.0.1:7400")
+        _positive(self, "heartbeat_interval", "peer_timeout", "publish_timeout", "stop_timeout")
+        _check(
+            self.peer_timeout >= 2 * self.heartbeat_interval,
+            "peer_timeout",
+            f"{self.peer_timeout:g}s must be at least twice heartbeat_interval ({self.heartbeat_interval:g}s)",
+        )
+        _positive(
+            self, "max_frame_bytes", "max_payload_bytes", "max_topic_length", "max_topic_tokens",
+            "max_header_count", "max_header_bytes", "max_batch_messages", "max_batch_bytes",
+            "max_subscriptions", "max_peers", "peer_queue_messages", "peer_queue_bytes",
+            "subscription_queue_messages", "socket_hwm",
+        )
+        _check(
+            self.max_frame_bytes >= self.max_payload_bytes + self.max_header_bytes + 4 * _KiB,
+            "max_frame_bytes",
+            "must exceed max_payload_bytes + max_header_bytes + 4 KiB so that every valid message fits one frame",
+        )
+
+    # --- construction ---
+
+    @classmethod
+    def load(cls, base: Config | None = None, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+        """Defaults (or ``base``), then ``MESHMQ_*`` variables, then ``overrides``."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        if base is None:
+            for f in dataclasses.fields(cls):
+                raw = env.get("MESHMQ_" + f.name.upper())
+                if raw is not None and raw != "":
+                    values[f.name] = _parse(f.name, f.type, raw, f"MESHMQ_{f.name.upper()}")
+            base = cls(**values)
+        return base.replace(**overrides) if overrides else base
+
+    def replace(self, **overrides: Any) -> Config:
+        """A copy with ``overrides`` applied and validated; unknown names are an error."""
+        known = {f.name: f for f in dataclasses.fields(self)}
+        coerced: dict[str, Any] = {}
+        for name, value in overrides.items():
+            if name not in known:
+                raise ConfigError(name, f"unknown setting (known: {', '.join(sorted(known))})")
+            coerced[name] = _coerce(name, known[name].type, value)
+        return dataclasses.replace(self, **coerced)
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str, Any, str]]:
+        """(field, environment variable, default, help) for every setting: used by ``--help``."""
+        docs = _field_docs()
+        return [
+            (f.name, "MESHMQ_" + f.name.upper(), f.default, docs.get(f.name, ""))
+            for f in dataclasses.fields(cls)
+        ]
+
+    def resolved_data_dir(self, service: str) -> Path:
+        if self.data_dir is not None:
+            return self.data_dir
+        home = Path(os.environ.get("MESHMQ_HOME") or Path.home() / ".meshmq")
+        return home / service
+
+
+def _check(ok: bool, field: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(field, problem)
+
+
+def _positive(cfg: Config, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        _check(value > 0, name, f"{value!r} must be greater than zero")
+
+
+def _is_endpoint(ep: str) -> bool:
+    return bool(re.match(r"^(tcp://[^\s:/]+|tcp://\[[0-9A-Fa-f:.]+\]):[0-9*]+$|^ipc://\S+$|^inproc://\S+$", ep))
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _parse(name: str, annotation: Any, raw: str, source: str) -> Any:
+    """Parse an environment string into the field's type."""
+    kind = str(annotation)
+    try:
+        if "tuple" in kind:
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        if kind == "bool":
+            low = raw.strip().lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError(f"expected one of {sorted(_TRUE | _FALSE)}")
+        if kind == "int":
+            return int(raw.replace("_", ""))
+        if kind == "float":
+            return float(raw)
+        if "Path" in kind:
+            return Path(raw).expanduser()
+        return raw
+    except ValueError as exc:
+        raise ConfigError(name, f"{source}={raw!r}: {exc}") from None
+
+
+def _coerce(name: str, annotation: Any, value: Any) -> Any:
+    """Accept keyword overrides in their natural Python forms; reject the rest clearly."""
+    kind = str(annotation)
+    if isinstance(value, str) and kind not in ("str", "str | None"):
+        return _parse(name, annotation, value, "value")
+    if "tuple" in kind:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(name, f"expected a list of strings, got {value!r}")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(name, f"expected True or False, got {value!r}")
+    if kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(name, f"expected an integer, got {value!r}")
+    if kind == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(name, f"expected a number of seconds, got {value!r}")
+    if "Path" in kind:
+        if value is None or isinstance(value, (str, os.PathLike)):
+            return None if value is None else Path(value).expanduser()
+        raise ConfigError(name, f"expected a path, got {value!r}")
+    if value is None or isinstance(value, str):
+        return value
+    raise ConfigError(name, f"expected a string, got {value!r}")
+
+
+def _field_docs() -> dict[str, str]:
+    """The docstring under each field, read from this module's source (for ``--help``)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(Config))
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+                docs[node.target.id] = str(after.value.value)
+    return docs

@@ -1,0 +1,122 @@
+"""The exceptions meshmq raises.
+
+All derive from :class:`MeshError`. They are split by whose fault a failure is:
+the caller's misuse (:class:`UsageError` and its children), a bad frame from a
+peer (:class:`ProtocolError`, which the agent counts and drops rather than
+raises), the agent's own lifecycle (:class:`AgentClosed`), and the mesh's
+present state (:class:`Backpressure`, :class:`NoResponders`, timeouts).
+Exceptions of zmq, msgpack, zeroconf, lmdb and nacl never leave the public API;
+they are translated at the boundary and chained as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+
+class MeshError(Exception):
+    """Base class of every error meshmq raises."""
+
+
+# --- the caller's misuse -----------------------------------------------------------
+
+
+class UsageError(MeshError, ValueError):
+    """A public call was given an argument it cannot accept."""
+
+
+class ConfigError(UsageError):
+    """A configuration value (keyword, ``Config`` field or ``MESHMQ_*`` variable) is invalid."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"invalid config {field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class TopicError(UsageError):
+    """A topic or subscription pattern is malformed."""
+
+    def __init__(self, topic: str, problem: str) -> None:
+        super().__init__(f"invalid topic {topic!r}: {problem}")
+        self.topic = topic
+        self.problem = problem
+
+
+class PayloadError(UsageError):
+    """A payload, header or other message field cannot be sent (type or size)."""
+
+
+# --- lifecycle ---------------------------------------------------------------------
+
+
+class AgentClosed(MeshError):
+    """The agent is not running: not started yet, or already stopped."""
+
+
+# --- a peer's fault (counted and dropped; raised only by the codecs) ---------------
+
+
+class ProtocolError(MeshError):
+    """A frame or envelope from the network is malformed, oversized or of an unknown version."""
+
+
+# --- the mesh's present state ------------------------------------------------------
+
+
+class Backpressure(MeshError):
+    """The agent could not accept more work within the allowed time."""
+
+
+class PeerQueueFull(Backpressure):
+    """A destination's bounded send queue stayed full for the whole publish timeout."""
+
+    def __init__(self, node: str, service: str, queued: int, timeout: float) -> None:
+        super().__init__(
+            f"send queue to {service} ({node}) is full ({queued} messages) "
+            f"and did not drain within {timeout:g}s; the receiver is slow or gone"
+        )
+        self.node = node
+        self.service = service
+        self.queued = queued
+        self.timeout = timeout
+
+
+class OutboxFull(Backpressure):
+    """The durable outbox is at its byte or count limit."""
+
+
+class NoResponders(MeshError):
+    """A request was made on a topic that no node in the mesh serves."""
+
+    def __init__(self, topic: str) -> None:
+        super().__init__(f"no responders for {topic!r}")
+        self.topic = topic
+
+
+class MeshTimeout(MeshError, TimeoutError):
+    """An operation did not complete within its timeout."""
+
+
+class RequestTimeout(MeshTimeout):
+    """A request got no reply within its timeout."""
+
+
+class SchemaError(MeshError, ValueError):
+    """A message does not satisfy the schema declared for its type."""
+
+
+__all__ = [
+    "AgentClosed",
+    "Backpressure",
+    "ConfigError",
+    "MeshError",
+    "MeshTimeout",
+    "NoResponders",
+    "OutboxFull",
+    "PayloadError",
+    "PeerQueueFull",
+    "ProtocolError",
+    "RequestTimeout",
+    "SchemaError",
+    "TopicError",
+    "UsageError",
+]

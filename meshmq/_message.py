@@ -1,0 +1,75 @@
+"""The message a subscriber receives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from ._errors import PayloadError
+
+FORMAT_BYTES = 0
+"""The payload is the application's bytes, passed through untouched."""
+FORMAT_MSGPACK = 1
+"""The payload is a msgpack-encoded value (dict, list, str, number, bool, None)."""
+
+_UNSET: Any = object()
+
+
+class Message:
+    """One received (or locally delivered) message.
+
+    Header fields map 1:1 onto the concept documents' message header:
+    ``id`` (messageId), ``timestamp``, ``type`` (eventType), ``source``
+    (sourceService), ``schema_version``; plus ``topic``, the sending ``node``,
+    free ``headers`` and the partition ``key``. ``raw`` is the payload as it
+    travelled; ``data`` is it decoded (bytes stay bytes), decoded on first use.
+    """
+
+    __slots__ = (
+        "_id", "timestamp", "topic", "type", "source", "node", "schema_version",
+        "headers", "key", "raw", "_format", "_data", "seq",
+    )
+
+    def __init__(
+        self, id_: bytes, timestamp: float, topic: str, type_: str | None, source: str, node: str,
+        schema_version: int, headers: dict[str, str] | None, key: str | None, format_: int, raw: bytes,
+        seq: int = 0,
+    ) -> None:
+        self._id = id_
+        self.timestamp = timestamp
+        self.topic = topic
+        self.type = type_
+        self.source = source
+        self.node = node
+        self.schema_version = schema_version
+        self.headers: dict[str, str] = headers if headers is not None else {}
+        self.key = key
+        self._format = format_
+        self.raw = raw
+        self._data = _UNSET
+        self.seq = seq
+
+    @property
+    def id(self) -> str:
+        """The message id: 32 hex digits, unique across the mesh."""
+        return self._id.hex()
+
+    @property
+    def data(self) -> Any:
+        """The decoded payload: the published value, or the published bytes as they were."""
+        if self._data is _UNSET:
+            if self._format == FORMAT_BYTES:
+                self._data = self.raw
+            else:
+                try:
+                    self._data = msgpack.unpackb(self.raw, raw=False, strict_map_key=False)
+                except Exception as exc:  # a sender bug: the envelope checked out but the payload does not
+                    raise PayloadError(f"payload of message {self.id} does not decode: {exc}") from None
+        return self._data
+
+    def __repr__(self) -> str:
+        return (
+            f"Message(id={self.id!r}, topic={self.topic!r}, type={self.type!r}, "
+            f"source={self.source!r}, size={len(self.raw)})"
+        )

@@ -1,0 +1,284 @@
+"""The protocol state of one mesh node: peers, their records, liveness. Pure, no I/O.
+
+Like h11, it never touches a socket or a clock: the shell feeds it what
+happened (``start``, ``discovered``, ``receive``, ``tick``...) with the current
+monotonic time, and it returns :data:`Action` values for the shell to carry out.
+
+Membership protocol (the gossiped, SWIM-style layer builds on these records):
+
+- A node that learns an endpoint (mDNS, a seed) connects and sends HELLO with its
+  record, asking for a reply; the peer stores the record, connects back and
+  replies with its own. So a new node is reachable as soon as it has browsed one
+  peer, without waiting for its own mDNS announcement to settle.
+- Each node pings every peer each ``heartbeat_interval``; a ping carries the
+  sender's record version, and a receiver whose copy is older asks for a fresh
+  HELLO. A changed record (new subscription) is pushed to all peers at once.
+- A peer silent for ``peer_timeout`` is declared dead and leaves routing; BYE
+  removes it at once.
+
+Invariants:
+- ``peers`` holds exactly the nodes present in ``routes.records``;
+- every peer's ``endpoint`` has been announced with :class:`Connect` and not yet
+  with :class:`Disconnect`; ``links`` counts the nodes using each endpoint.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from dataclasses import dataclass
+
+from ._errors import TopicError
+from ._routing import RoutingTable
+from ._topics import check_pattern
+from ._wire import (
+    Bye, Data, Frame, Hello, Limits, NodeRecord, Ping, Subscription, bye_frame, hello_frame, ping_frame,
+)
+
+
+# --- actions the shell carries out ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    """Open (or keep) a sending link to this endpoint."""
+
+    endpoint: str
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """No node uses this endpoint any more: close the link and drop what waits on it."""
+
+    endpoint: str
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send one control frame on the link to this endpoint."""
+
+    endpoint: str
+    frame: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PeerUp:
+    """A node joined routing (or changed its record)."""
+
+    record: NodeRecord
+
+
+@dataclass(frozen=True, slots=True)
+class PeerDown:
+    """A node left routing: ``reason`` is ``left``, ``dead`` or ``replaced``."""
+
+    node: str
+    service: str
+    endpoint: str
+    reason: str
+
+
+Action = Connect | Disconnect | Send | PeerUp | PeerDown
+
+
+@dataclass(slots=True)
+class Peer:
+    record: NodeRecord
+    endpoint: str
+    last_seen: float
+    last_ping: float
+
+
+@dataclass(slots=True)
+class Timing:
+    heartbeat_interval: float = 0.5
+    peer_timeout: float = 3.0
+
+
+class Node:
+    """Membership and routing state of the local node."""
+
+    def __init__(self, mesh: str, record: NodeRecord, *, timing: Timing | None = None,
+                 limits: Limits | None = None, max_peers: int = 4096) -> None:
+        self.mesh = mesh
+        self.timing = timing or Timing()
+        self.limits = limits or Limits()
+        self.max_peers = max_peers
+        self.routes = RoutingTable(record)
+        self.peers: dict[str, Peer] = {}
+        self.links: collections.Counter[str] = collections.Counter()
+        # Endpoints we said hello to but whose node has not answered yet: endpoint -> last hello time.
+        self.pending: dict[str, float] = {}
+        self.seeds: tuple[str, ...] = ()
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._stopped = False
+
+    @property
+    def record(self) -> NodeRecord:
+        return self.routes.local
+
+    @property
+    def node_id(self) -> str:
+        return self.routes.local.node
+
+    # --- inputs ---------------------------------------------------------------------
+
+    def start(self, now: float, seeds: tuple[str, ...] = ()) -> list[Action]:
+        self.seeds = tuple(ep for ep in seeds if ep not in self.record.endpoints)
+        actions: list[Action] = []
+        for ep in self.seeds:
+            self._greet(ep, now, actions)
+        return actions
+
+    def discovered(self, now: float, node: str | None, endpoints: tuple[str, ...], mesh: str | None) -> list[Action]:
+        """A hint (mDNS, a seed) that a node may be reachable at ``endpoints``."""
+        actions: list[Action] = []
+        if self._stopped or not endpoints or (mesh is not None and mesh != self.mesh):
+            return actions
+        if node == self.node_id or set(endpoints) & set(self.record.endpoints):
+            return actions
+        if node is not None and node in self.peers:
+            return actions
+        ep = endpoints[0]
+        last = self.pending.get(ep)
+        if last is None or now - last >= self.timing.heartbeat_interval:
+            self._greet(ep, now, actions)
+        return actions
+
+    def receive(self, frame: Frame, now: float) -> list[Action]:
+        """A control frame from the network (DATA frames only refresh liveness here)."""
+        actions: list[Action] = []
+        if self._stopped:
+            return actions
+        if isinstance(frame, Data):
+            self.touch(frame.node, now)
+            return actions
+        if frame.mesh != self.mesh:
+            self.counters["rejected_other_mesh"] += 1
+            return actions
+        if isinstance(frame, Ping):
+            peer = self.peers.get(frame.node)
+            if peer is None:
+                # A peer that knew an earlier us (or missed our hello): introduce ourselves.
+                self.counters["ping_from_unknown"] += 1
+                if frame.node != self.node_id:
+                    actions.extend(self.discovered(now, frame.node, (frame.endpoint,), frame.mesh))
+            else:
+                peer.last_seen = now
+                if frame.version > peer.record.version:
+                    actions.append(Send(peer.endpoint, hello_frame(self.mesh, self.record, True)))
+        elif isinstance(frame, Hello):
+            self._hello(frame, now, actions)
+        elif isinstance(frame, Bye):
+            if frame.node in self.peers:
+                self._drop(frame.node, "left", actions)
+        return actions
+
+    def touch(self, node: str, now: float) -> None:
+        peer = self.peers.get(node)
+        if peer is not None:
+            peer.last_seen = now
+
+    def set_subscriptions(self, subscriptions: tuple[Subscription, ...], now: float) -> list[Action]:
+        """Advertise a new set of subscriptions: bump the record and push it to every peer."""
+        record = dataclasses.replace(self.record, subscriptions=subscriptions, version=self.record.version + 1)
+        self.routes.set_local(record)
+        frame = hello_frame(self.mesh, record, False)
+        return [Send(peer.endpoint, frame) for peer in self.peers.values()]
+
+    def tick(self, now: float) -> list[Action]:
+        """Timers: declare silent peers dead, send due pings, re-greet unanswered seeds."""
+        actions: list[Action] = []
+        if self._stopped:
+            return actions
+        t = self.timing
+        for node, peer in list(self.peers.items()):
+            if now - peer.last_seen > t.peer_timeout:
+                self._drop(node, "dead", actions)
+            elif now - peer.last_ping >= t.heartbeat_interval:
+                peer.last_ping = now
+                actions.append(Send(peer.endpoint, ping_frame(
+                    self.mesh, self.node_id, self.record.version, self.record.endpoints[0])))
+        live_endpoints = {peer.endpoint for peer in self.peers.values()}
+        for ep in self.seeds:
+            if ep not in self.pending and ep not in live_endpoints:
+                self._greet(ep, now, actions)  # the seed's node died or restarted: find it again
+        for ep, last in list(self.pending.items()):
+            if now - last >= t.peer_timeout:
+                if ep in self.seeds:
+                    self._greet(ep, now, actions)  # a seed may come up later: keep asking, slowly
+                else:
+                    del self.pending[ep]
+                    self._unlink(ep, actions)
+        return actions
+
+    def next_deadline(self, now: float) -> float:
+        """When ``tick`` should run next."""
+        return now + self.timing.heartbeat_interval / 2
+
+    def stop(self, now: float) -> list[Action]:
+        """Leaving: say BYE to every peer. The node accepts no input afterwards."""
+        self._stopped = True
+        frame = bye_frame(self.mesh, self.node_id)
+        return [Send(peer.endpoint, frame) for peer in self.peers.values()]
+
+    # --- internals ------------------------------------------------------------------
+
+    def _greet(self, ep: str, now: float, actions: list[Action]) -> None:
+        if ep not in self.pending:
+            self._link(ep, actions)
+        self.pending[ep] = now
+        actions.append(Send(ep, hello_frame(self.mesh, self.record, True)))
+
+    def _hello(self, hello: Hello, now: float, actions: list[Action]) -> None:
+        rec = hello.record
+        if rec.node == self.node_id:
+            return
+        try:
+            for sub in rec.subscriptions:
+                check_pattern(sub.pattern, self.limits.max_topic_length)
+        except TopicError:
+            self.counters["rejected_bad_record"] += 1
+            return
+        peer = self.peers.get(rec.node)
+        if peer is None and len(self.peers) >= self.max_peers:
+            self.counters["rejected_peer_limit"] += 1
+            return
+        endpoint = rec.endpoints[0]
+        # A node that restarted on the same endpoint replaces its former self at once.
+        for other, p in list(self.peers.items()):
+            if other != rec.node and p.endpoint == endpoint and p.record.started <= rec.started:
+                self._drop(other, "replaced", actions)
+        if peer is None:
+            self._link(endpoint, actions)
+            self.peers[rec.node] = Peer(rec, endpoint, now, now)
+            self.routes.update(rec)
+            actions.append(PeerUp(rec))
+        else:
+            peer.last_seen = now
+            if self.routes.update(rec):
+                peer.record = rec
+                actions.append(PeerUp(rec))
+        for ep in rec.endpoints:
+            if self.pending.pop(ep, None) is not None:
+                self._unlink(ep, actions)
+        if hello.want_reply:
+            actions.append(Send(endpoint, hello_frame(self.mesh, self.record, False)))
+
+    def _drop(self, node: str, reason: str, actions: list[Action]) -> None:
+        peer = self.peers.pop(node)
+        self.routes.remove(node)
+        self.counters[f"peers_{reason}"] += 1
+        actions.append(PeerDown(node, peer.record.service, peer.endpoint, reason))
+        self._unlink(peer.endpoint, actions)
+
+    def _link(self, ep: str, actions: list[Action]) -> None:
+        self.links[ep] += 1
+        if self.links[ep] == 1:
+            actions.append(Connect(ep))
+
+    def _unlink(self, ep: str, actions: list[Action]) -> None:
+        self.links[ep] -= 1
+        if self.links[ep] <= 0:
+            del self.links[ep]
+            actions.append(Disconnect(ep))

@@ -1,0 +1,155 @@
+"""The routing table: which nodes receive a topic. Pure, no I/O.
+
+The table holds one :class:`NodeRecord` per known node (this node's own
+included). Lookups go through a :class:`RouteIndex`, an immutable snapshot
+rebuilt whenever a record changes; publishing threads may use a snapshot
+without locks while the agent's loop replaces it.
+
+Invariants:
+- a :class:`Route` lists every node with a plain subscription matching the
+  topic once, and every queue group matching it once with all its members;
+- a node that is both a plain subscriber and a group member appears in both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ._topics import check_pattern, matches
+from ._wire import NodeRecord
+
+_CACHE_LIMIT = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class QueueGroup:
+    """The members (node ids, sorted) of one queue group for a topic."""
+
+    name: str
+    members: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Who receives one topic: plain subscribers and queue groups."""
+
+    plain: tuple[str, ...]
+    groups: tuple[QueueGroup, ...]
+
+    @property
+    def empty(self) -> bool:
+        return not self.plain and not self.groups
+
+
+_NO_ROUTE = Route((), ())
+
+
+def rendezvous(members: tuple[str, ...], key: str) -> str:
+    """The member that owns ``key`` by highest-random-weight hashing.
+
+    Deterministic across processes (unlike ``hash``), so every publisher sends a
+    key to the same member; when a member joins or leaves only the keys it wins
+    or held move.
+    """
+    best, best_w = members[0], b""
+    kb = key.encode()
+    for m in members:
+        w = hashlib.blake2b(kb + b"\x00" + m.encode(), digest_size=8).digest()
+        if w > best_w:
+            best, best_w = m, w
+    return best
+
+
+class RouteIndex:
+    """Immutable snapshot of all subscriptions, with a bounded per-topic cache."""
+
+    __slots__ = ("_entries", "_cache", "_rr")
+
+    def __init__(self, entries: Iterable[tuple[tuple[str, ...], str, str | None]]) -> None:
+        self._entries = tuple(entries)  # (pattern tokens, node, group or None)
+        self._cache: dict[str, Route] = {}
+        self._rr = itertools.count()
+
+    def resolve(self, topic: str) -> Route:
+        """The route for a checked topic."""
+        route = self._cache.get(topic)
+        if route is None:
+            route = self._compute(topic)
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[topic] = route
+        return route
+
+    def _compute(self, topic: str) -> Route:
+        plain: dict[str, None] = {}
+        groups: dict[str, set[str]] = {}
+        for tokens, node, group in self._entries:
+            if matches(tokens, topic):
+                if group is None:
+                    plain[node] = None
+                else:
+                    groups.setdefault(group, set()).add(node)
+        if not plain and not groups:
+            return _NO_ROUTE
+        return Route(
+            tuple(plain),
+            tuple(QueueGroup(name, tuple(sorted(members))) for name, members in sorted(groups.items())),
+        )
+
+    def choose(self, group: QueueGroup, key: str | None) -> str:
+        """The member of ``group`` that gets one message: by key affinity, else in turn."""
+        members = group.members
+        if len(members) == 1:
+            return members[0]
+        if key is not None:
+            return rendezvous(members, key)
+        return members[next(self._rr) % len(members)]
+
+    def destinations(self, topic: str, key: str | None) -> dict[str, tuple[str, ...]]:
+        """node id → the queue groups it serves for this message (``()`` for plain only)."""
+        route = self.resolve(topic)
+        out: dict[str, tuple[str, ...]] = dict.fromkeys(route.plain, ())
+        for group in route.groups:
+            node = self.choose(group, key)
+            out[node] = out.get(node, ()) + (group.name,)
+        return out
+
+
+class RoutingTable:
+    """Records of every known node, and the index built from them."""
+
+    def __init__(self, local: NodeRecord) -> None:
+        self.local = local
+        self.records: dict[str, NodeRecord] = {}
+        self.index = RouteIndex(())
+        self._rebuild()
+
+    def set_local(self, record: NodeRecord) -> None:
+        self.local = record
+        self._rebuild()
+
+    def update(self, record: NodeRecord) -> bool:
+        """Take a peer's record if it is new or newer; return whether routing changed."""
+        known = self.records.get(record.node)
+        if known is not None and known.version >= record.version:
+            return False
+        self.records[record.node] = record
+        if known is None or known.subscriptions != record.subscriptions:
+            self._rebuild()
+        return True
+
+    def remove(self, node: str) -> NodeRecord | None:
+        record = self.records.pop(node, None)
+        if record is not None and record.subscriptions:
+            self._rebuild()
+        return record
+
+    def _rebuild(self) -> None:
+        entries = []
+        for record in itertools.chain((self.local,), self.records.values()):
+            for sub in record.subscriptions:
+                entries.append((check_pattern(sub.pattern), record.node, sub.group))
+        self.index = RouteIndex(entries)

@@ -1,0 +1,85 @@
+"""Topics and subscription patterns, as NATS subjects.
+
+A topic is one or more dot-separated tokens (``orders.eu.placed``). A pattern may
+use ``*`` for exactly one token and ``>`` (last token only) for one or more
+trailing tokens. Tokens are non-empty and hold no whitespace; a topic to publish
+on has no wildcards. Validation is cached: the hot path pays one dict lookup.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from ._errors import TopicError
+
+_FORBIDDEN = frozenset(" \t\r\n\x00\x0b\x0c")
+
+
+def _tokens(text: object, *, max_length: int, max_tokens: int, kind: str) -> tuple[str, ...]:
+    if not isinstance(text, str):
+        raise TopicError(repr(text), f"a {kind} must be a str, not {type(text).__name__}")
+    if not text:
+        raise TopicError(text, f"a {kind} must not be empty")
+    if len(text) > max_length:
+        raise TopicError(text[:40] + "...", f"{len(text)} characters exceeds the limit of {max_length}")
+    if _FORBIDDEN.intersection(text):
+        raise TopicError(text, "whitespace and NUL are not allowed")
+    tokens = tuple(text.split("."))
+    if len(tokens) > max_tokens:
+        raise TopicError(text, f"{len(tokens)} tokens exceeds the limit of {max_tokens}")
+    for i, tok in enumerate(tokens):
+        if not tok:
+            raise TopicError(text, f"token {i + 1} is empty (leading, trailing or doubled '.')")
+    return tokens
+
+
+@lru_cache(maxsize=8192)
+def check_topic(topic: str, max_length: int = 256, max_tokens: int = 32) -> str:
+    """Return ``topic`` if it is a valid concrete topic; raise :class:`TopicError` naming the fault."""
+    for tok in _tokens(topic, max_length=max_length, max_tokens=max_tokens, kind="topic"):
+        if "*" in tok or ">" in tok:
+            raise TopicError(topic, "wildcards '*' and '>' are for subscription patterns, not for publishing")
+    return topic
+
+
+@lru_cache(maxsize=8192)
+def check_pattern(pattern: str, max_length: int = 256, max_tokens: int = 32) -> tuple[str, ...]:
+    """Return the tokens of a valid pattern; raise :class:`TopicError` naming the fault."""
+    tokens = _tokens(pattern, max_length=max_length, max_tokens=max_tokens, kind="pattern")
+    last = len(tokens) - 1
+    for i, tok in enumerate(tokens):
+        if tok == ">":
+            if i != last:
+                raise TopicError(pattern, "'>' may only be the last token")
+        elif tok != "*" and ("*" in tok or ">" in tok):
+            raise TopicError(pattern, f"token {tok!r} mixes a wildcard with other characters; use it alone")
+    return tokens
+
+
+def matches(pattern_tokens: tuple[str, ...], topic: str) -> bool:
+    """Whether a checked pattern matches a checked topic."""
+    topic_tokens = topic.split(".")
+    n = len(pattern_tokens)
+    for i, ptok in enumerate(pattern_tokens):
+        if ptok == ">":
+            return len(topic_tokens) > i
+        if i >= len(topic_tokens):
+            return False
+        if ptok != "*" and ptok != topic_tokens[i]:
+            return False
+    return len(topic_tokens) == n
+
+
+def overlaps(a: str, b: str) -> bool:
+    """Whether some concrete topic matches both patterns (used to answer 'who could receive this')."""
+    ta, tb = check_pattern(a), check_pattern(b)
+    for i in range(max(len(ta), len(tb))):
+        x = ta[i] if i < len(ta) else None
+        y = tb[i] if i < len(tb) else None
+        if x == ">" or y == ">":
+            return x is not None and y is not None
+        if x is None or y is None:
+            return False
+        if x != "*" and y != "*" and x != y:
+            return False
+    return True
