@@ -712,8 +712,12 @@ class AsyncAgent:
                     quiet.warning(f"gone:{action.endpoint}",
                                   "%d queued messages to %s could not be sent: the peer is gone",
                                   dropped, action.endpoint)
-        if changed:
+        if self._node.routes.index is not self._index:
+            # Published only after the links above are mapped, so a publishing thread
+            # never sees a route to a node it has no link for.
             self._index = self._node.routes.index
+            changed = True
+        if changed:
             self._last_route_change = time.monotonic()
             waiters, self._route_waiters = self._route_waiters, []
             for fut in waiters:

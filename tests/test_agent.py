@@ -1,0 +1,323 @@
+"""The agent's public API with real ZeroMQ and mDNS on loopback, in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import pytest
+import zmq
+
+import meshmq
+
+pytestmark = pytest.mark.integration
+T = TypeVar("T")
+
+
+def run(coro: Awaitable[T], timeout: float = 30) -> T:
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(bounded())
+
+
+@pytest.fixture
+def mesh() -> str:
+    return "t" + uuid.uuid4().hex[:12]
+
+
+@asynccontextmanager
+async def agents(mesh: str, *names: str, **cfg: Any) -> AsyncIterator[list[meshmq.AsyncAgent]]:
+    started = [await meshmq.AsyncAgent(n, mesh=mesh, **cfg).start() for n in names]
+    try:
+        yield started
+    finally:
+        for a in started:
+            await a.stop()
+
+
+async def collect(sub: meshmq.Subscription, n: int) -> list[meshmq.Message]:
+    out = []
+    async for msg in sub:
+        out.append(msg)
+        if len(out) == n:
+            break
+    return out
+
+
+def test_wildcards_route_only_matching_topics(mesh: str) -> None:
+    async def main() -> None:
+        async with agents(mesh, "pub", "sub") as (pub, sub):
+            star = sub.subscribe("orders.*.placed")
+            tail = sub.subscribe("orders.>")
+            exact = sub.subscribe("orders.eu.placed")
+            await pub.wait_for_subscribers("orders.eu.placed", timeout=10)
+            for topic in ["orders.eu.placed", "orders.us.placed", "orders.eu.placed.late", "orders", "billing.x"]:
+                await pub.publish(topic, topic)
+            await pub.publish("orders.end", "end")
+            assert [m.data for m in await collect(star, 2)] == ["orders.eu.placed", "orders.us.placed"]
+            assert [m.data for m in await collect(exact, 1)] == ["orders.eu.placed"]
+            assert [m.data for m in await collect(tail, 4)] == [
+                "orders.eu.placed", "orders.us.placed", "orders.eu.placed.late", "end"]
+
+    run(main())
+
+
+def test_message_fields_and_local_delivery(mesh: str) -> None:
+    async def main() -> None:
+        async with agents(mesh, "solo") as (agent,):
+            sub = agent.subscribe("local.>")
+            mid = await agent.publish("local.test", {"orderId": "ORD-1", "n": [1, 2.5, None, True]},
+                                      type="OrderPlaced", key="ORD-1", headers={"traceparent": "00-ab"},
+                                      schema_version=2)
+            raw_id = await agent.publish("local.raw", b"\x00\xffbytes")
+            first, second = await collect(sub, 2)
+            assert first.id == mid and len(mid) == 32
+            assert (first.topic, first.type, first.source, first.node) == ("local.test", "OrderPlaced", "solo",
+                                                                            agent.node_id)
+            assert first.data == {"orderId": "ORD-1", "n": [1, 2.5, None, True]}
+            assert first.key == "ORD-1" and first.headers == {"traceparent": "00-ab"}
+            assert first.schema_version == 2 and first.timestamp > 1.7e9
+            assert second.id == raw_id and second.data == b"\x00\xffbytes" and second.raw == b"\x00\xffbytes"
+
+    run(main())
+
+
+def test_coroutine_handler_sees_messages_in_order(mesh: str) -> None:
+    async def main() -> None:
+        async with agents(mesh, "pub", "sub") as (pub, sub):
+            seen: list[int] = []
+            done = asyncio.Event()
+
+            @sub.subscribe("work.items")
+            async def handle(msg: meshmq.Message) -> None:
+                await asyncio.sleep(0)  # yield mid-handler: order must still hold
+                seen.append(msg.data)
+                if len(seen) == 500:
+                    done.set()
+
+            await pub.wait_for_subscribers("work.items", timeout=10)
+            for i in range(500):
+                await pub.publish("work.items", i)
+            await asyncio.wait_for(done.wait(), 10)
+            assert seen == list(range(500))
+
+    run(main())
+
+
+def test_dispatch_by_type_counts_unknown_types(mesh: str) -> None:
+    async def main() -> None:
+        async with agents(mesh, "orders", "inventory") as (orders, inventory):
+            created: list[str] = []
+            done = asyncio.Event()
+
+            @inventory.on("OrderCreated")
+            def on_created(msg: meshmq.Message) -> None:
+                created.append(msg.data["orderId"])
+
+            @inventory.on("OrderUpdated")
+            async def on_updated(msg: meshmq.Message) -> None:
+                done.set()
+
+            inventory.subscribe("orders.>", inventory.dispatch)
+            await orders.wait_for_subscribers("orders.events", timeout=10)
+            await orders.publish("orders.events", {"orderId": "A"}, type="OrderCreated")
+            await orders.publish("orders.events", {"orderId": "A"}, type="OrderShipped")  # no handler
+            await orders.publish("orders.events", {"orderId": "B"}, type="OrderCreated")
+            await orders.publish("orders.events", {"orderId": "A"}, type="OrderUpdated")
+            await asyncio.wait_for(done.wait(), 10)
+            assert created == ["A", "B"]
+            assert inventory.stats()["unhandled_type"] == 1
+
+    run(main())
+
+
+def test_queue_group_delivers_each_message_to_exactly_one_member(mesh: str) -> None:
+    async def main() -> None:
+        async with agents(mesh, "pub", "w1", "w2", "w3", "audit") as (pub, *workers, audit):
+            per_worker: dict[str, list[Any]] = {w.service: [] for w in workers}
+            for w in workers:
+                w.subscribe("jobs.>", lambda m, name=w.service: per_worker[name].append(m.data), queue="workers")
+            audit_sub = audit.subscribe("jobs.>")  # a plain subscriber gets its own copy of everything
+            await pub.wait_for_subscribers("jobs.run", count=2, timeout=10)  # one group + audit
+            while len({n for n in pub._index.resolve("jobs.run").groups[0].members}) < 3:
+                await pub._routes_changed(5)
+            n = 600
+            for i in range(n):
+                await pub.publish("jobs.run", {"i": i})
+            for i in range(30):
+                await pub.publish("jobs.keyed", {"k": i % 3, "i": i}, key=f"k{i % 3}")
+            await collect(audit_sub, n + 30)  # everything has arrived somewhere by now
+            for _ in range(100):
+                if sum(len(v) for v in per_worker.values()) == n + 30:
+                    break
+                await asyncio.sleep(0.02)  # polling with a bound: handler calls trail the audit copy
+            unkeyed = sorted(d["i"] for v in per_worker.values() for d in v if "k" not in d)
+            assert unkeyed == list(range(n))  # exactly once across the group
+            shares = [len([d for d in v if "k" not in d]) for v in per_worker.values()]
+            assert all(abs(share - n / 3) <= n / 10 for share in shares), shares  # balanced
+            owners = {k: {name for name, v in per_worker.items() for d in v if d.get("k") == k} for k in range(3)}
+            assert all(len(o) == 1 for o in owners.values())  # one key, one member
+
+    run(main())
+
+
+def test_closed_subscription_is_withdrawn_from_the_mesh(mesh: str) -> None:
+    async def main() -> None:
+        async with agents(mesh, "pub", "sub") as (pub, sub):
+            s = sub.subscribe("temp.*")
+            await pub.wait_for_subscribers("temp.x", timeout=10)
+            s.close()
+            s.close()  # idempotent
+            for _ in range(100):
+                if pub._receivers("temp.x") == 0:
+                    break
+                await pub._routes_changed(0.1)
+            assert pub._receivers("temp.x") == 0
+            assert await collect(s, 1) == []  # iteration ends on a closed subscription
+
+    run(main())
+
+
+def test_malformed_frames_are_counted_and_survived(mesh: str) -> None:
+    async def main() -> None:
+        async with agents(mesh, "target", "pub") as (target, pub):
+            sub = target.subscribe("ok.>")
+            ctx = zmq.Context.instance()
+            raw = ctx.socket(zmq.PUSH)
+            raw.setsockopt(zmq.LINGER, 2000)
+            raw.connect(target.endpoints[0])
+            junk = [b"", b"\x01", b"\x09\x04garbage", b"\x01\x04\xc1", b"\x01\x04" + b"\x93\x01\x02\x03",
+                    b"\x01\x63\x90", b"\x01\x04\x94\xa1n\x01\x01\x91\xc4\x03abc"]
+            for frame in junk:
+                raw.send(frame)
+            raw.close()
+            await pub.wait_for_subscribers("ok.go", timeout=10)
+            await pub.publish("ok.go", "still alive")
+            (msg,) = await collect(sub, 1)
+            assert msg.data == "still alive"
+
+            def rejected() -> int:
+                stats = target.stats()
+                return stats.get("frames_rejected", 0) + stats.get("messages_rejected", 0)
+
+            for _ in range(200):  # the junk travels on its own connection: poll with a bound
+                if rejected() >= len(junk):
+                    break
+                await asyncio.sleep(0.01)
+            assert rejected() == len(junk)
+
+    run(main())
+
+
+def test_handler_errors_are_counted_and_do_not_stop_delivery(mesh: str) -> None:
+    async def main() -> None:
+        async with agents(mesh, "solo") as (agent,):
+            ok: list[int] = []
+
+            def flaky(msg: meshmq.Message) -> None:
+                if msg.data % 2:
+                    raise RuntimeError("boom")
+                ok.append(msg.data)
+
+            agent.subscribe("flaky.x", flaky)
+            tail = agent.subscribe("flaky.x")
+            for i in range(10):
+                await agent.publish("flaky.x", i)
+            await collect(tail, 10)
+            assert ok == [0, 2, 4, 6, 8]
+            assert agent.stats()["handler_errors"] == 5
+
+    run(main())
+
+
+def test_slow_iterator_pauses_the_network_instead_of_dropping(mesh: str) -> None:
+    async def main() -> None:
+        async with agents(mesh, "pub", subscription_queue_messages=50) as (pub,), \
+                agents(mesh, "sub", subscription_queue_messages=50) as (sub,):
+            it = sub.subscribe("bulk.x")
+            await pub.wait_for_subscribers("bulk.x", timeout=10)
+            n = 3000
+            for i in range(n):
+                await pub.publish("bulk.x", i)
+            got = [m.data for m in await collect(it, n)]
+            assert got == list(range(n))
+            assert sub.stats()["receive_paused"] >= 1
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "words"),
+    [
+        (lambda a: a.publish("orders.*", 1), meshmq.TopicError, "wildcards"),
+        (lambda a: a.publish("orders..x", 1), meshmq.TopicError, "empty"),
+        (lambda a: a.publish("", 1), meshmq.TopicError, "empty"),
+        (lambda a: a.publish(42, 1), meshmq.TopicError, "str"),
+        (lambda a: a.publish("a b", 1), meshmq.TopicError, "whitespace"),
+        (lambda a: a.publish("x." * 200 + "x", 1), meshmq.TopicError, "limit"),
+        (lambda a: a.publish("ok", object()), meshmq.PayloadError, "serialized"),
+        (lambda a: a.publish("ok", b"x" * 2_000_000), meshmq.PayloadError, "max_payload_bytes"),
+        (lambda a: a.publish("ok", 1, headers={"a": 1}), meshmq.PayloadError, "str"),
+        (lambda a: a.publish("ok", 1, headers=["a"]), meshmq.PayloadError, "dict"),
+        (lambda a: a.publish("ok", 1, type=""), meshmq.UsageError, "type"),
+        (lambda a: a.publish("ok", 1, key=5), meshmq.UsageError, "key"),
+        (lambda a: a.subscribe("a.>.b"), meshmq.TopicError, "last"),
+        (lambda a: a.subscribe("a.b*"), meshmq.TopicError, "wildcard"),
+        (lambda a: a.subscribe("a", 42), meshmq.UsageError, "callable"),
+        (lambda a: a.subscribe("a", queue="bad group"), meshmq.UsageError, "queue group"),
+    ],
+)
+def test_bad_input_raises_a_named_meshmq_error_and_sends_nothing(
+        mesh: str, call: Callable[[Any], Any], error: type[Exception], words: str) -> None:
+    with meshmq.Agent("checker", mesh=mesh) as agent:
+        before = agent.stats().get("published", 0)
+        with pytest.raises(error, match=words) as info:
+            call(agent)
+        assert isinstance(info.value, meshmq.MeshError)
+        assert agent.stats().get("published", 0) == before
+        assert len(agent.subscriptions) == 0
+
+
+def test_lifecycle_errors() -> None:
+    agent = meshmq.Agent("lifecycle", mesh="t" + uuid.uuid4().hex[:12])
+    with pytest.raises(meshmq.AgentClosed, match="not started"):
+        agent.publish("a.b", 1)
+    agent.start()
+    with pytest.raises(meshmq.AgentClosed, match="already started"):
+        agent.start()
+    agent.stop()
+    agent.stop()  # idempotent
+    with pytest.raises(meshmq.AgentClosed):
+        agent.publish("a.b", 1)
+    with pytest.raises(meshmq.UsageError, match="service name"):
+        meshmq.Agent("bad name!")
+    with pytest.raises(meshmq.ConfigError, match="peer_timeout"):
+        meshmq.Agent("x", peer_timeout="soon")
+
+
+def test_blocking_agent_publishes_from_many_threads_without_loss(mesh: str) -> None:
+    with meshmq.Agent("sub", mesh=mesh) as sub_agent, meshmq.Agent("pub", mesh=mesh) as pub:
+        sub = sub_agent.subscribe("threads.>")
+        pub.wait_for_subscribers("threads.x", timeout=10)
+        n, threads = 2000, 4
+
+        def produce(t: int) -> None:
+            for i in range(n):
+                pub.publish(f"threads.t{t}", {"t": t, "i": i})
+
+        workers = [threading.Thread(target=produce, args=(t,)) for t in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(timeout=30)
+        got = [sub.get(timeout=10) for _ in range(n * threads)]
+        per_thread: dict[int, list[int]] = {}
+        for m in got:
+            assert m is not None
+            per_thread.setdefault(m.data["t"], []).append(m.data["i"])
+        assert per_thread == {t: list(range(n)) for t in range(threads)}  # in order per sender thread
