@@ -242,6 +242,7 @@ class AsyncAgent:
         self.limits = Limits.from_config(self.config)
         self.node_id = os.urandom(8).hex()
         self.counters: collections.Counter[str] = collections.Counter()
+        self._counters_lock = threading.Lock()
         self._state = "new"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -383,7 +384,8 @@ class AsyncAgent:
             raise self._full_error(full.link) from None
 
     def _full_error(self, link: Link) -> PeerQueueFull:
-        self.counters["publish_backpressure_errors"] += 1
+        with self._counters_lock:
+            self.counters["publish_backpressure_errors"] += 1
         return PeerQueueFull(link.node, link.service, link.queued, self.config.publish_timeout)
 
     def _prepare(self, topic: str, data: Any, type_: str | None, key: str | None,
@@ -412,7 +414,8 @@ class AsyncAgent:
             self._check_running()
         dests = self._index.destinations(topic, key)
         if not dests:
-            self.counters["published_without_subscribers"] += 1
+            with self._counters_lock:
+                self.counters["published_without_subscribers"] += 1
             return mid.hex()
         links = self._node_links
         targets = []
@@ -427,7 +430,8 @@ class AsyncAgent:
         for link, entry in targets:
             if link.put(entry, size):
                 self._wake(link, threadsafe)
-        self.counters["published"] += 1
+        with self._counters_lock:  # publishers may be several threads of the blocking Agent
+            self.counters["published"] += 1
         return mid.hex()
 
     def _wake(self, link: Link, threadsafe: bool) -> None:

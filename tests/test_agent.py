@@ -321,3 +321,23 @@ def test_blocking_agent_publishes_from_many_threads_without_loss(mesh: str) -> N
             assert m is not None
             per_thread.setdefault(m.data["t"], []).append(m.data["i"])
         assert per_thread == {t: list(range(n)) for t in range(threads)}  # in order per sender thread
+
+
+def test_a_stopped_peer_leaves_routing_at_once(mesh: str) -> None:
+    # heartbeats are slow here, so only the BYE frame can explain a quick departure
+    slow = dict(mesh=mesh, heartbeat_interval=5.0, peer_timeout=30.0)
+
+    async def main() -> None:
+        async with agents(mesh, "stays", **{k: v for k, v in slow.items() if k != "mesh"}) as (stays,):
+            leaving = await meshmq.AsyncAgent("leaving", **slow).start()
+            leaving.subscribe("bye.topic")
+            await stays.wait_for_subscribers("bye.topic", timeout=10)
+            await leaving.stop()
+            for _ in range(100):
+                if not stays.peers():
+                    break
+                await stays._routes_changed(0.1)
+            assert stays.peers() == [] and stays._receivers("bye.topic") == 0
+            assert stays.stats()["peers_left"] == 1
+
+    run(main())
