@@ -13,7 +13,10 @@ seeds), learn who subscribes to what, and send messages directly over ZeroMQ.
 See README.md and docs/architecture.md.
 """
 
-from ._agent import AsyncAgent, PeerInfo, Subscription
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from ._config import Config
 from ._errors import (
     AgentClosed,
@@ -32,9 +35,28 @@ from ._errors import (
     UsageError,
 )
 from ._message import Message
-from ._sync import Agent
+
+if TYPE_CHECKING:
+    from ._agent import AsyncAgent, PeerInfo, Subscription
+    from ._sync import Agent
 
 __version__ = "0.1.0"
+
+# The agents pull in zmq, zeroconf and asyncio; load them on first use so that
+# `import meshmq.testing` (and the pure core) stays free of I/O libraries.
+_LAZY = {"Agent": "_sync", "AsyncAgent": "_agent", "PeerInfo": "_agent", "Subscription": "_agent"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'meshmq' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f"meshmq.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Agent",

@@ -249,7 +249,8 @@ class AsyncAgent:
         self._subs: list[Subscription] = []
         self._type_handlers: dict[str, list[Handler]] = {}
         self._plain_cache: dict[str, list[Subscription]] = {}
-        self._rr = itertools.count()
+        self._group_cache: dict[tuple[str, str], list[Subscription]] = {}
+        self._turns: dict[str, itertools.count[int]] = {}  # local members of each queue group take turns
         self._node: Node | None = None
         self._transport: Transport | None = None
         self._discovery: Discovery | None = None
@@ -502,13 +503,25 @@ class AsyncAgent:
             sub._deliver(msg)
         delivered = bool(subs)
         for group in groups:
-            members = [s for s in self._subs if s.queue == group and matches(s._tokens, msg.topic)]
+            members = self._group_cache.get((msg.topic, group))
+            if members is None:
+                members = self._match_group(msg.topic, group)
             if members:
-                members[next(self._rr) % len(members)]._deliver(msg)
+                turn = self._turns.get(group)
+                if turn is None:
+                    turn = self._turns[group] = itertools.count()
+                members[next(turn) % len(members)]._deliver(msg)
                 delivered = True
         if not delivered:
             # Our subscription closed after the sender routed this message to us.
             self.counters["received_without_subscription"] += 1
+
+    def _match_group(self, topic: str, group: str) -> list[Subscription]:
+        members = [s for s in self._subs if s.queue == group and matches(s._tokens, topic)]
+        if len(self._group_cache) > 4096:
+            self._group_cache.clear()
+        self._group_cache[(topic, group)] = members
+        return members
 
     def _match_plain(self, topic: str) -> list[Subscription]:
         subs = [s for s in self._subs if s.queue is None and matches(s._tokens, topic)]
@@ -572,6 +585,7 @@ class AsyncAgent:
 
     def _subscriptions_changed(self) -> None:
         self._plain_cache = {}
+        self._group_cache = {}
         if self._node is not None and self._state == "running":
             self._apply(self._node.set_subscriptions(self._advertised(), time.monotonic()))
 

@@ -84,6 +84,11 @@ class Config:
     """Seconds ``stop`` spends flushing queued messages before closing."""
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            checked = _check_type(f.name, str(f.type), value)
+            if checked is not value:
+                object.__setattr__(self, f.name, checked)
         _check(bool(_MESH_NAME.match(self.mesh)), "mesh", f"{self.mesh!r} must be 1-63 letters, digits, '-' or '_'")
         _check(len(self.interfaces) > 0, "interfaces", "at least one interface is required")
         for iface in self.interfaces:
@@ -119,10 +124,18 @@ class Config:
 
     @classmethod
     def load(cls, base: Config | None = None, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:
-        """Defaults (or ``base``), then ``MESHMQ_*`` variables, then ``overrides``."""
+        """``base`` if given, else the defaults with ``MESHMQ_*`` variables applied; then ``overrides``.
+
+        A ``MESHMQ_`` variable that names no setting is reported with a warning (a typo
+        would otherwise be silently ignored).
+        """
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         if base is None:
+            known = {"MESHMQ_" + f.name.upper() for f in dataclasses.fields(cls)} | _OTHER_VARIABLES
+            for var in env:
+                if var.startswith("MESHMQ_") and var not in known:
+                    _warn_unknown(var)
             for f in dataclasses.fields(cls):
                 raw = env.get("MESHMQ_" + f.name.upper())
                 if raw is not None and raw != "":
@@ -156,6 +169,37 @@ class Config:
         return home / service
 
 
+def _check_type(name: str, kind: str, value: Any) -> Any:
+    """The value if it has the field's type (lossless forms converted: list → tuple, int → float)."""
+    if "tuple" in kind:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return value if isinstance(value, tuple) else tuple(value)
+        raise ConfigError(name, f"expected a list of strings, got {value!r}")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(name, f"expected True or False, got {value!r}")
+    if kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(name, f"expected an integer, got {value!r}")
+    if kind == "float":
+        if isinstance(value, float):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(name, f"expected a number, got {value!r}")
+    if "Path" in kind:
+        if value is None or isinstance(value, Path):
+            return value
+        if isinstance(value, (str, os.PathLike)):
+            return Path(value).expanduser()
+        raise ConfigError(name, f"expected a path, got {value!r}")
+    if isinstance(value, str) or (value is None and "None" in kind):
+        return value
+    raise ConfigError(name, f"expected a string, got {value!r}")
+
+
 def _check(ok: bool, field: str, problem: str) -> None:
     if not ok:
         raise ConfigError(field, problem)
@@ -169,6 +213,20 @@ def _positive(cfg: Config, *names: str) -> None:
 
 def _is_endpoint(ep: str) -> bool:
     return bool(re.match(r"^(tcp://[^\s:/]+|tcp://\[[0-9A-Fa-f:.]+\]):[0-9*]+$|^ipc://\S+$|^inproc://\S+$", ep))
+
+
+# Variables read elsewhere (key and certificate home, test switches), not Config fields.
+_OTHER_VARIABLES = {"MESHMQ_HOME"}
+_warned: set[str] = set()
+
+
+def _warn_unknown(var: str) -> None:
+    if var not in _warned and len(_warned) < 64:
+        import logging  # here, not at the top: logging loads threading, which the pure core avoids
+
+        _warned.add(var)
+        logging.getLogger("meshmq.config").warning(
+            "environment variable %s names no meshmq setting (see 'meshmq config'); ignored", var)
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -200,33 +258,11 @@ def _parse(name: str, annotation: Any, raw: str, source: str) -> Any:
 
 
 def _coerce(name: str, annotation: Any, value: Any) -> Any:
-    """Accept keyword overrides in their natural Python forms; reject the rest clearly."""
+    """Keyword overrides may also be given as strings, as in the environment."""
     kind = str(annotation)
     if isinstance(value, str) and kind not in ("str", "str | None"):
         return _parse(name, annotation, value, "value")
-    if "tuple" in kind:
-        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-            return tuple(value)
-        raise ConfigError(name, f"expected a list of strings, got {value!r}")
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(name, f"expected True or False, got {value!r}")
-    if kind == "int":
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(name, f"expected an integer, got {value!r}")
-    if kind == "float":
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(name, f"expected a number of seconds, got {value!r}")
-    if "Path" in kind:
-        if value is None or isinstance(value, (str, os.PathLike)):
-            return None if value is None else Path(value).expanduser()
-        raise ConfigError(name, f"expected a path, got {value!r}")
-    if value is None or isinstance(value, str):
-        return value
-    raise ConfigError(name, f"expected a string, got {value!r}")
+    return _check_type(name, kind, value)
 
 
 def _field_docs() -> dict[str, str]:

@@ -220,7 +220,9 @@ class Node:
         """Leaving: say BYE to every peer. The node accepts no input afterwards."""
         self._stopped = True
         frame = bye_frame(self.mesh, self.node_id)
-        return [Send(peer.endpoint, frame) for peer in self.peers.values()]
+        # Nodes we greeted may know us though their answer has not arrived: tell them too.
+        endpoints = {peer.endpoint for peer in self.peers.values()} | set(self.pending)
+        return [Send(ep, frame) for ep in sorted(endpoints)]
 
     # --- internals ------------------------------------------------------------------
 
@@ -236,19 +238,20 @@ class Node:
             return
         try:
             for sub in rec.subscriptions:
-                check_pattern(sub.pattern, self.limits.max_topic_length)
+                check_pattern(sub.pattern, self.limits.max_topic_length, self.limits.max_topic_tokens)
         except TopicError:
             self.counters["rejected_bad_record"] += 1
             return
         peer = self.peers.get(rec.node)
-        if peer is None and len(self.peers) >= self.max_peers:
-            self.counters["rejected_peer_limit"] += 1
-            return
         endpoint = rec.endpoints[0]
-        # A node that restarted on the same endpoint replaces its former self at once.
+        # A node that restarted on the same endpoint replaces its former self at once
+        # (before the peer limit is checked: the replacement does not grow the table).
         for other, p in list(self.peers.items()):
             if other != rec.node and p.endpoint == endpoint and p.record.started <= rec.started:
                 self._drop(other, "replaced", actions)
+        if peer is None and len(self.peers) >= self.max_peers:
+            self.counters["rejected_peer_limit"] += 1
+            return
         if peer is None:
             self._link(endpoint, actions)
             self.peers[rec.node] = Peer(rec, endpoint, now, now)

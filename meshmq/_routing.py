@@ -18,7 +18,7 @@ import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ._topics import check_pattern, matches
+from ._topics import matches
 from ._wire import NodeRecord
 
 _CACHE_LIMIT = 4096
@@ -66,12 +66,12 @@ def rendezvous(members: tuple[str, ...], key: str) -> str:
 class RouteIndex:
     """Immutable snapshot of all subscriptions, with a bounded per-topic cache."""
 
-    __slots__ = ("_entries", "_cache", "_rr")
+    __slots__ = ("_entries", "_cache", "_turns")
 
     def __init__(self, entries: Iterable[tuple[tuple[str, ...], str, str | None]]) -> None:
         self._entries = tuple(entries)  # (pattern tokens, node, group or None)
         self._cache: dict[str, Route] = {}
-        self._rr = itertools.count()
+        self._turns: dict[str, itertools.count[int]] = {}  # one turn counter per queue group
 
     def resolve(self, topic: str) -> Route:
         """The route for a checked topic."""
@@ -106,7 +106,10 @@ class RouteIndex:
             return members[0]
         if key is not None:
             return rendezvous(members, key)
-        return members[next(self._rr) % len(members)]
+        turn = self._turns.get(group.name)
+        if turn is None:
+            turn = self._turns.setdefault(group.name, itertools.count())
+        return members[next(turn) % len(members)]
 
     def destinations(self, topic: str, key: str | None) -> dict[str, tuple[str, ...]]:
         """node id → the queue groups it serves for this message (``()`` for plain only)."""
@@ -132,7 +135,7 @@ class RoutingTable:
         self._rebuild()
 
     def update(self, record: NodeRecord) -> bool:
-        """Take a peer's record if it is new or newer; return whether routing changed."""
+        """Take a peer's record if it is new or newer; return whether it was taken."""
         known = self.records.get(record.node)
         if known is not None and known.version >= record.version:
             return False
@@ -151,5 +154,6 @@ class RoutingTable:
         entries = []
         for record in itertools.chain((self.local,), self.records.values()):
             for sub in record.subscriptions:
-                entries.append((check_pattern(sub.pattern), record.node, sub.group))
+                # Patterns were checked against this node's limits when they arrived (or were made).
+                entries.append((tuple(sub.pattern.split(".")), record.node, sub.group))
         self.index = RouteIndex(entries)

@@ -12,18 +12,13 @@ from functools import lru_cache
 
 from ._errors import TopicError
 
-_FORBIDDEN = frozenset(" \t\r\n\x00\x0b\x0c")
-
-
-def _tokens(text: object, *, max_length: int, max_tokens: int, kind: str) -> tuple[str, ...]:
-    if not isinstance(text, str):
-        raise TopicError(repr(text), f"a {kind} must be a str, not {type(text).__name__}")
+def _tokens(text: str, *, max_length: int, max_tokens: int, kind: str) -> tuple[str, ...]:
     if not text:
         raise TopicError(text, f"a {kind} must not be empty")
     if len(text) > max_length:
         raise TopicError(text[:40] + "...", f"{len(text)} characters exceeds the limit of {max_length}")
-    if _FORBIDDEN.intersection(text):
-        raise TopicError(text, "whitespace and NUL are not allowed")
+    if not text.isprintable() or any(ch.isspace() for ch in text):
+        raise TopicError(text, "whitespace, NUL and other control characters are not allowed")
     tokens = tuple(text.split("."))
     if len(tokens) > max_tokens:
         raise TopicError(text, f"{len(tokens)} tokens exceeds the limit of {max_tokens}")
@@ -33,9 +28,22 @@ def _tokens(text: object, *, max_length: int, max_tokens: int, kind: str) -> tup
     return tokens
 
 
-@lru_cache(maxsize=8192)
 def check_topic(topic: str, max_length: int = 256, max_tokens: int = 32) -> str:
     """Return ``topic`` if it is a valid concrete topic; raise :class:`TopicError` naming the fault."""
+    if type(topic) is not str:  # before the cache, which would hash (and choke on) anything
+        raise TopicError(repr(topic), f"a topic must be a str, not {type(topic).__name__}")
+    return _check_topic(topic, max_length, max_tokens)
+
+
+def check_pattern(pattern: str, max_length: int = 256, max_tokens: int = 32) -> tuple[str, ...]:
+    """Return the tokens of a valid pattern; raise :class:`TopicError` naming the fault."""
+    if type(pattern) is not str:
+        raise TopicError(repr(pattern), f"a pattern must be a str, not {type(pattern).__name__}")
+    return _check_pattern(pattern, max_length, max_tokens)
+
+
+@lru_cache(maxsize=8192)
+def _check_topic(topic: str, max_length: int, max_tokens: int) -> str:
     for tok in _tokens(topic, max_length=max_length, max_tokens=max_tokens, kind="topic"):
         if "*" in tok or ">" in tok:
             raise TopicError(topic, "wildcards '*' and '>' are for subscription patterns, not for publishing")
@@ -43,8 +51,7 @@ def check_topic(topic: str, max_length: int = 256, max_tokens: int = 32) -> str:
 
 
 @lru_cache(maxsize=8192)
-def check_pattern(pattern: str, max_length: int = 256, max_tokens: int = 32) -> tuple[str, ...]:
-    """Return the tokens of a valid pattern; raise :class:`TopicError` naming the fault."""
+def _check_pattern(pattern: str, max_length: int, max_tokens: int) -> tuple[str, ...]:
     tokens = _tokens(pattern, max_length=max_length, max_tokens=max_tokens, kind="pattern")
     last = len(tokens) - 1
     for i, tok in enumerate(tokens):

@@ -21,8 +21,9 @@ from typing import Any
 
 import msgpack
 
-from ._errors import PayloadError, ProtocolError
+from ._errors import PayloadError, ProtocolError, TopicError
 from ._message import FORMAT_BYTES, FORMAT_MSGPACK, Message
+from ._topics import check_topic
 
 PROTOCOL_VERSION = 1
 ENVELOPE_VERSION = 1
@@ -44,6 +45,7 @@ class Limits:
     max_frame_bytes: int = 4 * 1024 * 1024
     max_payload_bytes: int = 1024 * 1024
     max_topic_length: int = 256
+    max_topic_tokens: int = 32
     max_header_count: int = 64
     max_header_bytes: int = 16 * 1024
     max_batch_messages: int = 256
@@ -64,10 +66,13 @@ def encode_payload(data: Any, limits: Limits) -> tuple[int, bytes]:
     else:
         try:
             raw = msgpack.packb(data, use_bin_type=True, datetime=False)
+            # msgpack packs a tuple dict key as an array, which no receiver can rebuild as a key;
+            # decoding once here turns that into an error for the publisher, not for every subscriber.
+            msgpack.unpackb(raw, raw=False, strict_map_key=False)
         except (TypeError, ValueError, OverflowError) as exc:
             raise PayloadError(
                 f"data of type {type(data).__name__} cannot be serialized: {exc}; "
-                "send bytes, or dict/list/str/int/float/bool/None values"
+                "send bytes, or dict/list/str/int/float/bool/None values with str or number keys"
             ) from None
         fmt = FORMAT_MSGPACK
     if len(raw) > limits.max_payload_bytes:
@@ -139,20 +144,26 @@ def decode_envelope(data: bytes, limits: Limits, seq: int = 0) -> Message:
         raise ProtocolError("bad message id")
     if type(ts) is not float and type(ts) is not int:
         raise ProtocolError("bad timestamp")
-    if type(topic) is not str or not topic or len(topic) > limits.max_topic_length:
-        raise ProtocolError("bad topic")
+    try:
+        check_topic(topic, limits.max_topic_length, limits.max_topic_tokens)
+    except TopicError as exc:
+        raise ProtocolError(f"bad topic: {exc.problem}") from None
     if type_ is not None and (type(type_) is not str or len(type_) > _MAX_NAME):
         raise ProtocolError("bad type")
-    if type(source) is not str or len(source) > _MAX_NAME or type(node) is not str or len(node) > _MAX_NAME:
+    if type(source) is not str or not 0 < len(source) <= _MAX_NAME or type(node) is not str or not 0 < len(node) <= _MAX_NAME:
         raise ProtocolError("bad source or node")
     if type(schema_version) is not int or schema_version < 0:
         raise ProtocolError("bad schema version")
     if headers is not None:
         if type(headers) is not dict or len(headers) > limits.max_header_count:
             raise ProtocolError("bad headers")
+        size = 0
         for k, v in headers.items():
-            if type(k) is not str or type(v) is not str:
-                raise ProtocolError("header name or value is not a str")
+            if type(k) is not str or type(v) is not str or not k:
+                raise ProtocolError("header name or value is not a str, or the name is empty")
+            size += len(k.encode()) + len(v.encode())
+        if size > limits.max_header_bytes:
+            raise ProtocolError(f"headers total {size} bytes, over max_header_bytes")
     if key is not None and (type(key) is not str or len(key) > _MAX_NAME):
         raise ProtocolError("bad key")
     if type(fmt) is not int or (fmt != FORMAT_BYTES and fmt != FORMAT_MSGPACK):
