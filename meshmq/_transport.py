@@ -71,7 +71,7 @@ class Link:
     def take(self, max_messages: int, max_bytes: int) -> list[Any]:
         """Pop one batch: at most ``max_messages``, and ``max_bytes`` unless a single entry is larger."""
         with self.lock:
-            batch = []
+            batch: list[Any] = []
             size = 0
             q = self.queue
             while q and len(batch) < max_messages:
@@ -284,7 +284,7 @@ class Transport:
         def writable() -> None:
             if link.closed:
                 return
-            if sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
+            if int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLOUT:
                 assert self.loop is not None
                 self.loop.remove_reader(sock.FD)
                 link.watching = False
