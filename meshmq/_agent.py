@@ -24,13 +24,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+import msgpack
 import zmq
 
 from ._config import Config
 from ._discovery import Discovery
 from ._errors import AgentClosed, MeshError, MeshTimeout, PeerQueueFull, ProtocolError, UsageError
 from ._log import QuietLogger
-from ._message import Message
+from ._message import FORMAT_BYTES, Message
 from ._node import Connect, Disconnect, Node, PeerDown, PeerUp, Send, Timing
 from ._routing import RouteIndex
 from ._topics import check_pattern, check_topic, matches
@@ -63,6 +64,21 @@ class PeerInfo:
     subscriptions: tuple[tuple[str, str | None], ...]
     last_seen: float
     """Seconds since the peer was last heard from."""
+
+
+class _ThreadState:
+    """What one publishing thread owns: a reusable msgpack packer and its own counters,
+    so the hot path takes no lock (stats() sums them)."""
+
+    __slots__ = ("packer", "published", "unrouted")
+
+    def __init__(self) -> None:
+        self.packer = msgpack.Packer(use_bin_type=True)
+        self.published = 0
+        self.unrouted = 0
+
+
+_Prepared = tuple[str, "str | None", bytes, bytes, _ThreadState]
 
 
 class _Full(Exception):
@@ -264,6 +280,14 @@ class AsyncAgent:
         self._tick_handle: asyncio.TimerHandle | None = None
         self._id_prefix = bytes.fromhex(self.node_id)
         self._id_counter = itertools.count(1)
+        self._checked_topics: dict[str, None] = {}
+        self._fanout: dict[str, tuple[Link, ...]] = {}  # topic -> links, for routes without queue groups
+        self._tls = threading.local()
+        # Set by the blocking Agent, whose callers' threads fill links too; a plain AsyncAgent's
+        # links are filled on its loop only and skip the lock.
+        self._shared_links = False
+        self._thread_states: list[_ThreadState] = []
+        self._received = 0
         self._started_at = 0.0
         self._last_route_change = 0.0
 
@@ -363,24 +387,30 @@ class AsyncAgent:
         queue is full, then raises :class:`PeerQueueFull`; nothing is sent then.
         """
         prepared = self._prepare(topic, data, type, key, headers, schema_version)
+        try:
+            return self._enqueue(prepared, threadsafe=False)
+        except _Full:
+            pass
         deadline = time.monotonic() + self.config.publish_timeout
-        while True:
+        while True:  # back-pressure: wait for room, bounded by publish_timeout
+            assert self._transport is not None
+            await self._transport.async_wait_space(min(deadline - time.monotonic(), 0.1))
             try:
                 return self._enqueue(prepared, threadsafe=False)
             except _Full as full:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if deadline - time.monotonic() <= 0:
                     raise self._full_error(full.link) from None
-                assert self._transport is not None
-                await self._transport.async_wait_space(min(remaining, 0.1))
 
     def publish_nowait(self, topic: str, data: Any, *, type: str | None = None, key: str | None = None,
                        headers: dict[str, str] | None = None, schema_version: int = 1) -> str:
-        """As :meth:`publish`, for plain (non-async) code on the loop: raises
-        :class:`PeerQueueFull` at once instead of waiting for room."""
+        """As :meth:`publish`, for plain (non-async) code on the agent's loop, such as a
+        handler: raises :class:`PeerQueueFull` at once instead of waiting for room."""
+        if self._loop_thread is not None and threading.get_ident() != self._loop_thread:
+            raise UsageError("AsyncAgent.publish_nowait must be called on the agent's event loop; "
+                             "from other threads use the blocking meshmq.Agent")
         prepared = self._prepare(topic, data, type, key, headers, schema_version)
         try:
-            return self._enqueue(prepared, threadsafe=threading.get_ident() != self._loop_thread)
+            return self._enqueue(prepared, threadsafe=False)
         except _Full as full:
             raise self._full_error(full.link) from None
 
@@ -390,58 +420,112 @@ class AsyncAgent:
         return PeerQueueFull(link.node, link.service, link.queued, self.config.publish_timeout)
 
     def _prepare(self, topic: str, data: Any, type_: str | None, key: str | None,
-                 headers: dict[str, str] | None, schema_version: int) -> tuple[str, str | None, bytes, bytes]:
-        """Check every argument and encode the envelope: safe from any thread, touches no state."""
-        self._check_running()
-        cfg = self.config
-        check_topic(topic, cfg.max_topic_length, cfg.max_topic_tokens)
-        if type_ is not None and (not isinstance(type_, str) or not 0 < len(type_) <= 255):
-            raise UsageError(f"type must be a non-empty str of at most 255 characters, got {type_!r}")
-        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 255):
-            raise UsageError(f"key must be a non-empty str of at most 255 characters, got {key!r}")
-        if not isinstance(schema_version, int) or isinstance(schema_version, bool) or schema_version < 0:
-            raise UsageError(f"schema_version must be a non-negative int, got {schema_version!r}")
-        fmt, raw = encode_payload(data, self.limits)
-        hdrs = check_headers(headers, self.limits)
-        mid = self._id_prefix + next(self._id_counter).to_bytes(8, "big")
-        env = encode_envelope(mid, time.time(), topic, type_, self.service, self.node_id,
-                              schema_version, hdrs, key, fmt, raw)
-        return topic, key, mid, env
-
-    def _enqueue(self, prepared: tuple[str, str | None, bytes, bytes], threadsafe: bool) -> str:
-        """Put one envelope on every destination's link, or on none (raises :class:`_Full`)."""
-        topic, key, mid, env = prepared
+                 headers: dict[str, str] | None, schema_version: int) -> _Prepared:
+        """Check every argument and encode the envelope: safe from any thread, touches no shared state."""
         if self._state != "running":
             self._check_running()
-        dests = self._index.destinations(topic, key)
-        if not dests:
-            with self._counters_lock:
-                self.counters["published_without_subscribers"] += 1
-            return mid.hex()
-        links = self._node_links
-        targets = []
-        for node, groups in dests.items():
-            link = links.get(node)
-            if link is None:  # its record arrived a moment before its link: it is not reachable yet
-                continue
-            if not link.has_room():
-                raise _Full(link)
-            targets.append((link, [env, list(groups)] if groups else env))
+        if topic not in self._checked_topics:
+            cfg = self.config
+            check_topic(topic, cfg.max_topic_length, cfg.max_topic_tokens)
+            if len(self._checked_topics) >= 4096:
+                self._checked_topics.clear()
+            self._checked_topics[topic] = None
+        if type_ is not None and (type(type_) is not str or not 0 < len(type_) <= 255):
+            raise UsageError(f"type must be a non-empty str of at most 255 characters, got {type_!r}")
+        if key is not None and (type(key) is not str or not 0 < len(key) <= 255):
+            raise UsageError(f"key must be a non-empty str of at most 255 characters, got {key!r}")
+        if type(schema_version) is not int or schema_version < 0:
+            raise UsageError(f"schema_version must be a non-negative int, got {schema_version!r}")
+        if type(data) is bytes and len(data) <= self.limits.max_payload_bytes:
+            fmt, raw = FORMAT_BYTES, data
+        else:
+            fmt, raw = encode_payload(data, self.limits)
+        hdrs = None if headers is None else check_headers(headers, self.limits)
+        mid = self._id_prefix + next(self._id_counter).to_bytes(8, "big")
+        state = self._thread_state()
+        env = encode_envelope(mid, time.time(), topic, type_, self.service, self.node_id,
+                              schema_version, hdrs, key, fmt, raw, state.packer)
+        return topic, key, mid, env, state
+
+    def _enqueue(self, prepared: _Prepared, threadsafe: bool) -> str:
+        """Put one envelope on every destination's link, or on none (raises :class:`_Full`)."""
+        topic, key, mid, env, state = prepared
+        if self._state != "running":
+            self._check_running()
         size = len(env)
-        for link, entry in targets:
-            if link.put(entry, size):
-                self._wake(link, threadsafe)
-        with self._counters_lock:  # publishers may be several threads of the blocking Agent
-            self.counters["published"] += 1
+        fanout = self._fanout.get(topic)
+        if fanout is None:
+            fanout = self._resolve_fanout(topic)
+        if fanout:  # the common case: plain subscribers only, every link gets the same entry
+            for link in fanout:
+                if link.queued >= link.max_messages or link.queued_bytes >= link.max_bytes:
+                    raise _Full(link)
+            if self._shared_links:
+                for link in fanout:
+                    if link.put(env, size):
+                        self._wake(link, threadsafe)
+            else:
+                for link in fanout:
+                    if link.put_owned(env, size):
+                        self._wake(link, threadsafe)
+        else:
+            targets = self._targets(topic, key, env)
+            if not targets:
+                state.unrouted += 1
+                return mid.hex()
+            for link, _ in targets:
+                if not link.has_room():
+                    raise _Full(link)
+            for link, entry in targets:
+                if link.put(entry, size):
+                    self._wake(link, threadsafe)
+        state.published += 1
         return mid.hex()
 
+    def _thread_state(self) -> _ThreadState:
+        """This thread's packer and counters (publishers may be several threads of the blocking Agent)."""
+        try:
+            return self._tls.state  # type: ignore[no-any-return]
+        except AttributeError:
+            state = self._tls.state = _ThreadState()
+            self._thread_states.append(state)
+            return state
+
+    def _resolve_fanout(self, topic: str) -> tuple[Link, ...]:
+        """The links of a topic routed to plain subscribers only (cached); ``()`` otherwise."""
+        route = self._index.resolve(topic)
+        if route.groups:
+            return ()
+        links = tuple(self._node_links[n] for n in route.plain if n in self._node_links)
+        fanout = self._fanout
+        if len(fanout) >= 4096:
+            fanout.clear()
+        fanout[topic] = links
+        return links
+
+    def _targets(self, topic: str, key: str | None, env: bytes) -> list[tuple[Link, Any]]:
+        """(link, entry) for every destination of one message, choosing queue-group members."""
+        targets = []
+        for node, groups in self._index.destinations(topic, key).items():
+            link = self._node_links.get(node)
+            if link is not None:  # a record arrives a moment before its link: not reachable yet
+                targets.append((link, [env, list(groups)] if groups else env))
+        return targets
+
     def _wake(self, link: Link, threadsafe: bool) -> None:
+        """A link went from idle to busy: get it flushed."""
         assert self._loop is not None and self._transport is not None
         flush = self._flush_local if link is self._local else self._transport.flush
         if threadsafe:
             self._loop.call_soon_threadsafe(flush, link)
-        else:
+        elif link.hot or link is self._local:
             self._loop.call_soon(flush, link)
+        else:
+            # Idle link on the loop thread: send this message now (latency), and let the rest
+            # of this loop turn's messages queue up into one batch (throughput).
+            link.hot = True
+            flush(link)
+            self._loop.call_soon(_cool, link)
 
     def _flush_local(self, link: Link) -> None:
         with link.lock:
@@ -476,11 +560,12 @@ class AsyncAgent:
 
     def _deliver_entries(self, entries: list[Any], seq: int) -> None:
         limits = self.limits
+        plain_cache = self._plain_cache
         for entry in entries:
             try:
                 if type(entry) is bytes:
                     msg = decode_envelope(entry, limits, seq)
-                    groups: tuple[str, ...] | list[str] = ()
+                    groups: list[str] | None = None
                 elif type(entry) is list and len(entry) == 2 and type(entry[0]) is bytes and type(entry[1]) is list:
                     msg = decode_envelope(entry[0], limits, seq)
                     groups = entry[1]
@@ -492,17 +577,24 @@ class AsyncAgent:
                 seq += 1
                 continue
             seq += 1
-            self._dispatch(msg, groups)
+            self._received += 1
+            subs = plain_cache.get(msg.topic)
+            if subs is None:
+                subs = self._match_plain(msg.topic)
+                plain_cache = self._plain_cache
+            for sub in subs:
+                sub._deliver(msg)
+            if groups:
+                self._deliver_to_groups(msg, groups, bool(subs))
+            elif not subs:
+                # Our subscription closed after the sender routed this message to us.
+                self.counters["received_without_subscription"] += 1
 
-    def _dispatch(self, msg: Message, groups: tuple[str, ...] | list[str]) -> None:
-        subs = self._plain_cache.get(msg.topic)
-        if subs is None:
-            subs = self._match_plain(msg.topic)
-        self.counters["received"] += 1
-        for sub in subs:
-            sub._deliver(msg)
-        delivered = bool(subs)
+    def _deliver_to_groups(self, msg: Message, groups: list[str], delivered: bool) -> None:
         for group in groups:
+            if type(group) is not str:
+                self.counters["messages_rejected"] += 1
+                return
             members = self._group_cache.get((msg.topic, group))
             if members is None:
                 members = self._match_group(msg.topic, group)
@@ -513,7 +605,6 @@ class AsyncAgent:
                 members[next(turn) % len(members)]._deliver(msg)
                 delivered = True
         if not delivered:
-            # Our subscription closed after the sender routed this message to us.
             self.counters["received_without_subscription"] += 1
 
     def _match_group(self, topic: str, group: str) -> list[Subscription]:
@@ -648,6 +739,9 @@ class AsyncAgent:
     def stats(self) -> dict[str, int]:
         """Counters of this agent: messages published, received, rejected, dropped, ..."""
         out: collections.Counter[str] = collections.Counter(self.counters)
+        out["received"] = self._received
+        out["published"] = sum(st.published for st in self._thread_states)
+        out["published_without_subscribers"] = sum(st.unrouted for st in self._thread_states)
         if self._node is not None:
             out.update(self._node.counters)
             out["peers"] = len(self._node.peers)
@@ -730,6 +824,8 @@ class AsyncAgent:
                     quiet.warning(f"gone:{action.endpoint}",
                                   "%d queued messages to %s could not be sent: the peer is gone",
                                   dropped, action.endpoint)
+        if changed or self._node.routes.index is not self._index:
+            self._fanout = {}
         if self._node.routes.index is not self._index:
             # Published only after the links above are mapped, so a publishing thread
             # never sees a route to a node it has no link for.
@@ -766,6 +862,10 @@ class AsyncAgent:
             fn(*args)
         else:
             self._loop.call_soon_threadsafe(fn, *args)
+
+
+def _cool(link: Link) -> None:
+    link.hot = False
 
 
 def _expand_interfaces(interfaces: tuple[str, ...]) -> list[str]:

@@ -32,6 +32,7 @@ class Agent:
 
     def __init__(self, service: str, *, config: Config | None = None, **overrides: Any) -> None:
         self._agent = AsyncAgent(service, config=config, **overrides)
+        self._agent._shared_links = True  # our callers' threads publish too
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -138,17 +139,22 @@ class Agent:
         """
         agent = self._agent
         prepared = agent._prepare(topic, data, type, key, headers, schema_version)
-        on_loop = self._thread is not None and threading.get_ident() == self._thread.ident
+        on_loop = threading.get_ident() == agent._loop_thread
+        try:
+            return agent._enqueue(prepared, threadsafe=not on_loop)
+        except _Full as full:
+            if on_loop:
+                raise agent._full_error(full.link) from None
         deadline = time.monotonic() + agent.config.publish_timeout
-        while True:
+        while True:  # back-pressure: wait for room, bounded by publish_timeout
+            remaining = deadline - time.monotonic()
+            assert agent._transport is not None
+            agent._transport.wait_space_blocking(min(remaining, 0.05))
             try:
-                return agent._enqueue(prepared, threadsafe=not on_loop)
+                return agent._enqueue(prepared, threadsafe=True)
             except _Full as full:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or on_loop:
+                if deadline - time.monotonic() <= 0:
                     raise agent._full_error(full.link) from None
-                assert agent._transport is not None
-                agent._transport.wait_space_blocking(min(remaining, 0.05))
 
     def subscribe(self, pattern: str, handler: Handler | None = None, *, queue: str | None = None) -> Subscription:
         """See :meth:`AsyncAgent.subscribe`. Without a handler, iterate the subscription

@@ -34,7 +34,7 @@ class Link:
 
     __slots__ = (
         "endpoint", "socket", "node", "service", "queue", "queued", "queued_bytes", "lock",
-        "scheduled", "frame", "next_seq", "watching", "closed", "max_messages", "max_bytes",
+        "scheduled", "frame", "next_seq", "watching", "closed", "max_messages", "max_bytes", "hot",
     )
 
     def __init__(self, endpoint: str, socket: zmq.Socket[bytes] | None, max_messages: int, max_bytes: int) -> None:
@@ -53,6 +53,7 @@ class Link:
         self.closed = False
         self.max_messages = max_messages
         self.max_bytes = max_bytes
+        self.hot = False  # sent at once during this loop turn: batch the rest of the turn
 
     def has_room(self) -> bool:
         return self.queued < self.max_messages and self.queued_bytes < self.max_bytes
@@ -67,6 +68,16 @@ class Link:
                 return False
             self.scheduled = True
             return True
+
+    def put_owned(self, entry: Any, size: int) -> bool:
+        """:meth:`put` for links that only the loop thread fills (a plain AsyncAgent): no lock."""
+        self.queue.append((entry, size))
+        self.queued += 1
+        self.queued_bytes += size
+        if self.scheduled:
+            return False
+        self.scheduled = True
+        return True
 
     def take(self, max_messages: int, max_bytes: int) -> list[Any]:
         """Pop one batch: at most ``max_messages``, and ``max_bytes`` unless a single entry is larger."""

@@ -35,10 +35,11 @@ DATA = 4
 KINDS = {HELLO: "hello", PING: "ping", BYE: "bye", DATA: "data"}
 
 _ID_BYTES = 16
+_TOPIC_CACHE = 4096
 _MAX_NAME = 255  # service, node id, type, key, group, mesh
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True)
 class Limits:
     """Decoder bounds, taken from :class:`Config` (kept separate so the core needs no Config)."""
 
@@ -51,9 +52,27 @@ class Limits:
     max_batch_messages: int = 256
     max_subscriptions: int = 10_000
 
+    unpack_options: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    """msgpack bounds derived from the limits above (computed once, used per message)."""
+    checked_topics: dict[str, None] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    """Topics already found valid under these limits (bounded cache for the receive path)."""
+
+    def __post_init__(self) -> None:
+        self.unpack_options.update(
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_bin_len=self.max_frame_bytes,
+            max_str_len=max(self.max_header_bytes, self.max_topic_length, 4096),
+            max_array_len=max(self.max_subscriptions * 2, self.max_batch_messages, 64),
+            max_map_len=self.max_header_count,
+            max_ext_len=0,
+        )
+
     @classmethod
     def from_config(cls, config: Any) -> Limits:
-        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+        names = [f.name for f in dataclasses.fields(cls) if f.name.startswith("max_")]
+        return cls(**{name: getattr(config, name) for name in names})
 
 
 # --- envelope ------------------------------------------------------------------------
@@ -103,29 +122,22 @@ def check_headers(headers: Any, limits: Limits) -> dict[str, str] | None:
 def encode_envelope(
     id_: bytes, timestamp: float, topic: str, type_: str | None, source: str, node: str,
     schema_version: int, headers: dict[str, str] | None, key: str | None, fmt: int, raw: bytes,
+    packer: msgpack.Packer | None = None,
 ) -> bytes:
-    """Envelope bytes. Arguments are assumed checked (see the agent's publish)."""
-    return msgpack.packb(
-        [ENVELOPE_VERSION, id_, timestamp, topic, type_, source, node, schema_version, headers, key, fmt, raw],
-        use_bin_type=True,
-    )
+    """Envelope bytes. Arguments are assumed checked (see the agent's publish).
+
+    ``packer`` is a reusable ``msgpack.Packer(use_bin_type=True)`` owned by the
+    calling thread; making one per call costs as much as the packing itself.
+    """
+    env = [ENVELOPE_VERSION, id_, timestamp, topic, type_, source, node, schema_version, headers, key, fmt, raw]
+    if packer is None:
+        return msgpack.packb(env, use_bin_type=True)
+    return packer.pack(env)
 
 
 def _unpack(data: bytes | memoryview, limits: Limits) -> Any:
     try:
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
-            max_bin_len=limits.max_frame_bytes,
-            max_str_len=max(limits.max_header_bytes, limits.max_topic_length, 4096),
-            max_array_len=max(limits.max_subscriptions * 2, limits.max_batch_messages, 64),
-            max_map_len=limits.max_header_count,
-            max_ext_len=0,
-        )
-    except ProtocolError:
-        raise
+        return msgpack.unpackb(data, **limits.unpack_options)
     except Exception as exc:  # msgpack raises several unrelated types on bad input
         raise ProtocolError(f"undecodable msgpack: {type(exc).__name__}: {exc}") from None
 
@@ -134,7 +146,12 @@ def decode_envelope(data: bytes, limits: Limits, seq: int = 0) -> Message:
     """A :class:`Message` from envelope bytes, or :class:`ProtocolError`."""
     if len(data) > limits.max_frame_bytes:
         raise ProtocolError("envelope larger than max_frame_bytes")
-    env = _unpack(data, limits)
+    try:
+        # The envelope sits in a frame already bounded by max_frame_bytes, and every field is
+        # checked below, so msgpack's own bounds (the buffer's length) are enough here.
+        env = msgpack.unpackb(data)
+    except Exception as exc:
+        raise ProtocolError(f"undecodable envelope: {type(exc).__name__}: {exc}") from None
     if type(env) is not list or len(env) != 12:
         raise ProtocolError("envelope is not a 12-field array")
     ver, id_, ts, topic, type_, source, node, schema_version, headers, key, fmt, raw = env
@@ -144,10 +161,14 @@ def decode_envelope(data: bytes, limits: Limits, seq: int = 0) -> Message:
         raise ProtocolError("bad message id")
     if type(ts) is not float and type(ts) is not int:
         raise ProtocolError("bad timestamp")
-    try:
-        check_topic(topic, limits.max_topic_length, limits.max_topic_tokens)
-    except TopicError as exc:
-        raise ProtocolError(f"bad topic: {exc.problem}") from None
+    if topic not in limits.checked_topics:
+        try:
+            check_topic(topic, limits.max_topic_length, limits.max_topic_tokens)
+        except TopicError as exc:
+            raise ProtocolError(f"bad topic: {exc.problem}") from None
+        if len(limits.checked_topics) >= _TOPIC_CACHE:
+            limits.checked_topics.clear()
+        limits.checked_topics[topic] = None
     if type_ is not None and (type(type_) is not str or len(type_) > _MAX_NAME):
         raise ProtocolError("bad type")
     if type(source) is not str or not 0 < len(source) <= _MAX_NAME or type(node) is not str or not 0 < len(node) <= _MAX_NAME:
