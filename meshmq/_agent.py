@@ -494,9 +494,9 @@ class AsyncAgent:
     def _resolve_fanout(self, topic: str) -> tuple[Link, ...]:
         """The links of a topic routed to plain subscribers only (cached); ``()`` otherwise."""
         route = self._index.resolve(topic)
-        if route.groups:
-            return ()
-        links = tuple(self._node_links[n] for n in route.plain if n in self._node_links)
+        if route.groups or any(n not in self._node_links for n in route.plain):
+            return ()  # the per-message path chooses group members and counts unreachable nodes
+        links = tuple(self._node_links[n] for n in route.plain)
         fanout = self._fanout
         if len(fanout) >= 4096:
             fanout.clear()
@@ -508,8 +508,12 @@ class AsyncAgent:
         targets = []
         for node, groups in self._index.destinations(topic, key).items():
             link = self._node_links.get(node)
-            if link is not None:  # a record arrives a moment before its link: not reachable yet
-                targets.append((link, [env, list(groups)] if groups else env))
+            if link is None:  # routed but not linked: cannot happen while _apply maps links first
+                with self._counters_lock:
+                    self.counters["dropped_no_link"] += 1
+                quiet.warning("nolink", "no link to routed node %s; message not sent to it", node)
+                continue
+            targets.append((link, [env, list(groups)] if groups else env))
         return targets
 
     def _wake(self, link: Link, threadsafe: bool) -> None:

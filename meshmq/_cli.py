@@ -1,0 +1,516 @@
+"""The ``meshmq`` command: publish, subscribe, look at peers, run the demo.
+
+Every subcommand starts a short-lived agent of its own (service ``meshmq-cli``
+unless ``--service`` says otherwise) in the chosen mesh, on loopback unless
+``--interface`` says otherwise. Exit codes: 0 success, 1 the mesh did not do
+what was asked (timeout, missing messages), 2 bad input, 130 interrupted.
+Bad input never shows a traceback: one ``meshmq: error: ...`` line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+from ._config import Config
+from ._errors import MeshError, UsageError
+from ._message import Message
+from ._sync import Agent
+from ._topics import check_pattern, check_topic
+
+PROG = "meshmq"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+_HUMAN_DATA_LIMIT = 1000  # characters of payload shown per line without --json
+
+
+class _BadInput(Exception):
+    """Raised by the argument parser instead of exiting, so ``main`` owns every exit."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        hint = f" (see '{self.prog} --help')"
+        raise _BadInput(message + hint)
+
+
+# --- entry point ----------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``meshmq`` command line; return the process exit code."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except _BadInput as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except SystemExit as exc:  # --help and --version exit through argparse
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+    _merge_mesh_options(args)
+    _setup_logging(args.verbose)
+    try:
+        with _sigterm_as_interrupt():
+            return int(args.run(args))
+    except _BadInput as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except UsageError as exc:  # TopicError, ConfigError, PayloadError: the caller's input
+        return _fail(str(exc), EXIT_USAGE)
+    except MeshError as exc:
+        return _fail(str(exc), EXIT_FAILED)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `meshmq sub ... | head`: the reader left, which is not an error
+        return EXIT_OK
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
+    return code
+
+
+def _warn(message: str) -> None:
+    print(f"{PROG}: warning: {_one_line(message)}", file=sys.stderr)
+
+
+def _note(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Let ``kill PID`` end a command as cleanly as Ctrl-C (the agent says goodbye)."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (main() called from a test's thread)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _setup_logging(verbosity: int) -> None:
+    """Warnings by default; -v shows meshmq's info log, -vv everything at debug level."""
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=logging.WARNING if verbosity < 2 else logging.DEBUG,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("meshmq").setLevel(level)
+
+
+# --- the parser -------------------------------------------------------------------------
+
+_MAIN_EPILOG = """\
+examples:
+  meshmq sub 'orders.>'                          watch every order event
+  meshmq pub orders.placed '{"orderId": "ORD-1"}' --type OrderPlaced
+  meshmq peers                                   who is in the mesh, subscribed to what
+  meshmq demo                                    the order workflow, one process per service
+  meshmq config                                  every setting and its MESHMQ_* variable
+
+Agents find each other by mDNS on loopback (127.0.0.1) by default; use --seed
+where multicast does not reach. Run 'meshmq COMMAND --help' for details.
+"""
+
+_PUB_EPILOG = """\
+DATA is sent as JSON when it parses as JSON, else as a text string:
+  meshmq pub orders.placed '{"orderId": "ORD-0001", "totalAmount": 59.97}' --type OrderPlaced
+  meshmq pub greetings hello                      a string: "hello"
+  meshmq pub counters.hits 42                     the number 42 ('"42"' sends the string)
+  meshmq pub files.chunk 'raw text' --raw         UTF-8 bytes, untouched
+  echo '{"a": 1}' | meshmq pub some.topic -       read DATA from stdin
+  meshmq pub orders.placed '{}' --key CUST-1 --header trace=abc --count 3
+
+The command first waits for the mesh to settle (--timeout), so that subscribers
+already running receive the message, then prints one message id per line. If
+no subscriber of TOPIC is known, it warns on stderr and still exits 0.
+"""
+
+_SUB_EPILOG = """\
+Each message is one line: time, topic, type, source, key (if any) and data.
+  meshmq sub 'orders.>'                           until Ctrl-C
+  meshmq sub orders.placed --count 1 --timeout 10 exit 1 if nothing came in 10 s
+  meshmq sub 'orders.*' --queue billing           share the work with other members of 'billing'
+  meshmq sub '>' --json | jq .data                every message, as JSON lines
+
+With --json each line is an object with id, timestamp (seconds since the
+epoch), time (ISO 8601, UTC), topic, type, source, node, key, headers,
+schema_version and data. A bytes payload comes as "data_base64" (base64 of the
+bytes) instead of "data"; bytes nested inside a structured payload become
+base64 strings. Exit codes: 0 done (or --timeout without --count), 1 fewer than
+--count messages within --timeout, 130 Ctrl-C.
+"""
+
+_PEERS_EPILOG = """\
+  meshmq peers                       table of service, node id, endpoint, subscriptions, last seen
+  meshmq peers --wait 3 --json       a JSON array of peers, after waiting up to 3 s
+  meshmq peers --mesh staging --seed tcp://10.0.0.5:7400
+
+Subscriptions show as pattern, or pattern@group for queue groups; 'last seen' is
+the time since the peer was last heard from. This command's own agent is not
+listed. With --json each peer is an object with service, node, endpoint,
+subscriptions (pattern, group) and last_seen_seconds_ago.
+"""
+
+_DEMO_EPILOG = """\
+Starts four processes: an order service that places orders on 'orders.placed'
+(type OrderPlaced) and the inventory, payment and notification services that
+handle them. Each prints a trace line per order; at the end a summary table
+says how many orders each service handled and how many are missing.
+  meshmq demo
+  meshmq demo --orders 100 --timeout 30
+
+The demo runs in a fresh mesh of its own unless --mesh is given. It ends every
+process it started; it exits 0 when no order is missing, 1 otherwise.
+"""
+
+_CONFIG_EPILOG = """\
+  meshmq config                 every setting: MESHMQ_* variable, default, description
+  meshmq config --json          the same as a JSON array
+  MESHMQ_MESH=staging meshmq config   a value set in the environment is shown as 'set:'
+"""
+
+
+def _build_parser() -> _Parser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(
+        prog=PROG, formatter_class=fmt, epilog=_MAIN_EPILOG,
+        description="meshmq: a brokerless messaging mesh. Publish, subscribe and look at the mesh from a shell.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"meshmq {__version__}")
+    _add_mesh_options(parser, top=True)
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command", required=True)
+
+    def command(name: str, summary: str, epilog: str, run: Callable[[argparse.Namespace], int]) -> _Parser:
+        sub: _Parser = commands.add_parser(name, help=summary, description=summary, epilog=epilog,
+                                           formatter_class=fmt)
+        sub.set_defaults(run=run)
+        return sub
+
+    pub = command("pub", "Publish a message to a topic.", _PUB_EPILOG, _cmd_pub)
+    pub.add_argument("topic", metavar="TOPIC", help="concrete topic, e.g. orders.placed (no wildcards)")
+    pub.add_argument("data", metavar="DATA", help="payload: JSON if it parses, else a string; '-' reads stdin")
+    pub.add_argument("--type", help="event type, e.g. OrderPlaced (what handlers registered with on() match)")
+    pub.add_argument("--key", help="partition key: one key stays on one queue-group member, in order")
+    pub.add_argument("--header", action="append", default=[], metavar="K=V", help="a free header (repeatable)")
+    pub.add_argument("--raw", action="store_true", help="send DATA as UTF-8 bytes instead of parsing it")
+    pub.add_argument("--timeout", type=_seconds, default=2.0, metavar="S",
+                     help="seconds to wait for the mesh to settle before publishing (default: 2)")
+    pub.add_argument("--count", type=_positive_int, default=1, metavar="N",
+                     help="publish the message N times (default: 1)")
+    _add_mesh_options(pub)
+
+    sub = command("sub", "Print the messages matching a pattern as they arrive.", _SUB_EPILOG, _cmd_sub)
+    sub.add_argument("pattern", metavar="PATTERN", help="topic pattern: '*' matches one token, '>' the rest")
+    sub.add_argument("--queue", metavar="G", help="join queue group G: each message goes to one member")
+    sub.add_argument("--count", type=_positive_int, metavar="N", help="exit after N messages")
+    sub.add_argument("--timeout", type=_seconds, metavar="S", help="exit after S seconds")
+    sub.add_argument("--json", action="store_true", help="one JSON object per message (see below)")
+    _add_mesh_options(sub)
+
+    peers = command("peers", "List the nodes of the mesh and what they subscribe to.", _PEERS_EPILOG, _cmd_peers)
+    peers.add_argument("--wait", type=_seconds, default=1.5, metavar="S",
+                       help="seconds to wait for discovery, at most (default: 1.5)")
+    peers.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+    _add_mesh_options(peers)
+
+    demo = command("demo", "Run the order workflow demo: four services, one process each.", _DEMO_EPILOG,
+                   _cmd_demo)
+    demo.add_argument("--orders", type=_positive_int, default=20, metavar="N",
+                      help="orders to place (default: 20)")
+    demo.add_argument("--timeout", type=_seconds, default=20.0, metavar="S",
+                      help="give up after S seconds (default: 20)")
+    demo.add_argument("--drop", choices=("inventory", "payment", "notification"), help=argparse.SUPPRESS)
+    _add_mesh_options(demo)
+
+    config = command("config", "List every setting with its MESHMQ_* variable, default and meaning.",
+                     _CONFIG_EPILOG, _cmd_config)
+    config.add_argument("--json", action="store_true", help="print a JSON array instead of text")
+    return parser
+
+
+def _add_mesh_options(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    """The options every command shares. They are accepted before and after the command
+    name; the subcommand's copies write to their own names (see :func:`_merge_mesh_options`)."""
+    group = parser.add_argument_group("mesh options")
+    default = None if top else argparse.SUPPRESS
+    suffix = "" if top else "_sub"
+    group.add_argument("--mesh", dest="mesh" + suffix, default=default, metavar="NAME",
+                       help="mesh name (default: $MESHMQ_MESH or 'default')")
+    group.add_argument("--seed", dest="seed" + suffix, action="append", default=default, metavar="ENDPOINT",
+                       help="static peer endpoint, e.g. tcp://127.0.0.1:7400 (repeatable)")
+    group.add_argument("--interface", dest="interface" + suffix, action="append", default=default, metavar="IP",
+                       help="address to bind and announce on (repeatable; default: 127.0.0.1)")
+    group.add_argument("--service", dest="service" + suffix, default="meshmq-cli" if top else default, metavar="NAME",
+                       help="service name of this command's agent (default: meshmq-cli)")
+    group.add_argument("-v", "--verbose", dest="verbose" + suffix, action="count", default=0 if top else default,
+                       help="log more (-v info, -vv debug)")
+
+
+def _merge_mesh_options(args: argparse.Namespace) -> None:
+    for name in ("mesh", "service"):
+        if hasattr(args, name + "_sub"):
+            setattr(args, name, getattr(args, name + "_sub"))
+    for name in ("seed", "interface"):
+        extra = getattr(args, name + "_sub", None) or []
+        setattr(args, name, (getattr(args, name) or []) + extra)
+    args.verbose += getattr(args, "verbose_sub", 0)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds, zero or more")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
+    return value
+
+
+def _agent(args: argparse.Namespace) -> Agent:
+    """A blocking agent configured from the mesh options (and MESHMQ_* for the rest)."""
+    overrides: dict[str, Any] = {}
+    if args.mesh is not None:
+        overrides["mesh"] = args.mesh
+    if args.seed:
+        overrides["seeds"] = list(args.seed)
+    if args.interface:
+        overrides["interfaces"] = list(args.interface)
+    return Agent(args.service, **overrides)
+
+
+# --- pub --------------------------------------------------------------------------------
+
+
+def parse_data(text: str, raw: bool = False) -> Any:
+    """DATA of ``meshmq pub``: UTF-8 bytes with ``raw``, else JSON if it parses, else the string."""
+    if raw:
+        return text.encode()
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_headers(items: Sequence[str]) -> dict[str, str]:
+    """``["k=v", ...]`` to a dict; a malformed item is bad input."""
+    headers: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise _BadInput(f"--header {item!r} must look like NAME=VALUE")
+        headers[name.strip()] = value
+    return headers
+
+
+def _cmd_pub(args: argparse.Namespace) -> int:
+    check_topic(args.topic)
+    headers = parse_headers(args.header)
+    text = sys.stdin.read() if args.data == "-" else args.data
+    data = parse_data(text.rstrip("\n") if args.data == "-" else text, args.raw)
+    with _agent(args) as agent:
+        agent.wait_settled(args.timeout, quiet_period=min(0.5, args.timeout / 2))
+        before = agent.stats().get("published_without_subscribers", 0)
+        for _ in range(args.count):
+            mid = agent.publish(args.topic, data, type=args.type, key=args.key, headers=headers or None)
+            print(mid, flush=True)
+        unheard = agent.stats().get("published_without_subscribers", 0) - before
+        mesh = agent.config.mesh
+    if unheard:
+        _warn(f"no subscriber of {args.topic!r} is known in mesh {mesh!r} after waiting {args.timeout:g}s: "
+              f"{'the message was' if unheard == 1 else f'{unheard} messages were'} published to no one")
+    return EXIT_OK
+
+
+# --- sub --------------------------------------------------------------------------------
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    return repr(value)
+
+
+def message_json(msg: Message) -> str:
+    """One message as a JSON line (the format of ``meshmq sub --json``)."""
+    obj: dict[str, Any] = {
+        "id": msg.id,
+        "timestamp": msg.timestamp,
+        "time": datetime.datetime.fromtimestamp(msg.timestamp, datetime.timezone.utc).isoformat(),
+        "topic": msg.topic,
+        "type": msg.type,
+        "source": msg.source,
+        "node": msg.node,
+        "key": msg.key,
+        "headers": msg.headers,
+        "schema_version": msg.schema_version,
+    }
+    try:
+        data = msg.data
+    except MeshError as exc:
+        obj["data_error"] = str(exc)
+    else:
+        if isinstance(data, bytes):
+            obj["data_base64"] = base64.b64encode(data).decode("ascii")
+        else:
+            obj["data"] = data
+    return json.dumps(obj, ensure_ascii=False, default=_json_default)
+
+
+def message_line(msg: Message) -> str:
+    """One message as a readable line: time, topic, type, source, [key=K,] data."""
+    when = datetime.datetime.fromtimestamp(msg.timestamp).strftime("%H:%M:%S.%f")[:-3]
+    try:
+        data = msg.data
+        shown = repr(data) if isinstance(data, bytes) else json.dumps(data, ensure_ascii=False,
+                                                                     default=_json_default)
+    except MeshError as exc:
+        shown = f"<{exc}>"
+    if len(shown) > _HUMAN_DATA_LIMIT:
+        shown = f"{shown[:_HUMAN_DATA_LIMIT]}... ({len(msg.raw)} bytes; --json shows all)"
+    fields = [when, msg.topic, msg.type or "-", msg.source]
+    if msg.key is not None:
+        fields.append(f"key={msg.key}")
+    fields.append(shown)
+    return "  ".join(fields)
+
+
+def _cmd_sub(args: argparse.Namespace) -> int:
+    check_pattern(args.pattern)
+    render = message_json if args.json else message_line
+    with _agent(args) as agent:
+        subscription = agent.subscribe(args.pattern, queue=args.queue)
+        until = []
+        if args.count:
+            until.append(f"{args.count} message{'s' if args.count > 1 else ''}")
+        if args.timeout is not None:
+            until.append(f"{args.timeout:g}s")
+        _note(f"listening on {args.pattern!r}{f' in queue group {args.queue!r}' if args.queue else ''} "
+              f"in mesh {agent.config.mesh!r} until {' or '.join(until) or 'Ctrl-C'}")
+        deadline = None if args.timeout is None else time.monotonic() + args.timeout
+        received = 0
+        while args.count is None or received < args.count:
+            # Short waits keep Ctrl-C prompt; the deadline bounds the whole command.
+            wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+            if wait <= 0:
+                break
+            msg = subscription.get(wait)
+            if msg is None:
+                if subscription.closed:
+                    break
+                continue
+            received += 1
+            print(render(msg), flush=True)
+    if args.count is not None and received < args.count:
+        _note(f"{received} of {args.count} messages received within {args.timeout:g}s")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+# --- peers ------------------------------------------------------------------------------
+
+
+def _subscriptions_text(subscriptions: Sequence[tuple[str, str | None]]) -> str:
+    return ", ".join(p if g is None else f"{p}@{g}" for p, g in subscriptions) or "-"
+
+
+def _cmd_peers(args: argparse.Namespace) -> int:
+    with _agent(args) as agent:
+        agent.wait_settled(args.wait, quiet_period=args.wait / 3)
+        peers = agent.peers()
+        mesh = agent.config.mesh
+    if args.json:
+        print(json.dumps([
+            {"service": p.service, "node": p.node, "endpoint": p.endpoint,
+             "subscriptions": [{"pattern": pat, "group": grp} for pat, grp in p.subscriptions],
+             "last_seen_seconds_ago": round(p.last_seen, 3)}
+            for p in peers
+        ], indent=2))
+        return EXIT_OK
+    if not peers:
+        _note(f"no peers found in mesh {mesh!r} within {args.wait:g}s")
+        return EXIT_OK
+    rows = [("SERVICE", "NODE", "ENDPOINT", "SUBSCRIPTIONS", "LAST SEEN")]
+    rows += [(p.service, p.node, p.endpoint, _subscriptions_text(p.subscriptions), f"{p.last_seen:.1f}s ago")
+             for p in peers]
+    print(_table(rows))
+    return EXIT_OK
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+# --- demo -------------------------------------------------------------------------------
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ._demo import run_demo
+
+    return run_demo(orders=args.orders, timeout=args.timeout, mesh=args.mesh, seeds=args.seed,
+                    interfaces=args.interface, verbose=args.verbose, drop=args.drop)
+
+
+# --- config -----------------------------------------------------------------------------
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    current = Config.load()  # raises ConfigError (exit 2) on a bad MESHMQ_* variable
+    settings = []
+    for name, variable, default, help_text in Config.describe():
+        value = getattr(current, name)
+        settings.append((name, variable, default, value, help_text.replace("``", "'")))
+    if args.json:
+        def plain(v: Any) -> Any:
+            return list(v) if isinstance(v, tuple) else v if v is None or isinstance(v, (int, float, str)) else str(v)
+
+        print(json.dumps([{"name": n, "variable": var, "default": plain(d), "value": plain(v), "help": h}
+                          for n, var, d, v, h in settings], indent=2))
+        return EXIT_OK
+    width = max(len(var) for _, var, _, _, _ in settings)
+    for name, variable, default, value, help_text in settings:
+        line = f"{variable.ljust(width)}  default: {_config_value(default)}"
+        if value != default:
+            line += f"  (set: {_config_value(value)})"
+        print(line)
+        print(f"{' ' * width}  {help_text}")
+    return EXIT_OK
+
+
+def _config_value(value: Any) -> str:
+    if value is None:
+        return "(none)"
+    if isinstance(value, tuple):
+        return ",".join(value) or "(none)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
