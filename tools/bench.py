@@ -401,6 +401,100 @@ def role_mq_ping(a: dict[str, Any]) -> None:
     _run_profiled(lambda: asyncio.run(main()), a)
 
 
+def role_pair_ping(a: dict[str, Any]) -> None:
+    """Raw zmq and meshmq round trips from one process, alternating one by one, so both see
+    the same machine conditions (a shared machine drifts between runs seconds apart)."""
+    import asyncio
+
+    import zmq
+
+    import meshmq
+
+    size, rounds, warmup = a["size"], a["rounds"], a["warmup"]
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    pull.setsockopt(zmq.RCVTIMEO, int(a["timeout"] * 1000))
+    port = pull.bind_to_random_port(f"tcp://{HOST}")
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(a["raw_endpoint"])
+    push.send(f"tcp://{HOST}:{port}".encode())
+    clock = time.perf_counter_ns
+
+    def raw_round(msg: bytes) -> int:
+        t0 = clock()
+        push.send(msg)
+        got = pull.recv()
+        t1 = clock()
+        if got != msg:
+            raise SystemExit("raw ping: wrong answer")
+        return t1 - t0
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        waiting: dict[str, Any] = {"head": None, "fut": None, "t1": 0}
+
+        def on_pong(msg: meshmq.Message) -> None:
+            fut = waiting["fut"]
+            if fut is not None and not fut.done() and msg.raw[:8] == waiting["head"]:
+                waiting["t1"] = clock()
+                fut.set_result(None)
+
+        agent = meshmq.AsyncAgent("bench-ping", **_agent_kwargs(a, seeds=[a["endpoint"]]))
+        agent.subscribe(PONG, on_pong)
+        await agent.start()
+        try:
+            await agent.wait_for_subscribers(PING, timeout=15)
+            publish = agent.publish
+
+            async def mq_round(msg: bytes, timeout: float | None) -> int | None:
+                fut = loop.create_future()
+                waiting["head"], waiting["fut"] = msg[:8], fut
+                t0 = clock()
+                await publish(PING, msg)
+                if timeout is None:
+                    await fut
+                else:
+                    try:
+                        await asyncio.wait_for(fut, timeout)
+                    except asyncio.TimeoutError:
+                        return None  # warm-up only: the echo may not route bench.pong to us yet
+                return int(waiting["t1"] - t0)
+
+            ok = tries = 0
+            while ok < warmup:
+                tries += 1
+                if tries > warmup + 200:
+                    raise SystemExit(f"meshmq warm-up: {ok} of {warmup} answers after {tries} pings")
+                raw_round(payload(size, tries))
+                if await mq_round(payload(size, tries), 1.0) is not None:
+                    ok += 1
+            task = asyncio.current_task()
+            assert task is not None
+            watchdog = loop.call_later(a["timeout"], task.cancel)
+            raw_samples, mq_samples = [], []
+            for i in range(rounds):
+                msg = payload(size, 1_000_000 + i)
+                if i % 2:  # alternate which goes first, so neither always follows the other
+                    raw_samples.append(raw_round(msg))
+                    mq_samples.append(await mq_round(msg, None))
+                else:
+                    mq_samples.append(await mq_round(msg, None))
+                    raw_samples.append(raw_round(msg))
+            watchdog.cancel()
+            push.send(b"")  # tells the raw echo to stop
+            emit(event="result", raw=percentiles(raw_samples), mq=percentiles(mq_samples))
+            await async_wait_quit()
+        finally:
+            await agent.stop()
+            pull.close(0)
+            push.close(0)
+            ctx.term()
+
+    _run_profiled(lambda: asyncio.run(main()), a)
+
+
 def _run_profiled(fn: Any, a: dict[str, Any]) -> None:
     if not a.get("profile"):
         fn()
@@ -420,6 +514,7 @@ ROLES = {
     "raw-pull": role_raw_pull, "raw-push": role_raw_push, "raw-echo": role_raw_echo, "raw-ping": role_raw_ping,
     "mq-sub": role_mq_sub, "mq-pub-async": role_mq_pub_async, "mq-pub-sync": role_mq_pub_sync,
     "mq-echo": role_mq_echo, "mq-ping": role_mq_ping,
+    "pair-ping": role_pair_ping,
 }
 
 
@@ -592,6 +687,33 @@ def measure_mq_lat(o: argparse.Namespace, tag: str) -> dict[str, Any]:
     return got
 
 
+def measure_interleaved_lat(o: argparse.Namespace, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(raw, meshmq) latency from one pinger alternating both kinds of round trip."""
+    deadline = time.monotonic() + o.phase_timeout
+    mesh = mesh_name()
+    common = {"size": o.size, "timeout": o.phase_timeout, "mesh": mesh, **profiling(o)}
+    children: list[Child] = []
+    try:
+        raw_echo = Child("raw-echo", {**common, "max": o.roundtrips + o.warmup + 1000})
+        children.append(raw_echo)
+        mq_echo = Child("mq-echo", {**common, "tag": f"{tag}-echo"})
+        children.append(mq_echo)
+        raw_ep = raw_echo.expect("ready", deadline)["endpoint"]
+        mq_ep = mq_echo.expect("ready", deadline)["endpoint"]
+        pinger = Child("pair-ping", {**common, "tag": f"{tag}-ping", "rounds": o.roundtrips, "warmup": o.warmup,
+                                     "raw_endpoint": raw_ep, "endpoint": mq_ep})
+        children.append(pinger)
+        got = pinger.expect("result", deadline)
+        finish_by = min(deadline, time.monotonic() + 40)
+        for c in (pinger, mq_echo, raw_echo):
+            c.finish(finish_by)
+        return got["raw"], got["mq"]
+    finally:
+        for c in children:
+            c.kill()
+            c.err.close()
+
+
 def summarize(values: list[float], higher_is_better: bool) -> dict[str, float]:
     return {"best": max(values) if higher_is_better else min(values), "median": statistics.median(values),
             "runs": values}
@@ -625,10 +747,12 @@ def run_all(o: argparse.Namespace) -> dict[str, Any]:
             ("mq_async_tp", lambda: measure_mq_tp(o, "async", f"tp-async-{r}")),
             ("mq_sync_tp", lambda: measure_mq_tp(o, "sync", f"tp-sync-{r}")),
         ]
-        lat_steps = [
+        lat_steps: list[tuple[str, Any]] = [
             ("raw_lat", lambda: measure_raw_lat(o)),
             ("mq_lat", lambda: measure_mq_lat(o, f"lat-{r}")),
         ]
+        if not o.separate_latency:
+            lat_steps = [("pair_lat", lambda: measure_interleaved_lat(o, f"lat-{r}"))]
         # Rotate the order every round so that no measurement always runs first (or last).
         k = r % len(tp_steps)
         steps = tp_steps[k:] + tp_steps[:k] + (lat_steps if r % 2 == 0 else lat_steps[::-1])
@@ -637,6 +761,13 @@ def run_all(o: argparse.Namespace) -> dict[str, Any]:
                 continue
             t = time.monotonic()
             res = fn()
+            if name == "pair_lat":
+                raw, mq = res
+                runs["raw_lat"].append(raw)
+                runs["mq_lat"].append(mq)
+                log(f"  round {r + 1}/{o.repeat} interleaved  raw p50 {raw['p50_us']:8.1f} us  meshmq p50 "
+                    f"{mq['p50_us']:8.1f} us  ({time.monotonic() - t:.1f}s)")
+                continue
             runs[name].append(res)
             if name.endswith("_tp"):
                 log(f"  round {r + 1}/{o.repeat} {name:12s} {res['rate']:>12,.0f} msg/s received"
@@ -733,6 +864,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phase-timeout", type=float, default=120.0, help="hard limit of one measurement, s (default 120)")
     p.add_argument("--skip-throughput", action="store_true", help="only the latency runs")
     p.add_argument("--skip-latency", action="store_true", help="only the throughput runs")
+    p.add_argument("--separate-latency", action="store_true",
+                   help="measure raw and meshmq latency in separate runs (default: one pinger alternates "
+                   "raw and meshmq round trips one by one, so both see the same machine conditions)")
     p.add_argument("--check", action="store_true", help="exit 1 if a bar is missed")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     p.add_argument("--profile", metavar="DIR", help="profile the meshmq children, writing into DIR")
