@@ -35,7 +35,7 @@ from ._message import FORMAT_BYTES, Message
 from ._node import Connect, Disconnect, Node, PeerDown, PeerUp, Send, Timing
 from ._routing import RouteIndex
 from ._topics import check_pattern, check_topic, matches
-from ._transport import Link, Transport
+from ._transport import Link, Transport, Wakeup
 from ._wire import (
     DATA, PROTOCOL_VERSION, Limits, NodeRecord, Subscription as AdvertisedSubscription, check_headers, decode_envelope,
     decode_data, decode_frame, encode_envelope, encode_payload,
@@ -278,7 +278,7 @@ class AsyncAgent:
         self._local.service = self.service
         self._node_links: dict[str, Link] = {}
         self._index = RouteIndex(())
-        self._route_waiters: list[asyncio.Future[None]] = []
+        self._route_waiters = Wakeup()
         self._overloaded_subs: set[Subscription] = set()
         self._tick_handle: asyncio.TimerHandle | None = None
         self._id_prefix = bytes.fromhex(self.node_id)
@@ -355,9 +355,7 @@ class AsyncAgent:
             sub._closed()
         self._transport.async_close(linger=max(0.0, deadline - time.monotonic()))
         self._state = "stopped"
-        for fut in self._route_waiters:
-            if not fut.done():
-                fut.set_result(None)
+        self._route_waiters.fire()
         log.info("agent %s (%s) stopped", self.service, self.node_id)
 
     async def __aenter__(self) -> AsyncAgent:
@@ -550,13 +548,16 @@ class AsyncAgent:
             self._loop.call_soon(flush, link)
 
     def _flush_local(self, link: Link) -> None:
-        with link.lock:
-            link.scheduled = False
+        """Deliver what this node published to itself (the rule of Transport.flush applies)."""
         was_full = not link.has_room()
         seq = link.next_seq
         while True:
             entries = link.take(self.config.max_batch_messages, self.config.max_batch_bytes)
             if not entries:
+                with link.lock:
+                    if link.queue:
+                        continue
+                    link.scheduled = False
                 break
             self._deliver_entries(entries, seq)
             seq += len(entries)
@@ -809,13 +810,7 @@ class AsyncAgent:
             await self._routes_changed(min(deadline - now, quiet_period / 3))
 
     async def _routes_changed(self, timeout: float) -> None:
-        assert self._loop is not None
-        fut = self._loop.create_future()
-        self._route_waiters.append(fut)
-        try:
-            await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
-            pass
+        await self._route_waiters.wait(timeout)
 
     # --- carrying out the core's decisions ------------------------------------------------
 
@@ -858,10 +853,7 @@ class AsyncAgent:
             changed = True
         if changed:
             self._last_route_change = time.monotonic()
-            waiters, self._route_waiters = self._route_waiters, []
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
+            self._route_waiters.fire()
 
     def _on_hint(self, node: str | None, endpoints: tuple[str, ...], mesh: str | None) -> None:
         if self._node is not None and self._state == "running":

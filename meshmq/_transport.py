@@ -30,6 +30,28 @@ from ._wire import data_frame
 log = logging.getLogger("meshmq.transport")
 
 
+class Wakeup:
+    """Coroutines waiting (with a timeout) for something that may have changed; :meth:`fire`
+    wakes them all, and they look again. Loop thread only."""
+
+    def __init__(self) -> None:
+        self._futures: list[asyncio.Future[None]] = []
+
+    async def wait(self, timeout: float) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._futures.append(fut)
+        try:
+            await asyncio.wait_for(fut, max(timeout, 0.0))
+        except asyncio.TimeoutError:
+            pass
+
+    def fire(self) -> None:
+        futures, self._futures = self._futures, []
+        for fut in futures:
+            if not fut.done():
+                fut.set_result(None)
+
+
 class Link:
     """Everything waiting to go to one endpoint, and the socket it goes on."""
 
@@ -61,15 +83,9 @@ class Link:
         return self.queued < self.max_messages and self.queued_bytes < self.max_bytes
 
     def put(self, entry: Any, size: int) -> bool:
-        """Append one entry; return True if the loop must be woken to flush."""
+        """Append one entry (from any thread); return True if the loop must be woken to flush."""
         with self.lock:
-            self.queue.append((entry, size))
-            self.queued += 1
-            self.queued_bytes += size
-            if self.scheduled:
-                return False
-            self.scheduled = True
-            return True
+            return self.put_owned(entry, size)
 
     def put_owned(self, entry: Any, size: int) -> bool:
         """:meth:`put` for links that only the loop thread fills (a plain AsyncAgent): no lock."""
@@ -128,7 +144,7 @@ class Transport:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.reading = False
         self.space = threading.Condition()
-        self.space_futures: list[asyncio.Future[None]] = []
+        self.space_waiters = Wakeup()
         self.counters: collections.Counter[str] = collections.Counter()
         self.read_budget = 2000  # frames per loop turn before yielding to other work
         self.shared_links = True  # the agent clears this when only its loop thread fills links
@@ -266,12 +282,16 @@ class Transport:
             self.loop.call_soon(self.flush, link)
 
     def flush(self, link: Link) -> None:
-        """Send what waits on ``link``, batch by batch, until it is empty or the socket is full."""
-        # Cleared before taking: a put() racing with us either lands in this batch or wakes
-        # another flush (harmless), so no lock is needed here.
-        link.scheduled = False
+        """Send what waits on ``link``, batch by batch, until it is empty or the socket is full.
+
+        ``scheduled`` stays set while we drain, so publishers filling the link meanwhile
+        wake nobody; it is cleared, under the lock, only when the queue is found empty
+        (so no wake-up is lost). While the socket is full it stays set: the writable
+        watcher (or the tick's fallback) calls us again.
+        """
         sock = link.socket
         if link.closed or sock is None:
+            link.scheduled = False
             return
         was_full = link.queued >= link.max_messages or link.queued_bytes >= link.max_bytes
         while True:
@@ -279,6 +299,10 @@ class Transport:
             if frame is None:
                 entries = link.take(self.max_batch_messages, self.max_batch_bytes)
                 if not entries:
+                    with link.lock:
+                        if link.queue:
+                            continue
+                        link.scheduled = False
                     break
                 frame = data_frame(self.node_id, self.epoch, link.next_seq, entries, self.packer)
                 link.next_seq += len(entries)
@@ -343,19 +367,10 @@ class Transport:
     def _notify_space(self) -> None:
         with self.space:
             self.space.notify_all()
-        futures, self.space_futures = self.space_futures, []
-        for fut in futures:
-            if not fut.done():
-                fut.set_result(None)
+        self.space_waiters.fire()
 
     async def async_wait_space(self, timeout: float) -> None:
-        assert self.loop is not None
-        fut = self.loop.create_future()
-        self.space_futures.append(fut)
-        try:
-            await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
-            pass
+        await self.space_waiters.wait(timeout)
 
     def wait_space_blocking(self, timeout: float) -> None:
         with self.space:
