@@ -167,10 +167,10 @@ def role_raw_echo(a: dict[str, Any]) -> None:
     ctx.term()
 
 
-def role_raw_ping(a: dict[str, Any]) -> None:
+def _raw_pinger_sockets(a: dict[str, Any], echo_endpoint: str) -> tuple[Any, Any, Any]:
+    """(context, pull, push) of a raw pinger, after telling the raw echo where to answer."""
     import zmq
 
-    size, rounds, warmup = a["size"], a["rounds"], a["warmup"]
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     pull.setsockopt(zmq.LINGER, 0)
@@ -178,8 +178,16 @@ def role_raw_ping(a: dict[str, Any]) -> None:
     port = pull.bind_to_random_port(f"tcp://{HOST}")
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.LINGER, 0)
-    push.connect(a["endpoint"])
+    push.connect(echo_endpoint)
     push.send(f"tcp://{HOST}:{port}".encode())
+    return ctx, pull, push
+
+
+def role_raw_ping(a: dict[str, Any]) -> None:
+    import zmq
+
+    size, rounds, warmup = a["size"], a["rounds"], a["warmup"]
+    ctx, pull, push = _raw_pinger_sockets(a, a["endpoint"])
     recv, send, clock = pull.recv, push.send, time.perf_counter_ns
     msgs = [payload(size, i) for i in range(warmup + rounds)]
     samples = []
@@ -411,15 +419,7 @@ def role_pair_ping(a: dict[str, Any]) -> None:
     import meshmq
 
     size, rounds, warmup = a["size"], a["rounds"], a["warmup"]
-    ctx = zmq.Context()
-    pull = ctx.socket(zmq.PULL)
-    pull.setsockopt(zmq.LINGER, 0)
-    pull.setsockopt(zmq.RCVTIMEO, int(a["timeout"] * 1000))
-    port = pull.bind_to_random_port(f"tcp://{HOST}")
-    push = ctx.socket(zmq.PUSH)
-    push.setsockopt(zmq.LINGER, 0)
-    push.connect(a["raw_endpoint"])
-    push.send(f"tcp://{HOST}:{port}".encode())
+    ctx, pull, push = _raw_pinger_sockets(a, a["raw_endpoint"])
     clock = time.perf_counter_ns
 
     def raw_round(msg: bytes) -> int:
