@@ -38,7 +38,7 @@ from ._topics import check_pattern, check_topic, matches
 from ._transport import Link, Transport, Wakeup
 from ._wire import (
     DATA, PROTOCOL_VERSION, Limits, NodeRecord, Subscription as AdvertisedSubscription, check_headers, decode_envelope,
-    decode_data, decode_frame, encode_envelope, encode_payload,
+    decode_data, decode_frame, encode_envelope, encode_payload, split_entry,
 )
 
 log = logging.getLogger("meshmq.agent")
@@ -587,14 +587,12 @@ class AsyncAgent:
         plain_cache = self._plain_cache
         for entry in entries:
             try:
-                if type(entry) is bytes:
+                if type(entry) is bytes:  # the common case: no queue group chose us
                     msg = decode_envelope(entry, limits, seq)
-                    groups: list[str] | None = None
-                elif type(entry) is list and len(entry) == 2 and type(entry[0]) is bytes and type(entry[1]) is list:
-                    msg = decode_envelope(entry[0], limits, seq)
-                    groups = entry[1]
+                    groups: tuple[str, ...] = ()
                 else:
-                    raise ProtocolError("bad data entry")
+                    env, groups = split_entry(entry)
+                    msg = decode_envelope(env, limits, seq)
             except ProtocolError as exc:
                 self.counters["messages_rejected"] += 1
                 quiet.warning("envelope", "dropped a malformed message: %s", exc)
@@ -614,11 +612,8 @@ class AsyncAgent:
                 # Our subscription closed after the sender routed this message to us.
                 self.counters["received_without_subscription"] += 1
 
-    def _deliver_to_groups(self, msg: Message, groups: list[str], delivered: bool) -> None:
+    def _deliver_to_groups(self, msg: Message, groups: tuple[str, ...], delivered: bool) -> None:
         for group in groups:
-            if type(group) is not str:
-                self.counters["messages_rejected"] += 1
-                return
             members = self._group_cache.get((msg.topic, group))
             if members is None:
                 members = self._match_group(msg.topic, group)

@@ -162,12 +162,6 @@ class Config:
             for f in dataclasses.fields(cls)
         ]
 
-    def resolved_data_dir(self, service: str) -> Path:
-        if self.data_dir is not None:
-            return self.data_dir
-        home = Path(os.environ.get("MESHMQ_HOME") or Path.home() / ".meshmq")
-        return home / service
-
 
 def _check_type(name: str, kind: str, value: Any) -> Any:
     """The value if it has the field's type (lossless forms converted: list → tuple, int → float)."""

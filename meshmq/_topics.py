@@ -75,18 +75,3 @@ def matches(pattern_tokens: tuple[str, ...], topic: str) -> bool:
         if ptok != "*" and ptok != topic_tokens[i]:
             return False
     return len(topic_tokens) == n
-
-
-def overlaps(a: str, b: str) -> bool:
-    """Whether some concrete topic matches both patterns (used to answer 'who could receive this')."""
-    ta, tb = check_pattern(a), check_pattern(b)
-    for i in range(max(len(ta), len(tb))):
-        x = ta[i] if i < len(ta) else None
-        y = tb[i] if i < len(tb) else None
-        if x == ">" or y == ">":
-            return x is not None and y is not None
-        if x is None or y is None:
-            return False
-        if x != "*" and y != "*" and x != y:
-            return False
-    return True

@@ -345,7 +345,7 @@ def decode_frame(frame: bytes | memoryview, limits: Limits) -> Frame:
     raise ProtocolError(f"unknown frame kind {kind}")
 
 
-def decode_data(frame: bytes, limits: Limits) -> tuple[str, int, int, list[Any]]:
+def decode_data(frame: bytes | memoryview, limits: Limits) -> tuple[str, int, int, list[Any]]:
     """(sender node, epoch, first sequence, entries) of a DATA frame: the receive hot path,
     without the :class:`Data` object. The caller has checked bytes 0 and 1."""
     if len(frame) > limits.max_frame_bytes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import re
 
 import pytest
@@ -10,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshmq import TopicError, UsageError
-from meshmq._topics import check_pattern, check_topic, matches, overlaps
+from meshmq._topics import check_pattern, check_topic, matches
 
 # --- validation ----------------------------------------------------------------------
 
@@ -185,20 +184,3 @@ def test_matches_agrees_with_a_regex_reference(pattern_tokens: list[str], topic_
     pattern, topic = ".".join(pattern_tokens), ".".join(topic_tokens)
     expected = _reference_regex(pattern).fullmatch(topic) is not None
     assert matches(check_pattern(pattern), check_topic(topic)) is expected
-
-
-@given(_pattern_tokens, _pattern_tokens)
-def test_overlaps_iff_some_topic_matches_both(a_tokens: list[str], b_tokens: list[str]) -> None:
-    a, b = ".".join(a_tokens), ".".join(b_tokens)
-    # A witness, if any, needs no more tokens than the longer pattern, and only tokens from
-    # the patterns plus one they never use ("c", standing for any other token).
-    longest = max(len(a_tokens), len(b_tokens))
-    universe = (
-        ".".join(t)
-        for n in range(1, longest + 1)
-        for t in itertools.product(["a", "b", "ab", "c"], repeat=n)
-    )
-    ta, tb = check_pattern(a), check_pattern(b)
-    expected = any(matches(ta, t) and matches(tb, t) for t in universe)
-    assert overlaps(a, b) is expected
-    assert overlaps(b, a) is expected

@@ -184,8 +184,6 @@ def _raw_pinger_sockets(a: dict[str, Any], echo_endpoint: str) -> tuple[Any, Any
 
 
 def role_raw_ping(a: dict[str, Any]) -> None:
-    import zmq
-
     size, rounds, warmup = a["size"], a["rounds"], a["warmup"]
     ctx, pull, push = _raw_pinger_sockets(a, a["endpoint"])
     recv, send, clock = pull.recv, push.send, time.perf_counter_ns
@@ -413,8 +411,6 @@ def role_pair_ping(a: dict[str, Any]) -> None:
     """Raw zmq and meshmq round trips from one process, alternating one by one, so both see
     the same machine conditions (a shared machine drifts between runs seconds apart)."""
     import asyncio
-
-    import zmq
 
     import meshmq
 
