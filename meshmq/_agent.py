@@ -29,12 +29,15 @@ import zmq
 
 from ._config import Config
 from ._discovery import Discovery
-from ._errors import AgentClosed, MeshError, MeshTimeout, PeerQueueFull, ProtocolError, UsageError
+from ._errors import (
+    AgentClosed, MeshError, MeshTimeout, NoResponders, PeerQueueFull, ProtocolError, RemoteError, RequestTimeout,
+    UsageError,
+)
 from ._log import QuietLogger
 from ._message import FORMAT_BYTES, Message
 from ._node import Connect, Disconnect, Node, PeerDown, PeerUp, Send, Timing
 from ._routing import RouteIndex
-from ._topics import check_pattern, check_topic, matches
+from ._topics import check_pattern, check_topic, check_user_topic, matches, reply_topic
 from ._transport import Link, Transport, Wakeup
 from ._wire import (
     DATA, PROTOCOL_VERSION, Limits, NodeRecord, Subscription as AdvertisedSubscription, check_headers, decode_envelope,
@@ -82,6 +85,22 @@ class _ThreadState:
 
 
 _Prepared = tuple[str, "str | None", bytes, bytes, _ThreadState]
+
+
+REPLY_TO = "meshmq-reply-to"
+"""Header of a request: the node waiting for the reply."""
+IN_REPLY_TO = "meshmq-in-reply-to"
+"""Header of a reply: the id of the request it answers."""
+REPLY_ERROR = "meshmq-error"
+"""Header of a reply whose responder failed: the error, as text."""
+
+
+@dataclasses.dataclass(slots=True)
+class _Request:
+    topic: str
+    future: asyncio.Future[Message]
+    responders: set[str]
+    """Nodes the request went to; when all have left, nobody can answer."""
 
 
 class _Full(Exception):
@@ -291,6 +310,8 @@ class AsyncAgent:
         self._shared_links = False
         self._thread_states: list[_ThreadState] = []
         self._received = 0
+        self._requests: dict[str, _Request] = {}  # request id -> what waits for its reply
+        self._reply_topic = reply_topic(self.node_id)
         self._started_at = 0.0
         self._last_route_change = 0.0
 
@@ -438,7 +459,7 @@ class AsyncAgent:
             return topic, None, mid, env, state
         if topic not in self._checked_topics:
             cfg = self.config
-            check_topic(topic, cfg.max_topic_length, cfg.max_topic_tokens)
+            check_user_topic(topic, cfg.max_topic_length, cfg.max_topic_tokens)
             if len(self._checked_topics) >= 4096:
                 self._checked_topics.clear()
             self._checked_topics[topic] = None
@@ -565,6 +586,97 @@ class AsyncAgent:
         if was_full and self._transport is not None:
             self._transport._notify_space()
 
+    # --- request / reply --------------------------------------------------------------
+
+    async def request(self, topic: str, data: Any, *, timeout: float = 5.0, type: str | None = None,
+                      key: str | None = None, headers: dict[str, str] | None = None,
+                      schema_version: int = 1) -> Message:
+        """Send a request and return the first reply.
+
+        Every subscriber of ``topic`` gets the request (a queue group: one member) and
+        may answer with ``msg.reply(data)``; the first answer wins. Raises
+        :class:`NoResponders` at once when no node serves ``topic`` (or when every node
+        it went to leaves), :class:`RequestTimeout` after ``timeout`` seconds, and
+        :class:`RemoteError` when the responder's handler raised.
+        """
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+            raise UsageError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if headers is not None and not isinstance(headers, dict):
+            check_headers(headers, self.limits)  # raises the usual PayloadError
+        prepared = self._prepare(topic, data, type, key, {**(headers or {}), REPLY_TO: self.node_id},
+                                 schema_version)
+        responders = set(self._index.destinations(topic, key)) if self._state == "running" else set()
+        if not responders:
+            raise NoResponders(topic)
+        assert self._loop is not None
+        fut: asyncio.Future[Message] = self._loop.create_future()
+        request_id = prepared[2].hex()
+        self._requests[request_id] = _Request(topic, fut, responders)
+        try:
+            deadline = time.monotonic() + self.config.publish_timeout
+            while True:
+                try:
+                    self._enqueue(prepared, threadsafe=False)
+                    break
+                except _Full as full:
+                    if time.monotonic() >= deadline:
+                        raise self._full_error(full.link) from None
+                    assert self._transport is not None
+                    await self._transport.async_wait_space(min(deadline - time.monotonic(), 0.1))
+            try:
+                return await asyncio.wait_for(fut, timeout)
+            except asyncio.TimeoutError:
+                self.counters["requests_timed_out"] += 1
+                raise RequestTimeout(topic, timeout) from None
+        finally:
+            self._requests.pop(request_id, None)
+
+    def _reply(self, request: Message, data: Any, type_: str | None, headers: dict[str, str] | None,
+               error: str | None) -> None:
+        """Send an answer (or an error) straight to the node that made ``request``."""
+        node = request.headers.get(REPLY_TO, "")
+        reply_headers = {**(headers or {}), IN_REPLY_TO: request.id}
+        if error is not None:
+            reply_headers[REPLY_ERROR] = error
+        if self._state != "running":
+            self._check_running()
+        fmt, raw = encode_payload(data, self.limits)
+        hdrs = check_headers(reply_headers, self.limits)
+        state = self._thread_state()
+        mid = self._id_prefix + next(self._id_counter).to_bytes(8, "big")
+        env = encode_envelope(mid, time.time(), reply_topic(node), type_, self.service, self.node_id,
+                              1, hdrs, None, fmt, raw, state.packer)
+        link = self._node_links.get(node)
+        if link is None:
+            with self._counters_lock:
+                self.counters["replies_undeliverable"] += 1
+            raise NoResponders(reply_topic(node))  # the requester left
+        if not link.has_room():
+            raise self._full_error(link)
+        threadsafe = threading.get_ident() != self._loop_thread
+        put = link.put if (threadsafe or link.shared) else link.put_owned
+        if put(env, len(env)):
+            self._wake(link, threadsafe)
+        with self._counters_lock:  # replies may come from a blocking Agent's consumer threads
+            self.counters["replies_sent"] += 1
+
+    def _on_reply(self, msg: Message) -> None:
+        pending = self._requests.get(msg.headers.get(IN_REPLY_TO, ""))
+        if pending is None or pending.future.done():
+            self.counters["replies_late"] += 1  # another responder was first, or the request timed out
+            return
+        error = msg.headers.get(REPLY_ERROR)
+        if error is not None:
+            pending.future.set_exception(RemoteError(pending.topic, msg.source, msg.node, error))
+        else:
+            pending.future.set_result(msg)
+
+    def _responder_left(self, node: str) -> None:
+        for pending in self._requests.values():
+            pending.responders.discard(node)
+            if not pending.responders and not pending.future.done():
+                pending.future.set_exception(NoResponders(pending.topic))
+
     # --- receiving ------------------------------------------------------------------
 
     def _on_frame(self, frame: bytes) -> None:
@@ -600,6 +712,8 @@ class AsyncAgent:
                 continue
             seq += 1
             self._received += 1
+            if msg.headers and REPLY_TO in msg.headers:
+                msg._replier = self._reply
             subs = plain_cache.get(msg.topic)
             if subs is None:
                 subs = self._match_plain(msg.topic)
@@ -609,8 +723,11 @@ class AsyncAgent:
             if groups:
                 self._deliver_to_groups(msg, groups, bool(subs))
             elif not subs:
-                # Our subscription closed after the sender routed this message to us.
-                self.counters["received_without_subscription"] += 1
+                if msg.topic == self._reply_topic:
+                    self._on_reply(msg)
+                else:
+                    # Our subscription closed after the sender routed this message to us.
+                    self.counters["received_without_subscription"] += 1
 
     def _deliver_to_groups(self, msg: Message, groups: tuple[str, ...], delivered: bool) -> None:
         for group in groups:
@@ -644,6 +761,11 @@ class AsyncAgent:
         self.counters["handler_errors"] += 1
         quiet.log(logging.ERROR, f"handler:{sub.pattern}",
                   "handler of %r raised on message %s (topic %s): %r", sub.pattern, msg.id, msg.topic, exc)
+        if msg.is_request and not msg.replied:
+            try:  # the requester sees the failure now rather than a timeout later
+                self._reply(msg, None, None, None, f"{type(exc).__name__}: {exc}"[:1024])
+            except MeshError as reply_exc:
+                quiet.warning("error-reply", "could not send the error reply for %s: %s", msg.id, reply_exc)
 
     def _overloaded(self, sub: Subscription) -> None:
         """A subscription's backlog reached its limit: stop reading until it halves."""
@@ -830,6 +952,8 @@ class AsyncAgent:
                 changed = True
             elif kind is PeerDown:
                 self._node_links.pop(action.node, None)
+                if self._requests:
+                    self._responder_left(action.node)
                 log.info("peer %s: %s (%s)", action.reason, action.service, action.node)
                 changed = True
             elif kind is Disconnect:

@@ -92,12 +92,28 @@ class NoResponders(MeshError):
         self.topic = topic
 
 
+class RemoteError(MeshError):
+    """A responder's handler raised while answering a request; this is its error, carried back."""
+
+    def __init__(self, topic: str, service: str, node: str, error: str) -> None:
+        super().__init__(f"request on {topic!r} failed in {service} ({node}): {error}")
+        self.topic = topic
+        self.service = service
+        self.node = node
+        self.error = error
+
+
 class MeshTimeout(MeshError, TimeoutError):
     """An operation did not complete within its timeout."""
 
 
 class RequestTimeout(MeshTimeout):
     """A request got no reply within its timeout."""
+
+    def __init__(self, topic: str, timeout: float) -> None:
+        super().__init__(f"no reply to the request on {topic!r} within {timeout:g}s")
+        self.topic = topic
+        self.timeout = timeout
 
 
 class SchemaError(MeshError, ValueError):
@@ -115,6 +131,7 @@ __all__ = [
     "PayloadError",
     "PeerQueueFull",
     "ProtocolError",
+    "RemoteError",
     "RequestTimeout",
     "SchemaError",
     "TopicError",

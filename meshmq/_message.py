@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
 
-from ._errors import PayloadError
+from ._errors import PayloadError, UsageError
 
 FORMAT_BYTES = 0
 """The payload is the application's bytes, passed through untouched."""
@@ -28,7 +29,7 @@ class Message:
 
     __slots__ = (
         "_id", "timestamp", "topic", "type", "source", "node", "schema_version",
-        "headers", "key", "raw", "_format", "_data", "seq",
+        "headers", "key", "raw", "_format", "_data", "seq", "_replier", "replied",
     )
 
     def __init__(
@@ -49,6 +50,25 @@ class Message:
         self.raw = raw
         self._data = _UNSET
         self.seq = seq
+        self._replier: Callable[..., None] | None = None  # set by the agent on a request
+        self.replied = False
+
+    @property
+    def is_request(self) -> bool:
+        """Whether the sender waits for an answer (``agent.request``): answer with :meth:`reply`."""
+        return self._replier is not None
+
+    def reply(self, data: Any, *, type: str | None = None, headers: dict[str, str] | None = None) -> None:
+        """Answer a request; the reply goes only to the requesting node.
+
+        Works from plain and coroutine handlers alike (it does not wait). Only the
+        first answer to a request counts; raises :class:`UsageError` if this message
+        is not a request.
+        """
+        if self._replier is None:
+            raise UsageError(f"message {self.id} on {self.topic!r} is not a request; nothing waits for a reply")
+        self._replier(self, data, type, headers, None)
+        self.replied = True
 
     @property
     def id(self) -> str:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from ._agent import AsyncAgent, Handler, PeerInfo, Subscription, _Full
 from ._config import Config
+from ._message import Message
 from ._errors import AgentClosed, MeshTimeout
 
 T = TypeVar("T")
@@ -155,6 +156,13 @@ class Agent:
             except _Full as full:
                 if deadline - time.monotonic() <= 0:
                     raise agent._full_error(full.link) from None
+
+    def request(self, topic: str, data: Any, *, timeout: float = 5.0, type: str | None = None,
+                key: str | None = None, headers: dict[str, str] | None = None, schema_version: int = 1) -> Message:
+        """See :meth:`AsyncAgent.request`. Not from a handler (it would wait on its own thread)."""
+        coro = self._agent.request(topic, data, timeout=timeout, type=type, key=key, headers=headers,
+                                   schema_version=schema_version)
+        return self._run(coro, timeout=(timeout if isinstance(timeout, (int, float)) else 0) + 10)
 
     def subscribe(self, pattern: str, handler: Handler | None = None, *, queue: str | None = None) -> Subscription:
         """See :meth:`AsyncAgent.subscribe`. Without a handler, iterate the subscription

@@ -42,17 +42,36 @@ def check_pattern(pattern: str, max_length: int = 256, max_tokens: int = 32) -> 
     return _check_pattern(pattern, max_length, max_tokens)
 
 
+REPLY_PREFIX = "_reply"
+"""First token of the topics replies travel on, straight to the requesting node; reserved."""
+
+
+def reply_topic(node: str) -> str:
+    return f"{REPLY_PREFIX}.{node}"
+
+
 @lru_cache(maxsize=8192)
 def _check_topic(topic: str, max_length: int, max_tokens: int) -> str:
-    for tok in _tokens(topic, max_length=max_length, max_tokens=max_tokens, kind="topic"):
+    tokens = _tokens(topic, max_length=max_length, max_tokens=max_tokens, kind="topic")
+    for tok in tokens:
         if "*" in tok or ">" in tok:
             raise TopicError(topic, "wildcards '*' and '>' are for subscription patterns, not for publishing")
+    return topic
+
+
+def check_user_topic(topic: str, max_length: int = 256, max_tokens: int = 32) -> str:
+    """:func:`check_topic`, and the topic is not one meshmq reserves for itself."""
+    check_topic(topic, max_length, max_tokens)
+    if topic.split(".", 1)[0] == REPLY_PREFIX:
+        raise TopicError(topic, f"topics starting with {REPLY_PREFIX!r} are reserved for replies")
     return topic
 
 
 @lru_cache(maxsize=8192)
 def _check_pattern(pattern: str, max_length: int, max_tokens: int) -> tuple[str, ...]:
     tokens = _tokens(pattern, max_length=max_length, max_tokens=max_tokens, kind="pattern")
+    if tokens[0] == REPLY_PREFIX:
+        raise TopicError(pattern, f"topics starting with {REPLY_PREFIX!r} are reserved for replies")
     last = len(tokens) - 1
     for i, tok in enumerate(tokens):
         if tok == ">":
