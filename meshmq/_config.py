@@ -46,6 +46,8 @@ class Config:
     """Seconds between heartbeats to each peer."""
     peer_timeout: float = 3.0
     """Seconds of silence after which a peer is declared dead and leaves routing."""
+    rejoin_window: float = 600.0
+    """Seconds during which the endpoint of a peer declared dead is still greeted, so a healed partition rejoins."""
 
     # --- sizes ---
     max_frame_bytes: int = 4 * _MiB
@@ -102,7 +104,7 @@ class Config:
                 _check(_is_endpoint(ep.strip()), "bind", f"{ep!r} is not a ZeroMQ endpoint like tcp://127.0.0.1:7400")
         for seed in self.seeds:
             _check(_is_endpoint(seed), "seeds", f"{seed!r} is not an endpoint like tcp://127.0.0.1:7400")
-        _positive(self, "heartbeat_interval", "peer_timeout", "publish_timeout", "stop_timeout")
+        _positive(self, "heartbeat_interval", "peer_timeout", "rejoin_window", "publish_timeout", "stop_timeout")
         _check(
             self.peer_timeout >= 2 * self.heartbeat_interval,
             "peer_timeout",

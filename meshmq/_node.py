@@ -14,7 +14,8 @@ Membership protocol (the gossiped, SWIM-style layer builds on these records):
   sender's record version, and a receiver whose copy is older asks for a fresh
   HELLO. A changed record (new subscription) is pushed to all peers at once.
 - A peer silent for ``peer_timeout`` is declared dead and leaves routing; BYE
-  removes it at once.
+  removes it at once. The endpoint of a dead peer is greeted again, like a seed,
+  for ``rejoin_window``: when a partition heals, mDNS announces nothing new.
 
 Invariants:
 - ``peers`` holds exactly the nodes present in ``routes.records``;
@@ -93,6 +94,8 @@ class Peer:
 class Timing:
     heartbeat_interval: float = 0.5
     peer_timeout: float = 3.0
+    rejoin_window: float = 600.0
+    """How long the endpoint of a peer declared dead is greeted again (a partition may heal)."""
 
 
 class Node:
@@ -110,6 +113,9 @@ class Node:
         # Endpoints we said hello to but whose node has not answered yet: endpoint -> last hello time.
         self.pending: dict[str, float] = {}
         self.seeds: tuple[str, ...] = ()
+        # Endpoints of peers declared dead -> when: greeted again like seeds until rejoin_window
+        # passes, because mDNS announces nothing new when a partition heals.
+        self.lost: dict[str, float] = {}
         self.counters: collections.Counter[str] = collections.Counter()
         self._stopped = False
 
@@ -194,7 +200,7 @@ class Node:
         t = self.timing
         for node, peer in list(self.peers.items()):
             if now - peer.last_seen > t.peer_timeout:
-                self._drop(node, "dead", actions)
+                self._drop(node, "dead", actions, now)
             elif now - peer.last_ping >= t.heartbeat_interval:
                 peer.last_ping = now
                 actions.append(Send(peer.endpoint, ping_frame(
@@ -203,10 +209,15 @@ class Node:
         for ep in self.seeds:
             if ep not in self.pending and ep not in live_endpoints:
                 self._greet(ep, now, actions)  # the seed's node died or restarted: find it again
+        for ep, died in list(self.lost.items()):
+            if now - died > t.rejoin_window or ep in live_endpoints:
+                del self.lost[ep]
+            elif ep not in self.pending:
+                self._greet(ep, now, actions)
         for ep, last in list(self.pending.items()):
             if now - last >= t.peer_timeout:
-                if ep in self.seeds:
-                    self._greet(ep, now, actions)  # a seed may come up later: keep asking, slowly
+                if ep in self.seeds or ep in self.lost:
+                    self._greet(ep, now, actions)  # it may come back: keep asking, slowly
                 else:
                     del self.pending[ep]
                     self._unlink(ep, actions)
@@ -263,14 +274,19 @@ class Node:
                 peer.record = rec
                 actions.append(PeerUp(rec))
         for ep in rec.endpoints:
+            self.lost.pop(ep, None)
             if self.pending.pop(ep, None) is not None:
                 self._unlink(ep, actions)
         if hello.want_reply:
             actions.append(Send(endpoint, hello_frame(self.mesh, self.record, False)))
 
-    def _drop(self, node: str, reason: str, actions: list[Action]) -> None:
+    def _drop(self, node: str, reason: str, actions: list[Action], now: float = 0.0) -> None:
         peer = self.peers.pop(node)
         self.routes.remove(node)
+        if reason == "dead" and peer.endpoint not in self.seeds:
+            if len(self.lost) >= self.max_peers:
+                del self.lost[next(iter(self.lost))]  # forget the oldest
+            self.lost[peer.endpoint] = now
         self.counters[f"peers_{reason}"] += 1
         actions.append(PeerDown(node, peer.record.service, peer.endpoint, reason))
         self._unlink(peer.endpoint, actions)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import threading
 import time
 
 import meshmq
@@ -61,10 +62,49 @@ async def sink(mesh: str, pattern: str, deadline_s: float) -> None:
     emit(event="result", received=seen)
 
 
+async def member(mesh: str, name: str, ip: str, seeds: str, discovery: str, lifetime: float) -> None:
+    """A lab host's agent: reports the services it routes to whenever they change, prints the
+    messages on lab.<name>, and publishes on command ("pub TOPIC TEXT" on stdin)."""
+    loop = asyncio.get_running_loop()
+    deadline = time.monotonic() + lifetime
+    agent = meshmq.AsyncAgent(
+        name, mesh=mesh, interfaces=[ip], heartbeat_interval=0.2, peer_timeout=1.0,
+        seeds=[s for s in seeds.split(",") if s], discovery=discovery == "1",
+    )
+    agent.subscribe(f"lab.{name}", lambda m: emit(event="msg", topic=m.topic, data=m.data, source=m.source))
+    async with agent:
+        emit(event="ready", node=agent.node_id, endpoint=agent.endpoints[0])
+        commands: asyncio.Queue[str] = asyncio.Queue()
+
+        def read_commands() -> None:
+            for line in sys.stdin:
+                loop.call_soon_threadsafe(commands.put_nowait, line.strip())
+
+        threading.Thread(target=read_commands, daemon=True).start()
+        last: list[str] = []
+        while time.monotonic() < deadline:
+            services = sorted(p.service for p in agent.peers())
+            if services != last:
+                last = services
+                emit(event="peers", peers=services)
+            try:
+                command = await asyncio.wait_for(commands.get(), 0.05)
+            except asyncio.TimeoutError:
+                continue
+            verb, _, rest = command.partition(" ")
+            if verb == "pub":
+                topic, _, text = rest.partition(" ")
+                await agent.wait_for_subscribers(topic, timeout=10)
+                await agent.publish(topic, text)
+                emit(event="published", topic=topic)
+
+
 def main() -> None:
     role, mesh, *args = sys.argv[1:]
     if role == "exchange":
         asyncio.run(exchange(mesh, int(args[0]), float(args[1])))
+    elif role == "member":
+        asyncio.run(member(mesh, *args[:4], float(args[4])))
     elif role == "sink":
         asyncio.run(sink(mesh, args[0], float(args[1])))
     else:

@@ -2,62 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
-import queue
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
-from pathlib import Path
-from typing import Any
 
 import pytest
+from children import Child
 
 import meshmq
 
 pytestmark = pytest.mark.integration
-PEER = str(Path(__file__).with_name("peer_process.py"))
-
-
-class Child:
-    """A peer_process.py child whose JSON lines are read on a thread (waits have deadlines)."""
-
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, PEER, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith("{"):
-                self.lines.put(json.loads(line))
-
-    def expect(self, event: str, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                err = self.proc.stderr.read() if self.proc.poll() is not None and self.proc.stderr else ""
-                raise AssertionError(f"child sent no {event!r} within {timeout}s; stderr: {err[-2000:]}")
-            try:
-                line = self.lines.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if line.get("event") == event:
-                return line
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()  # our own child, by PID
-        self.proc.wait(timeout=10)
-
-
 @pytest.fixture
 def mesh() -> str:
     return "t" + uuid.uuid4().hex[:12]

@@ -216,6 +216,48 @@ def test_a_silent_peer_is_dead_exactly_after_peer_timeout(net: MemoryNetwork) ->
     check_invariants(net)
 
 
+def test_peers_met_by_mdns_find_each_other_again_when_a_partition_heals(net: MemoryNetwork) -> None:
+    # Met through an mDNS hint, not seeds: when the cable is plugged back in, mDNS announces
+    # nothing new, so only the nodes' own memory of lost endpoints can bring them together.
+    a = net.add(make_node("a"))
+    b = net.add(make_node("b"))
+    net.discovered(A, B, "b")
+    net.run(1.0)
+    assert "b" in a.peers and "a" in b.peers
+    net.cut(A, B)
+    net.run(a.timing.peer_timeout + 1.0)
+    assert not a.peers and not b.peers and a.lost == {B: pytest.approx(4.125)}
+    net.heal(A, B)
+    net.run(a.timing.peer_timeout + 1.0)  # both re-greet every peer_timeout
+    assert "b" in a.peers and "a" in b.peers
+    assert not a.lost and not b.lost
+    check_invariants(net)
+
+
+def test_lost_endpoints_are_forgotten_after_the_rejoin_window(net: MemoryNetwork) -> None:
+    a = net.add(make_node("a"))
+    net.add(make_node("b"))
+    net.discovered(A, B, "b")
+    net.run(1.0)
+    net.crash(B)  # gone for good
+    net.run(a.timing.peer_timeout + 1.0)
+    assert B in a.lost and B in a.links  # still greeted
+    net.run(a.timing.rejoin_window + a.timing.peer_timeout)
+    assert not a.lost and B not in a.links and not a.pending
+    check_invariants(net)
+
+
+def test_a_node_that_left_with_bye_is_not_greeted_again(net: MemoryNetwork) -> None:
+    a = net.add(make_node("a"))
+    net.add(make_node("b"))
+    net.discovered(A, B, "b")
+    net.run(1.0)
+    net.stop(B)
+    net.run(10.0)
+    assert not a.peers and not a.lost and B not in a.links
+    check_invariants(net)
+
+
 def test_a_peer_that_keeps_talking_never_dies(net: MemoryNetwork) -> None:
     a = net.add(make_node("a"))
     net.add(make_node("b"), seeds=[A])

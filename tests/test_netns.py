@@ -1,0 +1,95 @@
+"""Agents on separate hosts: network namespaces joined by a switch, made and removed by each test.
+
+Only the lab's private addresses are used; nothing leaves the namespaces.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from children import Child
+
+pytestmark = [pytest.mark.integration, pytest.mark.netns]
+
+
+def start_members(lab: Any, mesh: str, *, seeds: dict[int, str] | None = None, discovery: bool = True,
+                  lifetime: float = 60) -> list[Child]:
+    members = []
+    for i, host in enumerate(lab.hosts):
+        name = f"h{i + 1}"
+        args = ["member", mesh, name, host.address, (seeds or {}).get(i, ""), "1" if discovery else "0",
+                str(lifetime)]
+        members.append(Child(*args, prefix=["ip", "netns", "exec", host.name]))
+    for m in members:
+        m.expect("ready", timeout=20)
+    return members
+
+
+def wait_peers(member: Child, expected: list[str], timeout: float = 15) -> None:
+    member.expect("peers", timeout, where=lambda line: line["peers"] == expected)
+
+
+def close_all(members: list[Child]) -> None:
+    for m in members:
+        m.close()
+
+
+def test_mdns_discovery_across_hosts_and_a_message_between_them(make_lab: Callable[[int], Any]) -> None:
+    lab = make_lab(3)
+    members = start_members(lab, "lab" + uuid.uuid4().hex[:8])
+    try:
+        wait_peers(members[0], ["h2", "h3"])
+        wait_peers(members[1], ["h1", "h3"])
+        wait_peers(members[2], ["h1", "h2"])
+        members[0].send("pub lab.h3 across-the-switch")
+        msg = members[2].expect("msg", timeout=10)
+        assert msg["data"] == "across-the-switch" and msg["source"] == "h1"
+    finally:
+        close_all(members)
+
+
+def test_a_host_cut_off_is_declared_dead_and_rejoins_when_healed(make_lab: Callable[[int], Any]) -> None:
+    lab = make_lab(3)
+    members = start_members(lab, "lab" + uuid.uuid4().hex[:8])
+    try:
+        for m, others in zip(members, (["h2", "h3"], ["h1", "h3"], ["h1", "h2"])):
+            wait_peers(m, others)
+        lab.cut(lab.hosts[2])
+        wait_peers(members[0], ["h2"])  # peer_timeout is 1 s in these members
+        wait_peers(members[1], ["h1"])
+        wait_peers(members[2], [])
+        lab.heal(lab.hosts[2])
+        # mDNS announces nothing new here: the nodes greet the endpoints they lost.
+        wait_peers(members[0], ["h2", "h3"], timeout=20)
+        wait_peers(members[2], ["h1", "h2"], timeout=20)
+        members[2].send("pub lab.h1 back")
+        assert members[0].expect("msg", timeout=10)["data"] == "back"
+    finally:
+        close_all(members)
+
+
+def test_seeds_connect_hosts_where_multicast_is_blocked(make_lab: Callable[[int], Any]) -> None:
+    lab = make_lab(2)
+    for host in lab.hosts:
+        lab.block_multicast(host)
+    h1 = f"tcp://{lab.hosts[0].address}:7400"
+    mesh = "lab" + uuid.uuid4().hex[:8]
+    # h1 binds a known port so that h2 can name it as a seed; mDNS stays on and finds nothing.
+    first = Child("member", mesh, "h1", lab.hosts[0].address, "", "1", "60",
+                  prefix=["ip", "netns", "exec", lab.hosts[0].name, "env", f"MESHMQ_BIND={h1}"])
+    members = [first]
+    try:
+        first.expect("ready", timeout=20)
+        second = Child("member", mesh, "h2", lab.hosts[1].address, h1, "1", "60",
+                       prefix=["ip", "netns", "exec", lab.hosts[1].name])
+        members.append(second)
+        second.expect("ready", timeout=20)
+        wait_peers(first, ["h2"])
+        wait_peers(second, ["h1"])
+        second.send("pub lab.h1 seeded")
+        assert first.expect("msg", timeout=10)["data"] == "seeded"
+    finally:
+        close_all(members)

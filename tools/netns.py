@@ -1,0 +1,184 @@
+"""Test hosts in Linux network namespaces: several "machines" on one, joined by a switch.
+
+Each lab makes a switch namespace holding a bridge, and N host namespaces, each
+with one veth link to the bridge and a private address (10.77.<lab>.<i>/24) that
+exists only inside the lab. Nothing is added to the root namespace, so traffic
+can only flow between the lab's own hosts; closing the lab deletes every
+namespace, and with them every link. Needs root and iproute2.
+
+    with Lab(3) as lab:
+        proc = lab.popen(lab.hosts[0], [sys.executable, "-c", "..."])
+        lab.cut(lab.hosts[2]); lab.heal(lab.hosts[2])
+
+From a shell (to experiment by hand; ``down`` removes every lab left behind):
+
+    python tools/netns.py up 3      # prints the hosts and how to enter them
+    python tools/netns.py down
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+PREFIX = "mqlab"
+
+
+class LabUnavailable(RuntimeError):
+    """This machine cannot make namespaces (not root, or no iproute2)."""
+
+
+def ensure_iproute2(install: bool = True) -> None:
+    """Make sure ``ip`` exists; as root with apt-get, install iproute2 if it is missing."""
+    if os.geteuid() != 0:
+        raise LabUnavailable("network namespaces need root")
+    if shutil.which("ip"):
+        return
+    if install and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=False, env=env, timeout=300,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "iproute2"], check=False, env=env, timeout=300,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if not shutil.which("ip"):
+        raise LabUnavailable("iproute2 ('ip') is not installed and could not be installed")
+
+
+def _ip(*args: str) -> None:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Host:
+    name: str
+    """The host's namespace."""
+    address: str
+    """Its private address, on its ``eth0``."""
+    switch_port: str
+    """Its link's other end, on the bridge in the switch namespace."""
+
+
+class Lab:
+    """N hosts on one switch, each in its own network namespace."""
+
+    def __init__(self, hosts: int, *, subnet: int | None = None) -> None:
+        if not 1 <= hosts <= 200:
+            raise ValueError("a lab has 1 to 200 hosts")
+        self.size = hosts
+        self.id = secrets.token_hex(2)
+        self.subnet = subnet if subnet is not None else secrets.randbelow(200) + 20
+        self.switch = f"{PREFIX}{self.id}sw"
+        self.hosts: list[Host] = []
+        self._made: list[str] = []
+        self.processes: list[subprocess.Popen[Any]] = []
+
+    def __enter__(self) -> Lab:
+        ensure_iproute2()
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _build(self) -> None:
+        _ip("netns", "add", self.switch)
+        self._made.append(self.switch)
+        _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
+        _ip("-n", self.switch, "link", "set", "br0", "up")
+        for i in range(1, self.size + 1):
+            ns = f"{PREFIX}{self.id}h{i}"
+            _ip("netns", "add", ns)
+            self._made.append(ns)
+            # Both ends are born in the host namespace, so none ever exists in the root one.
+            port = f"p{i}"
+            _ip("-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", port)
+            _ip("-n", ns, "link", "set", port, "netns", self.switch)
+            _ip("-n", self.switch, "link", "set", port, "master", "br0")
+            _ip("-n", self.switch, "link", "set", port, "up")
+            address = f"10.77.{self.subnet}.{i}"
+            _ip("-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
+            _ip("-n", ns, "link", "set", "eth0", "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+            self.hosts.append(Host(ns, address, port))
+
+    def popen(self, host: Host, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start a process inside ``host``; the lab ends it (by PID) when it closes."""
+        proc = subprocess.Popen(["ip", "netns", "exec", host.name, *argv], **kwargs)
+        self.processes.append(proc)
+        return proc
+
+    def run(self, host: Host, argv: Sequence[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", host.name, *argv], capture_output=True, text=True,
+                              timeout=timeout)
+
+    def cut(self, host: Host) -> None:
+        """Unplug the host's cable: its switch port goes down."""
+        _ip("-n", self.switch, "link", "set", host.switch_port, "down")
+
+    def heal(self, host: Host) -> None:
+        _ip("-n", self.switch, "link", "set", host.switch_port, "up")
+
+    def block_multicast(self, host: Host) -> None:
+        """Drop the host's multicast (mDNS cannot reach anyone); unicast still flows."""
+        _ip("-n", host.name, "link", "set", "eth0", "multicast", "off")
+        _ip("-n", host.name, "route", "add", "blackhole", "224.0.0.0/4")
+
+    def close(self) -> None:
+        for proc in self.processes:
+            if proc.poll() is None:
+                proc.kill()  # only the processes this lab started, by their PID
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        self.processes.clear()
+        for ns in reversed(self._made):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        self._made.clear()
+
+
+def leftover_namespaces() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(PREFIX)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="make a lab and leave it running")
+    up.add_argument("hosts", type=int)
+    sub.add_parser("down", help="delete every lab namespace left on this machine")
+    args = ap.parse_args(argv)
+    try:
+        ensure_iproute2()
+    except LabUnavailable as exc:
+        print(f"netns: {exc}", file=sys.stderr)
+        return 2
+    if args.cmd == "up":
+        lab = Lab(args.hosts)
+        lab._build()
+        for h in lab.hosts:
+            print(f"{h.name}  {h.address}    enter: ip netns exec {h.name} bash")
+        print("remove with: python tools/netns.py down")
+        return 0
+    for ns in leftover_namespaces():
+        subprocess.run(["ip", "netns", "del", ns], timeout=30)
+        print(f"deleted {ns}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
