@@ -72,6 +72,17 @@ class PeerInfo:
     """Seconds since the peer was last heard from."""
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class RouteEntry:
+    """One subscription somewhere in the mesh: what ``meshmq routes`` shows."""
+
+    pattern: str
+    group: str | None
+    """Queue group (each message goes to one member of it), or None for a plain subscriber."""
+    service: str
+    node: str
+
+
 class _ThreadState:
     """What one publishing thread owns: a reusable msgpack packer and its own counters,
     so the hot path takes no lock (stats() sums them)."""
@@ -876,6 +887,22 @@ class AsyncAgent:
                      tuple((s.pattern, s.group) for s in p.record.subscriptions), now - p.last_seen)
             for n, p in sorted(self._node.peers.items(), key=lambda kv: (kv[1].record.service, kv[0]))
         ]
+
+    def routes(self, topic: str | None = None) -> list[RouteEntry]:
+        """Every subscription this agent routes to, or with ``topic`` those that would receive it
+        (each plain subscriber gets a copy; each queue group, one of its members)."""
+        if self._node is None:
+            return []
+        if topic is not None:
+            check_topic(topic, self.config.max_topic_length, self.config.max_topic_tokens)
+        table = self._node.routes
+        entries = [
+            RouteEntry(sub.pattern, sub.group, record.service, record.node)
+            for record in (table.local, *table.records.values())
+            for sub in record.subscriptions
+            if topic is None or matches(tuple(sub.pattern.split(".")), topic)
+        ]
+        return sorted(entries, key=lambda e: (e.pattern, e.group or "", e.service, e.node))
 
     def stats(self) -> dict[str, int]:
         """Counters of this agent: messages published, received, rejected, dropped, ..."""

@@ -121,6 +121,7 @@ examples:
   meshmq sub 'orders.>'                          watch every order event
   meshmq pub orders.placed '{"orderId": "ORD-1"}' --type OrderPlaced
   meshmq peers                                   who is in the mesh, subscribed to what
+  meshmq routes --topic orders.placed            who would receive a message on orders.placed
   meshmq demo                                    the order workflow, one process per service
   meshmq config                                  every setting and its MESHMQ_* variable
 
@@ -231,6 +232,14 @@ def _build_parser() -> _Parser:
                        help="seconds to wait for discovery, at most (default: 1.5)")
     peers.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
     _add_mesh_options(peers)
+
+    routes = command("routes", "Show which nodes and queue groups receive which topics.", _ROUTES_EPILOG,
+                     _cmd_routes)
+    routes.add_argument("--topic", metavar="T", help="only who would receive a message published on T")
+    routes.add_argument("--wait", type=_seconds, default=1.5, metavar="S",
+                        help="seconds to wait for discovery, at most (default: 1.5)")
+    routes.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+    _add_mesh_options(routes)
 
     demo = command("demo", "Run the order workflow demo: four services, one process each.", _DEMO_EPILOG,
                    _cmd_demo)
@@ -432,6 +441,42 @@ def _cmd_sub(args: argparse.Namespace) -> int:
     if args.count is not None and received < args.count:
         _note(f"{received} of {args.count} messages received within {args.timeout:g}s")
         return EXIT_FAILED
+    return EXIT_OK
+
+
+_ROUTES_EPILOG = """\
+  meshmq routes                          every subscription in the mesh: pattern, queue group, service, node
+  meshmq routes --topic orders.placed    who would receive a message published on orders.placed
+  meshmq routes --json                   the same as a JSON array
+
+Each plain subscriber of a topic gets its own copy of a message; a queue group
+(shown in the GROUP column) gets one copy, taken by one of its members. With
+--json each route is an object with pattern, group, service and node.
+"""
+
+
+# --- routes -----------------------------------------------------------------------------
+
+
+def _cmd_routes(args: argparse.Namespace) -> int:
+    with _agent(args) as agent:
+        agent.wait_settled(args.wait, quiet_period=args.wait / 3)
+        routes = [r for r in agent.routes(args.topic) if r.node != agent.node_id]
+        mesh = agent.config.mesh
+    if args.json:
+        print(json.dumps([{"pattern": r.pattern, "group": r.group, "service": r.service, "node": r.node}
+                          for r in routes], indent=2))
+        return EXIT_OK
+    if not routes:
+        what = f"no subscriber of {args.topic!r}" if args.topic else "no subscriptions"
+        _note(f"{what} in mesh {mesh!r} within {args.wait:g}s")
+        return EXIT_OK
+    if args.topic:
+        copies = len({r.node for r in routes if r.group is None}) + len({r.group for r in routes if r.group})
+        print(f"{args.topic}: {copies} cop{'y' if copies == 1 else 'ies'} per message")
+    rows = [("PATTERN", "GROUP", "SERVICE", "NODE")]
+    rows += [(r.pattern, r.group or "-", r.service, r.node) for r in routes]
+    print(_table(rows))
     return EXIT_OK
 
 

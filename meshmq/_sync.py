@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from ._agent import AsyncAgent, Handler, PeerInfo, Subscription, _Full
+from ._agent import AsyncAgent, Handler, PeerInfo, RouteEntry, Subscription, _Full
 from ._config import Config
 from ._message import Message
 from ._errors import AgentClosed, MeshTimeout
@@ -184,6 +184,10 @@ class Agent:
 
     def peers(self) -> list[PeerInfo]:
         return self._call(self._agent.peers)
+
+    def routes(self, topic: str | None = None) -> list[RouteEntry]:
+        """See :meth:`AsyncAgent.routes`."""
+        return self._call(self._agent.routes, topic)
 
     def stats(self) -> dict[str, int]:
         return self._call(self._agent.stats)

@@ -29,7 +29,7 @@ from meshmq._message import FORMAT_BYTES, FORMAT_MSGPACK, Message
 
 LOOPBACK = "127.0.0.1"
 MESSAGE_ID = re.compile(r"^[0-9a-f]{32}$")
-COMMANDS = ("pub", "sub", "peers", "demo", "config")
+COMMANDS = ("pub", "sub", "peers", "routes", "demo", "config")
 
 
 def unique_mesh() -> str:
@@ -386,3 +386,33 @@ def test_peers_in_an_empty_mesh(home: Path) -> None:
     assert result.returncode == 0
     assert result.stdout == ""
     assert "no peers found" in result.stderr
+
+
+@pytest.mark.integration
+def test_routes_show_patterns_groups_and_who_gets_a_topic(home: Path) -> None:
+    mesh = unique_mesh()
+    with meshmq.Agent("inventory", mesh=mesh, interfaces=[LOOPBACK]) as inv, \
+            meshmq.Agent("audit", mesh=mesh, interfaces=[LOOPBACK]) as audit:
+        inv.subscribe("orders.*", queue="workers")
+        audit.subscribe("orders.>")
+        audit.subscribe("billing.>")
+        table = run_cli(home, "routes", "--mesh", mesh, "--wait", "5")
+        for_topic = run_cli(home, "routes", "--mesh", mesh, "--wait", "5", "--topic", "orders.placed", "--json")
+        text_topic = run_cli(home, "routes", "--mesh", mesh, "--wait", "5", "--topic", "orders.placed")
+        bad = run_cli(home, "routes", "--mesh", mesh, "--topic", "orders.*")
+        inv_node, audit_node = inv.node_id, audit.node_id
+    assert table.returncode == 0, table.stderr
+    header, *rows = table.stdout.splitlines()
+    assert header.split() == ["PATTERN", "GROUP", "SERVICE", "NODE"]
+    assert [r.split() for r in rows] == [
+        ["billing.>", "-", "audit", audit_node],
+        ["orders.*", "workers", "inventory", inv_node],
+        ["orders.>", "-", "audit", audit_node],
+    ]
+    assert for_topic.returncode == 0, for_topic.stderr
+    assert json.loads(for_topic.stdout) == [
+        {"pattern": "orders.*", "group": "workers", "service": "inventory", "node": inv_node},
+        {"pattern": "orders.>", "group": None, "service": "audit", "node": audit_node},
+    ]
+    assert text_topic.stdout.splitlines()[0] == "orders.placed: 2 copies per message"
+    assert bad.returncode == 2 and "meshmq: error:" in bad.stderr and "wildcards" in bad.stderr

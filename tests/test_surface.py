@@ -40,6 +40,7 @@ def test_public_names_are_exactly_these() -> None:
         "ProtocolError",
         "RemoteError",
         "RequestTimeout",
+        "RouteEntry",
         "SchemaError",
         "Subscription",
         "TopicError",
