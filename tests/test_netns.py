@@ -93,3 +93,20 @@ def test_seeds_connect_hosts_where_multicast_is_blocked(make_lab: Callable[[int]
         assert first.expect("msg", timeout=10)["data"] == "seeded"
     finally:
         close_all(members)
+
+
+def test_an_agent_binds_and_advertises_only_its_configured_interface(make_lab: Callable[[int], Any]) -> None:
+    lab = make_lab(2)
+    second = lab.add_interface(lab.hosts[0])  # h1 has eth0 and eth1; only eth0 is configured
+    members = start_members(lab, "lab" + uuid.uuid4().hex[:8])
+    try:
+        ready_h1 = members[0].seen[0]
+        assert ready_h1["event"] == "ready" and ready_h1["endpoint"].startswith(f"tcp://{lab.hosts[0].address}:")
+        wait_peers(members[1], ["h1"])
+        listening = lab.run(lab.hosts[0], ["ss", "-ltnH"]).stdout
+        port = ready_h1["endpoint"].rsplit(":", 1)[1]
+        bound = {line.split()[3] for line in listening.splitlines() if line.split()[3].endswith(f":{port}")}
+        assert bound == {f"{lab.hosts[0].address}:{port}"}  # not eth1's address, not 0.0.0.0
+        assert second not in listening
+    finally:
+        close_all(members)

@@ -114,6 +114,19 @@ class Lab:
             _ip("-n", ns, "link", "set", "lo", "up")
             self.hosts.append(Host(ns, address, port))
 
+    def add_interface(self, host: Host, name: str = "eth1") -> str:
+        """Give ``host`` a second link to the switch, on a second subnet; return its address."""
+        i = self.hosts.index(host) + 1
+        port = f"q{i}"
+        _ip("-n", host.name, "link", "add", name, "type", "veth", "peer", "name", port)
+        _ip("-n", host.name, "link", "set", port, "netns", self.switch)
+        _ip("-n", self.switch, "link", "set", port, "master", "br0")
+        _ip("-n", self.switch, "link", "set", port, "up")
+        address = f"10.78.{self.subnet}.{i}"
+        _ip("-n", host.name, "addr", "add", f"{address}/24", "dev", name)
+        _ip("-n", host.name, "link", "set", name, "up")
+        return address
+
     def popen(self, host: Host, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """Start a process inside ``host``; the lab ends it (by PID) when it closes."""
         proc = subprocess.Popen(["ip", "netns", "exec", host.name, *argv], **kwargs)
