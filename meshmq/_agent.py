@@ -40,7 +40,7 @@ from ._routing import RouteIndex
 from ._topics import check_pattern, check_topic, check_user_topic, matches, reply_topic
 from ._transport import Link, Transport, Wakeup
 from ._wire import (
-    DATA, PROTOCOL_VERSION, Limits, NodeRecord, Subscription as AdvertisedSubscription, check_headers, decode_envelope,
+    DATA, PROTOCOL_VERSION, Limits, Ping, NodeRecord, Subscription as AdvertisedSubscription, check_headers, decode_envelope,
     decode_data, decode_frame, encode_envelope, encode_payload, split_entry,
 )
 
@@ -70,6 +70,8 @@ class PeerInfo:
     subscriptions: tuple[tuple[str, str | None], ...]
     last_seen: float
     """Seconds since the peer was last heard from."""
+    clock_offset: float | None = None
+    """The peer's wall clock minus ours, in seconds, from its last ping (None before one arrived)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -322,6 +324,7 @@ class AsyncAgent:
         self._thread_states: list[_ThreadState] = []
         self._received = 0
         self._requests: dict[str, _Request] = {}  # request id -> what waits for its reply
+        self._clock_offsets: dict[str, float] = {}  # peer node -> its wall clock minus ours, seconds
         self._reply_topic = reply_topic(self.node_id)
         self._started_at = 0.0
         self._last_route_change = 0.0
@@ -703,6 +706,9 @@ class AsyncAgent:
             self.counters["frames_rejected"] += 1
             quiet.warning("frame", "dropped a malformed frame (%d bytes): %s", len(frame), exc)
             return
+        if type(decoded) is Ping and decoded.sent_at and decoded.node in self._node.peers:
+            # One-way delay is well under a millisecond here; seconds of difference are skew.
+            self._clock_offsets[decoded.node] = decoded.sent_at - time.time()
         self._apply(self._node.receive(decoded, time.monotonic()))
 
     def _deliver_entries(self, entries: list[Any], seq: int) -> None:
@@ -884,7 +890,8 @@ class AsyncAgent:
         now = time.monotonic()
         return [
             PeerInfo(n, p.record.service, p.endpoint,
-                     tuple((s.pattern, s.group) for s in p.record.subscriptions), now - p.last_seen)
+                     tuple((s.pattern, s.group) for s in p.record.subscriptions), now - p.last_seen,
+                     self._clock_offsets.get(n))
             for n, p in sorted(self._node.peers.items(), key=lambda kv: (kv[1].record.service, kv[0]))
         ]
 
@@ -979,6 +986,7 @@ class AsyncAgent:
                 changed = True
             elif kind is PeerDown:
                 self._node_links.pop(action.node, None)
+                self._clock_offsets.pop(action.node, None)
                 if self._requests:
                     self._responder_left(action.node)
                 log.info("peer %s: %s (%s)", action.reason, action.service, action.node)
@@ -1013,7 +1021,7 @@ class AsyncAgent:
     def _tick(self) -> None:
         if self._state != "running" or self._node is None or self._transport is None:
             return
-        self._apply(self._node.tick(time.monotonic()))
+        self._apply(self._node.tick(time.monotonic(), time.time()))
         self._transport.flush_all()  # fallback for a missed writable edge
         if self._overloaded_subs:
             self._maybe_resume()

@@ -122,6 +122,7 @@ examples:
   meshmq pub orders.placed '{"orderId": "ORD-1"}' --type OrderPlaced
   meshmq peers                                   who is in the mesh, subscribed to what
   meshmq routes --topic orders.placed            who would receive a message on orders.placed
+  meshmq doctor                                  why agents do (not) find each other, with fixes
   meshmq demo                                    the order workflow, one process per service
   meshmq config                                  every setting and its MESHMQ_* variable
 
@@ -241,6 +242,15 @@ def _build_parser() -> _Parser:
     routes.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
     _add_mesh_options(routes)
 
+    doctor = command("doctor", "Check why agents do or do not find each other, and how to fix it.",
+                     _DOCTOR_EPILOG, _cmd_doctor)
+    doctor.add_argument("--wait", type=_seconds, default=2.0, metavar="S",
+                        help="seconds to listen for peers and announcements (default: 2)")
+    doctor.add_argument("--max-skew", type=_seconds, default=1.0, metavar="S",
+                        help="clock difference with a peer that counts as skew (default: 1 s)")
+    doctor.add_argument("--json", action="store_true", help="print the findings as a JSON array")
+    _add_mesh_options(doctor)
+
     demo = command("demo", "Run the order workflow demo: four services, one process each.", _DEMO_EPILOG,
                    _cmd_demo)
     demo.add_argument("--orders", type=_positive_int, default=20, metavar="N",
@@ -304,8 +314,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _agent(args: argparse.Namespace) -> Agent:
-    """A blocking agent configured from the mesh options (and MESHMQ_* for the rest)."""
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Config overrides from the mesh options (MESHMQ_* variables give the rest)."""
     overrides: dict[str, Any] = {}
     if args.mesh is not None:
         overrides["mesh"] = args.mesh
@@ -313,7 +323,12 @@ def _agent(args: argparse.Namespace) -> Agent:
         overrides["seeds"] = list(args.seed)
     if args.interface:
         overrides["interfaces"] = list(args.interface)
-    return Agent(args.service, **overrides)
+    return overrides
+
+
+def _agent(args: argparse.Namespace) -> Agent:
+    """A blocking agent configured from the mesh options (and MESHMQ_* for the rest)."""
+    return Agent(args.service, **_overrides(args))
 
 
 # --- pub --------------------------------------------------------------------------------
@@ -453,6 +468,36 @@ Each plain subscriber of a topic gets its own copy of a message; a queue group
 (shown in the GROUP column) gets one copy, taken by one of its members. With
 --json each route is an object with pattern, group, service and node.
 """
+
+
+_DOCTOR_EPILOG = """\
+  meshmq doctor                                  check this host with the default settings
+  meshmq doctor --mesh shop --interface 10.0.0.5 the settings of the agents you run
+  meshmq doctor --seed tcp://10.0.0.7:7400       does that seed answer?
+
+Checks, each with the fix when something is wrong: the configured interfaces
+exist on this host; this agent can bind; mDNS works (its own announcement is
+heard, so multicast is not blocked); agents announced in another mesh when none
+are in yours (a mesh name mismatch); peers found; announced endpoints and seeds
+that do not answer; clock skew with peers. Exit code 0 when all is well, 1 when
+something needs attention. A short-lived agent named meshmq-doctor joins the
+mesh while it runs.
+"""
+
+
+# --- doctor -----------------------------------------------------------------------------
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from ._config import Config
+    from ._doctor import OK, as_json, diagnose, render
+
+    config = Config.load(**_overrides(args))
+    findings = asyncio.run(diagnose(config, wait=args.wait, max_skew=args.max_skew))
+    print(json.dumps(as_json(findings), indent=2) if args.json else render(findings))
+    return EXIT_OK if all(f.level == OK for f in findings) else EXIT_FAILED
 
 
 # --- routes -----------------------------------------------------------------------------

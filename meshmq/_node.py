@@ -192,8 +192,11 @@ class Node:
         frame = hello_frame(self.mesh, record, False)
         return [Send(peer.endpoint, frame) for peer in self.peers.values()]
 
-    def tick(self, now: float) -> list[Action]:
-        """Timers: declare silent peers dead, send due pings, re-greet unanswered seeds."""
+    def tick(self, now: float, wall: float = 0.0) -> list[Action]:
+        """Timers: declare silent peers dead, send due pings, re-greet unanswered seeds.
+
+        ``wall`` (seconds since the epoch) is stamped on pings so peers can see clock skew.
+        """
         actions: list[Action] = []
         if self._stopped:
             return actions
@@ -204,7 +207,7 @@ class Node:
             elif now - peer.last_ping >= t.heartbeat_interval:
                 peer.last_ping = now
                 actions.append(Send(peer.endpoint, ping_frame(
-                    self.mesh, self.node_id, self.record.version, self.record.endpoints[0])))
+                    self.mesh, self.node_id, self.record.version, self.record.endpoints[0], wall)))
         live_endpoints = {peer.endpoint for peer in self.peers.values()}
         for ep in self.seeds:
             if ep not in self.pending and ep not in live_endpoints:

@@ -264,8 +264,9 @@ def hello_frame(mesh: str, record: NodeRecord, want_reply: bool) -> bytes:
     return _HEAD[HELLO] + msgpack.packb([mesh, record.to_wire(), want_reply], use_bin_type=True)
 
 
-def ping_frame(mesh: str, node: str, version: int, endpoint: str) -> bytes:
-    return _HEAD[PING] + msgpack.packb([mesh, node, version, endpoint], use_bin_type=True)
+def ping_frame(mesh: str, node: str, version: int, endpoint: str, sent_at: float = 0.0) -> bytes:
+    """Liveness: the sender's record version and endpoint, and its wall clock (for skew checks)."""
+    return _HEAD[PING] + msgpack.packb([mesh, node, version, endpoint, sent_at], use_bin_type=True)
 
 
 def bye_frame(mesh: str, node: str) -> bytes:
@@ -296,6 +297,8 @@ class Ping:
     node: str
     version: int
     endpoint: str
+    sent_at: float = 0.0
+    """The sender's wall clock when it sent the ping (seconds since the epoch)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -330,10 +333,11 @@ def decode_frame(frame: bytes | memoryview, limits: Limits) -> Frame:
     if type(body) is not list:
         raise ProtocolError(f"{KINDS.get(kind, kind)} body is not an array")
     if kind == PING:
-        if (len(body) != 4 or type(body[0]) is not str or type(body[1]) is not str
-                or type(body[2]) is not int or type(body[3]) is not str or len(body[3]) > _MAX_NAME):
+        if (len(body) != 5 or type(body[0]) is not str or type(body[1]) is not str
+                or type(body[2]) is not int or type(body[3]) is not str or len(body[3]) > _MAX_NAME
+                or type(body[4]) is not float):
             raise ProtocolError("bad ping")
-        return Ping(body[0], body[1], body[2], body[3])
+        return Ping(body[0], body[1], body[2], body[3], body[4])
     if kind == HELLO:
         if len(body) != 3 or type(body[0]) is not str or type(body[2]) is not bool:
             raise ProtocolError("bad hello")

@@ -29,7 +29,7 @@ from meshmq._message import FORMAT_BYTES, FORMAT_MSGPACK, Message
 
 LOOPBACK = "127.0.0.1"
 MESSAGE_ID = re.compile(r"^[0-9a-f]{32}$")
-COMMANDS = ("pub", "sub", "peers", "routes", "demo", "config")
+COMMANDS = ("pub", "sub", "peers", "routes", "doctor", "demo", "config")
 
 
 def unique_mesh() -> str:

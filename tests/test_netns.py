@@ -5,6 +5,7 @@ Only the lab's private addresses are used; nothing leaves the namespaces.
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -110,3 +111,24 @@ def test_an_agent_binds_and_advertises_only_its_configured_interface(make_lab: C
         assert second not in listening
     finally:
         close_all(members)
+
+
+def test_doctor_says_multicast_is_blocked_between_hosts(make_lab: Callable[[int], Any]) -> None:
+    lab = make_lab(2)
+    for host in lab.hosts:
+        lab.block_multicast(host)
+    h2 = f"tcp://{lab.hosts[1].address}:7400"
+    mesh = "lab" + uuid.uuid4().hex[:8]
+    member = Child("member", mesh, "h2", lab.hosts[1].address, "", "1", "60",
+                   prefix=["ip", "netns", "exec", lab.hosts[1].name, "env", f"MESHMQ_BIND={h2}"])
+    try:
+        member.expect("ready", timeout=20)
+        result = lab.run(lab.hosts[0], [sys.executable, "-m", "meshmq", "doctor", "--interface",
+                                        lab.hosts[0].address, "--mesh", mesh, "--seed", h2, "--wait", "2.5"],
+                         timeout=60)
+    finally:
+        member.close()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "1 peer(s): h2" in result.stdout  # the seed works...
+    assert "multicast looks blocked between it and this host" in result.stdout  # ...mDNS does not
+    assert "MESHMQ_SEEDS" in result.stdout

@@ -517,4 +517,4 @@ def test_node_is_usable_without_the_network() -> None:
     final = b.receive(decode_frame(replies[2].frame, b.limits), 0.0)
     assert final == [PeerUp(a.record)]  # the pending greeting's link is reused, not reconnected
     assert b.routes.index.resolve("orders.placed").plain == ("a",)
-    assert a.tick(0.5) == [Send(B, ping_frame("test", "a", 1, A))]
+    assert a.tick(0.5) == [Send(B, ping_frame("test", "a", 1, A, 0.0))]

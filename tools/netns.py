@@ -145,9 +145,12 @@ class Lab:
         _ip("-n", self.switch, "link", "set", host.switch_port, "up")
 
     def block_multicast(self, host: Host) -> None:
-        """Drop the host's multicast (mDNS cannot reach anyone); unicast still flows."""
-        _ip("-n", host.name, "link", "set", "eth0", "multicast", "off")
-        _ip("-n", host.name, "route", "add", "blackhole", "224.0.0.0/4")
+        """The switch stops forwarding multicast to this host (as a network that filters mDNS
+        does); unicast still flows. Block every host to stop multicast everywhere."""
+        proc = subprocess.run(["bridge", "-n", self.switch, "link", "set", "dev", host.switch_port,
+                               "mcast_flood", "off"], capture_output=True, text=True, timeout=30)
+        if proc.returncode != 0:
+            raise RuntimeError(f"bridge link set {host.switch_port} mcast_flood off: {proc.stderr.strip()}")
 
     def close(self) -> None:
         for proc in self.processes:
