@@ -974,7 +974,11 @@ class AsyncAgent:
             if kind is Send:
                 transport.async_send_control(action.endpoint, action.frame)
             elif kind is Connect:
-                transport.async_connect(action.endpoint)
+                try:
+                    transport.async_connect(action.endpoint)
+                except zmq.ZMQError as exc:  # the codec checks endpoints; this is the last guard
+                    self.counters["connect_failed"] += 1
+                    quiet.warning("connect", "cannot connect to %r: %s", action.endpoint, exc)
             elif kind is PeerUp:
                 rec = action.record
                 link = transport.links.get(rec.endpoints[0])

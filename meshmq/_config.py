@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import ConfigError
+from ._wire import is_endpoint
 
 _MESH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 _KiB = 1024
@@ -208,7 +209,8 @@ def _positive(cfg: Config, *names: str) -> None:
 
 
 def _is_endpoint(ep: str) -> bool:
-    return bool(re.match(r"^(tcp://[^\s:/]+|tcp://\[[0-9A-Fa-f:.]+\]):[0-9*]+$|^ipc://\S+$|^inproc://\S+$", ep))
+    # For binding, ZeroMQ also takes '*' as the host (every interface) and as the port.
+    return is_endpoint(ep.replace("tcp://*:", "tcp://0.0.0.0:", 1), wildcard_port=True)
 
 
 # Variables read elsewhere (key and certificate home, test switches), not Config fields.

@@ -33,7 +33,8 @@ from ._errors import TopicError
 from ._routing import RoutingTable
 from ._topics import check_pattern
 from ._wire import (
-    Bye, Data, Frame, Hello, Limits, NodeRecord, Ping, Subscription, bye_frame, hello_frame, ping_frame,
+    Bye, Data, Frame, Hello, Limits, NodeRecord, Ping, Subscription, bye_frame, hello_frame, is_endpoint,
+    ping_frame,
 )
 
 
@@ -139,7 +140,13 @@ class Node:
     def discovered(self, now: float, node: str | None, endpoints: tuple[str, ...], mesh: str | None) -> list[Action]:
         """A hint (mDNS, a seed) that a node may be reachable at ``endpoints``."""
         actions: list[Action] = []
-        if self._stopped or not endpoints or (mesh is not None and mesh != self.mesh):
+        if self._stopped or (mesh is not None and mesh != self.mesh):
+            return actions
+        valid = tuple(ep for ep in endpoints if is_endpoint(ep))
+        if len(valid) != len(endpoints):
+            self.counters["rejected_bad_hint"] += 1  # mDNS data is a hint; a malformed one is ignored
+        endpoints = valid
+        if not endpoints:
             return actions
         if node == self.node_id or set(endpoints) & set(self.record.endpoints):
             return actions

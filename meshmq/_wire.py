@@ -17,6 +17,7 @@ drop.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import msgpack
@@ -194,6 +195,32 @@ def decode_envelope(data: bytes, limits: Limits, seq: int = 0) -> Message:
     return Message(id_, float(ts), topic, type_, source, node, schema_version, headers, key, fmt, raw, seq)
 
 
+# --- endpoints -------------------------------------------------------------------------
+
+_ENDPOINT = re.compile(
+    r"^tcp://(?:\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)"
+    r":(?P<port>\d{1,5}|\*)$"
+    r"|^(?:ipc|inproc)://[A-Za-z0-9._/@-]{1,200}$"
+)
+
+
+def is_endpoint(endpoint: object, *, wildcard_port: bool = False) -> bool:
+    """Whether ``endpoint`` is a ZeroMQ endpoint we will connect to: tcp://host:port (an
+    IPv4 address, [IPv6] or a host name), ipc:// or inproc://. Endpoints come from peers and
+    mDNS, so anything else is refused before it reaches a socket."""
+    if type(endpoint) is not str or len(endpoint) > 255:
+        return False
+    m = _ENDPOINT.match(endpoint)
+    if m is None:
+        return False
+    port = m.group("port")
+    if port is None:
+        return True
+    if port == "*":
+        return wildcard_port
+    return 0 < int(port) < 65536
+
+
 # --- node records (the routing table's unit; gossiped in the next layer) -------------
 
 
@@ -234,8 +261,8 @@ class NodeRecord:
         if type(endpoints) is not list or not 0 < len(endpoints) <= 16:
             raise ProtocolError("bad endpoints in record")
         for ep in endpoints:
-            if type(ep) is not str or len(ep) > _MAX_NAME:
-                raise ProtocolError("bad endpoint in record")
+            if not is_endpoint(ep):
+                raise ProtocolError(f"bad endpoint in record: {str(ep)[:80]!r}")
         if type(subs) is not list or len(subs) > limits.max_subscriptions:
             raise ProtocolError("bad or too many subscriptions in record")
         parsed = []
@@ -334,8 +361,7 @@ def decode_frame(frame: bytes | memoryview, limits: Limits) -> Frame:
         raise ProtocolError(f"{KINDS.get(kind, kind)} body is not an array")
     if kind == PING:
         if (len(body) != 5 or type(body[0]) is not str or type(body[1]) is not str
-                or type(body[2]) is not int or type(body[3]) is not str or len(body[3]) > _MAX_NAME
-                or type(body[4]) is not float):
+                or type(body[2]) is not int or not is_endpoint(body[3]) or type(body[4]) is not float):
             raise ProtocolError("bad ping")
         return Ping(body[0], body[1], body[2], body[3], body[4])
     if kind == HELLO:

@@ -341,3 +341,30 @@ def test_a_stopped_peer_leaves_routing_at_once(mesh: str) -> None:
             assert stays.stats()["peers_left"] == 1
 
     run(main())
+
+
+def test_a_record_with_a_malformed_endpoint_is_rejected_without_harm(mesh: str) -> None:
+    import time
+
+    from meshmq._wire import NodeRecord, hello_frame
+
+    async def main() -> None:
+        async with agents(mesh, "victim", "friend") as (victim, friend):
+            raw = zmq.Context.instance().socket(zmq.PUSH)
+            raw.setsockopt(zmq.LINGER, 2000)
+            raw.connect(victim.endpoints[0])
+            bogus = NodeRecord("evil", "evil", ("tcp://[not-an-endpoint",), (), 1, time.time())
+            raw.send(hello_frame(mesh, bogus, True))
+            raw.close()
+            for _ in range(200):  # the frame travels on its own connection: poll with a bound
+                if victim.stats().get("frames_rejected", 0):
+                    break
+                await asyncio.sleep(0.01)
+            assert victim.stats()["frames_rejected"] == 1
+            assert [p.service for p in victim.peers()] in (["friend"], [])  # never "evil"
+            sub = victim.subscribe("still.ok")
+            await friend.wait_for_subscribers("still.ok", timeout=10)
+            await friend.publish("still.ok", 1)
+            assert [m.data for m in await collect(sub, 1)] == [1]
+
+    run(main())

@@ -518,3 +518,10 @@ def test_node_is_usable_without_the_network() -> None:
     assert final == [PeerUp(a.record)]  # the pending greeting's link is reused, not reconnected
     assert b.routes.index.resolve("orders.placed").plain == ("a",)
     assert a.tick(0.5) == [Send(B, ping_frame("test", "a", 1, A, 0.0))]
+
+
+def test_a_malformed_mdns_hint_is_ignored_and_counted(net: MemoryNetwork) -> None:
+    a = net.add(make_node("a"))
+    actions = a.discovered(0.0, "x", ("tcp://[garbage",), "test")
+    assert actions == [] and a.counters["rejected_bad_hint"] == 1 and not a.pending
+    check_invariants(net)

@@ -347,7 +347,10 @@ def test_bad_data_entries_are_rejected(entry: Any) -> None:
 
 @given(
     node=st.text(min_size=1, max_size=20), service=st.text(min_size=1, max_size=20),
-    endpoints=st.lists(st.text(max_size=30), min_size=1, max_size=16),
+    endpoints=st.lists(
+        st.builds("tcp://{}.{}.{}.{}:{}".format, *[st.integers(0, 255)] * 4, st.integers(1, 65535))
+        | st.from_regex(r"inproc://[a-z0-9._-]{1,20}", fullmatch=True),
+        min_size=1, max_size=16),
     subs=st.lists(st.tuples(st.text(min_size=1, max_size=20), st.none() | st.text(min_size=1, max_size=10)),
                   max_size=10),
     version=st.integers(0, 2**63), started=st.floats(allow_nan=False), want_reply=st.booleans(),
@@ -448,3 +451,13 @@ def test_message_data_of_a_corrupt_msgpack_payload_is_a_payload_error() -> None:
     with pytest.raises(PayloadError, match="does not decode"):
         msg.data
     assert "size=1" in repr(msg)
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://[not-an-endpoint", "tcp://1.2.3.4:0", "tcp://1.2.3.4:70000",
+                                      "udp://1.2.3.4:5", "tcp://1.2.3.4", "tcp://a b:1", "x" * 300])
+def test_records_and_pings_with_a_malformed_endpoint_are_rejected(endpoint: str) -> None:
+    record = NodeRecord("n", "svc", (endpoint,), (), 1, 1.0)
+    with pytest.raises(ProtocolError, match="endpoint"):
+        decode_frame(hello_frame("m", record, False), LIMITS)
+    with pytest.raises(ProtocolError):
+        decode_frame(ping_frame("m", "n", 1, endpoint, 1.0), LIMITS)
