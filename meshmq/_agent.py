@@ -54,6 +54,13 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 Handler = Callable[[Message], Any]
 
 
+def _check_seconds(name: str, value: object, *, zero: bool = False) -> float:
+    """A timeout argument: a positive number of seconds (or zero, where allowed)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and not zero):
+        raise UsageError(f"{name} must be a {'non-negative' if zero else 'positive'} number of seconds, got {value!r}")
+    return float(value)
+
+
 def _check_name(kind: str, value: object) -> str:
     if not isinstance(value, str) or not _NAME.match(value):
         raise UsageError(f"{kind} {value!r} must be 1-63 characters: letters, digits, '.', '-', '_'")
@@ -613,8 +620,7 @@ class AsyncAgent:
         it went to leaves), :class:`RequestTimeout` after ``timeout`` seconds, and
         :class:`RemoteError` when the responder's handler raised.
         """
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
-            raise UsageError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        _check_seconds("timeout", timeout)
         if headers is not None and not isinstance(headers, dict):
             check_headers(headers, self.limits)  # raises the usual PayloadError
         prepared = self._prepare(topic, data, type, key, {**(headers or {}), REPLY_TO: self.node_id},
@@ -931,7 +937,9 @@ class AsyncAgent:
         """Wait until at least ``count`` nodes receive ``topic`` (queue groups count once); return how many."""
         self._check_running()
         check_topic(topic, self.config.max_topic_length, self.config.max_topic_tokens)
-        deadline = time.monotonic() + timeout
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise UsageError(f"count must be a whole number of at least 1, got {count!r}")
+        deadline = time.monotonic() + _check_seconds("timeout", timeout, zero=True)
         while True:
             n = self._receivers(topic)
             if n >= count:
@@ -950,7 +958,8 @@ class AsyncAgent:
         ``quiet_period`` seconds (bounded by ``timeout``); return the number of peers."""
         self._check_running()
         assert self._node is not None
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + _check_seconds("timeout", timeout, zero=True)
+        _check_seconds("quiet_period", quiet_period, zero=True)
         while True:
             now = time.monotonic()
             settled = not self._node.pending or set(self._node.pending) <= set(self._node.seeds)

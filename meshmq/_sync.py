@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from ._agent import AsyncAgent, Handler, PeerInfo, RouteEntry, Subscription, _Full
+from ._agent import AsyncAgent, Handler, PeerInfo, RouteEntry, Subscription, _check_seconds, _Full
 from ._config import Config
 from ._message import Message
 from ._errors import AgentClosed, MeshTimeout
@@ -160,9 +160,10 @@ class Agent:
     def request(self, topic: str, data: Any, *, timeout: float = 5.0, type: str | None = None,
                 key: str | None = None, headers: dict[str, str] | None = None, schema_version: int = 1) -> Message:
         """See :meth:`AsyncAgent.request`. Not from a handler (it would wait on its own thread)."""
+        wait = _check_seconds("timeout", timeout)  # before the coroutine exists, so none is left unawaited
         coro = self._agent.request(topic, data, timeout=timeout, type=type, key=key, headers=headers,
                                    schema_version=schema_version)
-        return self._run(coro, timeout=(timeout if isinstance(timeout, (int, float)) else 0) + 10)
+        return self._run(coro, timeout=wait + 10)
 
     def subscribe(self, pattern: str, handler: Handler | None = None, *, queue: str | None = None) -> Subscription:
         """See :meth:`AsyncAgent.subscribe`. Without a handler, iterate the subscription
@@ -194,11 +195,13 @@ class Agent:
 
     def wait_for_subscribers(self, topic: str, count: int = 1, timeout: float = 5.0) -> int:
         """See :meth:`AsyncAgent.wait_for_subscribers`."""
-        return self._run(self._agent.wait_for_subscribers(topic, count, timeout), timeout=timeout + 5)
+        wait = _check_seconds("timeout", timeout, zero=True)
+        return self._run(self._agent.wait_for_subscribers(topic, count, wait), timeout=wait + 5)
 
     def wait_settled(self, timeout: float = 2.0, quiet_period: float = 0.3) -> int:
         """See :meth:`AsyncAgent.wait_settled`."""
-        return self._run(self._agent.wait_settled(timeout, quiet_period), timeout=timeout + 5)
+        wait = _check_seconds("timeout", timeout, zero=True)
+        return self._run(self._agent.wait_settled(wait, quiet_period), timeout=wait + 5)
 
     def __repr__(self) -> str:
         return f"Agent({self.service!r}, node={self.node_id!r}, running={self.running})"

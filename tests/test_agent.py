@@ -368,3 +368,20 @@ def test_a_record_with_a_malformed_endpoint_is_rejected_without_harm(mesh: str) 
             assert [m.data for m in await collect(sub, 1)] == [1]
 
     run(main())
+
+
+@pytest.mark.parametrize(
+    ("call", "words"),
+    [
+        (lambda a: a.wait_for_subscribers("x", count="2", timeout=0.1), "count"),
+        (lambda a: a.wait_for_subscribers("x", count=0, timeout=0.1), "count"),
+        (lambda a: a.wait_for_subscribers("x", timeout="soon"), "timeout"),
+        (lambda a: a.wait_settled(timeout=-1), "timeout"),
+        (lambda a: a.request("x", 1, timeout=True), "timeout"),
+        (lambda a: a.routes(5), "str"),
+    ],
+)
+def test_waits_and_queries_check_their_arguments(mesh: str, call: Callable[[Any], Any], words: str) -> None:
+    with meshmq.Agent("checker", mesh=mesh) as agent:
+        with pytest.raises(meshmq.UsageError, match=words):
+            call(agent)
