@@ -79,6 +79,9 @@ class PeerInfo:
     """Seconds since the peer was last heard from."""
     clock_offset: float | None = None
     """The peer's wall clock minus ours, in seconds, from its last ping (None before one arrived)."""
+    state: str = "alive"
+    """``alive``; ``suspect`` (silent for over half of peer_timeout); or, for departed peers,
+    ``dead``, ``left`` or ``replaced``."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -889,17 +892,23 @@ class AsyncAgent:
 
     # --- looking at the mesh --------------------------------------------------------
 
-    def peers(self) -> list[PeerInfo]:
-        """The nodes this agent currently routes to."""
+    def peers(self, *, departed: bool = False) -> list[PeerInfo]:
+        """The nodes this agent routes to, with their state; with ``departed``, also the
+        peers that recently left routing (dead, left or replaced)."""
         if self._node is None:
             return []
         now = time.monotonic()
-        return [
+        node = self._node
+        out = [
             PeerInfo(n, p.record.service, p.endpoint,
                      tuple((s.pattern, s.group) for s in p.record.subscriptions), now - p.last_seen,
-                     self._clock_offsets.get(n))
-            for n, p in sorted(self._node.peers.items(), key=lambda kv: (kv[1].record.service, kv[0]))
+                     self._clock_offsets.get(n), node.liveness(n, now))
+            for n, p in node.peers.items()
         ]
+        if departed:
+            out += [PeerInfo(d.node, d.service, d.endpoint, (), now - d.last_seen, None, d.reason)
+                    for d in node.departed.values() if d.node not in node.peers]
+        return sorted(out, key=lambda p: (p.state not in ("alive", "suspect"), p.service, p.node))
 
     def routes(self, topic: str | None = None) -> list[RouteEntry]:
         """Every subscription this agent routes to, or with ``topic`` those that would receive it

@@ -160,10 +160,13 @@ base64 strings. Exit codes: 0 done (or --timeout without --count), 1 fewer than
 """
 
 _PEERS_EPILOG = """\
-  meshmq peers                       table of service, node id, endpoint, subscriptions, last seen
+  meshmq peers                       table of service, node id, endpoint, state, subscriptions, last seen
+  meshmq peers --all                 also the peers that recently died or left
   meshmq peers --wait 3 --json       a JSON array of peers, after waiting up to 3 s
   meshmq peers --mesh staging --seed tcp://10.0.0.5:7400
 
+STATE is alive, or suspect when the peer has been silent for over half of
+peer_timeout; with --all, departed peers show as dead, left or replaced.
 Subscriptions show as pattern, or pattern@group for queue groups; 'last seen' is
 the time since the peer was last heard from. This command's own agent is not
 listed. With --json each peer is an object with service, node, endpoint,
@@ -232,6 +235,7 @@ def _build_parser() -> _Parser:
     peers.add_argument("--wait", type=_seconds, default=1.5, metavar="S",
                        help="seconds to wait for discovery, at most (default: 1.5)")
     peers.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+    peers.add_argument("--all", action="store_true", help="also list peers that recently died or left")
     _add_mesh_options(peers)
 
     routes = command("routes", "Show which nodes and queue groups receive which topics.", _ROUTES_EPILOG,
@@ -535,11 +539,11 @@ def _subscriptions_text(subscriptions: Sequence[tuple[str, str | None]]) -> str:
 def _cmd_peers(args: argparse.Namespace) -> int:
     with _agent(args) as agent:
         agent.wait_settled(args.wait, quiet_period=args.wait / 3)
-        peers = agent.peers()
+        peers = agent.peers(departed=args.all)
         mesh = agent.config.mesh
     if args.json:
         print(json.dumps([
-            {"service": p.service, "node": p.node, "endpoint": p.endpoint,
+            {"service": p.service, "node": p.node, "endpoint": p.endpoint, "state": p.state,
              "subscriptions": [{"pattern": pat, "group": grp} for pat, grp in p.subscriptions],
              "last_seen_seconds_ago": round(p.last_seen, 3)}
             for p in peers
@@ -548,9 +552,9 @@ def _cmd_peers(args: argparse.Namespace) -> int:
     if not peers:
         _note(f"no peers found in mesh {mesh!r} within {args.wait:g}s")
         return EXIT_OK
-    rows = [("SERVICE", "NODE", "ENDPOINT", "SUBSCRIPTIONS", "LAST SEEN")]
-    rows += [(p.service, p.node, p.endpoint, _subscriptions_text(p.subscriptions), f"{p.last_seen:.1f}s ago")
-             for p in peers]
+    rows = [("SERVICE", "NODE", "ENDPOINT", "STATE", "SUBSCRIPTIONS", "LAST SEEN")]
+    rows += [(p.service, p.node, p.endpoint, p.state, _subscriptions_text(p.subscriptions),
+              f"{p.last_seen:.1f}s ago") for p in peers]
     print(_table(rows))
     return EXIT_OK
 

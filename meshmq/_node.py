@@ -38,6 +38,8 @@ from ._wire import (
 )
 
 
+_DEPARTED_KEPT = 256
+
 # --- actions the shell carries out ----------------------------------------------------
 
 
@@ -91,6 +93,19 @@ class Peer:
     last_ping: float
 
 
+@dataclass(frozen=True, slots=True)
+class Departed:
+    """A peer that left routing, kept a while for display (``meshmq peers --all``)."""
+
+    node: str
+    service: str
+    endpoint: str
+    reason: str
+    """``dead``, ``left`` or ``replaced``."""
+    last_seen: float
+    at: float
+
+
 @dataclass(slots=True)
 class Timing:
     heartbeat_interval: float = 0.5
@@ -117,6 +132,8 @@ class Node:
         # Endpoints of peers declared dead -> when: greeted again like seeds until rejoin_window
         # passes, because mDNS announces nothing new when a partition heals.
         self.lost: dict[str, float] = {}
+        # Recently departed peers, newest last (bounded; for display only).
+        self.departed: collections.OrderedDict[str, Departed] = collections.OrderedDict()
         self.counters: collections.Counter[str] = collections.Counter()
         self._stopped = False
 
@@ -184,7 +201,7 @@ class Node:
             self._hello(frame, now, actions)
         elif isinstance(frame, Bye):
             if frame.node in self.peers:
-                self._drop(frame.node, "left", actions)
+                self._drop(frame.node, "left", actions, now)
         return actions
 
     def touch(self, node: str, now: float) -> None:
@@ -269,13 +286,14 @@ class Node:
         # (before the peer limit is checked: the replacement does not grow the table).
         for other, p in list(self.peers.items()):
             if other != rec.node and p.endpoint == endpoint and p.record.started <= rec.started:
-                self._drop(other, "replaced", actions)
+                self._drop(other, "replaced", actions, now)
         if peer is None and len(self.peers) >= self.max_peers:
             self.counters["rejected_peer_limit"] += 1
             return
         if peer is None:
             self._link(endpoint, actions)
             self.peers[rec.node] = Peer(rec, endpoint, now, now)
+            self.departed.pop(rec.node, None)
             self.routes.update(rec)
             actions.append(PeerUp(rec))
         else:
@@ -290,9 +308,21 @@ class Node:
         if hello.want_reply:
             actions.append(Send(endpoint, hello_frame(self.mesh, self.record, False)))
 
-    def _drop(self, node: str, reason: str, actions: list[Action], now: float = 0.0) -> None:
+    def liveness(self, node: str, now: float) -> str:
+        """``alive``, ``suspect`` (silent for over half of peer_timeout), or how it departed."""
+        peer = self.peers.get(node)
+        if peer is not None:
+            return "alive" if now - peer.last_seen <= self.timing.peer_timeout / 2 else "suspect"
+        departed = self.departed.get(node)
+        return departed.reason if departed is not None else "unknown"
+
+    def _drop(self, node: str, reason: str, actions: list[Action], now: float) -> None:
         peer = self.peers.pop(node)
         self.routes.remove(node)
+        self.departed[node] = Departed(node, peer.record.service, peer.endpoint, reason, peer.last_seen, now)
+        self.departed.move_to_end(node)
+        while len(self.departed) > _DEPARTED_KEPT:
+            self.departed.popitem(last=False)
         if reason == "dead" and peer.endpoint not in self.seeds:
             if len(self.lost) >= self.max_peers:
                 del self.lost[next(iter(self.lost))]  # forget the oldest

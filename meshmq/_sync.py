@@ -183,8 +183,9 @@ class Agent:
     def subscriptions(self) -> list[Subscription]:
         return self._agent.subscriptions
 
-    def peers(self) -> list[PeerInfo]:
-        return self._call(self._agent.peers)
+    def peers(self, *, departed: bool = False) -> list[PeerInfo]:
+        """See :meth:`AsyncAgent.peers`."""
+        return self._call(lambda: self._agent.peers(departed=departed))
 
     def routes(self, topic: str | None = None) -> list[RouteEntry]:
         """See :meth:`AsyncAgent.routes`."""

@@ -368,13 +368,13 @@ def test_peers_shows_a_running_agent(home: Path) -> None:
         node, endpoint = agent.node_id, agent.endpoints[0]
     assert table.returncode == 0, table.stderr
     header, *rows = table.stdout.splitlines()
-    assert header.split() == ["SERVICE", "NODE", "ENDPOINT", "SUBSCRIPTIONS", "LAST", "SEEN"]
+    assert header.split() == ["SERVICE", "NODE", "ENDPOINT", "STATE", "SUBSCRIPTIONS", "LAST", "SEEN"]
     assert len(rows) == 1
-    assert rows[0].split()[:5] == ["peer-probe", node, endpoint, "probe.*@workers,", "other.>"]
+    assert rows[0].split()[:6] == ["peer-probe", node, endpoint, "alive", "probe.*@workers,", "other.>"]
     assert re.search(r"\d+\.\ds ago$", rows[0])
     assert as_json.returncode == 0, as_json.stderr
     [peer] = json.loads(as_json.stdout)
-    assert (peer["service"], peer["node"], peer["endpoint"]) == ("peer-probe", node, endpoint)
+    assert (peer["service"], peer["node"], peer["endpoint"], peer["state"]) == ("peer-probe", node, endpoint, "alive")
     assert peer["subscriptions"] == [{"pattern": "probe.*", "group": "workers"},
                                      {"pattern": "other.>", "group": None}]
     assert 0 <= peer["last_seen_seconds_ago"] < 5

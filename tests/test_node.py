@@ -525,3 +525,27 @@ def test_a_malformed_mdns_hint_is_ignored_and_counted(net: MemoryNetwork) -> Non
     actions = a.discovered(0.0, "x", ("tcp://[garbage",), "test")
     assert actions == [] and a.counters["rejected_bad_hint"] == 1 and not a.pending
     check_invariants(net)
+
+
+def test_liveness_goes_alive_suspect_dead_and_departed_peers_are_remembered(net: MemoryNetwork) -> None:
+    a = net.add(make_node("a"))
+    b = net.add(make_node("b"), seeds=[A])
+    net.add(make_node("c"), seeds=[A])
+    net.run(1.0)
+    assert a.liveness("b", net.clock.now()) == "alive"
+    net.cut(A, B)
+    half = a.timing.peer_timeout / 2
+    net.run(half)  # silent for exactly half of peer_timeout: still alive
+    assert a.liveness("b", net.clock.now()) == "alive"
+    net.run(0.25)
+    assert a.liveness("b", net.clock.now()) == "suspect"
+    net.run(half)
+    assert a.liveness("b", net.clock.now()) == "dead"
+    assert a.departed["b"].reason == "dead" and a.departed["b"].service == "svc"
+    net.stop(C)
+    net.flush()
+    assert a.liveness("c", net.clock.now()) == "left"
+    assert a.liveness("nobody", net.clock.now()) == "unknown"
+    net.heal(A, B)
+    net.run(a.timing.peer_timeout + 1.0)
+    assert "b" in a.peers and "b" not in a.departed and b.peers
