@@ -362,7 +362,8 @@ class AsyncAgent:
         self._transport = transport
         self._started_at = time.monotonic()
         record = NodeRecord(self.node_id, self.service, endpoints, self._advertised(), 1, time.time())
-        self._node = Node(cfg.mesh, record, timing=Timing(cfg.heartbeat_interval, cfg.peer_timeout, cfg.rejoin_window),
+        self._node = Node(cfg.mesh, record, timing=Timing(cfg.heartbeat_interval, cfg.peer_timeout, cfg.rejoin_window,
+                                                   cfg.gossip_interval, cfg.gossip_fanout, cfg.gossip_entries),
                           limits=self.limits, max_peers=cfg.max_peers)
         self._node_links[self.node_id] = self._local
         self._state = "running"

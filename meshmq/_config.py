@@ -49,6 +49,12 @@ class Config:
     """Seconds of silence after which a peer is declared dead and leaves routing."""
     rejoin_window: float = 600.0
     """Seconds during which the endpoint of a peer declared dead is still greeted, so a healed partition rejoins."""
+    gossip_interval: float = 0.5
+    """Seconds between membership gossip rounds (nodes tell peers whom they know)."""
+    gossip_fanout: int = 3
+    """Peers told per gossip round."""
+    gossip_entries: int = 32
+    """Most membership entries in one gossip frame, however large the mesh (at most 256)."""
 
     # --- sizes ---
     max_frame_bytes: int = 4 * _MiB
@@ -105,7 +111,9 @@ class Config:
                 _check(_is_endpoint(ep.strip()), "bind", f"{ep!r} is not a ZeroMQ endpoint like tcp://127.0.0.1:7400")
         for seed in self.seeds:
             _check(_is_endpoint(seed), "seeds", f"{seed!r} is not an endpoint like tcp://127.0.0.1:7400")
-        _positive(self, "heartbeat_interval", "peer_timeout", "rejoin_window", "publish_timeout", "stop_timeout")
+        _positive(self, "heartbeat_interval", "peer_timeout", "rejoin_window", "gossip_interval", "publish_timeout",
+                  "stop_timeout", "gossip_fanout", "gossip_entries")
+        _check(self.gossip_entries <= 256, "gossip_entries", f"{self.gossip_entries} is above the wire limit of 256")
         _check(
             self.peer_timeout >= 2 * self.heartbeat_interval,
             "peer_timeout",

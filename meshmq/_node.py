@@ -13,6 +13,10 @@ Membership protocol (the gossiped, SWIM-style layer builds on these records):
 - Each node pings every peer each ``heartbeat_interval``; a ping carries the
   sender's record version, and a receiver whose copy is older asks for a fresh
   HELLO. A changed record (new subscription) is pushed to all peers at once.
+- Each ``gossip_interval`` a node tells ``gossip_fanout`` random peers a bounded
+  sample of the nodes it knows (node, endpoint, record version); a receiver
+  greets those it has not met. So seeds plus gossip build the full mesh where
+  multicast does not reach, and records still come first-hand, from each node.
 - A peer silent for ``peer_timeout`` is declared dead and leaves routing; BYE
   removes it at once. The endpoint of a dead peer is greeted again, like a seed,
   for ``rejoin_window``: when a partition heals, mDNS announces nothing new.
@@ -27,14 +31,16 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
+import random
 from dataclasses import dataclass
 
 from ._errors import TopicError
 from ._routing import RoutingTable
 from ._topics import check_pattern
 from ._wire import (
-    Bye, Data, Frame, Hello, Limits, NodeRecord, Ping, Subscription, bye_frame, hello_frame, is_endpoint,
-    ping_frame,
+    Bye, Data, Frame, Gossip, Hello, Limits, NodeRecord, Ping, Subscription, bye_frame, gossip_frame, hello_frame,
+    is_endpoint, ping_frame,
 )
 
 
@@ -112,14 +118,24 @@ class Timing:
     peer_timeout: float = 3.0
     rejoin_window: float = 600.0
     """How long the endpoint of a peer declared dead is greeted again (a partition may heal)."""
+    gossip_interval: float = 0.5
+    """Seconds between gossip rounds."""
+    gossip_fanout: int = 3
+    """Peers told per gossip round."""
+    gossip_entries: int = 32
+    """Most membership entries per gossip frame (bounded however large the mesh)."""
 
 
 class Node:
     """Membership and routing state of the local node."""
 
     def __init__(self, mesh: str, record: NodeRecord, *, timing: Timing | None = None,
-                 limits: Limits | None = None, max_peers: int = 4096) -> None:
+                 limits: Limits | None = None, max_peers: int = 4096, rng: random.Random | None = None) -> None:
         self.mesh = mesh
+        # Injected so that tests in virtual time are deterministic (seed it); the agent passes none.
+        self.rng = rng or random.Random()
+        self.next_gossip = 0.0
+        self.fresh: dict[str, int] = {}  # peers joined lately -> gossip frames that carried them so far
         self.timing = timing or Timing()
         self.limits = limits or Limits()
         self.max_peers = max_peers
@@ -202,6 +218,8 @@ class Node:
         elif isinstance(frame, Bye):
             if frame.node in self.peers:
                 self._drop(frame.node, "left", actions, now)
+        elif isinstance(frame, Gossip):
+            self._gossip(frame, now, actions)
         return actions
 
     def touch(self, node: str, now: float) -> None:
@@ -232,6 +250,7 @@ class Node:
                 peer.last_ping = now
                 actions.append(Send(peer.endpoint, ping_frame(
                     self.mesh, self.node_id, self.record.version, self.record.endpoints[0], wall)))
+        self._gossip_round(now, actions)
         live_endpoints = {peer.endpoint for peer in self.peers.values()}
         for ep in self.seeds:
             if ep not in self.pending and ep not in live_endpoints:
@@ -249,6 +268,51 @@ class Node:
                     del self.pending[ep]
                     self._unlink(ep, actions)
         return actions
+
+    def _gossip_round(self, now: float, actions: list[Action]) -> None:
+        """Tell a few random peers a bounded sample of who we know (ourselves always first)."""
+        t = self.timing
+        if now < self.next_gossip or not self.peers:
+            return
+        self.next_gossip = now + t.gossip_interval
+        budget = t.gossip_entries - 1
+        # News first (peers that joined lately, each sent about 3*log2(N) times, as SWIM
+        # disseminates changes), then a random sample of the others.
+        limit = 3 * math.ceil(math.log2(len(self.peers) + 1))
+        news = sorted((n for n in self.fresh if n in self.peers), key=lambda n: self.fresh[n])[:budget]
+        for n in list(self.fresh):
+            if n not in self.peers:
+                del self.fresh[n]
+        for n in news:
+            self.fresh[n] += 1
+            if self.fresh[n] >= limit:
+                del self.fresh[n]
+        rest = [n for n in self.peers if n not in news]
+        chosen = news + self.rng.sample(rest, min(len(rest), budget - len(news)))
+        entries = [(self.node_id, self.record.endpoints[0], self.record.version)]
+        entries += [(n, self.peers[n].endpoint, self.peers[n].record.version) for n in chosen]
+        frame = gossip_frame(self.mesh, self.node_id, entries)
+        for node in self.rng.sample(sorted(self.peers), min(len(self.peers), t.gossip_fanout)):
+            actions.append(Send(self.peers[node].endpoint, frame))
+
+    def _gossip(self, frame: Gossip, now: float, actions: list[Action]) -> None:
+        """Greet the nodes a peer knows and we do not; records come from the nodes themselves."""
+        self.touch(frame.node, now)
+        for node, endpoint, version in frame.entries:
+            if node == self.node_id:
+                continue
+            peer = self.peers.get(node)
+            if peer is None:
+                if endpoint in self.pending or len(self.peers) >= self.max_peers:
+                    continue
+                departed = self.departed.get(node)
+                if departed is not None and departed.reason != "dead":
+                    continue  # it said goodbye, or was replaced: a stale rumour
+                self.counters["gossip_introductions"] += 1
+                actions.extend(self.discovered(now, node, (endpoint,), self.mesh))
+            elif version > peer.record.version:
+                # We missed its latest record: ask the node itself.
+                actions.append(Send(peer.endpoint, hello_frame(self.mesh, self.record, True)))
 
     def next_deadline(self, now: float) -> float:
         """When ``tick`` should run next."""
@@ -294,6 +358,7 @@ class Node:
             self._link(endpoint, actions)
             self.peers[rec.node] = Peer(rec, endpoint, now, now)
             self.departed.pop(rec.node, None)
+            self.fresh[rec.node] = 0
             self.routes.update(rec)
             actions.append(PeerUp(rec))
         else:

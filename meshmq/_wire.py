@@ -33,7 +33,10 @@ HELLO = 1
 PING = 2
 BYE = 3
 DATA = 4
-KINDS = {HELLO: "hello", PING: "ping", BYE: "bye", DATA: "data"}
+GOSSIP = 5
+KINDS = {HELLO: "hello", PING: "ping", BYE: "bye", DATA: "data", GOSSIP: "gossip"}
+MAX_GOSSIP_ENTRIES = 256
+"""Most (node, endpoint, version) entries one gossip frame may carry."""
 
 _ID_BYTES = 16
 _TOPIC_CACHE = 4096
@@ -300,6 +303,10 @@ def bye_frame(mesh: str, node: str) -> bytes:
     return _HEAD[BYE] + msgpack.packb([mesh, node], use_bin_type=True)
 
 
+def gossip_frame(mesh: str, node: str, entries: list[tuple[str, str, int]]) -> bytes:
+    return _HEAD[GOSSIP] + msgpack.packb([mesh, node, [list(e) for e in entries]], use_bin_type=True)
+
+
 def data_frame(node: str, epoch: int, first_seq: int, entries: list[Any],
                packer: msgpack.Packer | None = None) -> bytes:
     """A batch of envelopes for one stream; entry i has sequence ``first_seq + i``.
@@ -335,6 +342,15 @@ class Bye:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Gossip:
+    """Membership hints: nodes the sender knows, where they are, and their record versions."""
+
+    mesh: str
+    node: str
+    entries: tuple[tuple[str, str, int], ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Data:
     node: str
     epoch: int
@@ -342,7 +358,7 @@ class Data:
     entries: list[Any]
 
 
-Frame = Hello | Ping | Bye | Data
+Frame = Hello | Ping | Bye | Data | Gossip
 
 
 def decode_frame(frame: bytes | memoryview, limits: Limits) -> Frame:
@@ -372,6 +388,18 @@ def decode_frame(frame: bytes | memoryview, limits: Limits) -> Frame:
         if len(body) != 2 or type(body[0]) is not str or type(body[1]) is not str:
             raise ProtocolError("bad bye")
         return Bye(body[0], body[1])
+    if kind == GOSSIP:
+        if len(body) != 3 or type(body[0]) is not str or type(body[1]) is not str or type(body[2]) is not list:
+            raise ProtocolError("bad gossip")
+        if len(body[2]) > MAX_GOSSIP_ENTRIES:
+            raise ProtocolError("too many gossip entries")
+        entries = []
+        for e in body[2]:
+            if (type(e) is not list or len(e) != 3 or type(e[0]) is not str or not 0 < len(e[0]) <= _MAX_NAME
+                    or not is_endpoint(e[1]) or type(e[2]) is not int or e[2] < 0):
+                raise ProtocolError("bad gossip entry")
+            entries.append((e[0], e[1], e[2]))
+        return Gossip(body[0], body[1], tuple(entries))
     raise ProtocolError(f"unknown frame kind {kind}")
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import random
 from collections.abc import Iterable
 
 from ._node import Action, Connect, Disconnect, Node, PeerDown, PeerUp, Send, Timing
@@ -90,7 +91,8 @@ def make_node(
     """
     subs = tuple(_subscription(s) for s in subscriptions)
     record = NodeRecord(node_id, service, (endpoint or f"inproc://{node_id}",), subs, version, started)
-    return Node(mesh, record, timing=timing, limits=limits, max_peers=max_peers)
+    # Seeded by the node id: gossip picks the same peers on every run.
+    return Node(mesh, record, timing=timing, limits=limits, max_peers=max_peers, rng=random.Random(node_id))
 
 
 def _subscription(spec: SubscriptionSpec) -> Subscription:

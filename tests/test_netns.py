@@ -72,26 +72,29 @@ def test_a_host_cut_off_is_declared_dead_and_rejoins_when_healed(make_lab: Calla
         close_all(members)
 
 
-def test_seeds_connect_hosts_where_multicast_is_blocked(make_lab: Callable[[int], Any]) -> None:
-    lab = make_lab(2)
+def test_seeds_plus_gossip_build_the_full_mesh_where_multicast_is_blocked(make_lab: Callable[[int], Any]) -> None:
+    lab = make_lab(3)
     for host in lab.hosts:
         lab.block_multicast(host)
     h1 = f"tcp://{lab.hosts[0].address}:7400"
     mesh = "lab" + uuid.uuid4().hex[:8]
-    # h1 binds a known port so that h2 can name it as a seed; mDNS stays on and finds nothing.
+    # h1 binds a known port so that h2 and h3 can name it as their only seed; mDNS stays on and
+    # finds nothing; h2 and h3 can only learn of each other through h1's gossip.
     first = Child("member", mesh, "h1", lab.hosts[0].address, "", "1", "60",
                   prefix=["ip", "netns", "exec", lab.hosts[0].name, "env", f"MESHMQ_BIND={h1}"])
     members = [first]
     try:
         first.expect("ready", timeout=20)
-        second = Child("member", mesh, "h2", lab.hosts[1].address, h1, "1", "60",
-                       prefix=["ip", "netns", "exec", lab.hosts[1].name])
-        members.append(second)
-        second.expect("ready", timeout=20)
-        wait_peers(first, ["h2"])
-        wait_peers(second, ["h1"])
-        second.send("pub lab.h1 seeded")
-        assert first.expect("msg", timeout=10)["data"] == "seeded"
+        for i in (1, 2):
+            member = Child("member", mesh, f"h{i + 1}", lab.hosts[i].address, h1, "1", "60",
+                           prefix=["ip", "netns", "exec", lab.hosts[i].name])
+            members.append(member)
+            member.expect("ready", timeout=20)
+        wait_peers(members[0], ["h2", "h3"])
+        wait_peers(members[1], ["h1", "h3"])
+        wait_peers(members[2], ["h1", "h2"])
+        members[1].send("pub lab.h3 introduced-by-gossip")
+        assert members[2].expect("msg", timeout=10)["data"] == "introduced-by-gossip"
     finally:
         close_all(members)
 

@@ -7,9 +7,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from meshmq._node import Connect, Disconnect, PeerDown, PeerUp, Send
+from meshmq._node import Connect, Disconnect, PeerDown, PeerUp, Send, Timing
 from meshmq._wire import (
-    Hello, Limits, NodeRecord, Ping, Subscription, bye_frame, data_frame, decode_frame, hello_frame, ping_frame,
+    GOSSIP, Gossip, Hello, Limits, NodeRecord, Ping, Subscription, bye_frame, data_frame, decode_frame, gossip_frame,
+    hello_frame, ping_frame,
 )
 from meshmq.testing import FakeClock, LinkError, MemoryNetwork, make_node
 
@@ -408,7 +409,9 @@ def test_a_restarted_node_on_the_same_endpoint_replaces_its_former_self(net: Mem
     assert a.routes.index.resolve("new.x").plain == ("b2",)
     assert PeerDown("b1", "svc", B, "replaced") in net.peer_changes(A)
     assert a.counters["peers_replaced"] == 1
-    assert a.counters["ping_from_unknown"] == 0 and net.node(B).counters["ping_from_unknown"] >= 1
+    b2 = net.node(B)  # a's ping or a's gossip introduced a to the newcomer
+    assert a.counters["ping_from_unknown"] == 0
+    assert b2.counters["ping_from_unknown"] + b2.counters["gossip_introductions"] >= 1
     check_invariants(net)
 
 
@@ -517,7 +520,10 @@ def test_node_is_usable_without_the_network() -> None:
     final = b.receive(decode_frame(replies[2].frame, b.limits), 0.0)
     assert final == [PeerUp(a.record)]  # the pending greeting's link is reused, not reconnected
     assert b.routes.index.resolve("orders.placed").plain == ("a",)
-    assert a.tick(0.5) == [Send(B, ping_frame("test", "a", 1, A, 0.0))]
+    ping, gossip = a.tick(0.5)
+    assert ping == Send(B, ping_frame("test", "a", 1, A, 0.0))
+    assert isinstance(gossip, Send) and gossip.endpoint == B
+    assert decode_frame(gossip.frame, a.limits) == Gossip("test", "a", (("a", A, 1), ("b", B, 1)))
 
 
 def test_a_malformed_mdns_hint_is_ignored_and_counted(net: MemoryNetwork) -> None:
@@ -549,3 +555,51 @@ def test_liveness_goes_alive_suspect_dead_and_departed_peers_are_remembered(net:
     net.heal(A, B)
     net.run(a.timing.peer_timeout + 1.0)
     assert "b" in a.peers and "b" not in a.departed and b.peers
+
+
+# --- membership gossip -----------------------------------------------------------------
+
+
+def test_seeds_plus_gossip_build_the_full_mesh(net: MemoryNetwork) -> None:
+    hub = "inproc://n0"
+    nodes = [net.add(make_node("n0"))]
+    nodes += [net.add(make_node(f"n{i}"), seeds=[hub]) for i in range(1, 12)]  # each knows only the hub
+    net.run(3.0)
+    assert all(len(n.peers) == len(nodes) - 1 for n in nodes), [len(n.peers) for n in nodes]
+    assert sum(n.counters["gossip_introductions"] for n in nodes) > 0
+    check_invariants(net)
+
+
+def test_without_gossip_seeds_alone_make_only_a_star() -> None:
+    # The control for the test above: the same mesh, with nobody told anything (fanout 0).
+    net = MemoryNetwork()
+    quiet = Timing(gossip_fanout=0)
+    net.add(make_node("n0", timing=quiet))
+    nodes = [net.add(make_node(f"n{i}", timing=quiet), seeds=["inproc://n0"]) for i in range(1, 12)]
+    net.run(3.0)
+    assert all(set(n.peers) == {"n0"} for n in nodes)
+
+
+def test_gossip_frames_stay_bounded_however_large_the_mesh(net: MemoryNetwork) -> None:
+    hub = "inproc://n0"
+    nodes = [net.add(make_node("n0"))] + [net.add(make_node(f"n{i}"), seeds=[hub]) for i in range(1, 80)]
+    net.run(4.0)
+    assert all(len(n.peers) == 79 for n in nodes)
+    gossip = [decode_frame(a.frame, Limits()) for a in net.actions(hub, Send)
+              if isinstance(a, Send) and a.frame[1] == GOSSIP]
+    assert gossip and max(len(g.entries) for g in gossip) == nodes[0].timing.gossip_entries
+    per_round = nodes[0].timing.gossip_fanout
+    rounds = net.clock.now() / nodes[0].timing.gossip_interval
+    assert len(gossip) <= per_round * (rounds + 1)  # a few peers per round, not everyone
+
+
+def test_stale_gossip_does_not_bring_back_a_node_that_left(net: MemoryNetwork) -> None:
+    a = net.add(make_node("a"))
+    net.add(make_node("b"), seeds=[A])
+    net.add(make_node("c"), seeds=[A])
+    net.run(2.0)
+    net.stop(C)
+    net.flush()
+    assert "c" not in a.peers and a.liveness("c", net.clock.now()) == "left"
+    stale = decode_frame(gossip_frame("test", "b", [("c", C, 1)]), Limits())
+    assert a.receive(stale, net.clock.now()) == []  # no greeting for a node that said goodbye

@@ -15,7 +15,7 @@ from meshmq._message import FORMAT_BYTES, FORMAT_MSGPACK, Message
 from meshmq._wire import (
     BYE, DATA, ENVELOPE_VERSION, HELLO, PING, PROTOCOL_VERSION, Bye, Data, Hello, Limits, NodeRecord, Ping,
     Subscription, bye_frame, check_headers, data_frame, decode_envelope, decode_frame, encode_envelope,
-    encode_payload, hello_frame, ping_frame, split_entry,
+    encode_payload, hello_frame, ping_frame, split_entry, Gossip, gossip_frame,
 )
 
 LIMITS = Limits()
@@ -461,3 +461,14 @@ def test_records_and_pings_with_a_malformed_endpoint_are_rejected(endpoint: str)
         decode_frame(hello_frame("m", record, False), LIMITS)
     with pytest.raises(ProtocolError):
         decode_frame(ping_frame("m", "n", 1, endpoint, 1.0), LIMITS)
+
+
+def test_gossip_round_trip_and_rejection() -> None:
+    frame = gossip_frame("m", "n1", [("n2", "tcp://10.0.0.2:7400", 3), ("n3", "inproc://n3", 0)])
+    decoded = decode_frame(frame, LIMITS)
+    assert decoded == Gossip("m", "n1", (("n2", "tcp://10.0.0.2:7400", 3), ("n3", "inproc://n3", 0)))
+    for entries in ([("n2", "tcp://[junk", 1)], [("", "inproc://x", 1)], [("n2", "inproc://x", -1)]):
+        with pytest.raises(ProtocolError, match="gossip"):
+            decode_frame(gossip_frame("m", "n1", entries), LIMITS)
+    with pytest.raises(ProtocolError, match="too many"):
+        decode_frame(gossip_frame("m", "n1", [("n", "inproc://x", 1)] * 257), LIMITS)
