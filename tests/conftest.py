@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,3 +50,9 @@ def make_lab() -> Iterator[Callable[[int], Any]]:
     finally:
         for lab in labs:
             lab.close()
+
+
+@pytest.fixture
+def mesh() -> str:
+    """A mesh name of this test's own, so that concurrent tests never meet."""
+    return "t" + uuid.uuid4().hex[:12]

@@ -5,48 +5,16 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import zmq
+from aio import agents, collect, run
 
 import meshmq
 
 pytestmark = pytest.mark.integration
-T = TypeVar("T")
-
-
-def run(coro: Awaitable[T], timeout: float = 30) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
-
-
-@pytest.fixture
-def mesh() -> str:
-    return "t" + uuid.uuid4().hex[:12]
-
-
-@asynccontextmanager
-async def agents(mesh: str, *names: str, **cfg: Any) -> AsyncIterator[list[meshmq.AsyncAgent]]:
-    started = [await meshmq.AsyncAgent(n, mesh=mesh, **cfg).start() for n in names]
-    try:
-        yield started
-    finally:
-        for a in started:
-            await a.stop()
-
-
-async def collect(sub: meshmq.Subscription, n: int) -> list[meshmq.Message]:
-    out = []
-    async for msg in sub:
-        out.append(msg)
-        if len(out) == n:
-            break
-    return out
 
 
 def test_wildcards_route_only_matching_topics(mesh: str) -> None:

@@ -4,39 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import uuid
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import asynccontextmanager
-from typing import Any, TypeVar
 
 import pytest
+from aio import agents, run
 
 import meshmq
 
 pytestmark = pytest.mark.integration
-T = TypeVar("T")
-
-
-def run(coro: Awaitable[T], timeout: float = 30) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
-
-
-@pytest.fixture
-def mesh() -> str:
-    return "t" + uuid.uuid4().hex[:12]
-
-
-@asynccontextmanager
-async def agents(mesh: str, *names: str, **cfg: Any) -> AsyncIterator[list[meshmq.AsyncAgent]]:
-    started = [await meshmq.AsyncAgent(n, mesh=mesh, **cfg).start() for n in names]
-    try:
-        yield started
-    finally:
-        for a in started:
-            await a.stop()
 
 
 def test_request_gets_the_reply_from_plain_and_coroutine_handlers(mesh: str) -> None:
