@@ -267,7 +267,7 @@ class Subscription:
         """Blocking Agent: the next message, or None when closed or after ``timeout`` seconds."""
         if self._cond is None:
             raise UsageError("get() is for subscriptions of the blocking Agent; use 'async for' on AsyncAgent")
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + _check_seconds("timeout", timeout, zero=True)
         with self._cond:
             while not self._buffer:
                 if self.closed:

@@ -353,3 +353,11 @@ def test_waits_and_queries_check_their_arguments(mesh: str, call: Callable[[Any]
     with meshmq.Agent("checker", mesh=mesh) as agent:
         with pytest.raises(meshmq.UsageError, match=words):
             call(agent)
+
+
+def test_subscription_get_checks_its_timeout(mesh: str) -> None:
+    with meshmq.Agent("getter", mesh=mesh) as agent:
+        sub = agent.subscribe("get.x")
+        with pytest.raises(meshmq.UsageError, match="timeout"):
+            sub.get(timeout="soon")  # type: ignore[arg-type]
+        assert sub.get(timeout=0) is None  # nothing waiting: an immediate answer
