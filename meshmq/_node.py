@@ -139,6 +139,8 @@ class Node:
         self.timing = timing or Timing()
         self.limits = limits or Limits()
         self.max_peers = max_peers
+        self.max_pending = max(16, min(256, max_peers))
+        """Greetings awaiting an answer at once (each holds a socket)."""
         self.routes = RoutingTable(record)
         self.peers: dict[str, Peer] = {}
         self.links: collections.Counter[str] = collections.Counter()
@@ -330,6 +332,11 @@ class Node:
 
     def _greet(self, ep: str, now: float, actions: list[Action]) -> None:
         if ep not in self.pending:
+            if len(self.pending) >= self.max_pending:
+                # Each unanswered greeting holds a socket: a flood of hints (gossip, pings from
+                # strangers, mDNS) must not open them without bound. They are retried later.
+                self.counters["rejected_pending_limit"] += 1
+                return
             self._link(ep, actions)
         self.pending[ep] = now
         actions.append(Send(ep, hello_frame(self.mesh, self.record, True)))

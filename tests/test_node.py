@@ -603,3 +603,22 @@ def test_stale_gossip_does_not_bring_back_a_node_that_left(net: MemoryNetwork) -
     assert "c" not in a.peers and a.liveness("c", net.clock.now()) == "left"
     stale = decode_frame(gossip_frame("test", "b", [("c", C, 1)]), Limits())
     assert a.receive(stale, net.clock.now()) == []  # no greeting for a node that said goodbye
+
+
+def test_a_flood_of_gossip_cannot_open_sockets_without_bound(net: MemoryNetwork) -> None:
+    a = net.add(make_node("a"))
+    net.add(make_node("b"), seeds=[A])
+    net.run(0.5)
+    for burst in range(4):  # 4 x 256 strangers, far more than a may greet at once
+        entries = [(f"x{burst}-{i}", f"inproc://x{burst}-{i}", 1) for i in range(256)]
+        flood = decode_frame(gossip_frame("test", "b", entries), Limits())
+        a.receive(flood, net.clock.now())
+    assert len(a.pending) == a.max_pending == 256
+    assert a.counters["rejected_pending_limit"] == 4 * 256 - a.max_pending
+    assert len(a.links) <= a.max_pending + len(a.peers)
+
+
+def test_gossip_from_another_mesh_is_ignored_and_counted(net: MemoryNetwork) -> None:
+    a = net.add(make_node("a"))
+    foreign = decode_frame(gossip_frame("elsewhere", "z", [("y", "inproc://y", 1)]), Limits())
+    assert a.receive(foreign, 0.0) == [] and a.counters["rejected_other_mesh"] == 1 and not a.pending
