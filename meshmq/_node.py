@@ -317,8 +317,8 @@ class Node:
                 actions.append(Send(peer.endpoint, hello_frame(self.mesh, self.record, True)))
 
     def next_deadline(self, now: float) -> float:
-        """When ``tick`` should run next."""
-        return now + self.timing.heartbeat_interval / 2
+        """When ``tick`` should run next (often enough for pings and gossip rounds alike)."""
+        return now + min(self.timing.heartbeat_interval / 2, self.timing.gossip_interval)
 
     def stop(self, now: float) -> list[Action]:
         """Leaving: say BYE to every peer. The node accepts no input afterwards."""
