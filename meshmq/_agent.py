@@ -436,12 +436,15 @@ class AsyncAgent:
         queue is full, then raises :class:`PeerQueueFull`; nothing is sent then.
         """
         prepared = self._prepare(topic, data, type, key, headers, schema_version)
-        try:
+        try:  # the common case, without a second coroutine per message
             return self._enqueue(prepared, threadsafe=False)
         except _Full:
-            pass
+            return await self._enqueue_when_room(prepared)
+
+    async def _enqueue_when_room(self, prepared: _Prepared) -> str:
+        """Back-pressure: retry :meth:`_enqueue` as links drain, for up to ``publish_timeout``."""
         deadline = time.monotonic() + self.config.publish_timeout
-        while True:  # back-pressure: wait for room, bounded by publish_timeout
+        while True:
             assert self._transport is not None
             await self._transport.async_wait_space(min(deadline - time.monotonic(), 0.1))
             try:
@@ -476,33 +479,34 @@ class AsyncAgent:
         if (type_ is None and key is None and headers is None and schema_version == 1
                 and type(data) is bytes and len(data) <= self.limits.max_payload_bytes
                 and topic in self._checked_topics):
-            # The plain case (bytes to a topic seen before): nothing else to check.
-            state = self._thread_state()
-            mid = self._id_prefix + next(self._id_counter).to_bytes(8, "big")
-            env = encode_envelope(mid, time.time(), topic, None, self.service, self.node_id,
-                                  1, None, None, FORMAT_BYTES, data, state.packer)
-            return topic, None, mid, env, state
-        if topic not in self._checked_topics:
-            cfg = self.config
-            check_user_topic(topic, cfg.max_topic_length, cfg.max_topic_tokens)
-            if len(self._checked_topics) >= 4096:
-                self._checked_topics.clear()
-            self._checked_topics[topic] = None
-        if type_ is not None and (type(type_) is not str or not 0 < len(type_) <= 255):
-            raise UsageError(f"type must be a non-empty str of at most 255 characters, got {type_!r}")
-        if key is not None and (type(key) is not str or not 0 < len(key) <= 255):
-            raise UsageError(f"key must be a non-empty str of at most 255 characters, got {key!r}")
-        if type(schema_version) is not int or schema_version < 0:
-            raise UsageError(f"schema_version must be a non-negative int, got {schema_version!r}")
-        if type(data) is bytes and len(data) <= self.limits.max_payload_bytes:
-            fmt, raw = FORMAT_BYTES, data
+            fmt, raw, hdrs = FORMAT_BYTES, data, None  # the plain case: nothing else to check
         else:
-            fmt, raw = encode_payload(data, self.limits)
-        hdrs = None if headers is None else check_headers(headers, self.limits)
-        mid = self._id_prefix + next(self._id_counter).to_bytes(8, "big")
+            if topic not in self._checked_topics:
+                cfg = self.config
+                check_user_topic(topic, cfg.max_topic_length, cfg.max_topic_tokens)
+                if len(self._checked_topics) >= 4096:
+                    self._checked_topics.clear()
+                self._checked_topics[topic] = None
+            if type_ is not None and (type(type_) is not str or not 0 < len(type_) <= 255):
+                raise UsageError(f"type must be a non-empty str of at most 255 characters, got {type_!r}")
+            if key is not None and (type(key) is not str or not 0 < len(key) <= 255):
+                raise UsageError(f"key must be a non-empty str of at most 255 characters, got {key!r}")
+            if type(schema_version) is not int or schema_version < 0:
+                raise UsageError(f"schema_version must be a non-negative int, got {schema_version!r}")
+            if type(data) is bytes and len(data) <= self.limits.max_payload_bytes:
+                fmt, raw = FORMAT_BYTES, data
+            else:
+                fmt, raw = encode_payload(data, self.limits)
+            hdrs = None if headers is None else check_headers(headers, self.limits)
+        return self._seal(topic, type_, schema_version, hdrs, key, fmt, raw)
+
+    def _seal(self, topic: str, type_: str | None, schema_version: int, headers: dict[str, str] | None,
+              key: str | None, fmt: int, raw: bytes) -> _Prepared:
+        """A new message id and the envelope bytes, packed with this thread's packer."""
         state = self._thread_state()
+        mid = self._id_prefix + next(self._id_counter).to_bytes(8, "big")
         env = encode_envelope(mid, time.time(), topic, type_, self.service, self.node_id,
-                              schema_version, hdrs, key, fmt, raw, state.packer)
+                              schema_version, headers, key, fmt, raw, state.packer)
         return topic, key, mid, env, state
 
     def _enqueue(self, prepared: _Prepared, threadsafe: bool) -> str:
@@ -598,12 +602,8 @@ class AsyncAgent:
         was_full = not link.has_room()
         seq = link.next_seq
         while True:
-            entries = link.take(self.config.max_batch_messages, self.config.max_batch_bytes)
+            entries = link.take_or_idle(self.config.max_batch_messages, self.config.max_batch_bytes)
             if not entries:
-                with link.lock:
-                    if link.queue:
-                        continue
-                    link.scheduled = False
                 break
             self._deliver_entries(entries, seq)
             seq += len(entries)
@@ -625,10 +625,8 @@ class AsyncAgent:
         :class:`RemoteError` when the responder's handler raised.
         """
         _check_seconds("timeout", timeout)
-        if headers is not None and not isinstance(headers, dict):
-            check_headers(headers, self.limits)  # raises the usual PayloadError
-        prepared = self._prepare(topic, data, type, key, {**(headers or {}), REPLY_TO: self.node_id},
-                                 schema_version)
+        request_headers = {**(check_headers(headers, self.limits) or {}), REPLY_TO: self.node_id}
+        prepared = self._prepare(topic, data, type, key, request_headers, schema_version)
         responders = set(self._index.destinations(topic, key)) if self._state == "running" else set()
         if not responders:
             raise NoResponders(topic)
@@ -637,16 +635,10 @@ class AsyncAgent:
         request_id = prepared[2].hex()
         self._requests[request_id] = _Request(topic, fut, responders)
         try:
-            deadline = time.monotonic() + self.config.publish_timeout
-            while True:
-                try:
-                    self._enqueue(prepared, threadsafe=False)
-                    break
-                except _Full as full:
-                    if time.monotonic() >= deadline:
-                        raise self._full_error(full.link) from None
-                    assert self._transport is not None
-                    await self._transport.async_wait_space(min(deadline - time.monotonic(), 0.1))
+            try:
+                self._enqueue(prepared, threadsafe=False)
+            except _Full:
+                await self._enqueue_when_room(prepared)
             try:
                 return await asyncio.wait_for(fut, timeout)
             except asyncio.TimeoutError:
@@ -664,12 +656,11 @@ class AsyncAgent:
             reply_headers[REPLY_ERROR] = error
         if self._state != "running":
             self._check_running()
+        if not self._shared_links and self._loop_thread is not None and threading.get_ident() != self._loop_thread:
+            raise UsageError("on AsyncAgent, reply from the agent's event loop (a handler); "
+                             "from other threads use the blocking meshmq.Agent")
         fmt, raw = encode_payload(data, self.limits)
-        hdrs = check_headers(reply_headers, self.limits)
-        state = self._thread_state()
-        mid = self._id_prefix + next(self._id_counter).to_bytes(8, "big")
-        env = encode_envelope(mid, time.time(), reply_topic(node), type_, self.service, self.node_id,
-                              1, hdrs, None, fmt, raw, state.packer)
+        env = self._seal(reply_topic(node), type_, 1, check_headers(reply_headers, self.limits), None, fmt, raw)[3]
         link = self._node_links.get(node)
         if link is None:
             with self._counters_lock:
@@ -678,7 +669,7 @@ class AsyncAgent:
         if not link.has_room():
             raise self._full_error(link)
         threadsafe = threading.get_ident() != self._loop_thread
-        put = link.put if (threadsafe or link.shared) else link.put_owned
+        put = link.put if self._shared_links else link.put_owned
         if put(env, len(env)):
             self._wake(link, threadsafe)
         with self._counters_lock:  # replies may come from a blocking Agent's consumer threads

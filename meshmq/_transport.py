@@ -119,6 +119,20 @@ class Link:
             self.queued_bytes -= size
             return batch
 
+    def take_or_idle(self, max_messages: int, max_bytes: int) -> list[Any]:
+        """:meth:`take`; when nothing is left, mark the link idle (``scheduled`` cleared) and
+        return ``[]``. Checked under the lock, so a concurrent :meth:`put` either lands in a
+        batch or sees the link idle and wakes the loop: no wake-up is lost. Until then,
+        publishers filling the link while it drains wake nobody."""
+        while True:
+            entries = self.take(max_messages, max_bytes)
+            if entries:
+                return entries
+            with self.lock:
+                if not self.queue:
+                    self.scheduled = False
+                    return entries
+
     def clear(self) -> int:
         """Drop everything waiting (the peer is gone); return how many entries were dropped."""
         with self.lock:
@@ -284,10 +298,8 @@ class Transport:
     def flush(self, link: Link) -> None:
         """Send what waits on ``link``, batch by batch, until it is empty or the socket is full.
 
-        ``scheduled`` stays set while we drain, so publishers filling the link meanwhile
-        wake nobody; it is cleared, under the lock, only when the queue is found empty
-        (so no wake-up is lost). While the socket is full it stays set: the writable
-        watcher (or the tick's fallback) calls us again.
+        While the socket is full the link stays scheduled: the writable watcher (or the
+        tick's fallback) calls us again.
         """
         sock = link.socket
         if link.closed or sock is None:
@@ -297,12 +309,8 @@ class Transport:
         while True:
             frame = link.frame
             if frame is None:
-                entries = link.take(self.max_batch_messages, self.max_batch_bytes)
+                entries = link.take_or_idle(self.max_batch_messages, self.max_batch_bytes)
                 if not entries:
-                    with link.lock:
-                        if link.queue:
-                            continue
-                        link.scheduled = False
                     break
                 frame = data_frame(self.node_id, self.epoch, link.next_seq, entries, self.packer)
                 link.next_seq += len(entries)
