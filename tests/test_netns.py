@@ -16,14 +16,15 @@ from children import Child
 pytestmark = [pytest.mark.integration, pytest.mark.netns]
 
 
-def start_members(lab: Any, mesh: str, *, seeds: dict[int, str] | None = None, discovery: bool = True,
-                  lifetime: float = 60) -> list[Child]:
-    members = []
-    for i, host in enumerate(lab.hosts):
-        name = f"h{i + 1}"
-        args = ["member", mesh, name, host.address, (seeds or {}).get(i, ""), "1" if discovery else "0",
-                str(lifetime)]
-        members.append(Child(*args, prefix=["ip", "netns", "exec", host.name]))
+def member(lab: Any, i: int, mesh: str, *, seed: str = "", bind: str | None = None) -> Child:
+    """The agent of lab host i (named h<i+1>), mDNS on; ``bind`` fixes its endpoint."""
+    host = lab.hosts[i]
+    prefix = ["ip", "netns", "exec", host.name] + (["env", f"MESHMQ_BIND={bind}"] if bind else [])
+    return Child("member", mesh, f"h{i + 1}", host.address, seed, "1", "60", prefix=prefix)
+
+
+def start_members(lab: Any, mesh: str) -> list[Child]:
+    members = [member(lab, i, mesh) for i in range(len(lab.hosts))]
     for m in members:
         m.expect("ready", timeout=20)
     return members
@@ -80,16 +81,13 @@ def test_seeds_plus_gossip_build_the_full_mesh_where_multicast_is_blocked(make_l
     mesh = "lab" + uuid.uuid4().hex[:8]
     # h1 binds a known port so that h2 and h3 can name it as their only seed; mDNS stays on and
     # finds nothing; h2 and h3 can only learn of each other through h1's gossip.
-    first = Child("member", mesh, "h1", lab.hosts[0].address, "", "1", "60",
-                  prefix=["ip", "netns", "exec", lab.hosts[0].name, "env", f"MESHMQ_BIND={h1}"])
+    first = member(lab, 0, mesh, bind=h1)
     members = [first]
     try:
         first.expect("ready", timeout=20)
         for i in (1, 2):
-            member = Child("member", mesh, f"h{i + 1}", lab.hosts[i].address, h1, "1", "60",
-                           prefix=["ip", "netns", "exec", lab.hosts[i].name])
-            members.append(member)
-            member.expect("ready", timeout=20)
+            members.append(member(lab, i, mesh, seed=h1))
+            members[-1].expect("ready", timeout=20)
         wait_peers(members[0], ["h2", "h3"])
         wait_peers(members[1], ["h1", "h3"])
         wait_peers(members[2], ["h1", "h2"])
@@ -122,15 +120,14 @@ def test_doctor_says_multicast_is_blocked_between_hosts(make_lab: Callable[[int]
         lab.block_multicast(host)
     h2 = f"tcp://{lab.hosts[1].address}:7400"
     mesh = "lab" + uuid.uuid4().hex[:8]
-    member = Child("member", mesh, "h2", lab.hosts[1].address, "", "1", "60",
-                   prefix=["ip", "netns", "exec", lab.hosts[1].name, "env", f"MESHMQ_BIND={h2}"])
+    second = member(lab, 1, mesh, bind=h2)
     try:
-        member.expect("ready", timeout=20)
+        second.expect("ready", timeout=20)
         result = lab.run(lab.hosts[0], [sys.executable, "-m", "meshmq", "doctor", "--interface",
                                         lab.hosts[0].address, "--mesh", mesh, "--seed", h2, "--wait", "2.5"],
                          timeout=60)
     finally:
-        member.close()
+        second.close()
     assert result.returncode == 1, result.stdout + result.stderr
     assert "1 peer(s): h2" in result.stdout  # the seed works...
     assert "multicast looks blocked between it and this host" in result.stdout  # ...mDNS does not
