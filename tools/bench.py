@@ -347,62 +347,78 @@ def role_mq_echo(a: dict[str, Any]) -> None:
     _run_profiled(lambda: asyncio.run(main()), a)
 
 
+class MeshPinger:
+    """The meshmq side of a latency run: publishes on bench.ping, times the matching bench.pong."""
+
+    def __init__(self, a: dict[str, Any]) -> None:
+        import asyncio
+
+        import meshmq
+
+        self.loop = asyncio.get_running_loop()
+        self.head: bytes | None = None
+        self.fut: Any = None
+        self.t1 = 0
+        self.agent = meshmq.AsyncAgent("bench-ping", **_agent_kwargs(a, seeds=[a["endpoint"]]))
+        self.agent.subscribe(PONG, self._on_pong)
+
+    def _on_pong(self, msg: Any) -> None:
+        if self.fut is not None and not self.fut.done() and msg.raw[:8] == self.head:
+            self.t1 = time.perf_counter_ns()  # delivered to the application: the round trip is over
+            self.fut.set_result(None)
+
+    async def start(self) -> None:
+        await self.agent.start()
+        await self.agent.wait_for_subscribers(PING, timeout=15)
+
+    async def round(self, msg: bytes, timeout: float | None = None) -> int | None:
+        """One round trip in ns; with ``timeout`` (warm-up only) None when no answer came."""
+        import asyncio
+
+        self.head, self.fut = msg[:8], self.loop.create_future()
+        t0 = time.perf_counter_ns()
+        await self.agent.publish(PING, msg)
+        if timeout is None:  # measured: no per-ping timer (it would add cost); the phase watchdog bounds it
+            await self.fut
+        else:
+            try:
+                await asyncio.wait_for(self.fut, timeout)
+            except asyncio.TimeoutError:
+                return None  # the echo may not route bench.pong to us yet
+        return self.t1 - t0
+
+    async def warm_up(self, size: int, warmup: int, before: Any = None) -> None:
+        """``warmup`` answered round trips; a lost answer is retried (bounded)."""
+        ok = tries = 0
+        while ok < warmup:
+            tries += 1
+            if tries > warmup + 200:
+                raise SystemExit(f"meshmq warm-up: {ok} of {warmup} answers after {tries} pings")
+            if before is not None:
+                before(tries)
+            if await self.round(payload(size, tries), 1.0) is not None:
+                ok += 1
+
+
 def role_mq_ping(a: dict[str, Any]) -> None:
     import asyncio
-
-    import meshmq
 
     size, rounds, warmup = a["size"], a["rounds"], a["warmup"]
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        clock = time.perf_counter_ns
-        waiting: dict[str, Any] = {"head": None, "fut": None, "t1": 0}
-
-        def on_pong(msg: meshmq.Message) -> None:
-            fut = waiting["fut"]
-            if fut is not None and not fut.done() and msg.raw[:8] == waiting["head"]:
-                waiting["t1"] = clock()  # delivered to the application: the round trip is over
-                fut.set_result(None)
-
-        agent = meshmq.AsyncAgent("bench-ping", **_agent_kwargs(a, seeds=[a["endpoint"]]))
-        agent.subscribe(PONG, on_pong)
-        await agent.start()
+        pinger = MeshPinger(a)
+        await pinger.start()
         try:
-            await agent.wait_for_subscribers(PING, timeout=15)
-            publish = agent.publish
-            # Warm-up: a lost answer (the echo may not route bench.pong to us yet) is retried.
-            ok = tries = 0
-            while ok < warmup:
-                tries += 1
-                if tries > warmup + 200:
-                    raise SystemExit(f"meshmq warm-up: {ok} of {warmup} answers after {tries} pings")
-                msg = payload(size, tries)
-                waiting["head"], waiting["fut"] = msg[:8], loop.create_future()
-                await publish(PING, msg)
-                try:
-                    await asyncio.wait_for(waiting["fut"], 1.0)
-                    ok += 1
-                except asyncio.TimeoutError:
-                    pass
-            # Measured: no per-ping timer (it would add cost); the phase watchdog bounds it.
+            await pinger.warm_up(size, warmup)
             task = asyncio.current_task()
             assert task is not None
-            watchdog = loop.call_later(a["timeout"], task.cancel)
-            msgs = [payload(size, 1_000_000 + i) for i in range(rounds)]
-            samples = []
-            for msg in msgs:
-                fut = loop.create_future()
-                waiting["head"], waiting["fut"] = msg[:8], fut
-                t0 = clock()
-                await publish(PING, msg)
-                await fut
-                samples.append(waiting["t1"] - t0)
+            watchdog = pinger.loop.call_later(a["timeout"], task.cancel)
+            samples = [await pinger.round(payload(size, 1_000_000 + i)) for i in range(rounds)]
             watchdog.cancel()
-            emit(event="result", stats=agent.stats(), **percentiles(samples))
+            emit(event="result", stats=pinger.agent.stats(), **percentiles(samples))  # type: ignore[arg-type]
             await async_wait_quit()
         finally:
-            await agent.stop()
+            await pinger.agent.stop()
 
     _run_profiled(lambda: asyncio.run(main()), a)
 
@@ -411,8 +427,6 @@ def role_pair_ping(a: dict[str, Any]) -> None:
     """Raw zmq and meshmq round trips from one process, alternating one by one, so both see
     the same machine conditions (a shared machine drifts between runs seconds apart)."""
     import asyncio
-
-    import meshmq
 
     size, rounds, warmup = a["size"], a["rounds"], a["warmup"]
     ctx, pull, push = _raw_pinger_sockets(a, a["raw_endpoint"])
@@ -428,62 +442,28 @@ def role_pair_ping(a: dict[str, Any]) -> None:
         return t1 - t0
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        waiting: dict[str, Any] = {"head": None, "fut": None, "t1": 0}
-
-        def on_pong(msg: meshmq.Message) -> None:
-            fut = waiting["fut"]
-            if fut is not None and not fut.done() and msg.raw[:8] == waiting["head"]:
-                waiting["t1"] = clock()
-                fut.set_result(None)
-
-        agent = meshmq.AsyncAgent("bench-ping", **_agent_kwargs(a, seeds=[a["endpoint"]]))
-        agent.subscribe(PONG, on_pong)
-        await agent.start()
+        pinger = MeshPinger(a)
+        await pinger.start()
         try:
-            await agent.wait_for_subscribers(PING, timeout=15)
-            publish = agent.publish
-
-            async def mq_round(msg: bytes, timeout: float | None) -> int | None:
-                fut = loop.create_future()
-                waiting["head"], waiting["fut"] = msg[:8], fut
-                t0 = clock()
-                await publish(PING, msg)
-                if timeout is None:
-                    await fut
-                else:
-                    try:
-                        await asyncio.wait_for(fut, timeout)
-                    except asyncio.TimeoutError:
-                        return None  # warm-up only: the echo may not route bench.pong to us yet
-                return int(waiting["t1"] - t0)
-
-            ok = tries = 0
-            while ok < warmup:
-                tries += 1
-                if tries > warmup + 200:
-                    raise SystemExit(f"meshmq warm-up: {ok} of {warmup} answers after {tries} pings")
-                raw_round(payload(size, tries))
-                if await mq_round(payload(size, tries), 1.0) is not None:
-                    ok += 1
+            await pinger.warm_up(size, warmup, before=lambda tries: raw_round(payload(size, tries)))
             task = asyncio.current_task()
             assert task is not None
-            watchdog = loop.call_later(a["timeout"], task.cancel)
+            watchdog = pinger.loop.call_later(a["timeout"], task.cancel)
             raw_samples, mq_samples = [], []
             for i in range(rounds):
                 msg = payload(size, 1_000_000 + i)
                 if i % 2:  # alternate which goes first, so neither always follows the other
                     raw_samples.append(raw_round(msg))
-                    mq_samples.append(await mq_round(msg, None))
+                    mq_samples.append(await pinger.round(msg))  # type: ignore[arg-type]
                 else:
-                    mq_samples.append(await mq_round(msg, None))
+                    mq_samples.append(await pinger.round(msg))  # type: ignore[arg-type]
                     raw_samples.append(raw_round(msg))
             watchdog.cancel()
             push.send(b"")  # tells the raw echo to stop
             emit(event="result", raw=percentiles(raw_samples), mq=percentiles(mq_samples))
             await async_wait_quit()
         finally:
-            await agent.stop()
+            await pinger.agent.stop()
             pull.close(0)
             push.close(0)
             ctx.term()
