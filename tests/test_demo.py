@@ -157,14 +157,21 @@ def test_demo_fails_when_a_service_misses_orders(tmp_path: Path) -> None:
     assert running_demo_children(demo_pids(out)) == []
 
 
-@pytest.mark.integration
-def test_demo_interrupted_ends_every_process(tmp_path: Path, processes: list[subprocess.Popen[str]]) -> None:
+def start_stalled_demo(tmp_path: Path, processes: list[subprocess.Popen[str]]) -> LineReader:
+    """A demo that cannot finish (payment drops every order), once it has placed its first order."""
     proc = subprocess.Popen([sys.executable, "-m", "meshmq", "demo", "--orders", "3", "--timeout", "60",
                              "--drop", "payment"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=loopback_env(tmp_path))
     processes.append(proc)
     reader = LineReader(proc)
     reader.wait_for(r"placed ORD-0001", 30)
+    return reader
+
+
+@pytest.mark.integration
+def test_demo_interrupted_ends_every_process(tmp_path: Path, processes: list[subprocess.Popen[str]]) -> None:
+    reader = start_stalled_demo(tmp_path, processes)
+    proc = reader.proc
     os.kill(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal, sent to the demo's own process only
     assert proc.wait(20) == 130
     out = reader.rest(10)
@@ -203,12 +210,8 @@ def test_examples_run_one_process_per_service(tmp_path: Path, processes: list[su
 
 @pytest.mark.integration
 def test_demo_children_leave_when_the_demo_is_killed(tmp_path: Path, processes: list[subprocess.Popen[str]]) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "meshmq", "demo", "--orders", "3", "--timeout", "60",
-                             "--drop", "payment"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=loopback_env(tmp_path))
-    processes.append(proc)
-    reader = LineReader(proc)
-    reader.wait_for(r"placed ORD-0001", 30)
+    reader = start_stalled_demo(tmp_path, processes)
+    proc = reader.proc
     pids = demo_pids("\n".join(reader.lines))
     assert len(pids) == 4
     try:
