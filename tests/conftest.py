@@ -1,4 +1,4 @@
-"""Shared test configuration: the Hypothesis profile and the network-namespace lab fixture."""
+"""Shared test configuration: the Hypothesis profile and the network-namespace lab fixtures."""
 
 from __future__ import annotations
 
@@ -50,6 +50,18 @@ def make_lab() -> Iterator[Callable[[int], Any]]:
     finally:
         for lab in labs:
             lab.close()
+
+
+@pytest.fixture
+def loss_rules() -> Any:
+    """tools/netns.py, once ``Lab.lose`` can work here (nft present, or installed, and
+    accepted by the kernel). Skips, saying why, where it cannot."""
+    netns = _load_netns()
+    try:
+        netns.ensure_nft()
+    except netns.LabUnavailable as exc:
+        pytest.skip(f"packet loss injection unavailable: {exc}")
+    return netns
 
 
 @pytest.fixture

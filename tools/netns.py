@@ -4,11 +4,20 @@ Each lab makes a switch namespace holding a bridge, and N host namespaces, each
 with one veth link to the bridge and a private address (10.77.<lab>.<i>/24) that
 exists only inside the lab. Nothing is added to the root namespace, so traffic
 can only flow between the lab's own hosts; closing the lab deletes every
-namespace, and with them every link. Needs root and iproute2.
+namespace, and with them every link. Needs root and iproute2. Each host's
+loopback is up, so processes inside one host can also talk over 127.0.0.1
+(that host's own loopback, not the machine's).
+
+Packet loss is injected with an nftables rule inside a host's namespace (this
+kernel family may lack the netem qdisc; nf_tables' ``numgen`` does the same
+job for loss). Rules live only in the lab's namespaces and vanish with them.
+Needs nftables' ``nft`` as well.
 
     with Lab(3) as lab:
         proc = lab.popen(lab.hosts[0], [sys.executable, "-c", "..."])
         lab.cut(lab.hosts[2]); lab.heal(lab.hosts[2])
+        lab.lose(lab.hosts[1], 10)          # 10% of the packets reaching h2 are lost
+        lab.lose(lab.hosts[1], 0)           # and no more
 
 From a shell (to experiment by hand; ``down`` removes every lab left behind):
 
@@ -21,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -32,7 +42,8 @@ PREFIX = "mqlab"
 
 
 class LabUnavailable(RuntimeError):
-    """This machine cannot make namespaces (not root, or no iproute2)."""
+    """This machine cannot make namespaces (not root, or no iproute2), or cannot inject
+    packet loss in them (no nft, or a kernel without nf_tables' numgen)."""
 
 
 def ensure_iproute2(install: bool = True) -> None:
@@ -49,6 +60,67 @@ def ensure_iproute2(install: bool = True) -> None:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if not shutil.which("ip"):
         raise LabUnavailable("iproute2 ('ip') is not installed and could not be installed")
+
+
+def ensure_nft(install: bool = True) -> None:
+    """Make sure ``nft`` exists and the kernel takes the loss rule; as root with apt-get,
+    install nftables if it is missing.
+
+    The rule is tried once in a throwaway network namespace (``unshare --net``), so that
+    a kernel without nf_tables or numgen is reported here, and the machine's own
+    namespace is never touched.
+    """
+    if os.geteuid() != 0:
+        raise LabUnavailable("network namespaces need root")
+    if install and not shutil.which("nft") and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=False, env=env, timeout=300,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "nftables"], check=False, env=env, timeout=300,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if not shutil.which("nft"):
+        raise LabUnavailable("nftables ('nft') is not installed and could not be installed")
+    if not shutil.which("unshare"):
+        raise LabUnavailable("cannot try the loss rule: util-linux's 'unshare' is missing")
+    probe = subprocess.run(["unshare", "--net", "nft", "-f", "-"], input=_loss_ruleset(10, None),
+                           capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0:
+        raise LabUnavailable(f"the kernel refuses the loss rule (nf_tables with numgen needed): "
+                             f"{probe.stderr.strip()}")
+
+
+LOSS_TABLE = "mqlab_loss"
+_INTERFACE = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")  # what Linux takes, less what could break the nft script
+
+
+def _loss_ruleset(percent: float, device: str | None) -> str:
+    """An nft script that (re)places the one loss rule of a namespace, atomically.
+
+    The rule drops packets as they *arrive* (prerouting hook), not as they leave:
+
+    - Each packet is drawn exactly once. A packet passes its sender's output hook and
+      its receiver's prerouting hook once each (on loopback both are the same host's);
+      a rule on both would lose ``1 - (1 - p)**2``. The switch namespace has no rule.
+    - The sender cannot tell, as on a lossy wire (and as with netem). A drop on the
+      output hook fails the send at once (``sendto`` gets EPERM, TCP sees local
+      congestion and retries on its own timer), which is not what a lost packet does.
+
+    A TCP retransmission is a new packet and draws again.
+    """
+    # numgen draws uniformly in [0, 10000): 0.01 % steps. Priority -300 runs before
+    # conntrack, so dropped packets leave no state behind.
+    threshold = round(percent * 100)
+    match = f'iifname "{device}" ' if device is not None else ""
+    if threshold < 10000:  # 10000 itself is out of numgen's range: 100 % needs no draw
+        match += f"numgen random mod 10000 < {threshold} "
+    return (f"table inet {LOSS_TABLE}\n"
+            f"delete table inet {LOSS_TABLE}\n"
+            f"table inet {LOSS_TABLE} {{\n"
+            f"  chain arriving {{\n"
+            f"    type filter hook prerouting priority -300; policy accept;\n"
+            f"    {match}counter drop\n"
+            f"  }}\n"
+            f"}}\n")
 
 
 def _ip(*args: str) -> None:
@@ -151,6 +223,45 @@ class Lab:
                                "mcast_flood", "off"], capture_output=True, text=True, timeout=30)
         if proc.returncode != 0:
             raise RuntimeError(f"bridge link set {host.switch_port} mcast_flood off: {proc.stderr.strip()}")
+
+    def lose(self, host: Host, percent: float, *, device: str | None = None) -> None:
+        """Make ``host`` lose ``percent`` % (0-100, in 0.01 steps) of the packets that
+        arrive at it, each drawn independently; ``device`` (e.g. ``"lo"``) limits it to
+        packets arriving on that interface.
+
+        Replaces the host's previous loss rule; ``percent`` 0 removes it. Every packet is
+        drawn once, by its receiver, unseen by its sender (see :func:`_loss_ruleset`):
+        a host talking to itself over 127.0.0.1 loses ``percent`` % of its loopback
+        packets; two lossy hosts lose ``percent`` % each way.
+        """
+        if not 0 <= percent <= 100:
+            raise ValueError(f"loss must be 0 to 100 percent, got {percent!r}")
+        if device is not None and not _INTERFACE.match(device):
+            raise ValueError(f"{device!r} is not an interface name")
+        if percent == 0:
+            self.clear_loss(host)
+            return
+        self._nft(host, _loss_ruleset(percent, device))
+
+    def clear_loss(self, host: Host) -> None:
+        """Remove ``host``'s loss rule, if any."""
+        self._nft(host, f"table inet {LOSS_TABLE}\ndelete table inet {LOSS_TABLE}\n")
+
+    def dropped(self, host: Host) -> int:
+        """Packets ``host``'s loss rule has dropped so far (0 without a rule)."""
+        proc = self.run(host, ["nft", "list", "table", "inet", LOSS_TABLE])
+        found = re.search(r"counter packets (\d+)", proc.stdout) if proc.returncode == 0 else None
+        return int(found.group(1)) if found else 0
+
+    def _nft(self, host: Host, script: str) -> None:
+        if host not in self.hosts:
+            raise ValueError(f"{host.name} is not a host of this lab")
+        if not shutil.which("nft"):
+            raise LabUnavailable("nftables ('nft') is missing: call ensure_nft() first")
+        proc = subprocess.run(["ip", "netns", "exec", host.name, "nft", "-f", "-"], input=script,
+                              capture_output=True, text=True, timeout=30)
+        if proc.returncode != 0:
+            raise RuntimeError(f"nft in {host.name}: {proc.stderr.strip()}")
 
     def close(self) -> None:
         for proc in self.processes:
