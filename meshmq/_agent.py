@@ -80,8 +80,8 @@ class PeerInfo:
     clock_offset: float | None = None
     """The peer's wall clock minus ours, in seconds, from its last ping (None before one arrived)."""
     state: str = "alive"
-    """``alive``; ``suspect`` (silent for over half of peer_timeout); or, for departed peers,
-    ``dead``, ``left`` or ``replaced``."""
+    """``alive``; ``suspect`` (a probe went unanswered: declared dead unless it refutes in time);
+    or, for departed peers, ``dead``, ``left`` or ``replaced``."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -361,10 +361,9 @@ class AsyncAgent:
             raise MeshError(f"cannot bind {cfg.bind or interfaces}: {exc}") from exc
         self._transport = transport
         self._started_at = time.monotonic()
-        record = NodeRecord(self.node_id, self.service, endpoints, self._advertised(), 1, time.time())
-        self._node = Node(cfg.mesh, record, timing=Timing(cfg.heartbeat_interval, cfg.peer_timeout, cfg.rejoin_window,
-                                                   cfg.gossip_interval, cfg.gossip_fanout, cfg.gossip_entries),
-                          limits=self.limits, max_peers=cfg.max_peers)
+        record = NodeRecord(self.node_id, self.service, endpoints, self._advertised(), 0, time.time())
+        timing = Timing(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Timing) if hasattr(cfg, f.name)})
+        self._node = Node(cfg.mesh, record, timing=timing, limits=self.limits, max_peers=cfg.max_peers)
         self._node_links[self.node_id] = self._local
         self._state = "running"
         self._apply(self._node.start(time.monotonic(), cfg.seeds))

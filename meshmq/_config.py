@@ -2,7 +2,7 @@
 
 Each field can be set three ways, later ones winning: the default below, a
 ``MESHMQ_<FIELD>`` environment variable, and a keyword override of the agent
-(``AsyncAgent("orders", peer_timeout=5)``). Every limit meshmq enforces lives
+(``AsyncAgent("orders", probe_interval=1.0)``). Every limit meshmq enforces lives
 here, so nothing is unbounded by accident.
 """
 
@@ -42,19 +42,31 @@ class Config:
     data_dir: Path | None = None
     """Where the agent keeps its state (``MESHMQ_DATA_DIR``); default ``~/.meshmq/<service>``."""
 
-    # --- liveness ---
-    heartbeat_interval: float = 0.5
-    """Seconds between heartbeats to each peer."""
-    peer_timeout: float = 3.0
-    """Seconds of silence after which a peer is declared dead and leaves routing."""
+    # --- membership and failure detection (SWIM with Lifeguard's refinements) ---
+    probe_interval: float = 0.5
+    """Seconds between two probes (pings) by this node, each of one peer in turn."""
+    probe_timeout: float = 0.2
+    """Seconds to wait for a direct ack before asking other peers to probe (less than probe_interval)."""
+    indirect_probes: int = 3
+    """Peers asked to probe a node that did not answer directly."""
+    suspicion_mult: float = 4.0
+    """A suspected node is declared dead after at least suspicion_mult * max(1, log10(nodes)) * probe_interval seconds unless it refutes."""
+    suspicion_max_mult: float = 6.0
+    """A suspicion no other node confirms lasts up to suspicion_max_mult times that minimum."""
+    gossip_interval: float = 0.2
+    """Seconds between push-pull gossip rounds."""
+    gossip_fanout: int = 3
+    """Peers in each gossip round."""
+    gossip_entries: int = 32
+    """Most node claims in one round's digest, however large the mesh (at most 256)."""
+    gossip_max_bytes: int = 64 * _KiB
+    """Records sent in one gossip frame stop at about this size (a single larger record travels alone)."""
+    tombstone_ttl: float = 60.0
+    """Seconds the entry of a departed node is kept, so that stale rumours cannot bring it back."""
+    join_timeout: float = 3.0
+    """Seconds an unanswered greeting (an mDNS hint) is repeated before it is given up."""
     rejoin_window: float = 600.0
     """Seconds during which the endpoint of a peer declared dead is still greeted, so a healed partition rejoins."""
-    gossip_interval: float = 0.5
-    """Seconds between membership gossip rounds (nodes tell peers whom they know)."""
-    gossip_fanout: int = 3
-    """Peers told per gossip round."""
-    gossip_entries: int = 32
-    """Most membership entries in one gossip frame, however large the mesh (at most 256)."""
 
     # --- sizes ---
     max_frame_bytes: int = 4 * _MiB
@@ -111,14 +123,16 @@ class Config:
                 _check(_is_endpoint(ep.strip()), "bind", f"{ep!r} is not a ZeroMQ endpoint like tcp://127.0.0.1:7400")
         for seed in self.seeds:
             _check(_is_endpoint(seed), "seeds", f"{seed!r} is not an endpoint like tcp://127.0.0.1:7400")
-        _positive(self, "heartbeat_interval", "peer_timeout", "rejoin_window", "gossip_interval", "publish_timeout",
-                  "stop_timeout", "gossip_fanout", "gossip_entries")
+        _positive(self, "probe_interval", "probe_timeout", "indirect_probes", "suspicion_mult", "gossip_interval",
+                  "gossip_fanout", "gossip_entries", "gossip_max_bytes", "tombstone_ttl", "join_timeout",
+                  "rejoin_window", "publish_timeout", "stop_timeout")
         _check(self.gossip_entries <= 256, "gossip_entries", f"{self.gossip_entries} is above the wire limit of 256")
         _check(
-            self.peer_timeout >= 2 * self.heartbeat_interval,
-            "peer_timeout",
-            f"{self.peer_timeout:g}s must be at least twice heartbeat_interval ({self.heartbeat_interval:g}s)",
+            self.probe_timeout < self.probe_interval,
+            "probe_timeout",
+            f"{self.probe_timeout:g}s must be less than probe_interval ({self.probe_interval:g}s)",
         )
+        _check(self.suspicion_max_mult >= 1, "suspicion_max_mult", f"{self.suspicion_max_mult:g} must be at least 1")
         _positive(
             self, "max_frame_bytes", "max_payload_bytes", "max_topic_length", "max_topic_tokens",
             "max_header_count", "max_header_bytes", "max_batch_messages", "max_batch_bytes",

@@ -1,30 +1,45 @@
-"""The protocol state of one mesh node: peers, their records, liveness. Pure, no I/O.
+"""The protocol state of one mesh node: membership, failure detection, gossip. Pure, no I/O.
 
 Like h11, it never touches a socket or a clock: the shell feeds it what
 happened (``start``, ``discovered``, ``receive``, ``tick``...) with the current
 monotonic time, and it returns :data:`Action` values for the shell to carry out.
 
-Membership protocol (the gossiped, SWIM-style layer builds on these records):
+**Records and gossip.** Every node owns one :class:`NodeRecord` and claims it
+alive at its incarnation. Each node keeps one :class:`Entry` per node it has
+heard of, merged with :func:`meshmq._records.merge` (a join semilattice, so
+claims may arrive in any order and any number of times). Each
+``gossip_interval`` a node opens a push-pull exchange with ``gossip_fanout``
+random peers: a digest first (claims without records: news first, then a
+random sample, at most ``gossip_entries``; and a hash of the whole table), then
+each side sends only the records the other lacks and asks for those it lacks.
+Every frame is bounded however large the mesh; a node that just joined gets
+the full digest in pages.
 
-- A node that learns an endpoint (mDNS, a seed) connects and sends HELLO with its
-  record, asking for a reply; the peer stores the record, connects back and
-  replies with its own. So a new node is reachable as soon as it has browsed one
-  peer, without waiting for its own mDNS announcement to settle.
-- Each node pings every peer each ``heartbeat_interval``; a ping carries the
-  sender's record version, and a receiver whose copy is older asks for a fresh
-  HELLO. A changed record (new subscription) is pushed to all peers at once.
-- Each ``gossip_interval`` a node tells ``gossip_fanout`` random peers a bounded
-  sample of the nodes it knows (node, endpoint, record version); a receiver
-  greets those it has not met. So seeds plus gossip build the full mesh where
-  multicast does not reach, and records still come first-hand, from each node.
-- A peer silent for ``peer_timeout`` is declared dead and leaves routing; BYE
-  removes it at once. The endpoint of a dead peer is greeted again, like a seed,
-  for ``rejoin_window``: when a partition heals, mDNS announces nothing new.
+**Failure detection (SWIM with Lifeguard's refinements).** Each
+``probe_interval`` a node pings one peer (round robin over a shuffled list).
+Without an ack within ``probe_timeout`` it asks ``indirect_probes`` others to
+ping it; without any ack by the end of the period it suspects the peer and
+gossips the suspicion. A suspected node that is alive refutes it by claiming a
+higher incarnation. Otherwise it is declared dead when the suspicion times
+out: the timeout starts long and shrinks as other nodes confirm the suspicion
+independently, and the node probes a suspect next, so a crashed node is
+confirmed at once while a lone false suspicion has time to be refuted. A node
+whose own probes go unanswered, helpers included (it is the slow one),
+stretches its probe interval and timeout (Lifeguard's local health). Any frame from a peer counts as an ack to a probe of it.
+
+**Joining.** An endpoint learnt from mDNS or a seed is greeted with HELLO
+(our record); the node there answers with its own and a full digest. Endpoints
+of peers declared dead are greeted again for ``rejoin_window``, as mDNS
+announces nothing when a partition heals; a node that hears itself declared
+dead refutes it, so both sides of a healed partition rejoin.
 
 Invariants:
-- ``peers`` holds exactly the nodes present in ``routes.records``;
+- ``peers`` holds exactly the members in ``routes.records``: those whose record
+  is of their current life and who are alive or suspect;
 - every peer's ``endpoint`` has been announced with :class:`Connect` and not yet
-  with :class:`Disconnect`; ``links`` counts the nodes using each endpoint.
+  with :class:`Disconnect`; ``links`` counts the users of each endpoint (peers,
+  pending greetings, links opened to answer a stranger);
+- ``digest_hash`` is the XOR of :func:`entry_hash` over our own claim and every member.
 """
 
 from __future__ import annotations
@@ -33,18 +48,24 @@ import collections
 import dataclasses
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import msgpack
 
 from ._errors import TopicError
+from ._records import claim, entry_hash, merge
 from ._routing import RoutingTable
 from ._topics import check_pattern
 from ._wire import (
-    Bye, Data, Frame, Gossip, Hello, Limits, NodeRecord, Ping, Subscription, bye_frame, gossip_frame, hello_frame,
-    is_endpoint, ping_frame,
+    ALIVE, DEAD, LEFT, MAX_SYNC_ENTRIES, STATUS_NAMES, SUSPECT, SYNC_LAST, SYNC_OPEN, SYNC_REPLY, Ack, Bye, Data, Entry,
+    Frame, Hello, Limits, NodeRecord, Ping, PingReq, Subscription, Sync, ack_frame, bye_frame, hello_frame, is_endpoint,
+    ping_frame, ping_req_frame, sync_frame,
 )
 
-
 _DEPARTED_KEPT = 256
+MAX_HEALTH = 8
+"""Most a node stretches its own probe interval and timeout: by (health + 1), as Lifeguard does."""
+_RELAYS_KEPT = 1024
 
 # --- actions the shell carries out ----------------------------------------------------
 
@@ -58,7 +79,7 @@ class Connect:
 
 @dataclass(frozen=True, slots=True)
 class Disconnect:
-    """No node uses this endpoint any more: close the link and drop what waits on it."""
+    """No one uses this endpoint any more: close the link and drop what waits on it."""
 
     endpoint: str
 
@@ -92,11 +113,33 @@ Action = Connect | Disconnect | Send | PeerUp | PeerDown
 
 
 @dataclass(slots=True)
-class Peer:
-    record: NodeRecord
-    endpoint: str
+class Member:
+    """What this node knows of another: the merged claim, and local bookkeeping."""
+
+    entry: Entry
+    changed_at: float
+    """When the claim last changed here (the age of a tombstone)."""
     last_seen: float
-    last_ping: float
+    """When a frame last came from the node itself (or, until then, when we heard of it)."""
+    endpoint: str = ""
+    """The endpoint linked while the member is a peer (in routing); "" otherwise."""
+    suspected_at: float = 0.0
+    confirmations: set[str] = field(default_factory=set)
+    """Nodes that suspected it independently, at the current incarnation."""
+    spread_by: str = ""
+    """The suspecter our digests name for it: the first one, or us once we confirmed."""
+    replaced: bool = False
+    """A later instance took its endpoint."""
+
+    @property
+    def record(self) -> NodeRecord:
+        assert self.entry.record is not None
+        return self.entry.record
+
+    @property
+    def routable(self) -> bool:
+        e = self.entry
+        return e.status <= SUSPECT and e.record is not None and e.record.started == e.started
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,17 +156,57 @@ class Departed:
 
 
 @dataclass(slots=True)
+class Probe:
+    seq: int
+    target: str
+    sent_at: float
+    helpers: int = 0
+    nacks: int = 0
+    indirect_sent: bool = False
+
+
+@dataclass(slots=True)
+class Relay:
+    """An indirect probe we run for another node: ack ``seq`` to ``endpoint`` if the target answers."""
+
+    requester: str
+    endpoint: str
+    seq: int
+    deadline: float
+
+
+@dataclass(slots=True)
 class Timing:
-    heartbeat_interval: float = 0.5
-    peer_timeout: float = 3.0
+    probe_interval: float = 0.5
+    """Seconds between two probes by this node (SWIM's protocol period)."""
+    probe_timeout: float = 0.2
+    """Seconds to wait for a direct ack before asking others to probe."""
+    indirect_probes: int = 3
+    """How many peers are asked to probe a node that did not answer."""
+    suspicion_mult: float = 4.0
+    """A suspicion lasts at least suspicion_mult * max(1, log10(N)) * probe_interval."""
+    suspicion_max_mult: float = 6.0
+    """... and at most suspicion_max_mult times that, while no one confirms it."""
+    gossip_interval: float = 0.2
+    """Seconds between push-pull rounds."""
+    gossip_fanout: int = 3
+    """Peers in each round."""
+    gossip_entries: int = 32
+    """Most claims in one round's digest (news first), however large the mesh."""
+    gossip_max_bytes: int = 64 * 1024
+    """Records sent in one frame stop at about this many bytes (one record always goes)."""
+    tombstone_ttl: float = 60.0
+    """How long the entry of a departed node is kept (so stale rumours cannot bring it back)."""
     rejoin_window: float = 600.0
     """How long the endpoint of a peer declared dead is greeted again (a partition may heal)."""
-    gossip_interval: float = 0.5
-    """Seconds between gossip rounds."""
-    gossip_fanout: int = 3
-    """Peers told per gossip round."""
-    gossip_entries: int = 32
-    """Most membership entries per gossip frame (bounded however large the mesh)."""
+    join_timeout: float = 3.0
+    """How long an unanswered greeting is repeated (seeds and lost endpoints: until they answer)."""
+    max_incarnation_jump: int = 1 << 20
+    """A rumour claiming an incarnation further ahead than this of what we know is refused."""
+
+    def suspicion_bounds(self, nodes: int) -> tuple[float, float]:
+        low = self.suspicion_mult * max(1.0, math.log10(max(nodes, 1))) * self.probe_interval
+        return low, low * self.suspicion_max_mult
 
 
 class Node:
@@ -134,25 +217,37 @@ class Node:
         self.mesh = mesh
         # Injected so that tests in virtual time are deterministic (seed it); the agent passes none.
         self.rng = rng or random.Random()
-        self.next_gossip = 0.0
-        self.fresh: dict[str, int] = {}  # peers joined lately -> gossip frames that carried them so far
         self.timing = timing or Timing()
         self.limits = limits or Limits()
         self.max_peers = max_peers
         self.max_pending = max(16, min(256, max_peers))
         """Greetings awaiting an answer at once (each holds a socket)."""
         self.routes = RoutingTable(record)
-        self.peers: dict[str, Peer] = {}
+        self.me = claim(record)
+        self.members: dict[str, Member] = {}
+        self.peers: dict[str, Member] = {}
         self.links: collections.Counter[str] = collections.Counter()
-        # Endpoints we said hello to but whose node has not answered yet: endpoint -> last hello time.
+        # Endpoints greeted whose node has not answered yet: endpoint -> last hello time.
         self.pending: dict[str, float] = {}
         self.seeds: tuple[str, ...] = ()
-        # Endpoints of peers declared dead -> when: greeted again like seeds until rejoin_window
-        # passes, because mDNS announces nothing new when a partition heals.
+        # Endpoints of peers declared dead -> when: greeted again until rejoin_window passes.
         self.lost: dict[str, float] = {}
         # Recently departed peers, newest last (bounded; for display only).
         self.departed: collections.OrderedDict[str, Departed] = collections.OrderedDict()
         self.counters: collections.Counter[str] = collections.Counter()
+        self.digest_hash = entry_hash(self.me)
+        # News: node -> digests that carried its latest claim so far (each is sent ~3*log2(N) times).
+        self.fresh: dict[str, int] = {record.node: 0}
+        self.wanted: dict[str, float] = {}  # node -> when we last asked for its record
+        self.health = 0  # Lifeguard's local health: our timeouts stretch by (health + 1)
+        self.seq = 0
+        self.probe: Probe | None = None
+        self.probe_order: list[str] = []
+        self.next_probe = 0.0
+        self.next_gossip = 0.0
+        self.relays: dict[int, Relay] = {}
+        self.suspects: set[str] = set()
+        self.next_expiry = 0.0
         self._stopped = False
 
     @property
@@ -161,12 +256,18 @@ class Node:
 
     @property
     def node_id(self) -> str:
-        return self.routes.local.node
+        return self.me.node
+
+    @property
+    def endpoint(self) -> str:
+        return self.me.record.endpoints[0]  # type: ignore[union-attr]
 
     # --- inputs ---------------------------------------------------------------------
 
     def start(self, now: float, seeds: tuple[str, ...] = ()) -> list[Action]:
         self.seeds = tuple(ep for ep in seeds if ep not in self.record.endpoints)
+        self.next_probe = now + self.timing.probe_interval
+        self.next_gossip = now + self.timing.gossip_interval
         actions: list[Action] = []
         for ep in self.seeds:
             self._greet(ep, now, actions)
@@ -189,12 +290,12 @@ class Node:
             return actions
         ep = endpoints[0]
         last = self.pending.get(ep)
-        if last is None or now - last >= self.timing.heartbeat_interval:
+        if last is None or now - last >= self.timing.probe_interval:
             self._greet(ep, now, actions)
         return actions
 
     def receive(self, frame: Frame, now: float) -> list[Action]:
-        """A control frame from the network (DATA frames only refresh liveness here)."""
+        """A frame from the network (DATA frames only count as signs of life here)."""
         actions: list[Action] = []
         if self._stopped:
             return actions
@@ -205,130 +306,411 @@ class Node:
             self.counters["rejected_other_mesh"] += 1
             return actions
         if isinstance(frame, Ping):
-            peer = self.peers.get(frame.node)
-            if peer is None:
-                # A peer that knew an earlier us (or missed our hello): introduce ourselves.
-                self.counters["ping_from_unknown"] += 1
-                if frame.node != self.node_id:
-                    actions.extend(self.discovered(now, frame.node, (frame.endpoint,), frame.mesh))
-            else:
-                peer.last_seen = now
-                if frame.version > peer.record.version:
-                    actions.append(Send(peer.endpoint, hello_frame(self.mesh, self.record, True)))
+            self._on_ping(frame, now, actions)
+        elif isinstance(frame, Ack):
+            self._on_ack(frame, now, actions)
+        elif isinstance(frame, PingReq):
+            self._on_ping_req(frame, now, actions)
+        elif isinstance(frame, Sync):
+            self._on_sync(frame, now, actions)
         elif isinstance(frame, Hello):
-            self._hello(frame, now, actions)
+            self._on_hello(frame, now, actions)
         elif isinstance(frame, Bye):
-            if frame.node in self.peers:
-                self._drop(frame.node, "left", actions, now)
-        elif isinstance(frame, Gossip):
-            self._gossip(frame, now, actions)
+            self.touch(frame.node, now)
+            self._learn(Entry(frame.node, frame.started, frame.incarnation, LEFT), frame.node, now, actions)
         return actions
 
     def touch(self, node: str, now: float) -> None:
-        peer = self.peers.get(node)
-        if peer is not None:
-            peer.last_seen = now
+        """A frame came from ``node``: it is alive now (and answers a probe of it)."""
+        member = self.peers.get(node)
+        if member is not None:
+            member.last_seen = now
+            probe = self.probe
+            if probe is not None and probe.target == node:
+                self._probe_answered(probe)
 
     def set_subscriptions(self, subscriptions: tuple[Subscription, ...], now: float) -> list[Action]:
-        """Advertise a new set of subscriptions: bump the record and push it to every peer."""
-        record = dataclasses.replace(self.record, subscriptions=subscriptions, version=self.record.version + 1)
-        self.routes.set_local(record)
-        frame = hello_frame(self.mesh, record, False)
-        return [Send(peer.endpoint, frame) for peer in self.peers.values()]
+        """Advertise a new set of subscriptions: a new incarnation of our record, gossiped at once."""
+        self._claim(dataclasses.replace(self.record, subscriptions=subscriptions,
+                                        incarnation=self.me.incarnation + 1))
+        actions: list[Action] = []
+        self.next_gossip = now  # a change travels in the next round, which is now
+        self._gossip_round(now, actions)
+        return actions
 
     def tick(self, now: float, wall: float = 0.0) -> list[Action]:
-        """Timers: declare silent peers dead, send due pings, re-greet unanswered seeds.
+        """Timers: probes, suspicions, gossip rounds, greetings, tombstones.
 
         ``wall`` (seconds since the epoch) is stamped on pings so peers can see clock skew.
         """
         actions: list[Action] = []
         if self._stopped:
             return actions
-        t = self.timing
-        for node, peer in list(self.peers.items()):
-            if now - peer.last_seen > t.peer_timeout:
-                self._drop(node, "dead", actions, now)
-            elif now - peer.last_ping >= t.heartbeat_interval:
-                peer.last_ping = now
-                actions.append(Send(peer.endpoint, ping_frame(
-                    self.mesh, self.node_id, self.record.version, self.record.endpoints[0], wall)))
+        self._expire_suspicions(now, actions)
+        self._probe_step(now, wall, actions)
+        self._expire_relays(now, actions)
         self._gossip_round(now, actions)
-        live_endpoints = {peer.endpoint for peer in self.peers.values()}
-        for ep in self.seeds:
-            if ep not in self.pending and ep not in live_endpoints:
-                self._greet(ep, now, actions)  # the seed's node died or restarted: find it again
-        for ep, died in list(self.lost.items()):
-            if now - died > t.rejoin_window or ep in live_endpoints:
-                del self.lost[ep]
-            elif ep not in self.pending:
-                self._greet(ep, now, actions)
-        for ep, last in list(self.pending.items()):
-            if now - last >= t.peer_timeout:
-                if ep in self.seeds or ep in self.lost:
-                    self._greet(ep, now, actions)  # it may come back: keep asking, slowly
-                else:
-                    del self.pending[ep]
-                    self._unlink(ep, actions)
+        self._greetings(now, actions)
+        self._expire_members(now, actions)
         return actions
 
-    def _gossip_round(self, now: float, actions: list[Action]) -> None:
-        """Tell a few random peers a bounded sample of who we know (ourselves always first)."""
-        t = self.timing
-        if now < self.next_gossip or not self.peers:
-            return
-        self.next_gossip = now + t.gossip_interval
-        budget = t.gossip_entries - 1
-        # News first (peers that joined lately, each sent about 3*log2(N) times, as SWIM
-        # disseminates changes), then a random sample of the others.
-        limit = 3 * math.ceil(math.log2(len(self.peers) + 1))
-        news = sorted((n for n in self.fresh if n in self.peers), key=lambda n: self.fresh[n])[:budget]
-        for n in list(self.fresh):
-            if n not in self.peers:
-                del self.fresh[n]
-        for n in news:
-            self.fresh[n] += 1
-            if self.fresh[n] >= limit:
-                del self.fresh[n]
-        rest = [n for n in self.peers if n not in news]
-        chosen = news + self.rng.sample(rest, min(len(rest), budget - len(news)))
-        entries = [(self.node_id, self.record.endpoints[0], self.record.version)]
-        entries += [(n, self.peers[n].endpoint, self.peers[n].record.version) for n in chosen]
-        frame = gossip_frame(self.mesh, self.node_id, entries)
-        for node in self.rng.sample(sorted(self.peers), min(len(self.peers), t.gossip_fanout)):
-            actions.append(Send(self.peers[node].endpoint, frame))
-
-    def _gossip(self, frame: Gossip, now: float, actions: list[Action]) -> None:
-        """Greet the nodes a peer knows and we do not; records come from the nodes themselves."""
-        self.touch(frame.node, now)
-        for node, endpoint, version in frame.entries:
-            if node == self.node_id:
-                continue
-            peer = self.peers.get(node)
-            if peer is None:
-                if endpoint in self.pending or len(self.peers) >= self.max_peers:
-                    continue
-                departed = self.departed.get(node)
-                if departed is not None and departed.reason != "dead":
-                    continue  # it said goodbye, or was replaced: a stale rumour
-                self.counters["gossip_introductions"] += 1
-                actions.extend(self.discovered(now, node, (endpoint,), self.mesh))
-            elif version > peer.record.version:
-                # We missed its latest record: ask the node itself.
-                actions.append(Send(peer.endpoint, hello_frame(self.mesh, self.record, True)))
-
     def next_deadline(self, now: float) -> float:
-        """When ``tick`` should run next (often enough for pings and gossip rounds alike)."""
-        return now + min(self.timing.heartbeat_interval / 2, self.timing.gossip_interval)
+        """When ``tick`` should run next."""
+        t = self.timing
+        due = [self.next_probe, self.next_gossip, now + min(t.probe_interval, t.gossip_interval)]
+        probe = self.probe
+        if probe is not None:
+            stretch = self.health + 1
+            due.append(probe.sent_at + (t.probe_interval if probe.indirect_sent else t.probe_timeout) * stretch)
+        for relay in self.relays.values():
+            due.append(relay.deadline)
+            break  # the oldest is first; later ones are checked on that tick
+        if self.suspects:
+            due.append(now + t.probe_interval / 4)
+        return max(min(due), now + 0.001)
 
     def stop(self, now: float) -> list[Action]:
         """Leaving: say BYE to every peer. The node accepts no input afterwards."""
         self._stopped = True
-        frame = bye_frame(self.mesh, self.node_id)
+        frame = bye_frame(self.mesh, self.node_id, self.me.started, self.me.incarnation)
         # Nodes we greeted may know us though their answer has not arrived: tell them too.
-        endpoints = {peer.endpoint for peer in self.peers.values()} | set(self.pending)
+        endpoints = {m.endpoint for m in self.peers.values()} | set(self.pending)
         return [Send(ep, frame) for ep in sorted(endpoints)]
 
-    # --- internals ------------------------------------------------------------------
+    def liveness(self, node: str, now: float) -> str:
+        """``alive`` or ``suspect`` for peers; for departed nodes, how they left (or ``unknown``)."""
+        member = self.peers.get(node)
+        if member is not None:
+            return STATUS_NAMES[member.entry.status]
+        departed = self.departed.get(node)
+        return departed.reason if departed is not None else "unknown"
+
+    def entries(self) -> list[Entry]:
+        """Every claim this node holds, its own first (for inspection and tests)."""
+        return [self.me, *(m.entry for m in self.members.values())]
+
+    # --- probing --------------------------------------------------------------------
+
+    def _probe_step(self, now: float, wall: float, actions: list[Action]) -> None:
+        t = self.timing
+        stretch = self.health + 1
+        probe = self.probe
+        if probe is not None:
+            target = self.peers.get(probe.target)
+            if target is None:
+                self.probe = None  # it left routing meanwhile
+            elif not probe.indirect_sent and now >= probe.sent_at + t.probe_timeout * stretch:
+                probe.indirect_sent = True
+                helpers = [n for n, m in self.peers.items() if n != probe.target and m.entry.status == ALIVE]
+                frame = ping_req_frame(self.mesh, self.node_id, self.endpoint, probe.seq, probe.target,
+                                       target.record.endpoints[0])
+                for helper in self.rng.sample(helpers, min(len(helpers), t.indirect_probes)):
+                    probe.helpers += 1
+                    actions.append(Send(self.peers[helper].endpoint, frame))
+            elif probe.indirect_sent and now >= probe.sent_at + t.probe_interval * stretch:
+                self.probe = None
+                self.counters["probes_failed"] += 1
+                if probe.helpers and not probe.nacks:
+                    self._adjust_health(+1)  # not even the helpers answered: we may be the slow one
+                self._suspect(target, self.node_id, now, actions)
+        if self.probe is None and now >= self.next_probe:
+            self.next_probe = now + t.probe_interval * stretch
+            target_id = self._next_target()
+            if target_id is not None:
+                member = self.peers[target_id]
+                self.seq += 1
+                self.probe = Probe(self.seq, target_id, now)
+                self.counters["probes_sent"] += 1
+                actions.append(Send(member.endpoint, ping_frame(
+                    self.mesh, self.node_id, self.endpoint, self.seq, target_id, wall)))
+
+    def _next_target(self) -> str | None:
+        while self.probe_order:
+            node = self.probe_order.pop()
+            if node in self.peers:
+                return node
+        order = sorted(self.peers)
+        self.rng.shuffle(order)
+        self.probe_order = order
+        return self.probe_order.pop() if self.probe_order else None
+
+    def _probe_answered(self, probe: Probe) -> None:
+        if not probe.indirect_sent:
+            self._adjust_health(-1)
+        self.probe = None
+
+    def _adjust_health(self, delta: int) -> None:
+        self.health = min(MAX_HEALTH, max(0, self.health + delta))
+
+    def _on_ping(self, ping: Ping, now: float, actions: list[Action]) -> None:
+        self.touch(ping.node, now)
+        if ping.target != self.node_id:
+            # A former node on this endpoint (we replaced it): the prober will learn from gossip.
+            self.counters["pings_for_another_node"] += 1
+            return
+        ep = self._reply_endpoint(ping.node, ping.endpoint, now, actions)
+        if ep is not None:
+            actions.append(Send(ep, ack_frame(self.mesh, self.node_id, ping.seq)))
+
+    def _on_ack(self, ack: Ack, now: float, actions: list[Action]) -> None:
+        relay = self.relays.pop(ack.seq, None)
+        if relay is not None:
+            if not ack.nack and ack.node in self.peers:
+                self.touch(ack.node, now)
+            actions.append(Send(relay.endpoint, ack_frame(self.mesh, self.node_id, relay.seq, ack.nack)))
+            return
+        probe = self.probe
+        if probe is not None and ack.seq == probe.seq:
+            if ack.nack:
+                probe.nacks += 1
+                self.touch(ack.node, now)
+                return
+            self.counters["probes_answered"] += 1
+            self._probe_answered(probe)
+        self.touch(ack.node, now)
+
+    def _on_ping_req(self, req: PingReq, now: float, actions: list[Action]) -> None:
+        self.touch(req.node, now)
+        ep = self._reply_endpoint(req.node, req.endpoint, now, actions)
+        if ep is None:
+            return
+        target = self.peers.get(req.target)
+        if target is None:
+            actions.append(Send(ep, ack_frame(self.mesh, self.node_id, req.seq, True)))
+            return
+        if len(self.relays) >= _RELAYS_KEPT:
+            self.counters["rejected_relay_limit"] += 1
+            return
+        self.seq += 1
+        self.relays[self.seq] = Relay(req.node, ep, req.seq, now + self.timing.probe_timeout * (self.health + 1))
+        actions.append(Send(target.endpoint, ping_frame(self.mesh, self.node_id, self.endpoint, self.seq, req.target)))
+
+    def _expire_relays(self, now: float, actions: list[Action]) -> None:
+        for seq, relay in list(self.relays.items()):
+            if now < relay.deadline:
+                break  # in order of creation, and all share one timeout
+            del self.relays[seq]
+            # Lifeguard's NACK: the requester learns we are alive, so its own slowness is not to blame.
+            actions.append(Send(relay.endpoint, ack_frame(self.mesh, self.node_id, relay.seq, True)))
+
+    # --- suspicion ------------------------------------------------------------------
+
+    def _suspect(self, member: Member, by: str, now: float, actions: list[Action]) -> None:
+        """Our own probe of ``member`` failed: suspect it, or confirm the suspicion it is under."""
+        e = member.entry
+        if e.status == ALIVE:
+            self._learn(Entry(e.node, e.started, e.incarnation, SUSPECT, None, by), self.node_id, now, actions)
+            if member.endpoint:
+                # Tell the suspect itself at once: if it is alive it refutes without waiting for gossip.
+                self._send_sync(member.endpoint, SYNC_OPEN, [self._wire_claim(member.entry, by)], [], actions)
+        elif e.status == SUSPECT and by not in member.confirmations:
+            member.confirmations.add(by)
+            self.counters["suspicions_confirmed"] += 1
+            member.spread_by = by  # entries name who suspected: spread our confirmation
+            self.fresh[e.node] = 0
+
+    def _suspicion_timeout(self, member: Member) -> float:
+        low, high = self.timing.suspicion_bounds(len(self.peers) + 1)
+        confirmations = max(0, len(member.confirmations) - 1)
+        k = max(1, self.timing.indirect_probes)
+        shrink = math.log(confirmations + 1) / math.log(k + 1)
+        return max(low, high - (high - low) * shrink)
+
+    def _expire_suspicions(self, now: float, actions: list[Action]) -> None:
+        for node in list(self.suspects):
+            member = self.peers.get(node)
+            if member is None or member.entry.status != SUSPECT:
+                self.suspects.discard(node)
+                continue
+            e = member.entry
+            if now - member.suspected_at >= self._suspicion_timeout(member):
+                self.counters["suspicions_expired"] += 1
+                self._learn(Entry(e.node, e.started, e.incarnation, DEAD), self.node_id, now, actions)
+
+    # --- learning claims ------------------------------------------------------------
+
+    def _learn(self, entry: Entry, source: str, now: float, actions: list[Action],
+               wants: list[str] | None = None) -> None:
+        """Merge one claim heard from ``source`` (first-hand when it is about the source itself)."""
+        node = entry.node
+        if node == self.node_id:
+            self._about_me(entry, source, now)
+            return
+        if entry.record is not None and not self._record_ok(entry.record):
+            return
+        member = self.members.get(node)
+        if member is None:
+            if len(self.members) >= self.max_peers:
+                self.counters["rejected_peer_limit"] += 1
+                return
+            departed = self.departed.get(node)
+            if departed is not None and source != node and entry.status == ALIVE and departed.reason == "left":
+                # Its tombstone expired here; a stale rumour must not bring back a node that said goodbye.
+                self.counters["stale_rumours"] += 1
+                return
+            member = Member(Entry(node, entry.started, entry.incarnation, entry.status, entry.record, entry.by), now, now)
+            self.members[node] = member
+            self.digest_hash ^= entry_hash(member.entry)
+            old: Entry | None = None
+        else:
+            old = member.entry
+            if (source != node and entry.started == old.started
+                    and entry.incarnation > old.incarnation + self.timing.max_incarnation_jump):
+                self.counters["rejected_incarnation_ahead"] += 1
+                return
+            new = merge(old, entry)
+            if new == old:
+                if entry.status == SUSPECT and entry.key == old.key and entry.by and entry.by not in member.confirmations:
+                    member.confirmations.add(entry.by)  # another node suspects it independently
+                    self.counters["suspicions_confirmed"] += 1
+                self._want_if_stale(member, entry, source, wants, now)
+                return
+            self.digest_hash ^= entry_hash(old) ^ entry_hash(new)
+            member.entry = new
+        if old is None or old.key != member.entry.key:
+            member.changed_at = now
+            self.fresh[node] = 0
+        if source == node:
+            member.last_seen = now
+        self._transition(member, old, now, actions)
+        self._want_if_stale(member, entry, source, wants, now)
+
+    def _want_if_stale(self, member: Member, heard: Entry, source: str, wants: list[str] | None,
+                       now: float) -> None:
+        """Ask ``source`` for the record a claim refers to when ours is older (only live nodes
+        need one). Asking is rate-limited per node, except of the node itself: a relay may hold
+        the same stale record as we do, the owner always has the newest."""
+        e = member.entry
+        if wants is None or heard.record is not None or e.status > SUSPECT:
+            return
+        if e.record is not None and e.record.key >= (e.started, e.incarnation):
+            return
+        last = self.wanted.get(e.node)
+        if source == e.node or last is None or now - last >= self.timing.gossip_interval:
+            self.wanted[e.node] = now
+            wants.append(e.node)
+
+    def _transition(self, member: Member, old: Entry | None, now: float, actions: list[Action]) -> None:
+        """Carry a changed claim into routing, links and suspicion timers."""
+        e = member.entry
+        node = e.node
+        was = node in self.peers
+        if e.status == SUSPECT and (old is None or old.status != SUSPECT or old.key != e.key):
+            member.suspected_at = now
+            member.confirmations = {e.by} if e.by else set()
+            member.spread_by = e.by
+            self.suspects.add(node)
+            self.counters["suspicions"] += 1
+            self.probe_order.append(node)  # probe it next: a dead node gets confirmed quickly
+        if member.routable:
+            record = member.record
+            if not was:
+                endpoint = record.endpoints[0]
+                self._replace_older(record, now, actions)
+                self._link(endpoint, actions)
+                member.endpoint = endpoint
+                member.replaced = False
+                self.peers[node] = member
+                self.departed.pop(node, None)
+                for ep in record.endpoints:
+                    self.lost.pop(ep, None)
+                    if self.pending.pop(ep, None) is not None:
+                        self._unlink(ep, actions)
+                self.routes.update(record)
+                actions.append(PeerUp(record))
+            elif old is None or old.record is not record:
+                if record.endpoints[0] != member.endpoint:
+                    # A node's endpoints are fixed for its life; a record that says otherwise is bogus.
+                    self.counters["rejected_bad_record"] += 1
+                if self.routes.update(record):
+                    actions.append(PeerUp(record))
+        elif was:
+            reason = "replaced" if member.replaced else "left" if e.status == LEFT else "dead"
+            self._drop(member, reason, now, actions)
+
+    def _replace_older(self, record: NodeRecord, now: float, actions: list[Action]) -> None:
+        """A node on an endpoint that an earlier instance used: that one is gone for good."""
+        endpoint = record.endpoints[0]
+        for other in list(self.peers.values()):
+            if other.endpoint == endpoint and other.record.started <= record.started:
+                e = other.entry
+                other.replaced = True
+                self._learn(Entry(e.node, e.started, e.incarnation, DEAD), self.node_id, now, actions)
+
+    def _drop(self, member: Member, reason: str, now: float, actions: list[Action]) -> None:
+        node = member.entry.node
+        del self.peers[node]
+        record = self.routes.remove(node)
+        endpoint = member.endpoint
+        service = record.service if record is not None else ""
+        self.departed[node] = Departed(node, service, endpoint, reason, member.last_seen, now)
+        self.departed.move_to_end(node)
+        while len(self.departed) > _DEPARTED_KEPT:
+            self.departed.popitem(last=False)
+        if reason == "dead" and endpoint and endpoint not in self.seeds:
+            if len(self.lost) >= self.max_peers:
+                del self.lost[next(iter(self.lost))]  # forget the oldest
+            self.lost[endpoint] = now
+        if self.probe is not None and self.probe.target == node:
+            self.probe = None
+        self.counters[f"peers_{reason}"] += 1
+        actions.append(PeerDown(node, service, endpoint, reason))
+        member.endpoint = ""
+        self._unlink(endpoint, actions)
+
+    def _about_me(self, entry: Entry, source: str, now: float) -> None:
+        """A claim about us: refute a suspicion or death of this life with a higher incarnation."""
+        me = self.me
+        if entry.started != me.started:
+            if entry.started > me.started:
+                self.counters["rejected_future_self"] += 1  # a later life of ours? forged or corrupt
+            return  # an earlier life: our claim wins anyway
+        if entry.key <= me.key:
+            return
+        if entry.incarnation > me.incarnation + self.timing.max_incarnation_jump:
+            self.counters["rejected_incarnation_ahead"] += 1
+            return
+        self.counters["refuted"] += 1
+        self._adjust_health(+1)  # others could not reach us in time: give them longer
+        self._claim(dataclasses.replace(self.record, incarnation=entry.incarnation + 1))
+
+    def _claim(self, record: NodeRecord) -> None:
+        """Make ``record`` our new claim (alive at its incarnation) and put it in the news."""
+        self.routes.set_local(record)
+        self.digest_hash ^= entry_hash(self.me)
+        self.me = claim(record)
+        self.digest_hash ^= entry_hash(self.me)
+        self.fresh[self.node_id] = 0
+
+    def _record_ok(self, record: NodeRecord) -> bool:
+        try:
+            for sub in record.subscriptions:
+                check_pattern(sub.pattern, self.limits.max_topic_length, self.limits.max_topic_tokens)
+        except TopicError:
+            self.counters["rejected_bad_record"] += 1
+            return False
+        return True
+
+    # --- joining --------------------------------------------------------------------
+
+    def _on_hello(self, hello: Hello, now: float, actions: list[Action]) -> None:
+        entry = hello.entry
+        record = entry.record
+        assert record is not None  # the codec guarantees it
+        if entry.node == self.node_id:
+            return
+        wants: list[str] = []
+        self._learn(entry, entry.node, now, actions, wants)
+        endpoint = record.endpoints[0]
+        if hello.want_reply:
+            ep = self._reply_endpoint(entry.node, endpoint, now, actions)
+            if ep is not None:
+                actions.append(Send(ep, hello_frame(self.mesh, self.me, False)))
+                # A newcomer knows nobody: give it the whole table as digests, page by page.
+                claims = [self._wire_claim(m.entry) for m in self.members.values()]
+                claims.append(self._wire_claim(self.me))
+                for i in range(0, len(claims), MAX_SYNC_ENTRIES):
+                    self._send_sync(ep, SYNC_OPEN, claims[i:i + MAX_SYNC_ENTRIES], [], actions)
 
     def _greet(self, ep: str, now: float, actions: list[Action]) -> None:
         if ep not in self.pending:
@@ -339,69 +721,164 @@ class Node:
                 return
             self._link(ep, actions)
         self.pending[ep] = now
-        actions.append(Send(ep, hello_frame(self.mesh, self.record, True)))
+        actions.append(Send(ep, hello_frame(self.mesh, self.me, True)))
 
-    def _hello(self, hello: Hello, now: float, actions: list[Action]) -> None:
-        rec = hello.record
-        if rec.node == self.node_id:
-            return
-        try:
-            for sub in rec.subscriptions:
-                check_pattern(sub.pattern, self.limits.max_topic_length, self.limits.max_topic_tokens)
-        except TopicError:
-            self.counters["rejected_bad_record"] += 1
-            return
-        peer = self.peers.get(rec.node)
-        endpoint = rec.endpoints[0]
-        # A node that restarted on the same endpoint replaces its former self at once
-        # (before the peer limit is checked: the replacement does not grow the table).
-        for other, p in list(self.peers.items()):
-            if other != rec.node and p.endpoint == endpoint and p.record.started <= rec.started:
-                self._drop(other, "replaced", actions, now)
-        if peer is None and len(self.peers) >= self.max_peers:
-            self.counters["rejected_peer_limit"] += 1
-            return
-        if peer is None:
-            self._link(endpoint, actions)
-            self.peers[rec.node] = Peer(rec, endpoint, now, now)
-            self.departed.pop(rec.node, None)
-            self.fresh[rec.node] = 0
-            self.routes.update(rec)
-            actions.append(PeerUp(rec))
-        else:
-            peer.last_seen = now
-            if self.routes.update(rec):
-                peer.record = rec
-                actions.append(PeerUp(rec))
-        for ep in rec.endpoints:
-            self.lost.pop(ep, None)
-            if self.pending.pop(ep, None) is not None:
-                self._unlink(ep, actions)
-        if hello.want_reply:
-            actions.append(Send(endpoint, hello_frame(self.mesh, self.record, False)))
+    def _reply_endpoint(self, node: str, endpoint: str, now: float, actions: list[Action]) -> str | None:
+        """Where to answer ``node``: its peer link, or a link opened for a node we do not know yet
+        (it learnt of us first), which also greets it. None if no link may be opened."""
+        member = self.peers.get(node)
+        if member is not None and member.endpoint is not None:
+            return member.endpoint
+        if endpoint in self.links:
+            return endpoint
+        if endpoint in self.record.endpoints:
+            return None
+        self._greet(endpoint, now, actions)
+        return endpoint if endpoint in self.links else None
 
-    def liveness(self, node: str, now: float) -> str:
-        """``alive``, ``suspect`` (silent for over half of peer_timeout), or how it departed."""
-        peer = self.peers.get(node)
-        if peer is not None:
-            return "alive" if now - peer.last_seen <= self.timing.peer_timeout / 2 else "suspect"
-        departed = self.departed.get(node)
-        return departed.reason if departed is not None else "unknown"
+    def _greetings(self, now: float, actions: list[Action]) -> None:
+        """Re-greet seeds and lost endpoints; give up unanswered hints after join_timeout."""
+        t = self.timing
+        live = {m.endpoint for m in self.peers.values()}
+        for ep in self.seeds:
+            if ep not in self.pending and ep not in live:
+                self._greet(ep, now, actions)  # the seed's node died or restarted: find it again
+        for ep, died in list(self.lost.items()):
+            if now - died > t.rejoin_window or ep in live:
+                del self.lost[ep]
+            elif ep not in self.pending:
+                self._greet(ep, now, actions)
+        for ep, last in list(self.pending.items()):
+            if now - last >= t.join_timeout:
+                if ep in self.seeds or ep in self.lost:
+                    self._greet(ep, now, actions)  # it may come back: keep asking, slowly
+                else:
+                    del self.pending[ep]
+                    self._unlink(ep, actions)
 
-    def _drop(self, node: str, reason: str, actions: list[Action], now: float) -> None:
-        peer = self.peers.pop(node)
-        self.routes.remove(node)
-        self.departed[node] = Departed(node, peer.record.service, peer.endpoint, reason, peer.last_seen, now)
-        self.departed.move_to_end(node)
-        while len(self.departed) > _DEPARTED_KEPT:
-            self.departed.popitem(last=False)
-        if reason == "dead" and peer.endpoint not in self.seeds:
-            if len(self.lost) >= self.max_peers:
-                del self.lost[next(iter(self.lost))]  # forget the oldest
-            self.lost[peer.endpoint] = now
-        self.counters[f"peers_{reason}"] += 1
-        actions.append(PeerDown(node, peer.record.service, peer.endpoint, reason))
-        self._unlink(peer.endpoint, actions)
+    def _expire_members(self, now: float, actions: list[Action]) -> None:
+        ttl = self.timing.tombstone_ttl
+        if now < self.next_expiry:
+            return
+        self.next_expiry = now + ttl / 8
+        for node, member in list(self.members.items()):
+            if node not in self.peers and now - member.changed_at > ttl:
+                del self.members[node]
+                self.digest_hash ^= entry_hash(member.entry)
+                self.fresh.pop(node, None)
+                self.wanted.pop(node, None)
+
+    # --- gossip ---------------------------------------------------------------------
+
+    def _gossip_round(self, now: float, actions: list[Action]) -> None:
+        """Open a push-pull exchange with a few random peers: a digest, news first."""
+        t = self.timing
+        if now < self.next_gossip or not self.peers:
+            return
+        self.next_gossip = now + t.gossip_interval
+        digest = self._digest(t.gossip_entries)
+        for node in self.rng.sample(list(self.peers), min(len(self.peers), t.gossip_fanout)):
+            self._send_sync(self.peers[node].endpoint, SYNC_OPEN, digest, [], actions)
+
+    def _digest(self, budget: int) -> list[list[object]]:
+        """Claims (without records) for one digest: news first, then a random sample."""
+        limit = 3 * math.ceil(math.log2(len(self.members) + 2))
+        news = sorted(self.fresh, key=self.fresh.__getitem__)[:budget]
+        out = []
+        if self.node_id not in news:
+            # Our own claim always goes: a peer holding our stale record then asks us for it.
+            news = [self.node_id, *news[:budget - 1]]
+        for node in news:
+            told = self.fresh.get(node)
+            if told is not None:
+                if told + 1 >= limit:
+                    del self.fresh[node]
+                else:
+                    self.fresh[node] = told + 1
+            if node == self.node_id:
+                out.append(self._wire_claim(self.me))
+            else:
+                member = self.members.get(node)
+                if member is not None:
+                    out.append(self._wire_claim(member.entry, member.spread_by))
+        chosen = set(news)
+        rest = budget - len(out)
+        if rest > 0:
+            others = [n for n in self.members if n not in chosen]
+            for node in self.rng.sample(others, min(len(others), rest)):
+                out.append(self._wire_claim(self.members[node].entry))
+        return out
+
+    @staticmethod
+    def _wire_claim(entry: Entry, by: str = "") -> list[object]:
+        wire = entry.to_wire(False)
+        if by and entry.status == SUSPECT:
+            wire[4] = by
+        return wire
+
+    def _send_sync(self, endpoint: str, phase: int, entries: list[list[object]], wants: list[str],
+                   actions: list[Action]) -> None:
+        actions.append(Send(endpoint, sync_frame(
+            self.mesh, self.node_id, self.endpoint, phase, self.digest_hash.to_bytes(8, "big"),
+            len(self.members) + 1, entries, wants[:MAX_SYNC_ENTRIES])))
+
+    def _on_sync(self, sync: Sync, now: float, actions: list[Action]) -> None:
+        self.touch(sync.node, now)
+        exchange = sync.phase != SYNC_LAST  # digests in an exchange's last frame ask for nothing
+        pushes: list[Entry] = []
+        wants: list[str] = []
+        for entry in sync.entries:
+            if entry.record is not None or not exchange:
+                self._learn(entry, sync.node, now, actions)
+                continue
+            self._learn(entry, sync.node, now, actions, wants)
+            # Where our claim is newer than the digest's, push it (with its record) in the answer.
+            if entry.node == self.node_id:
+                if self.me.key > entry.key:
+                    pushes.append(self.me)
+            else:
+                member = self.members.get(entry.node)
+                if member is not None and member.entry.key > entry.key:
+                    pushes.append(member.entry)
+        for node in sync.wants:
+            if node == self.node_id:
+                pushes.append(self.me)
+            else:
+                member = self.members.get(node)
+                if member is not None and member.entry.record is not None:
+                    pushes.append(member.entry)
+        digest: list[list[object]] = []
+        if sync.phase == SYNC_OPEN and sync.digest_hash != self.digest_hash.to_bytes(8, "big"):
+            digest = self._digest(self.timing.gossip_entries)
+        if not (pushes or wants or digest):
+            return
+        ep = self._reply_endpoint(sync.node, sync.endpoint, now, actions)
+        if ep is None:
+            return
+        phase = SYNC_REPLY if sync.phase == SYNC_OPEN else SYNC_LAST
+        if not exchange:
+            wants = []
+        self._send_sync(ep, phase, self._records(pushes) + digest, wants, actions)
+
+    def _records(self, entries: list[Entry]) -> list[list[object]]:
+        """Entries with their records, up to about gossip_max_bytes (one always goes)."""
+        out: list[list[object]] = []
+        size = 0
+        seen: set[str] = set()
+        for entry in entries:
+            if entry.node in seen:
+                continue
+            seen.add(entry.node)
+            wire = entry.to_wire(True)
+            n = len(msgpack.packb(wire, use_bin_type=True))
+            if out and size + n > self.timing.gossip_max_bytes:
+                self.counters["records_deferred"] += 1  # asked for again in a later round
+                continue
+            size += n
+            out.append(wire)
+        return out
+
+    # --- links ----------------------------------------------------------------------
 
     def _link(self, ep: str, actions: list[Action]) -> None:
         self.links[ep] += 1

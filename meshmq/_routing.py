@@ -137,7 +137,7 @@ class RoutingTable:
     def update(self, record: NodeRecord) -> bool:
         """Take a peer's record if it is new or newer; return whether it was taken."""
         known = self.records.get(record.node)
-        if known is not None and known.version >= record.version:
+        if known is not None and known.key >= record.key:
             return False
         self.records[record.node] = record
         if known is None or known.subscriptions != record.subscriptions:

@@ -3,7 +3,7 @@
 Pure functions, no I/O. Every frame is one ZeroMQ message::
 
     byte 0   protocol version (PROTOCOL_VERSION)
-    byte 1   frame kind (HELLO, PING, BYE, DATA)
+    byte 1   frame kind (DATA; membership: HELLO, PING, ACK, PING_REQ, SYNC, BYE)
     rest     msgpack body, positional arrays (compact, and fast to decode)
 
 An envelope is encoded once by its publisher and travels as opaque bytes inside
@@ -26,17 +26,19 @@ from ._errors import PayloadError, ProtocolError, TopicError
 from ._message import FORMAT_BYTES, FORMAT_MSGPACK, Message
 from ._topics import check_topic
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 ENVELOPE_VERSION = 1
 
 HELLO = 1
 PING = 2
 BYE = 3
 DATA = 4
-GOSSIP = 5
-KINDS = {HELLO: "hello", PING: "ping", BYE: "bye", DATA: "data", GOSSIP: "gossip"}
-MAX_GOSSIP_ENTRIES = 256
-"""Most (node, endpoint, version) entries one gossip frame may carry."""
+SYNC = 5
+ACK = 6
+PING_REQ = 7
+KINDS = {HELLO: "hello", PING: "ping", BYE: "bye", DATA: "data", SYNC: "sync", ACK: "ack", PING_REQ: "ping-req"}
+MAX_SYNC_ENTRIES = 256
+"""Most membership entries (and most wants) one sync frame may carry, however large the mesh."""
 
 _ID_BYTES = 16
 _TOPIC_CACHE = 4096
@@ -224,7 +226,13 @@ def is_endpoint(endpoint: object, *, wildcard_port: bool = False) -> bool:
     return 0 < int(port) < 65536
 
 
-# --- node records (the routing table's unit; gossiped in the next layer) -------------
+# --- node records (the routing table's unit, spread by gossip) --------------------------
+
+MAX_INCARNATION = 2**53
+"""Incarnations above this are refused on decode (a counter that far ahead is forged or corrupt)."""
+MAX_RECORD_ENDPOINTS = 16
+MAX_RECORD_SCHEMAS = 1024
+MAX_CERT_BYTES = 16 * 1024
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -237,31 +245,45 @@ class Subscription:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class NodeRecord:
-    """One node's entry in the routing table. ``version`` grows with every change."""
+    """One node's entry in the routing table, made and versioned by that node alone.
+
+    ``incarnation`` is the owner's counter when it made the record: it grows with
+    every change of the record and every refutation of a rumour about the node, and
+    restarts from 0 in a new life (a later ``started``). So ``(started, incarnation)``
+    orders every record a node ever made.
+    """
 
     node: str
     service: str
     endpoints: tuple[str, ...]
     subscriptions: tuple[Subscription, ...]
-    version: int
+    incarnation: int
     started: float
+    schemas: tuple[tuple[str, int], ...] = ()
+    """(message type, schema version) pairs the node produces (filled in by the schema layer)."""
+    cert: bytes | None = None
+    """The node's certificate (filled in by the security layer)."""
+
+    @property
+    def key(self) -> tuple[float, int]:
+        return (self.started, self.incarnation)
 
     def to_wire(self) -> list[Any]:
         return [
             self.node, self.service, list(self.endpoints),
-            [[s.pattern, s.group] for s in self.subscriptions], self.version, self.started,
+            [[s.pattern, s.group] for s in self.subscriptions], self.incarnation, self.started,
+            [list(s) for s in self.schemas], self.cert,
         ]
 
     @classmethod
     def from_wire(cls, obj: Any, limits: Limits) -> NodeRecord:
-        if type(obj) is not list or len(obj) != 6:
-            raise ProtocolError("node record is not a 6-field array")
-        node, service, endpoints, subs, version, started = obj
-        if type(node) is not str or not 0 < len(node) <= _MAX_NAME:
-            raise ProtocolError("bad node id in record")
+        if type(obj) is not list or len(obj) != 8:
+            raise ProtocolError("node record is not an 8-field array")
+        node, service, endpoints, subs, incarnation, started, schemas, cert = obj
+        _check_node_id(node, "node id in record")
         if type(service) is not str or not 0 < len(service) <= _MAX_NAME:
             raise ProtocolError("bad service in record")
-        if type(endpoints) is not list or not 0 < len(endpoints) <= 16:
+        if type(endpoints) is not list or not 0 < len(endpoints) <= MAX_RECORD_ENDPOINTS:
             raise ProtocolError("bad endpoints in record")
         for ep in endpoints:
             if not is_endpoint(ep):
@@ -278,33 +300,127 @@ class NodeRecord:
             if group is not None and (type(group) is not str or not group or len(group) > _MAX_NAME):
                 raise ProtocolError("bad queue group in record")
             parsed.append(Subscription(pattern, group))
-        if type(version) is not int or version < 0:
-            raise ProtocolError("bad record version")
-        if type(started) is not float and type(started) is not int:
-            raise ProtocolError("bad start time in record")
-        return cls(node, service, tuple(endpoints), tuple(parsed), version, float(started))
+        _check_incarnation(incarnation, "record")
+        _check_started(started, "record")
+        if type(schemas) is not list or len(schemas) > MAX_RECORD_SCHEMAS:
+            raise ProtocolError("bad or too many schemas in record")
+        for sc in schemas:
+            if (type(sc) is not list or len(sc) != 2 or type(sc[0]) is not str or not 0 < len(sc[0]) <= _MAX_NAME
+                    or type(sc[1]) is not int or sc[1] < 0):
+                raise ProtocolError("bad schema in record")
+        if cert is not None and (type(cert) is not bytes or len(cert) > MAX_CERT_BYTES):
+            raise ProtocolError("bad certificate in record")
+        return cls(node, service, tuple(endpoints), tuple(parsed), incarnation, float(started),
+                   tuple((sc[0], sc[1]) for sc in schemas), cert)
+
+
+def _check_node_id(node: Any, what: str) -> None:
+    if type(node) is not str or not 0 < len(node) <= _MAX_NAME:
+        raise ProtocolError(f"bad {what}")
+
+
+def _check_incarnation(value: Any, what: str) -> None:
+    if type(value) is not int or not 0 <= value <= MAX_INCARNATION:
+        raise ProtocolError(f"bad incarnation in {what}")
+
+
+def _check_started(value: Any, what: str) -> None:
+    if (type(value) is not float and type(value) is not int) or not 0 <= value < float("inf"):
+        raise ProtocolError(f"bad start time in {what}")
+
+
+# --- membership entries -------------------------------------------------------------------
+
+ALIVE, SUSPECT, DEAD, LEFT = 0, 1, 2, 3
+STATUS_NAMES = ("alive", "suspect", "dead", "left")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Entry:
+    """What one node believes about another: the membership state the mesh gossips.
+
+    ``(started, incarnation, status)`` orders the claims about a node; ``record``
+    is the newest record known for it (None when only a rumour was heard). ``by``
+    names the node that first suspected it (for suspect entries; "" otherwise).
+    See :mod:`meshmq._records` for the merge.
+    """
+
+    node: str
+    started: float
+    incarnation: int
+    status: int
+    record: NodeRecord | None = None
+    by: str = ""
+
+    @property
+    def key(self) -> tuple[float, int, int]:
+        return (self.started, self.incarnation, self.status)
+
+    def to_wire(self, with_record: bool) -> list[Any]:
+        rec = self.record.to_wire() if with_record and self.record is not None else None
+        return [self.node, self.started, self.incarnation, self.status, self.by, rec]
+
+    @classmethod
+    def from_wire(cls, obj: Any, limits: Limits) -> Entry:
+        if type(obj) is not list or len(obj) != 6:
+            raise ProtocolError("membership entry is not a 6-field array")
+        node, started, incarnation, status, by, rec = obj
+        _check_node_id(node, "node id in entry")
+        _check_started(started, "entry")
+        _check_incarnation(incarnation, "entry")
+        if type(status) is not int or not ALIVE <= status <= LEFT:
+            raise ProtocolError("bad status in entry")
+        if type(by) is not str or len(by) > _MAX_NAME:
+            raise ProtocolError("bad suspecter in entry")
+        record = None if rec is None else NodeRecord.from_wire(rec, limits)
+        if record is not None and (record.node != node or record.key > (float(started), incarnation)):
+            # A record is always claimed alive by its owner at its own (started, incarnation):
+            # an entry cannot be older than the record it carries.
+            raise ProtocolError("entry older than the record it carries, or about another node")
+        return cls(node, float(started), incarnation, status, record, by)
 
 
 # --- frames --------------------------------------------------------------------------
 
 _HEAD = {kind: bytes((PROTOCOL_VERSION, kind)) for kind in KINDS}
 
-
-def hello_frame(mesh: str, record: NodeRecord, want_reply: bool) -> bytes:
-    return _HEAD[HELLO] + msgpack.packb([mesh, record.to_wire(), want_reply], use_bin_type=True)
-
-
-def ping_frame(mesh: str, node: str, version: int, endpoint: str, sent_at: float = 0.0) -> bytes:
-    """Liveness: the sender's record version and endpoint, and its wall clock (for skew checks)."""
-    return _HEAD[PING] + msgpack.packb([mesh, node, version, endpoint, sent_at], use_bin_type=True)
+SYNC_OPEN, SYNC_REPLY, SYNC_LAST = 0, 1, 2
+"""A push-pull exchange: the opener sends a digest; the reply carries what the opener lacks,
+what it wants and (when the tables differ) its own digest; the last frame answers wants."""
 
 
-def bye_frame(mesh: str, node: str) -> bytes:
-    return _HEAD[BYE] + msgpack.packb([mesh, node], use_bin_type=True)
+def _pack(kind: int, body: list[Any]) -> bytes:
+    return _HEAD[kind] + msgpack.packb(body, use_bin_type=True)
 
 
-def gossip_frame(mesh: str, node: str, entries: list[tuple[str, str, int]]) -> bytes:
-    return _HEAD[GOSSIP] + msgpack.packb([mesh, node, [list(e) for e in entries]], use_bin_type=True)
+def hello_frame(mesh: str, me: Entry, want_reply: bool) -> bytes:
+    """Introduce ourselves (entry with our record) to an endpoint whose node we may not know."""
+    return _pack(HELLO, [mesh, me.to_wire(True), want_reply])
+
+
+def ping_frame(mesh: str, node: str, endpoint: str, seq: int, target: str, sent_at: float = 0.0) -> bytes:
+    """A probe of ``target``; ``sent_at`` is the sender's wall clock, for skew checks."""
+    return _pack(PING, [mesh, node, endpoint, seq, target, sent_at])
+
+
+def ack_frame(mesh: str, node: str, seq: int, nack: bool = False) -> bytes:
+    """The answer to probe ``seq``; a NACK says a helper could not reach the target itself."""
+    return _pack(ACK, [mesh, node, seq, nack])
+
+
+def ping_req_frame(mesh: str, node: str, endpoint: str, seq: int, target: str, target_endpoint: str) -> bytes:
+    """Ask a helper to probe ``target`` for us (an indirect probe) and forward the ack."""
+    return _pack(PING_REQ, [mesh, node, endpoint, seq, target, target_endpoint])
+
+
+def bye_frame(mesh: str, node: str, started: float, incarnation: int) -> bytes:
+    return _pack(BYE, [mesh, node, started, incarnation])
+
+
+def sync_frame(mesh: str, node: str, endpoint: str, phase: int, digest_hash: bytes, count: int,
+               entries: list[list[Any]], wants: list[str]) -> bytes:
+    """One step of a push-pull exchange: entries (wire form, with or without records) and wants."""
+    return _pack(SYNC, [mesh, node, endpoint, phase, digest_hash, count, entries, wants])
 
 
 def data_frame(node: str, epoch: int, first_seq: int, entries: list[Any],
@@ -321,7 +437,7 @@ def data_frame(node: str, epoch: int, first_seq: int, entries: list[Any],
 @dataclasses.dataclass(frozen=True, slots=True)
 class Hello:
     mesh: str
-    record: NodeRecord
+    entry: Entry
     want_reply: bool
 
 
@@ -329,25 +445,49 @@ class Hello:
 class Ping:
     mesh: str
     node: str
-    version: int
     endpoint: str
+    seq: int
+    target: str
     sent_at: float = 0.0
     """The sender's wall clock when it sent the ping (seconds since the epoch)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Ack:
+    mesh: str
+    node: str
+    seq: int
+    nack: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PingReq:
+    mesh: str
+    node: str
+    endpoint: str
+    seq: int
+    target: str
+    target_endpoint: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Bye:
     mesh: str
     node: str
+    started: float
+    incarnation: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Gossip:
-    """Membership hints: nodes the sender knows, where they are, and their record versions."""
-
+class Sync:
     mesh: str
     node: str
-    entries: tuple[tuple[str, str, int], ...]
+    endpoint: str
+    phase: int
+    digest_hash: bytes
+    count: int
+    entries: tuple[Entry, ...]
+    wants: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -358,7 +498,19 @@ class Data:
     entries: list[Any]
 
 
-Frame = Hello | Ping | Bye | Data | Gossip
+Frame = Hello | Ping | Ack | PingReq | Bye | Sync | Data
+
+
+def _fields(body: Any, n: int, what: str) -> list[Any]:
+    if len(body) != n or type(body[0]) is not str or type(body[1]) is not str or not 0 < len(body[1]) <= _MAX_NAME:
+        raise ProtocolError(f"bad {what}")
+    return body  # type: ignore[no-any-return]
+
+
+def _seq(value: Any, what: str) -> int:
+    if type(value) is not int or not 0 <= value < 2**63:
+        raise ProtocolError(f"bad sequence number in {what}")
+    return value
 
 
 def decode_frame(frame: bytes | memoryview, limits: Limits) -> Frame:
@@ -376,30 +528,44 @@ def decode_frame(frame: bytes | memoryview, limits: Limits) -> Frame:
     if type(body) is not list:
         raise ProtocolError(f"{KINDS.get(kind, kind)} body is not an array")
     if kind == PING:
-        if (len(body) != 5 or type(body[0]) is not str or type(body[1]) is not str
-                or type(body[2]) is not int or not is_endpoint(body[3]) or type(body[4]) is not float):
+        mesh, node, endpoint, seq, target, sent_at = _fields(body, 6, "ping")
+        if not is_endpoint(endpoint) or type(target) is not str or type(sent_at) is not float:
             raise ProtocolError("bad ping")
-        return Ping(body[0], body[1], body[2], body[3], body[4])
+        return Ping(mesh, node, endpoint, _seq(seq, "ping"), target, sent_at)
+    if kind == ACK:
+        mesh, node, seq, nack = _fields(body, 4, "ack")
+        if type(nack) is not bool:
+            raise ProtocolError("bad ack")
+        return Ack(mesh, node, _seq(seq, "ack"), nack)
+    if kind == PING_REQ:
+        mesh, node, endpoint, seq, target, target_endpoint = _fields(body, 6, "ping-req")
+        if not is_endpoint(endpoint) or type(target) is not str or not is_endpoint(target_endpoint):
+            raise ProtocolError("bad ping-req")
+        return PingReq(mesh, node, endpoint, _seq(seq, "ping-req"), target, target_endpoint)
     if kind == HELLO:
         if len(body) != 3 or type(body[0]) is not str or type(body[2]) is not bool:
             raise ProtocolError("bad hello")
-        return Hello(body[0], NodeRecord.from_wire(body[1], limits), body[2])
+        entry = Entry.from_wire(body[1], limits)
+        if entry.record is None or entry.status != ALIVE:
+            raise ProtocolError("a hello must carry the sender's record, alive")
+        return Hello(body[0], entry, body[2])
     if kind == BYE:
-        if len(body) != 2 or type(body[0]) is not str or type(body[1]) is not str:
-            raise ProtocolError("bad bye")
-        return Bye(body[0], body[1])
-    if kind == GOSSIP:
-        if len(body) != 3 or type(body[0]) is not str or type(body[1]) is not str or type(body[2]) is not list:
-            raise ProtocolError("bad gossip")
-        if len(body[2]) > MAX_GOSSIP_ENTRIES:
-            raise ProtocolError("too many gossip entries")
-        entries = []
-        for e in body[2]:
-            if (type(e) is not list or len(e) != 3 or type(e[0]) is not str or not 0 < len(e[0]) <= _MAX_NAME
-                    or not is_endpoint(e[1]) or type(e[2]) is not int or e[2] < 0):
-                raise ProtocolError("bad gossip entry")
-            entries.append((e[0], e[1], e[2]))
-        return Gossip(body[0], body[1], tuple(entries))
+        mesh, node, started, incarnation = _fields(body, 4, "bye")
+        _check_started(started, "bye")
+        _check_incarnation(incarnation, "bye")
+        return Bye(mesh, node, float(started), incarnation)
+    if kind == SYNC:
+        mesh, node, endpoint, phase, digest_hash, count, entries, wants = _fields(body, 8, "sync")
+        if (not is_endpoint(endpoint) or phase not in (SYNC_OPEN, SYNC_REPLY, SYNC_LAST) or type(phase) is not int
+                or type(digest_hash) is not bytes or len(digest_hash) > 32
+                or type(count) is not int or count < 0 or type(entries) is not list or type(wants) is not list):
+            raise ProtocolError("bad sync")
+        if len(entries) > MAX_SYNC_ENTRIES or len(wants) > MAX_SYNC_ENTRIES:
+            raise ProtocolError("too many entries or wants in sync")
+        for w in wants:
+            _check_node_id(w, "wanted node id")
+        return Sync(mesh, node, endpoint, phase, digest_hash, count,
+                    tuple(Entry.from_wire(e, limits) for e in entries), tuple(wants))
     raise ProtocolError(f"unknown frame kind {kind}")
 
 

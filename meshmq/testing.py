@@ -77,7 +77,7 @@ def make_node(
     *,
     mesh: str = "test",
     started: float = 0.0,
-    version: int = 1,
+    incarnation: int = 0,
     timing: Timing | None = None,
     limits: Limits | None = None,
     max_peers: int = 4096,
@@ -90,7 +90,7 @@ def make_node(
         started: the record's start time (a restarted node has a later one).
     """
     subs = tuple(_subscription(s) for s in subscriptions)
-    record = NodeRecord(node_id, service, (endpoint or f"inproc://{node_id}",), subs, version, started)
+    record = NodeRecord(node_id, service, (endpoint or f"inproc://{node_id}",), subs, incarnation, started)
     # Seeded by the node id: gossip picks the same peers on every run.
     return Node(mesh, record, timing=timing, limits=limits, max_peers=max_peers, rng=random.Random(node_id))
 
@@ -131,16 +131,30 @@ class MemoryNetwork:
             not announced with :class:`Connect` (the shell's contract).
         max_deliveries: bound on frames delivered by one :meth:`flush`, so that a
             protocol loop fails the test instead of hanging it.
+        loss: share of frames lost at random (0 to 1), drawn from ``rng``.
+        rng: the random source for ``loss`` (seeded, so runs repeat).
+        record_events: keep every action in :attr:`events` (turn off for large meshes).
     """
 
     def __init__(self, clock: FakeClock | None = None, *, strict: bool = True,
-                 max_deliveries: int = 100_000) -> None:
+                 max_deliveries: int = 100_000, loss: float = 0.0, rng: random.Random | None = None,
+                 record_events: bool = True) -> None:
+        if not 0.0 <= loss <= 1.0:
+            raise ValueError(f"loss must be between 0 and 1, got {loss!r}")
         self.clock = clock or FakeClock()
         self.strict = strict
         self.max_deliveries = max_deliveries
+        self.loss = loss
+        self.rng = rng or random.Random(0)
+        self.record_events = record_events
         self.nodes: dict[str, Node] = {}
         self.events: list[Event] = []
         self.dropped: collections.Counter[str] = collections.Counter()
+        self.sent_frames: collections.Counter[str] = collections.Counter()
+        """Frames each node (by endpoint) handed to the network."""
+        self.sent_bytes: collections.Counter[str] = collections.Counter()
+        """Bytes each node (by endpoint) handed to the network."""
+        self.paused: dict[str, list[tuple[str, str, bytes]]] = {}
         # endpoint of a node -> endpoints it holds a sending link to
         self.links: dict[str, set[str]] = {}
         self._cut: set[frozenset[str]] = set()
@@ -191,6 +205,17 @@ class MemoryNetwork:
     def is_cut(self, a: str, b: str) -> bool:
         return frozenset((a, b)) in self._cut
 
+    def pause(self, endpoint: str) -> None:
+        """Freeze a node, as a long GC pause or SIGSTOP would: it neither ticks nor reads, and
+        frames sent to it wait (they are not lost) until :meth:`resume`."""
+        self.paused.setdefault(endpoint, [])
+
+    def resume(self, endpoint: str) -> None:
+        """Undo :meth:`pause`: the node reads what waited for it, then ticks."""
+        held = self.paused.pop(endpoint, [])
+        self._in_flight.extendleft(reversed(held))
+        self.flush()
+
     # --- driving --------------------------------------------------------------------
 
     def execute(self, endpoint: str, actions: Iterable[Action]) -> None:
@@ -207,7 +232,7 @@ class MemoryNetwork:
         """Run every node's timers at the current time (in endpoint order), delivering as we go."""
         for ep in sorted(self.nodes):
             node = self.nodes.get(ep)
-            if node is not None:
+            if node is not None and ep not in self.paused:
                 self.execute(ep, node.tick(self.clock.now()))
 
     def run(self, seconds: float, step: float = 0.125) -> None:
@@ -245,6 +270,12 @@ class MemoryNetwork:
             if node is None:
                 self.dropped["unbound"] += 1
                 continue
+            if dst in self.paused:
+                self.paused[dst].append((src, dst, frame))
+                continue
+            if self.loss and self.rng.random() < self.loss:
+                self.dropped["lost"] += 1
+                continue
             delivered += 1
             self._carry_out(dst, node.receive(decode_frame(frame, node.limits), self.clock.now()))
         return delivered
@@ -265,7 +296,8 @@ class MemoryNetwork:
         now = self.clock.now()
         links = self.links.get(endpoint)
         for action in actions:
-            self.events.append(Event(now, endpoint, action))
+            if self.record_events:
+                self.events.append(Event(now, endpoint, action))
             if links is None:  # the node was unbound (crashed): its actions go nowhere
                 continue
             if isinstance(action, Connect):
@@ -278,4 +310,6 @@ class MemoryNetwork:
                         raise LinkError(f"{endpoint} sent on {action.endpoint} without a Connect")
                     self.dropped["unlinked"] += 1
                     continue
+                self.sent_frames[endpoint] += 1
+                self.sent_bytes[endpoint] += len(action.frame)
                 self._in_flight.append((endpoint, action.endpoint, action.frame))

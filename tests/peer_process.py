@@ -68,7 +68,7 @@ async def member(mesh: str, name: str, ip: str, seeds: str, discovery: str, life
     loop = asyncio.get_running_loop()
     deadline = time.monotonic() + lifetime
     agent = meshmq.AsyncAgent(
-        name, mesh=mesh, interfaces=[ip], heartbeat_interval=0.2, peer_timeout=1.0,
+        name, mesh=mesh, interfaces=[ip], probe_interval=0.2, probe_timeout=0.08, suspicion_mult=2.0,
         seeds=[s for s in seeds.split(",") if s], discovery=discovery == "1",
     )
     agent.subscribe(f"lab.{name}", lambda m: emit(event="msg", topic=m.topic, data=m.data, source=m.source))

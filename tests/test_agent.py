@@ -264,8 +264,8 @@ def test_lifecycle_errors() -> None:
         agent.publish("a.b", 1)
     with pytest.raises(meshmq.UsageError, match="service name"):
         meshmq.Agent("bad name!")
-    with pytest.raises(meshmq.ConfigError, match="peer_timeout"):
-        meshmq.Agent("x", peer_timeout="soon")
+    with pytest.raises(meshmq.ConfigError, match="probe_interval"):
+        meshmq.Agent("x", probe_interval="soon")
 
 
 def test_blocking_agent_publishes_from_many_threads_without_loss(mesh: str) -> None:
@@ -292,8 +292,8 @@ def test_blocking_agent_publishes_from_many_threads_without_loss(mesh: str) -> N
 
 
 def test_a_stopped_peer_leaves_routing_at_once(mesh: str) -> None:
-    # heartbeats are slow here, so only the BYE frame can explain a quick departure
-    slow = dict(mesh=mesh, heartbeat_interval=5.0, peer_timeout=30.0)
+    # probes are slow here, so only the BYE frame can explain a quick departure
+    slow = dict(mesh=mesh, probe_interval=5.0, suspicion_mult=10.0)
 
     async def main() -> None:
         async with agents(mesh, "stays", **{k: v for k, v in slow.items() if k != "mesh"}) as (stays,):
@@ -314,6 +314,7 @@ def test_a_stopped_peer_leaves_routing_at_once(mesh: str) -> None:
 def test_a_record_with_a_malformed_endpoint_is_rejected_without_harm(mesh: str) -> None:
     import time
 
+    from meshmq._records import claim
     from meshmq._wire import NodeRecord, hello_frame
 
     async def main() -> None:
@@ -322,7 +323,7 @@ def test_a_record_with_a_malformed_endpoint_is_rejected_without_harm(mesh: str) 
             raw.setsockopt(zmq.LINGER, 2000)
             raw.connect(victim.endpoints[0])
             bogus = NodeRecord("evil", "evil", ("tcp://[not-an-endpoint",), (), 1, time.time())
-            raw.send(hello_frame(mesh, bogus, True))
+            raw.send(hello_frame(mesh, claim(bogus), True))
             raw.close()
             for _ in range(200):  # the frame travels on its own connection: poll with a bound
                 if victim.stats().get("frames_rejected", 0):

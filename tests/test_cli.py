@@ -182,10 +182,10 @@ def test_bad_input_exits_2_with_one_line(argv: list[str], expected: str, capsys:
 
 
 def test_bad_environment_variable_exits_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("MESHMQ_PEER_TIMEOUT", "a while")
+    monkeypatch.setenv("MESHMQ_PROBE_INTERVAL", "a while")
     assert main(["config"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("meshmq: error: invalid config peer_timeout: MESHMQ_PEER_TIMEOUT=")
+    assert err.startswith("meshmq: error: invalid config probe_interval: MESHMQ_PROBE_INTERVAL=")
     assert "Traceback" not in err
 
 
@@ -197,7 +197,7 @@ def test_config_lists_every_setting(monkeypatch: pytest.MonkeyPatch, capsys: pyt
         assert variable in out
         assert help_text.replace("``", "'") in out
     assert re.search(r"MESHMQ_MESH +default: default +\(set: staging\)", out)
-    assert re.search(r"MESHMQ_PEER_TIMEOUT +default: 3.0\n", out)
+    assert re.search(r"MESHMQ_PROBE_INTERVAL +default: 0.5\n", out)
 
 
 def test_config_json(capsys: pytest.CaptureFixture[str]) -> None:

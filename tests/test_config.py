@@ -17,7 +17,8 @@ def test_defaults() -> None:
     assert cfg.mesh == "default"
     assert cfg.interfaces == ("127.0.0.1",)  # loopback unless a deployment opts in
     assert cfg.bind is None and cfg.seeds == () and cfg.discovery is True and cfg.data_dir is None
-    assert (cfg.heartbeat_interval, cfg.peer_timeout) == (0.5, 3.0)
+    assert (cfg.probe_interval, cfg.probe_timeout, cfg.indirect_probes) == (0.5, 0.2, 3)
+    assert (cfg.gossip_interval, cfg.gossip_fanout, cfg.gossip_entries) == (0.2, 3, 32)
     assert cfg.max_frame_bytes == 4 * 1024 * 1024
     assert cfg.max_payload_bytes == 1024 * 1024
     assert (cfg.max_topic_length, cfg.max_topic_tokens) == (256, 32)
@@ -46,10 +47,10 @@ def test_environment_variables_are_parsed() -> None:
         "MESHMQ_SEEDS": "tcp://10.0.0.5:7400,tcp://10.0.0.6:7400,",
         "MESHMQ_DISCOVERY": "off",
         "MESHMQ_DATA_DIR": "/var/lib/meshmq",
-        "MESHMQ_HEARTBEAT_INTERVAL": "0.25",
-        "MESHMQ_PEER_TIMEOUT": "2",
+        "MESHMQ_PROBE_INTERVAL": "0.25",
+        "MESHMQ_SUSPICION_MULT": "2",
         "MESHMQ_MAX_PEERS": "1_000",
-        "MESHMQ_PEER_TIMOUT": "99",  # a typo'd name is not a setting
+        "MESHMQ_PROBE_INTERVALL": "99",  # a typo'd name is not a setting
         "PATH": "/usr/bin",
     })
     assert cfg.mesh == "prod"
@@ -58,8 +59,8 @@ def test_environment_variables_are_parsed() -> None:
     assert cfg.seeds == ("tcp://10.0.0.5:7400", "tcp://10.0.0.6:7400")
     assert cfg.discovery is False
     assert cfg.data_dir == Path("/var/lib/meshmq")
-    assert cfg.heartbeat_interval == 0.25
-    assert cfg.peer_timeout == 2.0 and isinstance(cfg.peer_timeout, float)
+    assert cfg.probe_interval == 0.25
+    assert cfg.suspicion_mult == 2.0 and isinstance(cfg.suspicion_mult, float)
     assert cfg.max_peers == 1000
 
 
@@ -72,7 +73,7 @@ def test_boolean_variables(raw: str, expected: bool) -> None:
 
 
 def test_empty_variables_are_ignored() -> None:
-    assert Config.load(env={"MESHMQ_MESH": "", "MESHMQ_PEER_TIMEOUT": ""}) == Config()
+    assert Config.load(env={"MESHMQ_MESH": "", "MESHMQ_PROBE_INTERVAL": ""}) == Config()
 
 
 def test_load_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -81,21 +82,21 @@ def test_load_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_keyword_overrides_win_over_the_environment() -> None:
-    env = {"MESHMQ_PEER_TIMEOUT": "5", "MESHMQ_MESH": "from-env"}
-    cfg = Config.load(env=env, peer_timeout=7, seeds=["tcp://127.0.0.1:7400"])
-    assert cfg.peer_timeout == 7.0 and isinstance(cfg.peer_timeout, float)
+    env = {"MESHMQ_TOMBSTONE_TTL": "5", "MESHMQ_MESH": "from-env"}
+    cfg = Config.load(env=env, tombstone_ttl=7, seeds=["tcp://127.0.0.1:7400"])
+    assert cfg.tombstone_ttl == 7.0 and isinstance(cfg.tombstone_ttl, float)
     assert cfg.seeds == ("tcp://127.0.0.1:7400",)
     assert cfg.mesh == "from-env"
 
 
 def test_overrides_accept_natural_forms() -> None:
     cfg = Config.load(env={}, max_peers="10", discovery="no", data_dir="/tmp/x", bind=None,
-                      interfaces="127.0.0.1,::1", heartbeat_interval=1)
+                      interfaces="127.0.0.1,::1", probe_interval=1)
     assert cfg.max_peers == 10
     assert cfg.discovery is False
     assert cfg.data_dir == Path("/tmp/x")
     assert cfg.interfaces == ("127.0.0.1", "::1")
-    assert cfg.heartbeat_interval == 1.0
+    assert cfg.probe_interval == 1.0
 
 
 def test_a_base_config_is_taken_as_is() -> None:
@@ -110,7 +111,7 @@ def test_a_base_config_is_taken_as_is() -> None:
 @pytest.mark.parametrize(("var", "raw", "field"), [
     ("MESHMQ_MAX_PEERS", "many", "max_peers"),
     ("MESHMQ_MAX_PEERS", "1.5", "max_peers"),
-    ("MESHMQ_PEER_TIMEOUT", "3s", "peer_timeout"),
+    ("MESHMQ_PROBE_TIMEOUT", "3s", "probe_timeout"),
     ("MESHMQ_DISCOVERY", "maybe", "discovery"),
 ])
 def test_unparsable_variables_name_the_variable(var: str, raw: str, field: str) -> None:
@@ -128,9 +129,12 @@ def test_unparsable_variables_name_the_variable(var: str, raw: str, field: str) 
     ({"MESHMQ_INTERFACES": ","}, "interfaces", "at least one"),
     ({"MESHMQ_BIND": "127.0.0.1:7400"}, "bind", "not a ZeroMQ endpoint"),
     ({"MESHMQ_SEEDS": "localhost"}, "seeds", "not an endpoint"),
-    ({"MESHMQ_HEARTBEAT_INTERVAL": "0"}, "heartbeat_interval", "greater than zero"),
-    ({"MESHMQ_HEARTBEAT_INTERVAL": "nan"}, "heartbeat_interval", "greater than zero"),
-    ({"MESHMQ_PEER_TIMEOUT": "0.9"}, "peer_timeout", "at least twice heartbeat_interval"),
+    ({"MESHMQ_PROBE_INTERVAL": "0"}, "probe_interval", "greater than zero"),
+    ({"MESHMQ_PROBE_INTERVAL": "nan"}, "probe_interval", "greater than zero"),
+    ({"MESHMQ_PROBE_TIMEOUT": "0.5"}, "probe_timeout", "less than probe_interval"),
+    ({"MESHMQ_SUSPICION_MAX_MULT": "0.5"}, "suspicion_max_mult", "at least 1"),
+    ({"MESHMQ_GOSSIP_ENTRIES": "300"}, "gossip_entries", "wire limit of 256"),
+    ({"MESHMQ_INDIRECT_PROBES": "0"}, "indirect_probes", "greater than zero"),
     ({"MESHMQ_MAX_PEERS": "-1"}, "max_peers", "greater than zero"),
     ({"MESHMQ_SOCKET_HWM": "0"}, "socket_hwm", "greater than zero"),
     ({"MESHMQ_MAX_PAYLOAD_BYTES": str(8 * 1024 * 1024)}, "max_frame_bytes", "every valid message fits"),
@@ -155,8 +159,8 @@ def test_valid_endpoints() -> None:
     ({"discovery": 1}, "discovery"),
     ({"seeds": [1]}, "seeds"),
     ({"seeds": 5}, "seeds"),
-    ({"peer_timeout": False}, "peer_timeout"),
-    ({"peer_timeout": "soon"}, "peer_timeout"),
+    ({"probe_interval": False}, "probe_interval"),
+    ({"probe_interval": "soon"}, "probe_interval"),
     ({"mesh": 5}, "mesh"),
     ({"bind": 7400}, "bind"),
     ({"data_dir": 5}, "data_dir"),
@@ -169,9 +173,9 @@ def test_overrides_of_the_wrong_type_name_the_field(overrides: dict[str, Any], f
 
 def test_unknown_override_is_rejected() -> None:
     with pytest.raises(ConfigError) as info:
-        Config.load(env={}, peer_timout=3)
-    assert info.value.field == "peer_timout"
-    assert "unknown setting" in str(info.value) and "peer_timeout" in str(info.value)  # lists the known names
+        Config.load(env={}, probe_intreval=3)
+    assert info.value.field == "probe_intreval"
+    assert "unknown setting" in str(info.value) and "probe_interval" in str(info.value)  # lists the known names
     with pytest.raises(ConfigError, match="unknown setting"):
         Config().replace(bogus=1)
 
@@ -196,8 +200,8 @@ def test_config_is_frozen() -> None:
 
 def test_replace_validates() -> None:
     with pytest.raises(ConfigError) as info:
-        Config().replace(heartbeat_interval=5.0)  # peer_timeout 3 < 2 * 5
-    assert info.value.field == "peer_timeout"
+        Config().replace(probe_interval=0.1)  # probe_timeout 0.2 >= 0.1
+    assert info.value.field == "probe_timeout"
 
 
 @pytest.mark.parametrize("kwargs", [{"max_peers": "10"}, {"max_peers": 2.5}, {"discovery": "no"}, {"mesh": 5}])

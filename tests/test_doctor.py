@@ -13,6 +13,7 @@ import zmq
 import meshmq
 from meshmq._agent import PeerInfo
 from meshmq._doctor import FAIL, OK, WARN, interface_findings, mesh_findings, skew_findings
+from meshmq._records import claim
 from meshmq._wire import NodeRecord, hello_frame, ping_frame
 
 
@@ -87,12 +88,12 @@ def test_a_peer_with_a_skewed_clock_is_measured() -> None:
         push.setsockopt(zmq.LINGER, 1000)
         push.connect(agent.endpoints[0])
         record = NodeRecord("skewed-node", "skewed", (me,), (), 1, time.time())
-        push.send(hello_frame(mesh, record, False))
+        push.send(hello_frame(mesh, claim(record), False))
         deadline = time.monotonic() + 10
         while not agent.peers():
             assert time.monotonic() < deadline
             time.sleep(0.02)  # polling with a deadline
-        push.send(ping_frame(mesh, "skewed-node", 1, me, time.time() + 10.0))
+        push.send(ping_frame(mesh, "skewed-node", me, 1, agent.node_id, time.time() + 10.0))
         while agent.peers()[0].clock_offset is None:
             assert time.monotonic() < deadline
             time.sleep(0.02)

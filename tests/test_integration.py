@@ -50,7 +50,7 @@ def test_two_processes_exchange_10000_messages_by_mdns(mesh: str) -> None:
 
 def test_sigkilled_peer_does_not_stall_the_others(mesh: str) -> None:
     child = Child("sink", mesh, "orders.>", "60")
-    fast = dict(mesh=mesh, heartbeat_interval=0.1, peer_timeout=1.0)
+    fast = dict(mesh=mesh, probe_interval=0.1, probe_timeout=0.05, suspicion_mult=2.0)
     try:
         with meshmq.Agent("healthy", **fast) as healthy, meshmq.Agent("publisher", **fast) as publisher:
             sub = healthy.subscribe("orders.placed")
@@ -79,7 +79,7 @@ def test_sigkilled_peer_does_not_stall_the_others(mesh: str) -> None:
 def test_stalled_peer_gets_backpressure_error_while_others_flow(mesh: str) -> None:
     """A peer that stops reading fills only its own queue; publishing to it fails loudly."""
     child = Child("sink", mesh, "slow.>", "60")
-    cfg = dict(mesh=mesh, peer_queue_messages=200, publish_timeout=0.5, peer_timeout=60.0, socket_hwm=10)
+    cfg = dict(mesh=mesh, peer_queue_messages=200, publish_timeout=0.5, probe_interval=60.0, socket_hwm=10)
     try:
         with meshmq.Agent("healthy", mesh=mesh) as healthy, meshmq.Agent("publisher", **cfg) as publisher:
             fast_sub = healthy.subscribe("fast.>")

@@ -12,9 +12,9 @@ from meshmq._topics import check_pattern
 from meshmq._wire import NodeRecord, Subscription
 
 
-def record(node: str, *subs: str | tuple[str, str], version: int = 1) -> NodeRecord:
+def record(node: str, *subs: str | tuple[str, str], incarnation: int = 1) -> NodeRecord:
     parsed = tuple(Subscription(s) if isinstance(s, str) else Subscription(*s) for s in subs)
-    return NodeRecord(node, "svc", (f"inproc://{node}",), parsed, version, 0.0)
+    return NodeRecord(node, "svc", (f"inproc://{node}",), parsed, incarnation, 0.0)
 
 
 def table(local: NodeRecord, *peers: NodeRecord) -> RoutingTable:
@@ -182,23 +182,23 @@ def test_round_robin_is_per_group(case: str) -> None:
 
 
 def test_a_newer_record_changes_routing_and_an_older_one_is_ignored() -> None:
-    t = table(record("me"), record("a", "orders.*", version=2))
+    t = table(record("me"), record("a", "orders.*", incarnation=2))
     assert t.index.resolve("orders.x").plain == ("a",)  # now cached in this index
-    assert not t.update(record("a", "billing.*", version=2))  # same version: ignored
-    assert not t.update(record("a", "billing.*", version=1))  # older: ignored
+    assert not t.update(record("a", "billing.*", incarnation=2))  # same incarnation: ignored
+    assert not t.update(record("a", "billing.*", incarnation=1))  # older: ignored
     assert t.index.resolve("orders.x").plain == ("a",)
-    assert t.update(record("a", "billing.*", version=3))
+    assert t.update(record("a", "billing.*", incarnation=3))
     assert t.index.resolve("orders.x").empty  # the cached route did not survive
     assert t.index.resolve("billing.due").plain == ("a",)
-    assert t.records["a"].version == 3
+    assert t.records["a"].incarnation == 3
 
 
 def test_index_is_rebuilt_only_when_subscriptions_change() -> None:
     t = table(record("me"), record("a", "orders.*"))
     snapshot = t.index
-    assert t.update(record("a", "orders.*", version=2))  # taken, but routing is the same
+    assert t.update(record("a", "orders.*", incarnation=2))  # taken, but routing is the same
     assert t.index is snapshot
-    assert t.update(record("a", "orders.>", version=3))
+    assert t.update(record("a", "orders.>", incarnation=3))
     assert t.index is not snapshot
 
 
@@ -214,10 +214,10 @@ def test_removing_a_node_removes_its_routes() -> None:
 def test_set_local_changes_local_routes() -> None:
     t = table(record("me", "orders.*"))
     assert t.index.resolve("orders.x").plain == ("me",)
-    t.set_local(record("me", "billing.*", version=2))
+    t.set_local(record("me", "billing.*", incarnation=2))
     assert t.index.resolve("orders.x").empty
     assert t.index.resolve("billing.x").plain == ("me",)
-    assert t.local.version == 2
+    assert t.local.incarnation == 2
 
 
 def test_old_snapshots_stay_valid_after_a_rebuild() -> None:

@@ -12,10 +12,12 @@ from hypothesis import strategies as st
 
 from meshmq import PayloadError, ProtocolError
 from meshmq._message import FORMAT_BYTES, FORMAT_MSGPACK, Message
+from meshmq._records import claim
 from meshmq._wire import (
-    BYE, DATA, ENVELOPE_VERSION, HELLO, PING, PROTOCOL_VERSION, Bye, Data, Hello, Limits, NodeRecord, Ping,
-    Subscription, bye_frame, check_headers, data_frame, decode_envelope, decode_frame, encode_envelope,
-    encode_payload, hello_frame, ping_frame, split_entry, Gossip, gossip_frame,
+    ACK, ALIVE, BYE, DATA, DEAD, ENVELOPE_VERSION, HELLO, LEFT, MAX_INCARNATION, PING, PING_REQ, PROTOCOL_VERSION,
+    SUSPECT, SYNC, SYNC_LAST, SYNC_OPEN, SYNC_REPLY, Ack, Bye, Data, Entry, Hello, Limits, NodeRecord, Ping, PingReq,
+    Subscription, Sync, ack_frame, bye_frame, check_headers, data_frame, decode_envelope, decode_frame,
+    encode_envelope, encode_payload, hello_frame, ping_frame, ping_req_frame, split_entry, sync_frame,
 )
 
 LIMITS = Limits()
@@ -312,21 +314,37 @@ def test_valid_envelope_with_random_fields_only_raises_protocol_error(body: tupl
 RECORD = NodeRecord(
     "node-1", "orders", ("tcp://127.0.0.1:7400", "ipc:///tmp/n1"),
     (Subscription("orders.*"), Subscription("jobs.>", "workers")), 4, 1700000000.5,
+    (("OrderPlaced", 2),), b"cert",
 )
+EP = "tcp://127.0.0.1:7401"
 
 
 @pytest.mark.parametrize("want_reply", [True, False])
 def test_hello_round_trips(want_reply: bool) -> None:
-    frame = hello_frame("prod", RECORD, want_reply)
+    frame = hello_frame("prod", claim(RECORD), want_reply)
     assert frame[:2] == bytes((PROTOCOL_VERSION, HELLO))
-    assert decode_frame(frame, LIMITS) == Hello("prod", RECORD, want_reply)
-    assert decode_frame(memoryview(frame), LIMITS) == Hello("prod", RECORD, want_reply)
+    assert decode_frame(frame, LIMITS) == Hello("prod", claim(RECORD), want_reply)
+    assert decode_frame(memoryview(frame), LIMITS) == Hello("prod", claim(RECORD), want_reply)
 
 
-def test_ping_and_bye_round_trip() -> None:
-    assert decode_frame(ping_frame("prod", "node-1", 9, "tcp://127.0.0.1:1"), LIMITS) == Ping(
-        "prod", "node-1", 9, "tcp://127.0.0.1:1")
-    assert decode_frame(bye_frame("prod", "node-1"), LIMITS) == Bye("prod", "node-1")
+def test_probe_frames_and_bye_round_trip() -> None:
+    assert decode_frame(ping_frame("prod", "node-1", EP, 9, "node-2", 1.5), LIMITS) == Ping(
+        "prod", "node-1", EP, 9, "node-2", 1.5)
+    assert decode_frame(ack_frame("prod", "node-2", 9), LIMITS) == Ack("prod", "node-2", 9, False)
+    assert decode_frame(ack_frame("prod", "node-3", 9, True), LIMITS) == Ack("prod", "node-3", 9, True)
+    assert decode_frame(ping_req_frame("prod", "node-1", EP, 10, "node-2", "inproc://n2"), LIMITS) == PingReq(
+        "prod", "node-1", EP, 10, "node-2", "inproc://n2")
+    assert decode_frame(bye_frame("prod", "node-1", 5.0, 3), LIMITS) == Bye("prod", "node-1", 5.0, 3)
+
+
+def test_sync_round_trips_digests_records_and_wants() -> None:
+    suspect = Entry("node-9", 7.0, 2, SUSPECT, None, "node-3")
+    full = claim(RECORD)
+    frame = sync_frame("prod", "node-3", EP, SYNC_REPLY, b"\x01" * 8, 12,
+                       [suspect.to_wire(True), full.to_wire(True), full.to_wire(False)], ["node-5"])
+    assert decode_frame(frame, LIMITS) == Sync(
+        "prod", "node-3", EP, SYNC_REPLY, b"\x01" * 8, 12,
+        (suspect, full, Entry(full.node, full.started, full.incarnation, ALIVE)), ("node-5",))
 
 
 def test_data_round_trips_with_and_without_groups() -> None:
@@ -345,45 +363,76 @@ def test_bad_data_entries_are_rejected(entry: Any) -> None:
         split_entry(entry)
 
 
-@given(
+_ENDPOINTS = (st.builds("tcp://{}.{}.{}.{}:{}".format, *[st.integers(0, 255)] * 4, st.integers(1, 65535))
+              | st.from_regex(r"inproc://[a-z0-9._-]{1,20}", fullmatch=True))
+_RECORDS = st.builds(
+    NodeRecord,
     node=st.text(min_size=1, max_size=20), service=st.text(min_size=1, max_size=20),
-    endpoints=st.lists(
-        st.builds("tcp://{}.{}.{}.{}:{}".format, *[st.integers(0, 255)] * 4, st.integers(1, 65535))
-        | st.from_regex(r"inproc://[a-z0-9._-]{1,20}", fullmatch=True),
-        min_size=1, max_size=16),
-    subs=st.lists(st.tuples(st.text(min_size=1, max_size=20), st.none() | st.text(min_size=1, max_size=10)),
-                  max_size=10),
-    version=st.integers(0, 2**63), started=st.floats(allow_nan=False), want_reply=st.booleans(),
+    endpoints=st.lists(_ENDPOINTS, min_size=1, max_size=16).map(tuple),
+    subscriptions=st.lists(st.builds(Subscription, st.text(min_size=1, max_size=20),
+                                     st.none() | st.text(min_size=1, max_size=10)), max_size=10).map(tuple),
+    incarnation=st.integers(0, MAX_INCARNATION),
+    started=st.floats(min_value=0, allow_infinity=False),
+    schemas=st.lists(st.tuples(st.text(min_size=1, max_size=10), st.integers(0, 99)), max_size=3).map(tuple),
+    cert=st.none() | st.binary(max_size=64),
 )
-def test_hello_round_trip_property(node: str, service: str, endpoints: list[str], subs: list[tuple[str, str | None]],
-                                   version: int, started: float, want_reply: bool) -> None:
-    record = NodeRecord(node, service, tuple(endpoints), tuple(Subscription(p, g) for p, g in subs), version, started)
-    assert decode_frame(hello_frame("m", record, want_reply), LIMITS) == Hello("m", record, want_reply)
+
+
+@given(record=_RECORDS, want_reply=st.booleans())
+def test_hello_round_trip_property(record: NodeRecord, want_reply: bool) -> None:
+    assert decode_frame(hello_frame("m", claim(record), want_reply), LIMITS) == Hello("m", claim(record), want_reply)
+
+
+@given(record=_RECORDS, status=st.sampled_from([ALIVE, SUSPECT, DEAD, LEFT]), later=st.integers(0, 5),
+       by=st.text(max_size=10), with_record=st.booleans())
+def test_entry_round_trip_property(record: NodeRecord, status: int, later: int, by: str, with_record: bool) -> None:
+    entry = Entry(record.node, record.started, min(record.incarnation + later, MAX_INCARNATION), status, record, by)
+    sent = sync_frame("m", "n", EP, SYNC_OPEN, b"", 1, [entry.to_wire(with_record)], [])
+    decoded = decode_frame(sent, LIMITS)
+    assert isinstance(decoded, Sync)
+    expected = entry if with_record else Entry(entry.node, entry.started, entry.incarnation, status, None, by)
+    assert decoded.entries == (expected,)
 
 
 def _head(kind: int) -> bytes:
     return bytes((PROTOCOL_VERSION, kind))
 
 
+_ALIVE_WIRE = claim(RECORD).to_wire(True)
+
+
 @pytest.mark.parametrize(("frame", "problem"), [
     (b"", "too short"),
     (b"\x01\x01", "too short"),
-    (bytes((2, HELLO)) + packed(["m"]), "unknown protocol version 2"),
+    (bytes((1, HELLO)) + packed(["m"]), "unknown protocol version 1"),
     (_head(9) + packed(["m"]), "unknown frame kind 9"),
     (_head(PING) + packed({"mesh": "m"}), "body is not an array"),
-    (_head(PING) + packed(["m", "n", 1]), "bad ping"),
-    (_head(PING) + packed(["m", "n", "1", "ep"]), "bad ping"),
-    (_head(PING) + packed(["m", "n", 1, "e" * 256]), "bad ping"),
+    (_head(PING) + packed(["m", "n", EP, 1, "t"]), "bad ping"),
+    (_head(PING) + packed(["m", "n", "ep", 1, "t", 1.0]), "bad ping"),
+    (_head(PING) + packed(["m", "n", EP, -1, "t", 1.0]), "bad sequence number"),
+    (_head(PING) + packed(["m", "", EP, 1, "t", 1.0]), "bad ping"),
+    (_head(ACK) + packed(["m", "n", 1, 0]), "bad ack"),
+    (_head(ACK) + packed(["m", "n", "1", False]), "bad sequence number"),
+    (_head(PING_REQ) + packed(["m", "n", EP, 1, "t", "tcp://[x"]), "bad ping-req"),
     (_head(BYE) + packed(["m"]), "bad bye"),
-    (_head(BYE) + packed(["m", 5]), "bad bye"),
-    (_head(HELLO) + packed(["m", RECORD.to_wire()]), "bad hello"),
-    (_head(HELLO) + packed(["m", RECORD.to_wire(), 1]), "bad hello"),
+    (_head(BYE) + packed(["m", 5, 1.0, 1]), "bad bye"),
+    (_head(BYE) + packed(["m", "n", 1.0, -1]), "bad incarnation"),
+    (_head(BYE) + packed(["m", "n", float("nan"), 1]), "bad start time"),
+    (_head(HELLO) + packed(["m", _ALIVE_WIRE]), "bad hello"),
+    (_head(HELLO) + packed(["m", _ALIVE_WIRE, 1]), "bad hello"),
+    (_head(HELLO) + packed(["m", [*_ALIVE_WIRE[:5], None], True]), "must carry the sender's record"),
+    (_head(HELLO) + packed(["m", [*_ALIVE_WIRE[:3], SUSPECT, *_ALIVE_WIRE[4:]], True]), "alive"),
+    (_head(SYNC) + packed(["m", "n", EP, 3, b"", 0, [], []]), "bad sync"),
+    (_head(SYNC) + packed(["m", "n", EP, SYNC_OPEN, b"x" * 33, 0, [], []]), "bad sync"),
+    (_head(SYNC) + packed(["m", "n", EP, SYNC_OPEN, b"", 0, [[]] * 257, []]), "too many"),
+    (_head(SYNC) + packed(["m", "n", EP, SYNC_OPEN, b"", 0, [], ["x"] * 257]), "too many"),
+    (_head(SYNC) + packed(["m", "n", EP, SYNC_LAST, b"", 0, [], [""]]), "bad wanted node id"),
     (_head(DATA) + packed(["n", 1, 1]), "4-field array"),
     (_head(DATA) + packed(["n", 1.0, 1, []]), "bad data frame header"),
     (_head(DATA) + packed(["n", 1, 1, [b""] * 257]), "bad or oversized batch"),
     (_head(DATA) + packed(["n", 1, 1, b""]), "bad or oversized batch"),
     (_head(PING) + b"\xc1", "undecodable msgpack"),
-    (_head(PING) + packed(["m", "n", 1, "ep"]) + b"\x00", "undecodable msgpack"),  # trailing bytes
+    (_head(PING) + packed(["m", "n", EP, 1, "t", 1.0]) + b"\x00", "undecodable msgpack"),  # trailing bytes
 ])
 def test_malformed_frames_are_rejected(frame: bytes, problem: str) -> None:
     with pytest.raises(ProtocolError, match=problem):
@@ -391,22 +440,30 @@ def test_malformed_frames_are_rejected(frame: bytes, problem: str) -> None:
 
 
 def test_oversized_frame_is_rejected() -> None:
-    frame = ping_frame("m", "n", 1, "ep")
+    frame = ping_frame("m", "n", EP, 1, "t")
     with pytest.raises(ProtocolError, match="larger than max_frame_bytes"):
         decode_frame(frame, Limits(max_frame_bytes=len(frame) - 1))
 
 
 def _record_wire(**changes: Any) -> list[Any]:
     wire = RECORD.to_wire()
-    names = ["node", "service", "endpoints", "subs", "version", "started"]
+    names = ["node", "service", "endpoints", "subs", "incarnation", "started", "schemas", "cert"]
+    for name, value in changes.items():
+        wire[names.index(name)] = value
+    return wire
+
+
+def _entry_wire(**changes: Any) -> list[Any]:
+    wire = claim(RECORD).to_wire(True)
+    names = ["node", "started", "incarnation", "status", "by", "record"]
     for name, value in changes.items():
         wire[names.index(name)] = value
     return wire
 
 
 @pytest.mark.parametrize(("record", "problem"), [
-    ("record", "6-field array"),
-    (_record_wire()[:5], "6-field array"),
+    ("record", "8-field array"),
+    (_record_wire()[:7], "8-field array"),
     (_record_wire(node=""), "bad node id"),
     (_record_wire(node="n" * 256), "bad node id"),
     (_record_wire(service=3), "bad service"),
@@ -419,19 +476,43 @@ def _record_wire(**changes: Any) -> list[Any]:
     (_record_wire(subs=[["p" * 257, None]]), "bad subscription pattern"),
     (_record_wire(subs=[["orders.*", ""]]), "bad queue group"),
     (_record_wire(subs=[["orders.*", 1]]), "bad queue group"),
-    (_record_wire(version=-1), "bad record version"),
-    (_record_wire(version=True), "bad record version"),
+    (_record_wire(incarnation=-1), "bad incarnation"),
+    (_record_wire(incarnation=True), "bad incarnation"),
+    (_record_wire(incarnation=MAX_INCARNATION + 1), "bad incarnation"),
     (_record_wire(started="now"), "bad start time"),
+    (_record_wire(started=float("inf")), "bad start time"),
+    (_record_wire(schemas=[["OrderPlaced"]]), "bad schema"),
+    (_record_wire(schemas=[["OrderPlaced", -1]]), "bad schema"),
+    (_record_wire(cert="text"), "bad certificate"),
+    (_record_wire(cert=b"x" * 20_000), "bad certificate"),
 ])
 def test_malformed_records_are_rejected(record: Any, problem: str) -> None:
+    entry = _entry_wire(record=record)
     with pytest.raises(ProtocolError, match=problem):
-        decode_frame(_head(HELLO) + packed(["m", record, True]), LIMITS)
+        decode_frame(_head(HELLO) + packed(["m", entry, True]), LIMITS)
+
+
+@pytest.mark.parametrize(("entry", "problem"), [
+    ("entry", "6-field array"),
+    (_entry_wire()[:5], "6-field array"),
+    (_entry_wire(node=""), "bad node id"),
+    (_entry_wire(status=4), "bad status"),
+    (_entry_wire(status=True), "bad status"),
+    (_entry_wire(by=3), "bad suspecter"),
+    (_entry_wire(incarnation=MAX_INCARNATION * 2), "bad incarnation"),
+    (_entry_wire(started=-1.0), "bad start time"),
+    (_entry_wire(incarnation=RECORD.incarnation - 1), "older than the record"),
+    (_entry_wire(node="someone-else"), "about another node"),
+])
+def test_malformed_entries_are_rejected(entry: Any, problem: str) -> None:
+    with pytest.raises(ProtocolError, match=problem):
+        decode_frame(_head(SYNC) + packed(["m", "n", EP, SYNC_OPEN, b"", 1, [entry], []]), LIMITS)
 
 
 def test_too_many_subscriptions_are_rejected() -> None:
-    record = _record_wire(subs=[["a", None]] * 11)
+    entry = _entry_wire(record=_record_wire(subs=[["a", None]] * 11))
     with pytest.raises(ProtocolError, match="too many subscriptions"):
-        decode_frame(_head(HELLO) + packed(["m", record, True]), Limits(max_subscriptions=10))
+        decode_frame(_head(HELLO) + packed(["m", entry, True]), Limits(max_subscriptions=10))
 
 
 def test_limits_from_config_copies_every_bound() -> None:
@@ -455,20 +536,11 @@ def test_message_data_of_a_corrupt_msgpack_payload_is_a_payload_error() -> None:
 
 @pytest.mark.parametrize("endpoint", ["tcp://[not-an-endpoint", "tcp://1.2.3.4:0", "tcp://1.2.3.4:70000",
                                       "udp://1.2.3.4:5", "tcp://1.2.3.4", "tcp://a b:1", "x" * 300])
-def test_records_and_pings_with_a_malformed_endpoint_are_rejected(endpoint: str) -> None:
+def test_records_and_probes_with_a_malformed_endpoint_are_rejected(endpoint: str) -> None:
     record = NodeRecord("n", "svc", (endpoint,), (), 1, 1.0)
     with pytest.raises(ProtocolError, match="endpoint"):
-        decode_frame(hello_frame("m", record, False), LIMITS)
-    with pytest.raises(ProtocolError):
-        decode_frame(ping_frame("m", "n", 1, endpoint, 1.0), LIMITS)
-
-
-def test_gossip_round_trip_and_rejection() -> None:
-    frame = gossip_frame("m", "n1", [("n2", "tcp://10.0.0.2:7400", 3), ("n3", "inproc://n3", 0)])
-    decoded = decode_frame(frame, LIMITS)
-    assert decoded == Gossip("m", "n1", (("n2", "tcp://10.0.0.2:7400", 3), ("n3", "inproc://n3", 0)))
-    for entries in ([("n2", "tcp://[junk", 1)], [("", "inproc://x", 1)], [("n2", "inproc://x", -1)]):
-        with pytest.raises(ProtocolError, match="gossip"):
-            decode_frame(gossip_frame("m", "n1", entries), LIMITS)
-    with pytest.raises(ProtocolError, match="too many"):
-        decode_frame(gossip_frame("m", "n1", [("n", "inproc://x", 1)] * 257), LIMITS)
+        decode_frame(hello_frame("m", claim(record), False), LIMITS)
+    for frame in (ping_frame("m", "n", endpoint, 1, "t", 1.0), ping_req_frame("m", "n", EP, 1, "t", endpoint),
+                  sync_frame("m", "n", endpoint, SYNC_OPEN, b"", 0, [], [])):
+        with pytest.raises(ProtocolError):
+            decode_frame(frame, LIMITS)
