@@ -40,8 +40,8 @@ from ._routing import RouteIndex
 from ._topics import check_pattern, check_topic, check_user_topic, matches, reply_topic
 from ._transport import Link, Transport, Wakeup
 from ._wire import (
-    DATA, PROTOCOL_VERSION, Limits, Ping, NodeRecord, Subscription as AdvertisedSubscription, check_headers, decode_envelope,
-    decode_data, decode_frame, encode_envelope, encode_payload, split_entry,
+    DATA, PROTOCOL_VERSION, Limits, NodeRecord, Ping, Subscription as AdvertisedSubscription, Work, check_headers,
+    decode_data, decode_envelope, decode_frame, encode_envelope, encode_payload, split_entry, work_frame,
 )
 
 log = logging.getLogger("meshmq.agent")
@@ -191,6 +191,8 @@ class Subscription:
                 self.handler(msg)  # type: ignore[misc]
             except Exception as exc:
                 self._agent._handler_failed(self, msg, exc)
+            if msg._work is not None and self.queue is not None:
+                self._agent._work_finished(msg._work)
             return
         if self._cond is not None and self.handler is None:
             with self._cond:
@@ -220,12 +222,19 @@ class Subscription:
                     raise
                 except Exception as exc:
                     self._agent._handler_failed(self, msg, exc)
+                self._finished(msg)
             self._async_ready = loop.create_future()
             await self._async_ready
 
     def _drained(self) -> None:
         if len(self._buffer) == self._limit // 2:
             self._agent._call_on_loop(self._agent._maybe_resume)
+
+    def _finished(self, msg: Message) -> None:
+        """A queue-group message was handled (or taken by the iterating consumer): its
+        publisher counts it as no longer outstanding here."""
+        if msg._work is not None and self.queue is not None:
+            self._agent._call_on_loop(self._agent._work_finished, msg._work)
 
     def _closed(self) -> None:
         self.closed = True
@@ -252,6 +261,7 @@ class Subscription:
             await self._async_ready
         msg = self._buffer.popleft()
         self._drained()
+        self._finished(msg)
         return msg
 
     def __iter__(self) -> Iterator[Message]:
@@ -278,6 +288,7 @@ class Subscription:
                 self._cond.wait(remaining)
             msg = self._buffer.popleft()
         self._drained()
+        self._finished(msg)
         return msg
 
     def __repr__(self) -> str:
@@ -312,6 +323,13 @@ class AsyncAgent:
         self._plain_cache: dict[str, list[Subscription]] = {}
         self._group_cache: dict[tuple[str, str], list[Subscription]] = {}
         self._turns: dict[str, itertools.count[int]] = {}  # local members of each queue group take turns
+        # Queue-group work, for balancing by outstanding work: as a publisher, what we sent each
+        # node and what it reported finished; as a member, what we finished for each publisher.
+        self._work_sent: dict[str, int] = {}
+        self._work_reported: dict[str, int] = {}
+        self._work_done: collections.Counter[str] = collections.Counter()
+        self._work_unreported: set[str] = set()
+        self._work_timer: asyncio.TimerHandle | None = None
         self._node: Node | None = None
         self._transport: Transport | None = None
         self._discovery: Discovery | None = None
@@ -394,6 +412,8 @@ class AsyncAgent:
             self._transport.flush_all()
         if self._tick_handle is not None:
             self._tick_handle.cancel()
+        if self._work_timer is not None:
+            self._work_timer.cancel()
         if self._discovery is not None:
             await self._discovery.async_close()
         for sub in list(self._subs):
@@ -577,7 +597,11 @@ class AsyncAgent:
     def _targets(self, topic: str, key: str | None, env: bytes) -> list[tuple[Link, Any]]:
         """(link, entry) for every destination of one message, choosing queue-group members."""
         targets = []
-        for node, groups in self._index.destinations(topic, key).items():
+        work = self._work_sent
+        for node, groups in self._index.destinations(topic, key, self._outstanding).items():
+            if groups:
+                # An estimate (publishing threads may race on it); reports from the member correct it.
+                work[node] = work.get(node, 0) + len(groups)
             link = self._node_links.get(node)
             if link is None:  # routed but not linked: cannot happen while _apply maps links first
                 with self._counters_lock:
@@ -706,10 +730,43 @@ class AsyncAgent:
             self.counters["frames_rejected"] += 1
             quiet.warning("frame", "dropped a malformed frame (%d bytes): %s", len(frame), exc)
             return
+        if type(decoded) is Work:
+            if decoded.mesh == self.config.mesh and decoded.node in self._node.peers:
+                self._node.touch(decoded.node, time.monotonic())
+                if decoded.done > self._work_reported.get(decoded.node, 0):  # reports may cross
+                    self._work_reported[decoded.node] = decoded.done
+            return
         if type(decoded) is Ping and decoded.sent_at and decoded.node in self._node.peers:
             # One-way delay is well under a millisecond here; seconds of difference are skew.
             self._clock_offsets[decoded.node] = decoded.sent_at - time.time()
         self._apply(self._node.receive(decoded, time.monotonic()))
+
+    # --- queue-group load ---------------------------------------------------------------
+
+    def _outstanding(self, node: str) -> int:
+        """Queue-group messages sent to ``node`` that it has not reported finished."""
+        return self._work_sent.get(node, 0) - self._work_reported.get(node, 0)
+
+    def _work_finished(self, publisher: str) -> None:
+        """One queue-group message from ``publisher`` is finished here: tell it, soon (batched)."""
+        self._work_done[publisher] += 1
+        if publisher == self.node_id:
+            self._work_reported[publisher] = self._work_done[publisher]
+            return
+        self._work_unreported.add(publisher)
+        if self._work_timer is None and self._loop is not None and self._state == "running":
+            self._work_timer = self._loop.call_later(self.config.work_report_interval, self._report_work)
+
+    def _report_work(self) -> None:
+        self._work_timer = None
+        if self._transport is None or self._state != "running":
+            return
+        for publisher in self._work_unreported:
+            link = self._node_links.get(publisher)
+            if link is not None:
+                self._transport.async_send_control(
+                    link.endpoint, work_frame(self.config.mesh, self.node_id, self._work_done[publisher]))
+        self._work_unreported.clear()
 
     def _deliver_entries(self, entries: list[Any], seq: int) -> None:
         limits = self.limits
@@ -755,6 +812,7 @@ class AsyncAgent:
                 turn = self._turns.get(group)
                 if turn is None:
                     turn = self._turns[group] = itertools.count()
+                msg._work = msg.node
                 members[next(turn) % len(members)]._deliver(msg)
                 delivered = True
         if not delivered:
@@ -999,6 +1057,9 @@ class AsyncAgent:
                 changed = True
             elif kind is PeerDown:
                 self._node_links.pop(action.node, None)
+                for table in (self._work_sent, self._work_reported, self._work_done):
+                    table.pop(action.node, None)
+                self._work_unreported.discard(action.node)
                 self._clock_offsets.pop(action.node, None)
                 if self._requests:
                     self._responder_left(action.node)

@@ -165,8 +165,9 @@ _PEERS_EPILOG = """\
   meshmq peers --wait 3 --json       a JSON array of peers, after waiting up to 3 s
   meshmq peers --mesh staging --seed tcp://10.0.0.5:7400
 
-STATE is alive, or suspect when the peer has been silent for over half of
-peer_timeout; with --all, departed peers show as dead, left or replaced.
+STATE is alive, or suspect when a probe of the peer went unanswered (it is
+declared dead unless it refutes in time); with --all, departed peers show as
+dead, left or replaced.
 Subscriptions show as pattern, or pattern@group for queue groups; 'last seen' is
 the time since the peer was last heard from. This command's own agent is not
 listed. With --json each peer is an object with service, node, endpoint,

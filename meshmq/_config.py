@@ -67,6 +67,8 @@ class Config:
     """Seconds an unanswered greeting (an mDNS hint) is repeated before it is given up."""
     rejoin_window: float = 600.0
     """Seconds during which the endpoint of a peer declared dead is still greeted, so a healed partition rejoins."""
+    work_report_interval: float = 0.02
+    """Seconds between a queue-group member's reports of finished work to the publishers that sent it (how fresh their load balancing is)."""
 
     # --- sizes ---
     max_frame_bytes: int = 4 * _MiB
@@ -125,7 +127,7 @@ class Config:
             _check(_is_endpoint(seed), "seeds", f"{seed!r} is not an endpoint like tcp://127.0.0.1:7400")
         _positive(self, "probe_interval", "probe_timeout", "indirect_probes", "suspicion_mult", "gossip_interval",
                   "gossip_fanout", "gossip_entries", "gossip_max_bytes", "tombstone_ttl", "join_timeout",
-                  "rejoin_window", "publish_timeout", "stop_timeout")
+                  "rejoin_window", "work_report_interval", "publish_timeout", "stop_timeout")
         _check(self.gossip_entries <= 256, "gossip_entries", f"{self.gossip_entries} is above the wire limit of 256")
         _check(
             self.probe_timeout < self.probe_interval,

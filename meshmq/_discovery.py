@@ -75,7 +75,7 @@ class Discovery:
 
     def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
         if name == self.name or state_change is ServiceStateChange.Removed:
-            # Departures are learned from BYE frames and heartbeats, which mDNS cannot forge.
+            # Departures are learned from BYE frames and probes, which mDNS cannot forge.
             return
         self._spawn(self._resolve(zeroconf, service_type, name))
 

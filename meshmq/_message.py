@@ -29,7 +29,7 @@ class Message:
 
     __slots__ = (
         "_id", "timestamp", "topic", "type", "source", "node", "schema_version",
-        "headers", "key", "raw", "_format", "_data", "seq", "_replier", "replied",
+        "headers", "key", "raw", "_format", "_data", "seq", "_replier", "replied", "_work",
     )
 
     def __init__(
@@ -52,6 +52,7 @@ class Message:
         self.seq = seq
         self._replier: Callable[..., None] | None = None  # set by the agent on a request
         self.replied = False
+        self._work: str | None = None  # queue-group work: the node to tell when it is finished
 
     @property
     def is_request(self) -> bool:

@@ -39,13 +39,15 @@ Invariants:
 - every peer's ``endpoint`` has been announced with :class:`Connect` and not yet
   with :class:`Disconnect`; ``links`` counts the users of each endpoint (peers,
   pending greetings, links opened to answer a stranger);
-- ``digest_hash`` is the XOR of :func:`entry_hash` over our own claim and every member.
+- ``digest_hash`` is the XOR of :func:`entry_hash` over our own claim and every member;
+- ``by_endpoint`` maps the endpoint of every peer to it.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import math
 import random
 from dataclasses import dataclass, field
@@ -226,6 +228,7 @@ class Node:
         self.me = claim(record)
         self.members: dict[str, Member] = {}
         self.peers: dict[str, Member] = {}
+        self.by_endpoint: dict[str, str] = {}  # a peer's endpoint -> its node id
         self.links: collections.Counter[str] = collections.Counter()
         # Endpoints greeted whose node has not answered yet: endpoint -> last hello time.
         self.pending: dict[str, float] = {}
@@ -435,6 +438,7 @@ class Node:
         return self.probe_order.pop() if self.probe_order else None
 
     def _probe_answered(self, probe: Probe) -> None:
+        self.counters["probes_answered"] += 1
         if not probe.indirect_sent:
             self._adjust_health(-1)
         self.probe = None
@@ -465,7 +469,6 @@ class Node:
                 probe.nacks += 1
                 self.touch(ack.node, now)
                 return
-            self.counters["probes_answered"] += 1
             self._probe_answered(probe)
         self.touch(ack.node, now)
 
@@ -536,9 +539,9 @@ class Node:
         if node == self.node_id:
             self._about_me(entry, source, now)
             return
-        if entry.record is not None and not self._record_ok(entry.record):
-            return
         member = self.members.get(node)
+        if entry.record is not None and not self._record_ok(entry.record, member):
+            return
         if member is None:
             if len(self.members) >= self.max_peers:
                 self.counters["rejected_peer_limit"] += 1
@@ -606,11 +609,13 @@ class Node:
             record = member.record
             if not was:
                 endpoint = record.endpoints[0]
-                self._replace_older(record, now, actions)
+                if self._replaced_by_newer(record, now, actions):
+                    return
                 self._link(endpoint, actions)
                 member.endpoint = endpoint
                 member.replaced = False
                 self.peers[node] = member
+                self.by_endpoint[endpoint] = node
                 self.departed.pop(node, None)
                 for ep in record.endpoints:
                     self.lost.pop(ep, None)
@@ -619,27 +624,29 @@ class Node:
                 self.routes.update(record)
                 actions.append(PeerUp(record))
             elif old is None or old.record is not record:
-                if record.endpoints[0] != member.endpoint:
-                    # A node's endpoints are fixed for its life; a record that says otherwise is bogus.
-                    self.counters["rejected_bad_record"] += 1
                 if self.routes.update(record):
                     actions.append(PeerUp(record))
         elif was:
             reason = "replaced" if member.replaced else "left" if e.status == LEFT else "dead"
             self._drop(member, reason, now, actions)
 
-    def _replace_older(self, record: NodeRecord, now: float, actions: list[Action]) -> None:
-        """A node on an endpoint that an earlier instance used: that one is gone for good."""
-        endpoint = record.endpoints[0]
-        for other in list(self.peers.values()):
-            if other.endpoint == endpoint and other.record.started <= record.started:
-                e = other.entry
-                other.replaced = True
-                self._learn(Entry(e.node, e.started, e.incarnation, DEAD), self.node_id, now, actions)
+    def _replaced_by_newer(self, record: NodeRecord, now: float, actions: list[Action]) -> bool:
+        """Two instances on one endpoint: only one process can hold it, so the one that started
+        earlier is gone for good. Declare it dead; return whether that is ``record``'s node."""
+        other = self.peers.get(self.by_endpoint.get(record.endpoints[0], ""))
+        if other is None or other.entry.node == record.node:
+            return False
+        older = self.members[record.node] if other.record.started > record.started else other
+        e = older.entry
+        older.replaced = True
+        self._learn(Entry(e.node, e.started, e.incarnation, DEAD), self.node_id, now, actions)
+        return older is not other
 
     def _drop(self, member: Member, reason: str, now: float, actions: list[Action]) -> None:
         node = member.entry.node
         del self.peers[node]
+        if self.by_endpoint.get(member.endpoint) == node:
+            del self.by_endpoint[member.endpoint]
         record = self.routes.remove(node)
         endpoint = member.endpoint
         service = record.service if record is not None else ""
@@ -682,7 +689,12 @@ class Node:
         self.digest_hash ^= entry_hash(self.me)
         self.fresh[self.node_id] = 0
 
-    def _record_ok(self, record: NodeRecord) -> bool:
+    def _record_ok(self, record: NodeRecord, member: Member | None) -> bool:
+        known = member.entry.record if member is not None else None
+        if known is not None and known.started == record.started and known.endpoints != record.endpoints:
+            # A node's endpoints are fixed for its life; a record that says otherwise is bogus.
+            self.counters["rejected_bad_record"] += 1
+            return False
         try:
             for sub in record.subscriptions:
                 check_pattern(sub.pattern, self.limits.max_topic_length, self.limits.max_topic_tokens)
@@ -818,14 +830,17 @@ class Node:
 
     def _send_sync(self, endpoint: str, phase: int, entries: list[list[object]], wants: list[str],
                    actions: list[Action]) -> None:
+        if len(entries) > MAX_SYNC_ENTRIES:
+            self.counters["sync_entries_deferred"] += len(entries) - MAX_SYNC_ENTRIES
         actions.append(Send(endpoint, sync_frame(
             self.mesh, self.node_id, self.endpoint, phase, self.digest_hash.to_bytes(8, "big"),
-            len(self.members) + 1, entries, wants[:MAX_SYNC_ENTRIES])))
+            len(self.members) + 1, entries[:MAX_SYNC_ENTRIES], wants[:MAX_SYNC_ENTRIES])))
 
     def _on_sync(self, sync: Sync, now: float, actions: list[Action]) -> None:
         self.touch(sync.node, now)
         exchange = sync.phase != SYNC_LAST  # digests in an exchange's last frame ask for nothing
-        pushes: list[Entry] = []
+        pushes: list[Entry] = []  # where our claim is newer than the digest's
+        answers: list[Entry] = []  # what the sender asked for
         wants: list[str] = []
         for entry in sync.entries:
             if entry.record is not None or not exchange:
@@ -842,15 +857,15 @@ class Node:
                     pushes.append(member.entry)
         for node in sync.wants:
             if node == self.node_id:
-                pushes.append(self.me)
+                answers.append(self.me)
             else:
                 member = self.members.get(node)
                 if member is not None and member.entry.record is not None:
-                    pushes.append(member.entry)
+                    answers.append(member.entry)
         digest: list[list[object]] = []
         if sync.phase == SYNC_OPEN and sync.digest_hash != self.digest_hash.to_bytes(8, "big"):
             digest = self._digest(self.timing.gossip_entries)
-        if not (pushes or wants or digest):
+        if not (pushes or answers or wants or digest):
             return
         ep = self._reply_endpoint(sync.node, sync.endpoint, now, actions)
         if ep is None:
@@ -858,18 +873,23 @@ class Node:
         phase = SYNC_REPLY if sync.phase == SYNC_OPEN else SYNC_LAST
         if not exchange:
             wants = []
-        self._send_sync(ep, phase, self._records(pushes) + digest, wants, actions)
+        self._send_sync(ep, phase, self._records(answers, pushes) + digest, wants, actions)
 
-    def _records(self, entries: list[Entry]) -> list[list[object]]:
-        """Entries with their records, up to about gossip_max_bytes (one always goes)."""
+    def _records(self, answers: list[Entry], pushes: list[Entry]) -> list[list[object]]:
+        """Entries with their records, up to about gossip_max_bytes (one always goes).
+
+        Asked-for entries carry whatever record we have; pushed ones carry it only when it
+        is the record of the claim itself (a lagging record would travel for nothing: the
+        receiver asks the owner for the right one)."""
         out: list[list[object]] = []
         size = 0
         seen: set[str] = set()
-        for entry in entries:
+        for entry, asked in itertools.chain(((e, True) for e in answers), ((e, False) for e in pushes)):
             if entry.node in seen:
                 continue
             seen.add(entry.node)
-            wire = entry.to_wire(True)
+            complete = entry.record is not None and entry.record.key == (entry.started, entry.incarnation)
+            wire = entry.to_wire(asked or complete)
             n = len(msgpack.packb(wire, use_bin_type=True))
             if out and size + n > self.timing.gossip_max_bytes:
                 self.counters["records_deferred"] += 1  # asked for again in a later round

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ._topics import matches
@@ -99,8 +99,13 @@ class RouteIndex:
             tuple(QueueGroup(name, tuple(sorted(members))) for name, members in sorted(groups.items())),
         )
 
-    def choose(self, group: QueueGroup, key: str | None) -> str:
-        """The member of ``group`` that gets one message: by key affinity, else in turn."""
+    def choose(self, group: QueueGroup, key: str | None, load: Callable[[str], int] | None = None) -> str:
+        """The member of ``group`` that gets one message.
+
+        With a key, the member that owns it (rendezvous hashing). Otherwise, with
+        ``load`` (a member's outstanding work, as the publisher knows it), the least
+        loaded member, ties taken in turn; without it, members in turn.
+        """
         members = group.members
         if len(members) == 1:
             return members[0]
@@ -109,30 +114,50 @@ class RouteIndex:
         turn = self._turns.get(group.name)
         if turn is None:
             turn = self._turns.setdefault(group.name, itertools.count())
-        return members[next(turn) % len(members)]
+        start = next(turn) % len(members)
+        if load is None:
+            return members[start]
+        best, best_load = members[start], load(members[start])
+        for i in range(1, len(members)):
+            member = members[(start + i) % len(members)]
+            work = load(member)
+            if work < best_load:
+                best, best_load = member, work
+        return best
 
-    def destinations(self, topic: str, key: str | None) -> dict[str, tuple[str, ...]]:
+    def destinations(self, topic: str, key: str | None,
+                     load: Callable[[str], int] | None = None) -> dict[str, tuple[str, ...]]:
         """node id → the queue groups it serves for this message (``()`` for plain only)."""
         route = self.resolve(topic)
         out: dict[str, tuple[str, ...]] = dict.fromkeys(route.plain, ())
         for group in route.groups:
-            node = self.choose(group, key)
+            node = self.choose(group, key, load)
             out[node] = out.get(node, ()) + (group.name,)
         return out
 
 
 class RoutingTable:
-    """Records of every known node, and the index built from them."""
+    """Records of every known node, and the index built from them.
+
+    The index is rebuilt lazily, on the first read after a change, so that learning
+    many records at once (a node joining a large mesh) costs one rebuild, not one each.
+    """
 
     def __init__(self, local: NodeRecord) -> None:
         self.local = local
         self.records: dict[str, NodeRecord] = {}
-        self.index = RouteIndex(())
-        self._rebuild()
+        self._index = RouteIndex(())
+        self._dirty = True
+
+    @property
+    def index(self) -> RouteIndex:
+        if self._dirty:
+            self._rebuild()
+        return self._index
 
     def set_local(self, record: NodeRecord) -> None:
         self.local = record
-        self._rebuild()
+        self._dirty = True
 
     def update(self, record: NodeRecord) -> bool:
         """Take a peer's record if it is new or newer; return whether it was taken."""
@@ -140,14 +165,14 @@ class RoutingTable:
         if known is not None and known.key >= record.key:
             return False
         self.records[record.node] = record
-        if known is None or known.subscriptions != record.subscriptions:
-            self._rebuild()
+        if (known.subscriptions if known is not None else ()) != record.subscriptions:
+            self._dirty = True
         return True
 
     def remove(self, node: str) -> NodeRecord | None:
         record = self.records.pop(node, None)
         if record is not None and record.subscriptions:
-            self._rebuild()
+            self._dirty = True
         return record
 
     def _rebuild(self) -> None:
@@ -156,4 +181,5 @@ class RoutingTable:
             for sub in record.subscriptions:
                 # Patterns were checked against this node's limits when they arrived (or were made).
                 entries.append((tuple(sub.pattern.split(".")), record.node, sub.group))
-        self.index = RouteIndex(entries)
+        self._index = RouteIndex(entries)
+        self._dirty = False

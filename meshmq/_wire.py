@@ -3,7 +3,7 @@
 Pure functions, no I/O. Every frame is one ZeroMQ message::
 
     byte 0   protocol version (PROTOCOL_VERSION)
-    byte 1   frame kind (DATA; membership: HELLO, PING, ACK, PING_REQ, SYNC, BYE)
+    byte 1   frame kind (DATA; membership: HELLO, PING, ACK, PING_REQ, SYNC, BYE; WORK)
     rest     msgpack body, positional arrays (compact, and fast to decode)
 
 An envelope is encoded once by its publisher and travels as opaque bytes inside
@@ -36,7 +36,9 @@ DATA = 4
 SYNC = 5
 ACK = 6
 PING_REQ = 7
-KINDS = {HELLO: "hello", PING: "ping", BYE: "bye", DATA: "data", SYNC: "sync", ACK: "ack", PING_REQ: "ping-req"}
+WORK = 8
+KINDS = {HELLO: "hello", PING: "ping", BYE: "bye", DATA: "data", SYNC: "sync", ACK: "ack", PING_REQ: "ping-req",
+         WORK: "work"}
 MAX_SYNC_ENTRIES = 256
 """Most membership entries (and most wants) one sync frame may carry, however large the mesh."""
 
@@ -423,6 +425,12 @@ def sync_frame(mesh: str, node: str, endpoint: str, phase: int, digest_hash: byt
     return _pack(SYNC, [mesh, node, endpoint, phase, digest_hash, count, entries, wants])
 
 
+def work_frame(mesh: str, node: str, done: int) -> bytes:
+    """How many queue-group messages from the receiver this node has finished (cumulative):
+    the receiver's measure of the work it has outstanding here, for load balancing."""
+    return _pack(WORK, [mesh, node, done])
+
+
 def data_frame(node: str, epoch: int, first_seq: int, entries: list[Any],
                packer: msgpack.Packer | None = None) -> bytes:
     """A batch of envelopes for one stream; entry i has sequence ``first_seq + i``.
@@ -491,6 +499,13 @@ class Sync:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Work:
+    mesh: str
+    node: str
+    done: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Data:
     node: str
     epoch: int
@@ -498,7 +513,7 @@ class Data:
     entries: list[Any]
 
 
-Frame = Hello | Ping | Ack | PingReq | Bye | Sync | Data
+Frame = Hello | Ping | Ack | PingReq | Bye | Sync | Work | Data
 
 
 def _fields(body: Any, n: int, what: str) -> list[Any]:
@@ -549,6 +564,9 @@ def decode_frame(frame: bytes | memoryview, limits: Limits) -> Frame:
         if entry.record is None or entry.status != ALIVE:
             raise ProtocolError("a hello must carry the sender's record, alive")
         return Hello(body[0], entry, body[2])
+    if kind == WORK:
+        mesh, node, done = _fields(body, 3, "work report")
+        return Work(mesh, node, _seq(done, "work report"))
     if kind == BYE:
         mesh, node, started, incarnation = _fields(body, 4, "bye")
         _check_started(started, "bye")

@@ -229,11 +229,17 @@ class MemoryNetwork:
         self.execute(endpoint, node.discovered(self.clock.now(), node_id, (other,), node.mesh))
 
     def tick(self) -> None:
-        """Run every node's timers at the current time (in endpoint order), delivering as we go."""
+        """Run every node's timers at the current time, then deliver what they sent.
+
+        All nodes act on the state they had before this tick (as concurrent processes
+        would), so news travels at most one gossip hop per round, not along a chain of
+        nodes within one tick.
+        """
         for ep in sorted(self.nodes):
             node = self.nodes.get(ep)
             if node is not None and ep not in self.paused:
-                self.execute(ep, node.tick(self.clock.now()))
+                self._carry_out(ep, node.tick(self.clock.now()))
+        self.flush()
 
     def run(self, seconds: float, step: float = 0.125) -> None:
         """Advance the clock by ``seconds`` in steps of ``step``, ticking every node after each.

@@ -134,6 +134,46 @@ def test_queue_group_delivers_each_message_to_exactly_one_member(mesh: str) -> N
     run(main())
 
 
+def test_queue_group_balances_by_outstanding_work_not_in_turn(mesh: str) -> None:
+    """A member that works slowly gets fewer messages; round robin would give both half."""
+    async def main() -> None:
+        async with agents(mesh, "pub", "slow", "fast") as (pub, slow, fast):
+            got: dict[str, int] = {"slow": 0, "fast": 0}
+
+            async def slow_worker(msg: meshmq.Message) -> None:
+                await asyncio.sleep(0.02)  # the work itself: about 50 messages/s at most
+                got["slow"] += 1
+
+            def fast_worker(msg: meshmq.Message) -> None:
+                got["fast"] += 1
+
+            slow.subscribe("jobs.*", slow_worker, queue="workers")
+            fast.subscribe("jobs.*", fast_worker, queue="workers")
+            def members() -> int:
+                groups = pub._index.resolve("jobs.x").groups
+                return len(groups[0].members) if groups else 0
+
+            while members() < 2:
+                await pub._routes_changed(5)
+            n = 300
+            for i in range(n):  # 300 messages over about 1 s: three times what the slow one can do
+                await pub.publish("jobs.x", i)
+                await asyncio.sleep(0.003)  # pacing the load, not waiting for anything
+            for _ in range(500):
+                if got["slow"] + got["fast"] == n:
+                    break
+                await asyncio.sleep(0.02)  # polling with a bound: the slow member finishes its share
+            assert got["slow"] + got["fast"] == n
+            assert got["slow"] < n / 3, got  # in turn it would have had n / 2
+            for _ in range(100):  # the last reports of finished work follow within work_report_interval
+                if pub._outstanding(slow.node_id) == pub._outstanding(fast.node_id) == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert pub._outstanding(slow.node_id) == pub._outstanding(fast.node_id) == 0
+
+    run(main())
+
+
 def test_closed_subscription_is_withdrawn_from_the_mesh(mesh: str) -> None:
     async def main() -> None:
         async with agents(mesh, "pub", "sub") as (pub, sub):

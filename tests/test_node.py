@@ -12,7 +12,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from meshmq._node import MAX_HEALTH, Connect, Disconnect, Node, PeerDown, PeerUp, Send, Timing
 from meshmq._records import claim
 from meshmq._wire import (
-    ACK, ALIVE, DEAD, LEFT, PING, PING_REQ, SUSPECT, SYNC, SYNC_OPEN, Ack, Entry, Hello, Limits, NodeRecord, Ping,
+    ACK, ALIVE, DEAD, LEFT, MAX_SYNC_ENTRIES, PING, PING_REQ, SUSPECT, SYNC, SYNC_OPEN, Ack, Entry, Hello, Limits, NodeRecord, Ping,
     Subscription, Sync, bye_frame, data_frame, decode_frame, hello_frame,
 )
 from meshmq.testing import FakeClock, LinkError, MemoryNetwork, make_node
@@ -35,6 +35,8 @@ def check_invariants(net: MemoryNetwork) -> None:
             assert peer.endpoint in node.links, (ep, peer.endpoint)
             assert node.routes.records[peer.record.node] == peer.record
             assert peer.entry.status in (ALIVE, SUSPECT)
+            assert node.by_endpoint[peer.endpoint] == peer.entry.node
+        assert len(node.by_endpoint) == len(node.peers)
         from meshmq._records import table_hash
         assert node.digest_hash == table_hash(node.entries()), ep
 
@@ -266,7 +268,9 @@ def test_digests_and_frames_stay_bounded_however_large_the_mesh(net: MemoryNetwo
     largest_record = max(len(msgpack.packb(n.me.to_wire(True))) for n in nodes)
     for f in syncs:
         assert isinstance(f, Sync)
-        assert sum(1 for x in f.entries if x.record is None) <= 8  # a digest: gossip_entries claims
+        assert len(f.entries) <= MAX_SYNC_ENTRIES
+        # Claims without records: our digest, and what we push back against the peer's digest.
+        assert sum(1 for x in f.entries if x.record is None) <= 2 * 8
         record_bytes = sum(len(msgpack.packb(x.to_wire(True))) for x in f.entries if x.record is not None)
         assert record_bytes <= 2048 + largest_record
     assert all(len(n.peers) == 59 and n.routes.index.resolve("more.x").plain for n in nodes)
@@ -623,9 +627,11 @@ def test_an_older_instance_does_not_replace_a_newer_one(net: MemoryNetwork) -> N
     a = net.add(make_node("a"))
     net.add(make_node("b2", endpoint=B, started=2.0), seeds=[A])
     stale = NodeRecord("b1", "svc", (B,), (), 1, 1.0)
-    actions = a.receive(Hello("test", claim(stale), False), 0.0)
-    assert "b2" in a.peers
-    assert not [x for x in actions if isinstance(x, PeerDown) and x.node == "b2"]
+    net.execute(A, a.receive(Hello("test", claim(stale), False), 0.0))
+    assert "b2" in a.peers and "b1" not in a.peers
+    assert a.members["b1"].entry.status == DEAD
+    assert not [x for x in net.peer_changes(A) if isinstance(x, PeerDown) and x.node == "b2"]
+    check_invariants(net)
 
 
 def test_node_is_usable_without_the_network() -> None:

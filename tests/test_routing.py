@@ -234,3 +234,15 @@ def test_route_cache_is_bounded() -> None:
     for i in range(10_000):
         assert ix.resolve(f"t{i}").plain == ("a",)
     assert len(ix._cache) <= 4096
+
+
+def test_choose_takes_the_least_loaded_member_and_breaks_ties_in_turn() -> None:
+    t = table(record("me"), record("a", ("jobs.*", "w")), record("b", ("jobs.*", "w")), record("c", ("jobs.*", "w")))
+    group = t.index.resolve("jobs.x").groups[0]
+    load = {"a": 5, "b": 1, "c": 3}
+    assert {t.index.choose(group, None, load.__getitem__) for _ in range(6)} == {"b"}
+    even = dict.fromkeys("abc", 0)
+    picks = [t.index.choose(group, None, even.__getitem__) for _ in range(6)]
+    assert sorted(picks) == ["a", "a", "b", "b", "c", "c"]  # equal load: in turn
+    assert t.index.choose(group, "order-7", load.__getitem__) == t.index.choose(group, "order-7")  # keys win
+    assert t.index.destinations("jobs.x", None, load.__getitem__) == {"b": ("w",)}
