@@ -239,8 +239,11 @@ class Node:
         self.departed: collections.OrderedDict[str, Departed] = collections.OrderedDict()
         self.counters: collections.Counter[str] = collections.Counter()
         self.digest_hash = entry_hash(self.me)
-        # News: node -> digests that carried its latest claim so far (each is sent ~3*log2(N) times).
-        self.fresh: dict[str, int] = {record.node: 0}
+        # News: node -> digests that carried its latest claim so far, oldest news first. Each claim
+        # is sent ~3*log2(N) times, newest first, so a change is never queued behind older ones
+        # (a node that just joined a large mesh holds hundreds of claims that are news to it only).
+        self.fresh: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._news(record.node)
         self.wanted: dict[str, float] = {}  # node -> when we last asked for its record
         self.health = 0  # Lifeguard's local health: our timeouts stretch by (health + 1)
         self.seq = 0
@@ -510,7 +513,7 @@ class Node:
             member.confirmations.add(by)
             self.counters["suspicions_confirmed"] += 1
             member.spread_by = by  # entries name who suspected: spread our confirmation
-            self.fresh[e.node] = 0
+            self._news(e.node)
 
     def _suspicion_timeout(self, member: Member) -> float:
         low, high = self.timing.suspicion_bounds(len(self.peers) + 1)
@@ -572,7 +575,7 @@ class Node:
             member.entry = new
         if old is None or old.key != member.entry.key:
             member.changed_at = now
-            self.fresh[node] = 0
+            self._news(node)
         if source == node:
             member.last_seen = now
         self._transition(member, old, now, actions)
@@ -687,7 +690,7 @@ class Node:
         self.digest_hash ^= entry_hash(self.me)
         self.me = claim(record)
         self.digest_hash ^= entry_hash(self.me)
-        self.fresh[self.node_id] = 0
+        self._news(self.node_id)
 
     def _record_ok(self, record: NodeRecord, member: Member | None) -> bool:
         known = member.entry.record if member is not None else None
@@ -795,7 +798,7 @@ class Node:
     def _digest(self, budget: int) -> list[list[object]]:
         """Claims (without records) for one digest: news first, then a random sample."""
         limit = 3 * math.ceil(math.log2(len(self.members) + 2))
-        news = sorted(self.fresh, key=self.fresh.__getitem__)[:budget]
+        news = list(itertools.islice(reversed(self.fresh), budget))
         out = []
         if self.node_id not in news:
             # Our own claim always goes: a peer holding our stale record then asks us for it.
@@ -820,6 +823,12 @@ class Node:
             for node in self.rng.sample(others, min(len(others), rest)):
                 out.append(self._wire_claim(self.members[node].entry))
         return out
+
+    def _news(self, node: str) -> None:
+        self.fresh[node] = 0
+        self.fresh.move_to_end(node)
+        while len(self.fresh) > 8 * self.timing.gossip_entries:
+            self.fresh.popitem(last=False)  # the oldest news; anti-entropy's samples still carry it
 
     @staticmethod
     def _wire_claim(entry: Entry, by: str = "") -> list[object]:
