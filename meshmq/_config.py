@@ -49,7 +49,7 @@ class Config:
     """Seconds to wait for a direct ack before asking other peers to probe (less than probe_interval)."""
     indirect_probes: int = 3
     """Peers asked to probe a node that did not answer directly."""
-    suspicion_mult: float = 4.0
+    suspicion_mult: float = 3.0
     """A suspected node is declared dead after at least suspicion_mult * max(1, log10(nodes)) * probe_interval seconds unless it refutes."""
     suspicion_max_mult: float = 6.0
     """A suspicion no other node confirms lasts up to suspicion_max_mult times that minimum."""

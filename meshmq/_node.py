@@ -185,7 +185,7 @@ class Timing:
     """Seconds to wait for a direct ack before asking others to probe."""
     indirect_probes: int = 3
     """How many peers are asked to probe a node that did not answer."""
-    suspicion_mult: float = 4.0
+    suspicion_mult: float = 3.0
     """A suspicion lasts at least suspicion_mult * max(1, log10(N)) * probe_interval."""
     suspicion_max_mult: float = 6.0
     """... and at most suspicion_max_mult times that, while no one confirms it."""

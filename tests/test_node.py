@@ -408,7 +408,7 @@ def test_no_false_deaths_under_ten_percent_loss() -> None:
 def test_suspicion_timeout_shrinks_with_independent_confirmations() -> None:
     t = Timing()
     low, high = t.suspicion_bounds(100)
-    assert low == pytest.approx(4 * 2 * 0.5) and high == pytest.approx(6 * low)
+    assert low == pytest.approx(3 * 2 * 0.5) and high == pytest.approx(6 * low)
     node = make_node("a")
     from meshmq._node import Member
     member = Member(Entry("b", 0.0, 0, SUSPECT), 0.0, 0.0)
