@@ -1,0 +1,234 @@
+"""Reliable streams between two nodes: the sending and the receiving half. Pure, no I/O.
+
+Every (sender, receiver) pair has one stream. The sender numbers what it puts on
+the stream with its ``epoch`` and a sequence number (1, 2, 3, ...), keeps each
+message until the receiver acknowledges it, and sends it again with exponential
+backoff and jitter until then. The receiver hands messages to the application in
+sequence order, holds those that arrive early until the gap before them fills,
+drops duplicates, and acknowledges cumulatively — ``(epoch, seq)``: everything up
+to ``seq`` of that epoch is committed here — once the shell tells it the hand-off
+is committed.
+
+- A sender that kept its state across a restart (the durable outbox) resumes its
+  stream with the same epoch and numbers; one that lost it starts a new, higher
+  epoch, so a number is never reused for another message. A receiver seeing a
+  higher epoch starts over at its first number; frames of a lower epoch are stale.
+- A message the sender gives up on (expired, dead-lettered) leaves a gap the
+  receiver would otherwise wait on forever: every data frame carries the
+  sender's ``floor``, the lowest number it still keeps, and the receiver moves
+  past anything below it (counting the skip).
+- Acks are idempotent: an ack for an unknown epoch or for a number not yet sent
+  is ignored and counted; an older ack changes nothing.
+
+Invariants (checked by the tests' state machine):
+- send side: ``acked < seq < next_seq`` for every kept message, and ``floor`` is
+  the smallest kept number (``next_seq`` when none is kept);
+- receive side: ``delivered`` only grows within an epoch; every held number is
+  above ``delivered + 1`` and at most ``delivered + max_held``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import random
+from collections.abc import Iterable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class StreamFull(Exception):
+    """The send side keeps ``max_pending`` messages already (the shell applies back-pressure)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Backoff:
+    """When to send an unacknowledged message again: ``initial * factor**(attempts - 1)``,
+    at most ``maximum``, each spread by ``jitter`` (a share, up or down) so that many
+    senders retrying together do not stay in step."""
+
+    initial: float = 0.2
+    factor: float = 2.0
+    maximum: float = 10.0
+    jitter: float = 0.2
+
+    def delay(self, attempts: int, rng: random.Random) -> float:
+        base = min(self.maximum, self.initial * self.factor ** max(0, attempts - 1))
+        return base * (1.0 + self.jitter * (2.0 * rng.random() - 1.0))
+
+
+@dataclasses.dataclass(slots=True)
+class Outgoing(Generic[T]):
+    """One message kept on a send stream until it is acknowledged."""
+
+    seq: int
+    item: T
+    attempts: int = 0
+    """How many times it was handed to the network."""
+    due: float = 0.0
+    """When it should be sent (again)."""
+
+
+class SendStream(Generic[T]):
+    """The sender's half of one stream. ``T`` is whatever the shell keeps per message."""
+
+    def __init__(self, epoch: int, *, next_seq: int = 1, acked: int = 0, max_pending: int = 10_000,
+                 backoff: Backoff | None = None, rng: random.Random | None = None) -> None:
+        if epoch < 1 or next_seq < 1 or not 0 <= acked < next_seq:
+            raise ValueError(f"bad stream position: epoch {epoch}, next_seq {next_seq}, acked {acked}")
+        self.epoch = epoch
+        self.next_seq = next_seq
+        self.acked = acked
+        self.max_pending = max_pending
+        self.backoff = backoff or Backoff()
+        self.rng = rng or random.Random()
+        self.pending: collections.OrderedDict[int, Outgoing[T]] = collections.OrderedDict()
+        self.counters: collections.Counter[str] = collections.Counter()
+
+    @property
+    def floor(self) -> int:
+        """The lowest number still kept (``next_seq`` when nothing is): the receiver may skip below it."""
+        return next(iter(self.pending)) if self.pending else self.next_seq
+
+    def put(self, item: T, now: float) -> int:
+        """Number ``item`` and keep it, due at once; return its sequence number."""
+        if len(self.pending) >= self.max_pending:
+            raise StreamFull(f"{len(self.pending)} messages wait for acknowledgment")
+        seq = self.next_seq
+        self.next_seq += 1
+        self.pending[seq] = Outgoing(seq, item, 0, now)
+        return seq
+
+    def restore(self, kept: Iterable[tuple[int, T]], now: float) -> None:
+        """After a restart: take back the messages the store kept (in any order), all due now."""
+        for seq, item in sorted(kept, key=lambda pair: pair[0]):
+            if not self.acked < seq < self.next_seq:
+                raise ValueError(f"kept message {seq} is outside ({self.acked}, {self.next_seq})")
+            self.pending[seq] = Outgoing(seq, item, 0, now)
+
+    def due(self, now: float, limit: int) -> list[Outgoing[T]]:
+        """Up to ``limit`` messages to send now, lowest numbers first; each is then due
+        again after its backoff unless an ack comes first."""
+        out: list[Outgoing[T]] = []
+        for entry in self.pending.values():
+            if len(out) >= limit:
+                break
+            if entry.due <= now:
+                entry.attempts += 1
+                if entry.attempts > 1:
+                    self.counters["retransmitted"] += 1
+                entry.due = now + self.backoff.delay(entry.attempts, self.rng)
+                out.append(entry)
+        return out
+
+    def next_due(self) -> float | None:
+        """When ``due`` next has something (None if nothing is kept)."""
+        return min((e.due for e in self.pending.values()), default=None)
+
+    def resend_all(self, now: float) -> None:
+        """The receiver is back (it rejoined or restarted): everything kept is due now."""
+        for entry in self.pending.values():
+            entry.due = now
+
+    def on_ack(self, epoch: int, seq: int) -> list[Outgoing[T]]:
+        """A cumulative ack: everything up to ``seq`` is committed at the receiver. Returns
+        the messages it releases (the shell deletes them from the outbox)."""
+        if epoch != self.epoch:
+            self.counters["acks_other_epoch"] += 1
+            return []
+        if seq >= self.next_seq:
+            self.counters["acks_from_the_future"] += 1
+            return []
+        if seq <= self.acked:
+            self.counters["acks_repeated"] += 1
+            return []
+        self.acked = seq
+        released = []
+        while self.pending:
+            first = next(iter(self.pending))
+            if first > seq:
+                break
+            released.append(self.pending.popitem(last=False)[1])
+        return released
+
+    def give_up(self, seq: int) -> Outgoing[T] | None:
+        """Stop sending message ``seq`` (it expired or was dead-lettered); the receiver skips it."""
+        return self.pending.pop(seq, None)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Received(Generic[T]):
+    """What one data frame changed on a receive stream."""
+
+    deliver: list[tuple[int, T]]
+    """Messages to hand to the application now, in order."""
+    duplicates: int = 0
+    skipped: int = 0
+    """Numbers the sender gave up on, passed over."""
+    ack: bool = False
+    """Whether an ack should go back (new deliveries once committed, or a duplicate's re-ack)."""
+
+
+class ReceiveStream(Generic[T]):
+    """The receiver's half of one stream."""
+
+    def __init__(self, *, epoch: int = 0, delivered: int = 0, max_held: int = 1024) -> None:
+        self.epoch = epoch
+        self.delivered = delivered
+        """The last number handed to the application (in ``epoch``)."""
+        self.committed = delivered
+        """The last number the shell reported committed: what acks name."""
+        self.max_held = max_held
+        self.held: dict[int, T] = {}
+        self.counters: collections.Counter[str] = collections.Counter()
+
+    def on_data(self, epoch: int, floor: int, messages: Iterable[tuple[int, T]]) -> Received[T]:
+        """Messages ``(seq, item)`` of one data frame from the sender, whose ``floor`` is the
+        lowest number it still keeps."""
+        if epoch < self.epoch:
+            self.counters["stale_epoch_frames"] += 1
+            return Received([])
+        if epoch > self.epoch:
+            if self.epoch:
+                self.counters["new_epochs"] += 1
+            self.epoch, self.delivered, self.committed = epoch, 0, 0
+            self.held.clear()
+        duplicates = 0
+        for seq, item in messages:
+            if seq <= self.delivered or seq in self.held:
+                duplicates += 1
+            elif seq > self.delivered + self.max_held:
+                self.counters["dropped_beyond_window"] += 1  # sent again later, when there is room
+            else:
+                self.held[seq] = item
+        self.counters["duplicates"] += duplicates
+        deliver: list[tuple[int, T]] = []
+        skipped = 0
+        while True:
+            nxt = self.delivered + 1
+            item_ = self.held.pop(nxt, _MISSING)
+            if item_ is not _MISSING:
+                deliver.append((nxt, item_))  # type: ignore[arg-type]
+                self.delivered = nxt
+            elif nxt < floor:
+                skipped += 1  # the sender gave up on it: do not wait
+                self.delivered = nxt
+            else:
+                break
+        self.counters["skipped"] += skipped
+        return Received(deliver, duplicates, skipped, bool(deliver or skipped or duplicates))
+
+    def commit(self, upto: int) -> None:
+        """The shell committed the hand-off of everything up to ``upto``: acks may name it."""
+        if upto > self.delivered:
+            raise ValueError(f"cannot commit {upto}: only {self.delivered} were delivered")
+        self.committed = max(self.committed, upto)
+
+    @property
+    def ack(self) -> tuple[int, int]:
+        """The ack to send: ``(epoch, last committed number)``."""
+        return self.epoch, self.committed
+
+
+_MISSING = object()

@@ -1,0 +1,262 @@
+"""Reliable streams: numbering, acks, retransmission, ordering and dedup, under loss,
+duplication, reordering and crashes (a Hypothesis state machine), plus unit cases."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from meshmq._stream import Backoff, ReceiveStream, SendStream, StreamFull
+
+# --- unit cases --------------------------------------------------------------------------
+
+
+def test_messages_are_numbered_and_released_by_cumulative_acks() -> None:
+    s: SendStream[str] = SendStream(epoch=7)
+    assert [s.put(x, 0.0) for x in "abc"] == [1, 2, 3]
+    assert [e.item for e in s.due(0.0, 10)] == ["a", "b", "c"]
+    assert s.due(0.0, 10) == []  # sent once; due again only after the backoff
+    assert [e.item for e in s.on_ack(7, 2)] == ["a", "b"]
+    assert s.on_ack(7, 2) == [] and s.counters["acks_repeated"] == 1  # idempotent
+    assert s.on_ack(7, 9) == [] and s.counters["acks_from_the_future"] == 1
+    assert s.on_ack(6, 3) == [] and s.counters["acks_other_epoch"] == 1
+    assert (s.acked, s.floor, list(s.pending)) == (2, 3, [3])
+
+
+def test_unacked_messages_are_sent_again_with_growing_jittered_backoff() -> None:
+    s: SendStream[str] = SendStream(epoch=1, backoff=Backoff(initial=1.0, factor=2.0, maximum=5.0, jitter=0.1),
+                                    rng=random.Random(3))
+    s.put("a", 0.0)
+    sends = []
+    now = 0.0
+    while len(sends) < 6:
+        for entry in s.due(now, 10):
+            sends.append(now)
+        due = s.next_due()
+        assert due is not None
+        now = due
+    gaps = [b - a for a, b in zip(sends, sends[1:])]
+    for gap, base in zip(gaps, [1.0, 2.0, 4.0, 5.0, 5.0]):
+        assert base * 0.9 <= gap <= base * 1.1
+    assert s.counters["retransmitted"] == 5
+    s.resend_all(now + 0.01)
+    assert [e.item for e in s.due(now + 0.01, 10)] == ["a"]
+
+
+def test_a_full_stream_refuses_more() -> None:
+    s: SendStream[int] = SendStream(epoch=1, max_pending=2)
+    s.put(1, 0.0)
+    s.put(2, 0.0)
+    with pytest.raises(StreamFull):
+        s.put(3, 0.0)
+    s.on_ack(1, 1)
+    assert s.put(3, 0.0) == 3
+
+
+def test_due_respects_its_limit_lowest_numbers_first() -> None:
+    s: SendStream[int] = SendStream(epoch=1)
+    for i in range(10):
+        s.put(i, 0.0)
+    assert [e.seq for e in s.due(0.0, 4)] == [1, 2, 3, 4]
+    assert [e.seq for e in s.due(0.0, 4)] == [5, 6, 7, 8]
+
+
+def test_restored_stream_keeps_its_numbers() -> None:
+    s: SendStream[str] = SendStream(epoch=4, next_seq=10, acked=6)
+    s.restore([(9, "i"), (7, "g")], 5.0)
+    assert list(s.pending) == [7, 9] and s.floor == 7
+    assert s.put("j", 5.0) == 10
+    with pytest.raises(ValueError):
+        s.restore([(6, "f")], 5.0)
+    with pytest.raises(ValueError):
+        SendStream(epoch=0)
+
+
+def test_receiver_delivers_in_order_holds_gaps_and_drops_duplicates() -> None:
+    r: ReceiveStream[str] = ReceiveStream()
+    got = r.on_data(1, 1, [(2, "b"), (3, "c")])
+    assert got.deliver == [] and set(r.held) == {2, 3}
+    got = r.on_data(1, 1, [(1, "a"), (2, "b")])
+    assert got.deliver == [(1, "a"), (2, "b"), (3, "c")] and got.duplicates == 1 and got.ack
+    r.commit(3)
+    assert r.ack == (1, 3)
+    again = r.on_data(1, 1, [(3, "c")])
+    assert again.deliver == [] and again.duplicates == 1 and again.ack  # re-ack, so the sender stops
+    with pytest.raises(ValueError):
+        r.commit(4)
+
+
+def test_a_message_the_sender_still_keeps_is_never_skipped() -> None:
+    r: ReceiveStream[str] = ReceiveStream()
+    got = r.on_data(1, 1, [(2, "b")])  # 1 is still kept (floor 1): wait for it
+    assert got.deliver == [] and got.skipped == 0 and r.delivered == 0
+
+
+def test_receiver_skips_what_the_sender_gave_up_on() -> None:
+    r: ReceiveStream[str] = ReceiveStream()
+    r.on_data(1, 1, [(3, "c")])
+    got = r.on_data(1, 3, [])  # 1 and 2 expired at the sender
+    assert got.deliver == [(3, "c")] and got.skipped == 2
+    assert r.delivered == 3
+
+
+def test_a_new_epoch_starts_over_and_an_old_one_is_stale() -> None:
+    r: ReceiveStream[str] = ReceiveStream()
+    r.on_data(5, 1, [(1, "a"), (2, "b"), (4, "d")])
+    got = r.on_data(6, 1, [(1, "A")])  # the sender lost its state: new numbering
+    assert got.deliver == [(1, "A")] and r.epoch == 6 and not r.held
+    assert r.on_data(5, 1, [(3, "c")]).deliver == [] and r.counters["stale_epoch_frames"] == 1
+
+
+def test_frames_far_ahead_are_dropped_not_held_without_bound() -> None:
+    r: ReceiveStream[int] = ReceiveStream(max_held=4)
+    r.on_data(1, 1, [(i, i) for i in range(2, 100)])
+    assert sorted(r.held) == [2, 3, 4] and r.counters["dropped_beyond_window"] == 95
+
+
+# --- the state machine -------------------------------------------------------------------
+
+
+class StreamScenario(RuleBasedStateMachine):
+    """A sender and a receiver over a network that loses, duplicates and reorders frames;
+    either side may crash. The sender's outbox is durable unless a crash says otherwise;
+    the receiver commits each hand-off with its position (the dedup record).
+
+    Invariants: no message reaches the application twice; per epoch, in order; nothing
+    acknowledged is lost; and once the network behaves, everything not given up arrives.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.rng = random.Random(0)
+        self.epoch = 1
+        self.sender: SendStream[str] = SendStream(self.epoch, rng=self.rng, max_pending=64)
+        self.store: dict[int, str] = {}  # the durable outbox: seq -> message id
+        self.receiver: ReceiveStream[str] = ReceiveStream(max_held=16)
+        self.committed = (0, 0)  # the receiver's durable (epoch, position)
+        self.network: list[tuple] = []
+        self.app: list[str] = []  # what the application got, in order
+        self.positions: dict[str, tuple[int, int]] = {}  # message id -> (epoch, seq)
+        self.acked: set[str] = set()
+        self.excused: set[str] = set()  # given up on, or lost with the sender's state
+        self.count = 0
+
+    # --- the sender ---
+
+    @rule()
+    def publish(self) -> None:
+        if len(self.sender.pending) >= self.sender.max_pending:
+            return
+        self.count += 1
+        mid = f"m{self.count}"
+        seq = self.sender.put(mid, self.now)
+        self.store[seq] = mid  # committed to the outbox before publish returns
+        self.positions[mid] = (self.epoch, seq)
+
+    @rule(limit=st.integers(1, 8))
+    def send(self, limit: int) -> None:
+        batch = self.sender.due(self.now, limit)
+        if batch:
+            self.network.append(("data", self.sender.epoch, self.sender.floor, [(e.seq, e.item) for e in batch]))
+
+    @rule(dt=st.sampled_from([0.05, 0.3, 1.0, 5.0]))
+    def wait(self, dt: float) -> None:
+        self.now += dt
+
+    @precondition(lambda self: bool(self.sender.pending))
+    @rule(data=st.data())
+    def give_up(self, data: st.DataObject) -> None:
+        seq = data.draw(st.sampled_from(sorted(self.sender.pending)))
+        entry = self.sender.give_up(seq)
+        assert entry is not None
+        del self.store[seq]
+        self.excused.add(entry.item)
+
+    @rule()
+    def crash_sender_keeping_the_outbox(self) -> None:
+        acked = self.sender.acked
+        next_seq = self.sender.next_seq
+        self.sender = SendStream(self.epoch, next_seq=next_seq, acked=acked, rng=self.rng, max_pending=64)
+        self.sender.restore(self.store.items(), self.now)
+
+    @rule()
+    def crash_sender_losing_the_outbox(self) -> None:
+        self.excused |= set(self.store.values())
+        self.store.clear()
+        self.epoch += 1  # a sender without its state starts a new epoch
+        self.sender = SendStream(self.epoch, rng=self.rng, max_pending=64)
+
+    # --- the receiver ---
+
+    @rule()
+    def crash_receiver(self) -> None:
+        epoch, position = self.committed
+        self.receiver = ReceiveStream(epoch=epoch, delivered=position, max_held=16)
+
+    # --- the network ---
+
+    @precondition(lambda self: bool(self.network))
+    @rule(data=st.data(), duplicate=st.booleans())
+    def deliver(self, data: st.DataObject, duplicate: bool) -> None:
+        i = data.draw(st.integers(0, len(self.network) - 1))  # any frame: reordering
+        frame = self.network[i] if duplicate else self.network.pop(i)
+        self._handle(frame)
+
+    @precondition(lambda self: bool(self.network))
+    @rule(data=st.data())
+    def lose(self, data: st.DataObject) -> None:
+        self.network.pop(data.draw(st.integers(0, len(self.network) - 1)))
+
+    def _handle(self, frame: tuple) -> None:
+        if frame[0] == "data":
+            _, epoch, floor, messages = frame
+            got = self.receiver.on_data(epoch, floor, messages)
+            for _, mid in got.deliver:
+                self.app.append(mid)
+            # The shell commits the hand-off and the position together, then acks.
+            self.receiver.commit(self.receiver.delivered)
+            self.committed = (self.receiver.epoch, self.receiver.committed)
+            if got.ack:
+                self.network.append(("ack", *self.receiver.ack))
+        else:
+            _, epoch, seq = frame
+            for entry in self.sender.on_ack(epoch, seq):
+                self.acked.add(entry.item)
+                self.store.pop(entry.seq, None)
+
+    # --- what must hold ---
+
+    @invariant()
+    def no_duplicates_in_order_nothing_acked_lost(self) -> None:
+        assert len(self.app) == len(set(self.app))
+        positions = [self.positions[mid] for mid in self.app]
+        for epoch in {e for e, _ in positions}:
+            seqs = [s for e, s in positions if e == epoch]
+            assert seqs == sorted(seqs)
+        assert self.acked <= set(self.app)
+        assert all(self.sender.acked < seq < self.sender.next_seq for seq in self.sender.pending)
+        assert set(self.sender.pending) == set(self.store)
+        r = self.receiver
+        assert all(r.delivered + 1 < seq <= r.delivered + r.max_held for seq in r.held)
+
+    def teardown(self) -> None:
+        # The network behaves from now on: retransmission must deliver everything not excused.
+        for _ in range(200):
+            self.now += 20.0
+            self.send(64)
+            while self.network:
+                self._handle(self.network.pop(0))
+            if not self.sender.pending:
+                break
+        assert not self.sender.pending
+        missing = set(self.positions) - set(self.app) - self.excused
+        assert not missing, sorted(missing)
+
+
+TestStreamScenario = StreamScenario.TestCase
+TestStreamScenario.settings = settings(max_examples=400, stateful_step_count=60)
