@@ -84,6 +84,30 @@ class OutboxFull(Backpressure):
     """The durable outbox is at its byte or count limit."""
 
 
+# --- local storage ---------------------------------------------------------------
+
+
+class StoreError(MeshError):
+    """The agent's durable store cannot be used: in use by another agent, full, or unreadable."""
+
+
+class CorruptStore(StoreError):
+    """The durable store failed its integrity check when opened.
+
+    ``damaged`` names the affected records (database and key), at most a few
+    dozen of them; ``count`` is how many there are. Nothing was skipped: the
+    agent refuses to start unless told to quarantine the damaged records.
+    """
+
+    def __init__(self, path: str, problem: str, damaged: list[str] | None = None, count: int = 0) -> None:
+        self.path = path
+        self.damaged = damaged or []
+        self.count = count or len(self.damaged)
+        shown = f": {', '.join(self.damaged[:20])}" + (" ..." if self.count > 20 else "") if self.damaged else ""
+        super().__init__(f"store {path} is damaged ({problem}){shown}; start with quarantine_store=True to move "
+                         "the damaged records aside and go on, or restore the directory from a backup")
+
+
 class NoResponders(MeshError):
     """A request was made on a topic that no node in the mesh serves."""
 
@@ -124,6 +148,7 @@ __all__ = [
     "AgentClosed",
     "Backpressure",
     "ConfigError",
+    "CorruptStore",
     "MeshError",
     "MeshTimeout",
     "NoResponders",
@@ -134,6 +159,7 @@ __all__ = [
     "RemoteError",
     "RequestTimeout",
     "SchemaError",
+    "StoreError",
     "TopicError",
     "UsageError",
 ]

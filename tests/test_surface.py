@@ -29,6 +29,7 @@ def test_public_names_are_exactly_these() -> None:
         "Backpressure",
         "Config",
         "ConfigError",
+        "CorruptStore",
         "MeshError",
         "MeshTimeout",
         "Message",
@@ -42,6 +43,7 @@ def test_public_names_are_exactly_these() -> None:
         "RequestTimeout",
         "RouteEntry",
         "SchemaError",
+        "StoreError",
         "Subscription",
         "TopicError",
         "UsageError",
@@ -69,7 +71,7 @@ def test_public_classes_live_in_private_modules_but_say_they_are_public() -> Non
 def test_every_error_derives_from_mesh_error() -> None:
     errors = [getattr(meshmq, n) for n in meshmq.__all__ if inspect.isclass(getattr(meshmq, n))
               and issubclass(getattr(meshmq, n), BaseException)]
-    assert len(errors) == 15
+    assert len(errors) == 17
     for exc in errors:
         assert issubclass(exc, meshmq.MeshError), exc
     # and every error the package defines is public
@@ -89,6 +91,7 @@ def test_errors_are_split_by_whose_fault_it_is() -> None:
     assert issubclass(meshmq.OutboxFull, meshmq.Backpressure)
     assert issubclass(meshmq.RequestTimeout, meshmq.MeshTimeout)
     assert issubclass(meshmq.MeshTimeout, TimeoutError)
+    assert issubclass(meshmq.CorruptStore, meshmq.StoreError) and not issubclass(meshmq.StoreError, meshmq.UsageError)
 
 
 def test_errors_carry_their_fields() -> None:
@@ -98,6 +101,9 @@ def test_errors_carry_their_fields() -> None:
     assert meshmq.NoResponders("orders.get").topic == "orders.get"
     assert meshmq.ConfigError("mesh", "bad").field == "mesh"
     assert meshmq.TopicError("a..b", "empty").problem == "empty"
+    corrupt = meshmq.CorruptStore("/d/store", "bad checksums", [f"out:{i}" for i in range(30)], 30)
+    assert corrupt.count == 30 and corrupt.damaged[0] == "out:0" and "out:19" in str(corrupt)
+    assert "out:20" not in str(corrupt) and "quarantine_store=True" in str(corrupt)
 
 
 def test_testing_helpers_are_public() -> None:
