@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import inspect
 import ipaddress
 import itertools
@@ -22,6 +23,7 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -37,6 +39,7 @@ from ._log import QuietLogger
 from ._message import FORMAT_BYTES, Message
 from ._node import Connect, Disconnect, Node, PeerDown, PeerUp, Send, Timing
 from ._routing import RouteIndex
+from ._store import Batch, Store, open_instance
 from ._topics import check_pattern, check_topic, check_user_topic, matches, reply_topic
 from ._transport import Link, Transport, Wakeup
 from ._wire import (
@@ -341,7 +344,10 @@ class AsyncAgent:
         self._route_waiters = Wakeup()
         self._overloaded_subs: set[Subscription] = set()
         self._tick_handle: asyncio.TimerHandle | None = None
-        self._id_prefix = bytes.fromhex(self.node_id)
+        self._id_prefix = os.urandom(8)  # message ids: unique per life, even with a kept identity
+        self._store: Store | None = None
+        self.store_dir: Path | None = None
+        """Where this agent keeps its state (None with ``durability="memory"``)."""
         self._id_counter = itertools.count(1)
         self._checked_topics: dict[str, None] = {}
         self._fanout: dict[str, tuple[Link, ...]] = {}  # topic -> links, for routes without queue groups
@@ -368,6 +374,8 @@ class AsyncAgent:
         self._loop = loop
         self._loop_thread = threading.get_ident()
         cfg = self.config
+        if cfg.durability != "memory":
+            await self._open_store(loop)
         interfaces = _expand_interfaces(cfg.interfaces)
         transport = Transport(cfg, self.node_id, self._on_frame)
         transport.shared_links = self._shared_links
@@ -376,6 +384,7 @@ class AsyncAgent:
             endpoints = transport.async_bind(loop, _bind_endpoints(cfg, interfaces))
         except zmq.ZMQError as exc:
             transport.ctx.term()
+            self._close_store()
             raise MeshError(f"cannot bind {cfg.bind or interfaces}: {exc}") from exc
         self._transport = transport
         self._started_at = time.monotonic()
@@ -396,6 +405,41 @@ class AsyncAgent:
         self._schedule_tick()
         log.info("agent %s (%s) started on %s, mesh %r", self.service, self.node_id, ", ".join(endpoints), cfg.mesh)
         return self
+
+    async def _open_store(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Open this instance's store (its integrity check may take a while: off the loop) and
+        take the identity kept there, or keep ours there for the next start."""
+        cfg = self.config
+        root = cfg.data_dir if cfg.data_dir is not None else Path.home() / ".meshmq"
+        store, self.store_dir = await loop.run_in_executor(None, functools.partial(
+            open_instance, root, self.service, durability=cfg.durability, map_size=cfg.max_store_bytes,
+            quarantine=cfg.quarantine_store))
+        self._store = store
+        try:
+            meta = store.load().meta
+            if meta.get("node") is None:
+                batch = Batch()
+                batch.put_meta("node", self.node_id)
+                batch.put_meta("service", self.service)
+                await asyncio.wrap_future(store.submit(batch))
+            else:
+                self._set_identity(str(meta["node"]))
+        except BaseException:
+            self._close_store()
+            raise
+        if store.counters["quarantined"]:
+            log.warning("store %s: %d damaged records were moved to quarantine", self.store_dir,
+                        store.counters["quarantined"])
+
+    def _set_identity(self, node_id: str) -> None:
+        self.node_id = node_id
+        self._local.node = node_id
+        self._reply_topic = reply_topic(node_id)
+
+    def _close_store(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
 
     async def stop(self) -> None:
         """Say goodbye, send what is queued (up to ``stop_timeout``), and close. Idempotent."""
@@ -419,6 +463,8 @@ class AsyncAgent:
         for sub in list(self._subs):
             sub._closed()
         self._transport.async_close(linger=max(0.0, deadline - time.monotonic()))
+        if self._store is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._close_store)
         self._state = "stopped"
         self._route_waiters.fire()
         log.info("agent %s (%s) stopped", self.service, self.node_id)

@@ -40,7 +40,13 @@ class Config:
     discovery: bool = True
     """Announce and browse with mDNS. Seeds work with it off."""
     data_dir: Path | None = None
-    """Where the agent keeps its state (``MESHMQ_DATA_DIR``); default ``~/.meshmq/<service>``."""
+    """Root of the agents' state (``MESHMQ_DATA_DIR``); default ``~/.meshmq``. An agent keeps its own in ``<data_dir>/<service>/<n>``, the first instance directory no running agent holds, so several instances of a service on one host each keep their own, and a restarted one finds its identity again."""
+    durability: str = "fsync"
+    """What the agent's store survives: ``fsync`` (power loss), ``os`` (a crash of the process, not of the machine) or ``memory`` (nothing: no store, a new identity each start)."""
+    max_store_bytes: int = 1 << 30
+    """Largest size of the agent's store on disk (LMDB's map size); a commit that would pass it fails with StoreError."""
+    quarantine_store: bool = False
+    """Start even if the store fails its integrity check, moving the damaged records aside (they are reported either way)."""
 
     # --- membership and failure detection (SWIM with Lifeguard's refinements) ---
     probe_interval: float = 0.5
@@ -125,6 +131,8 @@ class Config:
                 _check(_is_endpoint(ep.strip()), "bind", f"{ep!r} is not a ZeroMQ endpoint like tcp://127.0.0.1:7400")
         for seed in self.seeds:
             _check(_is_endpoint(seed), "seeds", f"{seed!r} is not an endpoint like tcp://127.0.0.1:7400")
+        _check(self.durability in ("fsync", "os", "memory"), "durability",
+               f"{self.durability!r} must be fsync, os or memory")
         _positive(self, "probe_interval", "probe_timeout", "indirect_probes", "suspicion_mult", "gossip_interval",
                   "gossip_fanout", "gossip_entries", "gossip_max_bytes", "tombstone_ttl", "join_timeout",
                   "rejoin_window", "work_report_interval", "publish_timeout", "stop_timeout")
@@ -139,7 +147,7 @@ class Config:
             self, "max_frame_bytes", "max_payload_bytes", "max_topic_length", "max_topic_tokens",
             "max_header_count", "max_header_bytes", "max_batch_messages", "max_batch_bytes",
             "max_subscriptions", "max_peers", "peer_queue_messages", "peer_queue_bytes",
-            "subscription_queue_messages", "socket_hwm",
+            "subscription_queue_messages", "socket_hwm", "max_store_bytes",
         )
         _check(
             self.max_frame_bytes >= self.max_payload_bytes + self.max_header_bytes + 4 * _KiB,

@@ -627,11 +627,23 @@ class Node:
                 self.routes.update(record)
                 actions.append(PeerUp(record))
             elif old is None or old.record is not record:
+                if record.endpoints[0] != member.endpoint:
+                    self._relink(member, record.endpoints[0], actions)  # a new life, on a new endpoint
                 if self.routes.update(record):
                     actions.append(PeerUp(record))
         elif was:
             reason = "replaced" if member.replaced else "left" if e.status == LEFT else "dead"
             self._drop(member, reason, now, actions)
+
+    def _relink(self, member: Member, endpoint: str, actions: list[Action]) -> None:
+        node = member.entry.node
+        if self.by_endpoint.get(member.endpoint) == node:
+            del self.by_endpoint[member.endpoint]
+        self._link(endpoint, actions)
+        self._unlink(member.endpoint, actions)
+        member.endpoint = endpoint
+        self.by_endpoint[endpoint] = node
+        self.counters["peers_moved"] += 1
 
     def _replaced_by_newer(self, record: NodeRecord, now: float, actions: list[Action]) -> bool:
         """Two instances on one endpoint: only one process can hold it, so the one that started

@@ -395,6 +395,26 @@ class Store:
         self.close()
 
 
+class StoreInUse(StoreError):
+    """Another running agent holds this store."""
+
+
+MAX_INSTANCES = 64
+
+
+def open_instance(root: Path, service: str, *, durability: str, map_size: int,
+                  quarantine: bool) -> tuple[Store, Path]:
+    """The store of the first instance of ``service`` under ``root`` that no running agent
+    holds: ``root/service/0``, ``root/service/1``, ... (at most :data:`MAX_INSTANCES`)."""
+    for n in range(MAX_INSTANCES):
+        directory = root / service / str(n)
+        try:
+            return Store.open(directory, durability=durability, map_size=map_size, quarantine=quarantine), directory
+        except StoreInUse:
+            continue
+    raise StoreError(f"{MAX_INSTANCES} instances of service {service!r} already run with data_dir {root}")
+
+
 def _lock(directory: Path) -> int:
     """Hold ``directory/lock`` exclusively: two agents must never share one outbox."""
     path = directory / "lock"
@@ -406,7 +426,7 @@ def _lock(directory: Path) -> int:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
         finally:
             os.close(fd)
-        raise StoreError(f"store {directory} is in use by another agent (pid {holder}); "
+        raise StoreInUse(f"store {directory} is in use by another agent (pid {holder}); "
                          "give each agent its own data_dir") from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())

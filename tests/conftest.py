@@ -64,6 +64,15 @@ def loss_rules() -> Any:
     return netns
 
 
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Agents of each test (and the processes it starts) keep their state in a directory of
+    the test's own, never in ~/.meshmq."""
+    root = tmp_path_factory.mktemp("meshmq-data")
+    monkeypatch.setenv("MESHMQ_DATA_DIR", str(root))
+    return root
+
+
 @pytest.fixture
 def mesh() -> str:
     """A mesh name of this test's own, so that concurrent tests never meet."""

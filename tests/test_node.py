@@ -623,6 +623,20 @@ def test_a_restarted_node_on_the_same_endpoint_replaces_its_former_self(net: Mem
     check_invariants(net)
 
 
+def test_a_node_restarted_with_its_identity_on_a_new_endpoint_is_followed(net: MemoryNetwork) -> None:
+    a = net.add(make_node("a"))
+    net.add(make_node("b", endpoint="inproc://b-1", started=1.0, subscriptions=["old.*"]), seeds=[A])
+    net.run(1.0)
+    net.crash("inproc://b-1")  # no goodbye; it comes back with the same node id (its store kept it)
+    b = net.add(make_node("b", endpoint="inproc://b-2", started=2.0, subscriptions=["new.*"]), seeds=[A])
+    assert a.peers["b"].endpoint == "inproc://b-2" and a.routes.records["b"].started == 2.0
+    assert a.routes.index.resolve("new.x").plain == ("b",) and a.routes.index.resolve("old.x").empty
+    assert Disconnect("inproc://b-1") in net.actions(A, Disconnect) and a.counters["peers_moved"] == 1
+    net.run(10.0)
+    assert "b" in a.peers and "a" in b.peers and a.counters["peers_dead"] == 0
+    check_invariants(net)
+
+
 def test_an_older_instance_does_not_replace_a_newer_one(net: MemoryNetwork) -> None:
     a = net.add(make_node("a"))
     net.add(make_node("b2", endpoint=B, started=2.0), seeds=[A])
