@@ -39,7 +39,7 @@ from ._log import QuietLogger
 from ._message import FORMAT_BYTES, Message
 from ._node import Connect, Disconnect, Node, PeerDown, PeerUp, Send, Timing
 from ._routing import RouteIndex
-from ._store import Batch, Store, open_instance
+from ._store import Store, open_instance
 from ._topics import check_pattern, check_topic, check_user_topic, matches, reply_topic
 from ._transport import Link, Transport, Wakeup
 from ._wire import (
@@ -411,19 +411,13 @@ class AsyncAgent:
         take the identity kept there, or keep ours there for the next start."""
         cfg = self.config
         root = cfg.data_dir if cfg.data_dir is not None else Path.home() / ".meshmq"
+        # A new store is created with our identity in it (one commit); an existing one has its own.
         store, self.store_dir = await loop.run_in_executor(None, functools.partial(
             open_instance, root, self.service, durability=cfg.durability, map_size=cfg.max_store_bytes,
-            quarantine=cfg.quarantine_store))
+            quarantine=cfg.quarantine_store, meta={"node": self.node_id, "service": self.service}))
         self._store = store
         try:
-            meta = store.load().meta
-            if meta.get("node") is None:
-                batch = Batch()
-                batch.put_meta("node", self.node_id)
-                batch.put_meta("service", self.service)
-                await asyncio.wrap_future(store.submit(batch))
-            else:
-                self._set_identity(str(meta["node"]))
+            self._set_identity(str(store.load().meta["node"]))
         except BaseException:
             self._close_store()
             raise

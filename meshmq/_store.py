@@ -155,8 +155,10 @@ class Store:
 
     @classmethod
     def open(cls, path: Path | str | None, *, durability: str = "fsync", map_size: int = 1 << 30,
-             quarantine: bool = False) -> Store:
+             quarantine: bool = False, meta: dict[str, Any] | None = None) -> Store:
         """Open (or create) the store in directory ``path``; ``durability="memory"`` needs none.
+        ``meta`` values are written when the store is created (one commit with its format) and
+        any missing ones when it is opened.
 
         Raises:
             StoreError: another agent uses the directory, or it cannot be created.
@@ -165,7 +167,9 @@ class Store:
         if durability not in DURABILITY:
             raise StoreError(f"durability must be one of {', '.join(DURABILITY)}, not {durability!r}")
         if durability == "memory":
-            return cls(None, None, {}, durability, None)
+            store = cls(None, None, {}, durability, None)
+            store._init_meta(meta or {})
+            return store
         import lmdb
 
         directory = Path(path) if path is not None else None
@@ -185,20 +189,22 @@ class Store:
             raise
         try:
             store._check(quarantine)
-            store._init_meta()
+            store._init_meta(meta or {})
         except BaseException:
             store.close()
             raise
         return store
 
-    def _init_meta(self) -> None:
+    def _init_meta(self, defaults: dict[str, Any]) -> None:
         meta = self._read_db(b"meta")
-        if "format" not in meta:
-            batch = Batch()
-            batch.put_meta("format", FORMAT)
-            self._commit_now([batch])
-        elif meta["format"] != FORMAT:
+        if meta.get("format", FORMAT) != FORMAT:
             raise StoreError(f"store {self.path} has format {meta['format']}, this meshmq reads format {FORMAT}")
+        batch = Batch()
+        for key, value in {"format": FORMAT, **defaults}.items():
+            if key not in meta:
+                batch.put_meta(key, value)
+        if batch:
+            self._commit_now([batch])
 
     def _check(self, quarantine: bool) -> None:
         """Verify every record; report the damaged ones, or move them aside when told to."""
@@ -403,13 +409,14 @@ MAX_INSTANCES = 64
 
 
 def open_instance(root: Path, service: str, *, durability: str, map_size: int,
-                  quarantine: bool) -> tuple[Store, Path]:
+                  quarantine: bool, meta: dict[str, Any] | None = None) -> tuple[Store, Path]:
     """The store of the first instance of ``service`` under ``root`` that no running agent
     holds: ``root/service/0``, ``root/service/1``, ... (at most :data:`MAX_INSTANCES`)."""
     for n in range(MAX_INSTANCES):
         directory = root / service / str(n)
         try:
-            return Store.open(directory, durability=durability, map_size=map_size, quarantine=quarantine), directory
+            store = Store.open(directory, durability=durability, map_size=map_size, quarantine=quarantine, meta=meta)
+            return store, directory
         except StoreInUse:
             continue
     raise StoreError(f"{MAX_INSTANCES} instances of service {service!r} already run with data_dir {root}")

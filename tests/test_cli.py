@@ -41,6 +41,7 @@ def cli_env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHMQ_")}
     env["MESHMQ_INTERFACES"] = LOOPBACK
     env["MESHMQ_HOME"] = str(home)
+    env["MESHMQ_DATA_DIR"] = str(home / "data")
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

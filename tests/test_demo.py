@@ -31,7 +31,7 @@ STARTED = re.compile(r"started (\w+)\s+pid (\d+)")
 
 def loopback_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHMQ_")}
-    env.update(MESHMQ_INTERFACES="127.0.0.1", MESHMQ_HOME=str(home), PYTHONUNBUFFERED="1", **extra)
+    env.update(MESHMQ_INTERFACES="127.0.0.1", MESHMQ_HOME=str(home), MESHMQ_DATA_DIR=str(home / "data"), PYTHONUNBUFFERED="1", **extra)
     return env
 
 

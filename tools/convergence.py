@@ -37,7 +37,8 @@ async def node(mesh: str, name: str, lifetime: float) -> None:
     loop = asyncio.get_running_loop()
     commands: asyncio.Queue[str] = asyncio.Queue()
     loop.add_reader(sys.stdin.fileno(), lambda: commands.put_nowait(sys.stdin.readline().strip()))
-    async with meshmq.AsyncAgent(name, mesh=mesh) as agent:
+    # durability "memory": this measures membership, and leaves no state behind.
+    async with meshmq.AsyncAgent(name, mesh=mesh, durability="memory") as agent:
         emit(event="ready", node=agent.node_id)
         known: set[str] = set()
         routed = False

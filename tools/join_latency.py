@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 
@@ -61,6 +63,9 @@ def main() -> int:
         return 0
 
     mesh = "join" + uuid.uuid4().hex[:10]
+    # The agents' stores (fsync: the default) go in a directory of this run's own, removed afterwards.
+    state = tempfile.TemporaryDirectory(prefix="meshmq-join-")
+    os.environ["MESHMQ_DATA_DIR"] = state.name
     server = subprocess.Popen([sys.executable, __file__, "--role", "echo", "--mesh", mesh],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -82,6 +87,7 @@ def main() -> int:
     finally:
         server.kill()  # our own child, by PID
         server.wait(timeout=10)
+        state.cleanup()
 
 
 if __name__ == "__main__":

@@ -87,8 +87,9 @@ async def agent_process(name: str, mesh: str, endpoint: str, seeds: list[str], s
         if msg.source != name:
             received += 1
 
-    overrides: dict[str, Any] = {**settings, "mesh": mesh, "discovery": False, "seeds": tuple(seeds),
-                                 "bind": endpoint}
+    # durability "memory" unless --set says otherwise: this measures membership, and leaves no state behind.
+    overrides: dict[str, Any] = {"durability": "memory", **settings, "mesh": mesh, "discovery": False,
+                                 "seeds": tuple(seeds), "bind": endpoint}
     agent = meshmq.AsyncAgent(name, **overrides)
     async with agent:
         agent.subscribe(TOPIC, on_message)
