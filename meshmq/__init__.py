@@ -40,15 +40,15 @@ from ._errors import (
 from ._message import Message
 
 if TYPE_CHECKING:
-    from ._agent import AsyncAgent, PeerInfo, RouteEntry, Subscription
+    from ._agent import AsyncAgent, DeadLetter, PeerInfo, RouteEntry, Subscription
     from ._sync import Agent
 
 __version__ = "0.1.0"
 
 # The agents pull in zmq, zeroconf and asyncio; load them on first use so that
 # `import meshmq.testing` (and the pure core) stays free of I/O libraries.
-_LAZY = {"Agent": "_sync", "AsyncAgent": "_agent", "PeerInfo": "_agent", "RouteEntry": "_agent",
-         "Subscription": "_agent"}
+_LAZY = {"Agent": "_sync", "AsyncAgent": "_agent", "DeadLetter": "_agent", "PeerInfo": "_agent",
+         "RouteEntry": "_agent", "Subscription": "_agent"}
 
 
 def __getattr__(name: str) -> Any:
@@ -70,6 +70,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "CorruptStore",
+    "DeadLetter",
     "MeshError",
     "MeshTimeout",
     "Message",

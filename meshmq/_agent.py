@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import inspect
@@ -19,6 +20,7 @@ import ipaddress
 import itertools
 import logging
 import os
+import random
 import re
 import threading
 import time
@@ -39,7 +41,7 @@ from ._log import QuietLogger
 from ._message import FORMAT_BYTES, Message
 from ._node import Connect, Disconnect, Node, PeerDown, PeerUp, Send, Timing
 from ._routing import RouteIndex
-from ._store import Store, open_instance
+from ._store import Batch, Store, open_instance
 from ._topics import check_pattern, check_topic, check_user_topic, matches, reply_topic
 from ._transport import Link, Transport, Wakeup
 from ._wire import (
@@ -85,6 +87,41 @@ class PeerInfo:
     state: str = "alive"
     """``alive``; ``suspect`` (a probe went unanswered: declared dead unless it refutes in time);
     or, for departed peers, ``dead``, ``left`` or ``replaced``."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message a handler could not take (``meshmq dlq`` shows the same)."""
+
+    id: str
+    reason: str
+    """``handler failed`` (it raised every time) or ``nacked`` (it asked for a retry every time)."""
+    attempts: int
+    error: str | None
+    """The last exception, as ``Type: text``."""
+    at: float
+    """When it was dead-lettered (seconds since the epoch)."""
+    pattern: str
+    queue: str | None
+    """The subscription it failed in."""
+    message: Message
+    record: dict[str, Any] = dataclasses.field(repr=False, compare=False)
+
+
+def _message_record(msg: Message) -> dict[str, Any]:
+    return {"id": msg._id, "timestamp": msg.timestamp, "topic": msg.topic, "type": msg.type, "source": msg.source,
+            "node": msg.node, "schema_version": msg.schema_version, "headers": msg.headers or None, "key": msg.key,
+            "format": msg._format, "raw": msg.raw}
+
+
+def _message_from_record(r: dict[str, Any]) -> Message:
+    return Message(r["id"], r["timestamp"], r["topic"], r["type"], r["source"], r["node"], r["schema_version"],
+                   r["headers"], r["key"], r["format"], r["raw"])
+
+
+def _dead_letter(letter_id: str, record: dict[str, Any]) -> DeadLetter:
+    return DeadLetter(letter_id, record["reason"], record["attempts"], record["error"], record["at"],
+                      record["pattern"], record["queue"], _message_from_record(record["message"]), record)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -162,6 +199,7 @@ class Subscription:
         self._cond = threading.Condition() if threaded else None
         self._worker: asyncio.Task[None] | None = None
         self._queued_mode = handler is None or inspect.iscoroutinefunction(handler)
+        self._waiting: Message | None = None  # a plain handler's message held for its retry
 
     # --- configuration --------------------------------------------------------------
 
@@ -190,12 +228,12 @@ class Subscription:
     def _deliver(self, msg: Message) -> None:
         self.delivered += 1
         if not self._queued_mode:
-            try:
-                self.handler(msg)  # type: ignore[misc]
-            except Exception as exc:
-                self._agent._handler_failed(self, msg, exc)
-            if msg._work is not None and self.queue is not None:
-                self._agent._work_finished(msg._work)
+            if self._waiting is None:
+                self._handle_now(msg)
+                return
+            self._buffer.append(msg)  # behind the message waiting for its retry: order holds
+            if len(self._buffer) >= self._limit:
+                self._agent._overloaded(self)
             return
         if self._cond is not None and self.handler is None:
             with self._cond:
@@ -213,18 +251,59 @@ class Subscription:
         if len(self._buffer) >= self._limit:
             self._agent._overloaded(self)
 
+    def _handle_now(self, msg: Message) -> None:
+        """Call a plain handler; if the message is to be retried, hold it (later ones wait)."""
+        msg.attempts += 1
+        msg._verdict = None
+        msg._in_handler = True
+        try:
+            self.handler(msg)  # type: ignore[misc]
+        except Exception as exc:
+            retry = self._agent._handler_failed(self, msg, exc)
+        else:
+            retry = self._agent._nacked(self, msg) if msg._verdict is not None else None
+        finally:
+            msg._in_handler = False
+        if retry is None:
+            if msg._work is not None and self.queue is not None:
+                self._agent._work_finished(msg._work)
+            return
+        self._waiting = msg
+        assert self._agent._loop is not None
+        self._agent._loop.call_later(retry, self._retry_waiting)
+
+    def _retry_waiting(self) -> None:
+        msg, self._waiting = self._waiting, None
+        if msg is None or self.closed:
+            return
+        self._handle_now(msg)
+        while self._waiting is None and self._buffer and not self.closed:
+            self._drained()
+            self._handle_now(self._buffer.popleft())
+
     async def _run_handler(self) -> None:
         loop = asyncio.get_running_loop()
         while not self.closed:
             while self._buffer:
                 msg = self._buffer.popleft()
                 self._drained()
-                try:
-                    await self.handler(msg)  # type: ignore[misc]
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    self._agent._handler_failed(self, msg, exc)
+                while True:  # one message at a time, retried until done: order holds
+                    msg.attempts += 1
+                    msg._verdict = None
+                    msg._in_handler = True
+                    try:
+                        await self.handler(msg)  # type: ignore[misc]
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:
+                        retry = self._agent._handler_failed(self, msg, exc)
+                    else:
+                        retry = self._agent._nacked(self, msg) if msg._verdict is not None else None
+                    finally:
+                        msg._in_handler = False
+                    if retry is None:
+                        break
+                    await asyncio.sleep(retry)  # bounded by retry_backoff_max; close() cancels it
                 self._finished(msg)
             self._async_ready = loop.create_future()
             await self._async_ready
@@ -376,6 +455,8 @@ class AsyncAgent:
         cfg = self.config
         if cfg.durability != "memory":
             await self._open_store(loop)
+        else:
+            self._store = Store.open(None, durability="memory")  # dead letters live as long as we do
         interfaces = _expand_interfaces(cfg.interfaces)
         transport = Transport(cfg, self.node_id, self._on_frame)
         transport.shared_links = self._shared_links
@@ -872,15 +953,120 @@ class AsyncAgent:
         self._plain_cache[topic] = subs
         return subs
 
-    def _handler_failed(self, sub: Subscription, msg: Message, exc: Exception) -> None:
+    def _handler_failed(self, sub: Subscription, msg: Message, exc: Exception) -> float | None:
+        """A handler raised: return the delay before its next attempt, or None when the message
+        is done with (a request's error reply went back, or it was dead-lettered)."""
         self.counters["handler_errors"] += 1
         quiet.log(logging.ERROR, f"handler:{sub.pattern}",
-                  "handler of %r raised on message %s (topic %s): %r", sub.pattern, msg.id, msg.topic, exc)
-        if msg.is_request and not msg.replied:
-            try:  # the requester sees the failure now rather than a timeout later
-                self._reply(msg, None, None, None, f"{type(exc).__name__}: {exc}"[:1024])
-            except MeshError as reply_exc:
-                quiet.warning("error-reply", "could not send the error reply for %s: %s", msg.id, reply_exc)
+                  "handler of %r raised on message %s (topic %s), attempt %d: %r",
+                  sub.pattern, msg.id, msg.topic, msg.attempts, exc)
+        error = f"{type(exc).__name__}: {exc}"[:1024]
+        if msg.is_request:
+            if not msg.replied:
+                try:  # the requester sees the failure now rather than a timeout later (it may retry)
+                    self._reply(msg, None, None, None, error)
+                except MeshError as reply_exc:
+                    quiet.warning("error-reply", "could not send the error reply for %s: %s", msg.id, reply_exc)
+            return None
+        return self._retry_or_dead_letter(sub, msg, "handler failed", error, None)
+
+    def _nacked(self, sub: Subscription, msg: Message) -> float | None:
+        """A handler nacked: the delay before the next attempt, or None once dead-lettered."""
+        self.counters["nacked"] += 1
+        delay = msg._verdict
+        return self._retry_or_dead_letter(sub, msg, "nacked", None, None if delay is None or delay < 0 else delay)
+
+    def _retry_or_dead_letter(self, sub: Subscription, msg: Message, reason: str, error: str | None,
+                              delay: float | None) -> float | None:
+        cfg = self.config
+        if msg.attempts < cfg.max_attempts:
+            self.counters["handler_retries"] += 1
+            if delay is None:
+                base = min(cfg.retry_backoff_max, cfg.retry_backoff * 2 ** (msg.attempts - 1))
+                delay = base * (0.8 + 0.4 * random.random())  # jitter: retries of many messages spread out
+            return delay
+        self._dead_letter(sub, msg, reason, error)
+        return None
+
+    def _dead_letter(self, sub: Subscription, msg: Message, reason: str, error: str | None) -> None:
+        """Keep a message its handler could not take, with why, in the store (never dropped silently)."""
+        self.counters["dead_lettered"] += 1
+        letter_id = f"{msg.id}-{os.urandom(3).hex()}"
+        quiet.warning(f"dlq:{sub.pattern}", "message %s (topic %s) dead-lettered as %s after %d attempts: %s",
+                      msg.id, msg.topic, letter_id, msg.attempts, error or reason)
+        record = {
+            "reason": reason, "attempts": msg.attempts, "error": error, "at": time.time(),
+            "pattern": sub.pattern, "queue": sub.queue, "replay": False, "message": _message_record(msg),
+        }
+        if self._store is None:
+            self.counters["dead_letters_lost"] += 1
+            return
+        batch = Batch()
+        batch.put_dead_letter(letter_id, record)
+
+        def committed(future: concurrent.futures.Future[None]) -> None:
+            if future.exception() is not None:
+                self.counters["dead_letters_lost"] += 1
+                quiet.log(logging.ERROR, "dlq-store", "dead letter %s could not be stored: %s",
+                          letter_id, future.exception())
+
+        self._store.submit(batch).add_done_callback(committed)
+
+    # --- dead letters ---------------------------------------------------------------
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """The messages this agent's handlers could not take, oldest first."""
+        if self._store is None:
+            return []
+        letters = [_dead_letter(letter_id, record) for letter_id, record in self._store.dead_letters()]
+        return sorted(letters, key=lambda d: (d.at, d.id))
+
+    async def replay_dead_letters(self, ids: list[str] | None = None) -> int:
+        """Hand dead letters (``ids``, or all) to this agent's subscriptions again, each to the
+        subscription it failed in (same pattern and queue group); return how many went.
+        Letters with no such subscription now stay where they are."""
+        self._check_running()
+        return await self._replay(self.dead_letters() if ids is None else self._letters(ids))
+
+    async def purge_dead_letters(self, ids: list[str] | None = None) -> int:
+        """Delete dead letters (``ids``, or all); return how many."""
+        self._check_running()
+        letters = self.dead_letters() if ids is None else self._letters(ids)
+        if letters:
+            assert self._store is not None
+            batch = Batch()
+            for letter in letters:
+                batch.drop_dead_letter(letter.id)
+            await asyncio.wrap_future(self._store.submit(batch))
+        return len(letters)
+
+    def _letters(self, ids: list[str]) -> list[DeadLetter]:
+        known = {d.id: d for d in self.dead_letters()}
+        missing = [i for i in ids if i not in known]
+        if missing:
+            raise UsageError(f"no dead letter with id {', '.join(map(repr, missing[:5]))}")
+        return [known[i] for i in ids]
+
+    async def _replay(self, letters: list[DeadLetter]) -> int:
+        done = []
+        for letter in letters:
+            sub = next((s for s in self._subs if not s.closed and s.pattern == letter.pattern
+                        and s.queue == letter.queue), None)
+            if sub is None:
+                continue
+            msg = _message_from_record(letter.record["message"])
+            if msg.headers and REPLY_TO in msg.headers:
+                msg._replier = self._reply
+            sub._deliver(msg)
+            done.append(letter.id)
+        if done:
+            assert self._store is not None
+            batch = Batch()
+            for letter_id in done:
+                batch.drop_dead_letter(letter_id)
+            await asyncio.wrap_future(self._store.submit(batch))
+            self.counters["dead_letters_replayed"] += len(done)
+        return len(done)
 
     def _overloaded(self, sub: Subscription) -> None:
         """A subscription's backlog reached its limit: stop reading until it halves."""

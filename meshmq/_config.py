@@ -76,6 +76,14 @@ class Config:
     work_report_interval: float = 0.02
     """Seconds between a queue-group member's reports of finished work to the publishers that sent it (how fresh their load balancing is)."""
 
+    # --- handling ---
+    max_attempts: int = 5
+    """Times a handler gets one message (it raised or nacked it) before the message is dead-lettered."""
+    retry_backoff: float = 0.1
+    """Seconds before a message is handed to a failing handler again; doubles with each attempt."""
+    retry_backoff_max: float = 10.0
+    """Longest wait between two attempts."""
+
     # --- sizes ---
     max_frame_bytes: int = 4 * _MiB
     """Largest ZeroMQ frame accepted; larger ones are refused by the socket."""
@@ -135,7 +143,8 @@ class Config:
                f"{self.durability!r} must be fsync, os or memory")
         _positive(self, "probe_interval", "probe_timeout", "indirect_probes", "suspicion_mult", "gossip_interval",
                   "gossip_fanout", "gossip_entries", "gossip_max_bytes", "tombstone_ttl", "join_timeout",
-                  "rejoin_window", "work_report_interval", "publish_timeout", "stop_timeout")
+                  "rejoin_window", "work_report_interval", "publish_timeout", "stop_timeout", "max_attempts",
+                  "retry_backoff", "retry_backoff_max")
         _check(self.gossip_entries <= 256, "gossip_entries", f"{self.gossip_entries} is above the wire limit of 256")
         _check(
             self.probe_timeout < self.probe_interval,

@@ -30,6 +30,7 @@ class Message:
     __slots__ = (
         "_id", "timestamp", "topic", "type", "source", "node", "schema_version",
         "headers", "key", "raw", "_format", "_data", "seq", "_replier", "replied", "_work",
+        "attempts", "_verdict", "_in_handler",
     )
 
     def __init__(
@@ -53,6 +54,10 @@ class Message:
         self._replier: Callable[..., None] | None = None  # set by the agent on a request
         self.replied = False
         self._work: str | None = None  # queue-group work: the node to tell when it is finished
+        self.attempts = 0
+        """How many times this message was handed to a handler here (1 on the first call)."""
+        self._verdict: float | None = None  # set by nack(): retry after this many seconds (-1: the backoff)
+        self._in_handler = False
 
     @property
     def is_request(self) -> bool:
@@ -70,6 +75,27 @@ class Message:
             raise UsageError(f"message {self.id} on {self.topic!r} is not a request; nothing waits for a reply")
         self._replier(self, data, type, headers, None)
         self.replied = True
+
+    def ack(self) -> None:
+        """The handler is done with this message. Returning from the handler says the same;
+        an explicit ack undoes an earlier :meth:`nack` of this call."""
+        self._check_in_handler("ack")
+        self._verdict = None
+
+    def nack(self, delay: float | None = None) -> None:
+        """Hand this message to the handler again after ``delay`` seconds (default: the
+        retry backoff), once the handler returns. Later messages of the subscription wait,
+        so order holds; after ``max_attempts`` the message is dead-lettered instead."""
+        self._check_in_handler("nack")
+        if delay is not None and (isinstance(delay, bool) or not isinstance(delay, (int, float))
+                                  or not 0 <= delay <= 86_400):
+            raise UsageError(f"nack delay must be 0 to 86400 seconds, got {delay!r}")
+        self._verdict = -1.0 if delay is None else float(delay)
+
+    def _check_in_handler(self, what: str) -> None:
+        if not self._in_handler:
+            raise UsageError(f"{what}() is for a subscription's handler, while it handles this message; "
+                             "a consumer iterating a subscription decides itself what to do next")
 
     @property
     def id(self) -> str:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from ._agent import AsyncAgent, Handler, PeerInfo, RouteEntry, Subscription, _check_seconds, _Full
+from ._agent import AsyncAgent, DeadLetter, Handler, PeerInfo, RouteEntry, Subscription, _check_seconds, _Full
 from ._config import Config
 from ._message import Message
 from ._errors import AgentClosed, MeshTimeout
@@ -193,6 +193,18 @@ class Agent:
 
     def stats(self) -> dict[str, int]:
         return self._call(self._agent.stats)
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """See :meth:`AsyncAgent.dead_letters`."""
+        return self._call(self._agent.dead_letters)
+
+    def replay_dead_letters(self, ids: list[str] | None = None) -> int:
+        """See :meth:`AsyncAgent.replay_dead_letters`."""
+        return self._run(self._agent.replay_dead_letters(ids), timeout=60)
+
+    def purge_dead_letters(self, ids: list[str] | None = None) -> int:
+        """See :meth:`AsyncAgent.purge_dead_letters`."""
+        return self._run(self._agent.purge_dead_letters(ids), timeout=60)
 
     def wait_for_subscribers(self, topic: str, count: int = 1, timeout: float = 5.0) -> int:
         """See :meth:`AsyncAgent.wait_for_subscribers`."""

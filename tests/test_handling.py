@@ -1,0 +1,193 @@
+"""Handlers that fail: retries with backoff in order, nack/ack, dead letters, replay, purge."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+import meshmq
+from tests.aio import agents, collect, run
+
+FAST = dict(max_attempts=3, retry_backoff=0.01, retry_backoff_max=0.05)
+
+
+async def settle(agent: meshmq.AsyncAgent, done: Any, timeout: float = 10.0) -> None:
+    """Poll ``done()`` with a deadline (retries run on timers of their own)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not done():
+        assert loop.time() < deadline, "not done in time"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("kind", ["function", "coroutine"])
+def test_a_failing_handler_is_retried_in_order_then_dead_lettered(mesh: str, kind: str) -> None:
+    async def main() -> None:
+        async with agents(mesh, "solo", **FAST) as (agent,):
+            calls: list[tuple[int, int]] = []
+
+            def work(msg: meshmq.Message) -> None:
+                calls.append((msg.data, msg.attempts))
+                if msg.data % 2:
+                    raise RuntimeError(f"boom {msg.data}")
+
+            async def async_work(msg: meshmq.Message) -> None:
+                work(msg)
+
+            agent.subscribe("jobs.x", work if kind == "function" else async_work)
+            for i in range(6):
+                await agent.publish("jobs.x", i)
+            await settle(agent, lambda: len(agent.dead_letters()) == 3 and len(calls) == 12)
+            # Each message's attempts come before the next message: order holds through retries.
+            assert calls == [(0, 1), (1, 1), (1, 2), (1, 3), (2, 1), (3, 1), (3, 2), (3, 3),
+                             (4, 1), (5, 1), (5, 2), (5, 3)]
+            letters = agent.dead_letters()
+            assert [d.message.data for d in letters] == [1, 3, 5]
+            assert {(d.reason, d.attempts, d.pattern, d.queue) for d in letters} == {
+                ("handler failed", 3, "jobs.x", None)}
+            assert letters[0].error == "RuntimeError: boom 1" and letters[0].message.topic == "jobs.x"
+            stats = agent.stats()
+            assert (stats["handler_errors"], stats["handler_retries"], stats["dead_lettered"]) == (9, 6, 3)
+
+    run(main())
+
+
+def test_a_transient_failure_is_retried_until_it_succeeds(mesh: str) -> None:
+    async def main() -> None:
+        async with agents(mesh, "solo", **FAST) as (agent,):
+            seen: list[tuple[str, int]] = []
+
+            def flaky(msg: meshmq.Message) -> None:
+                seen.append((msg.data, msg.attempts))
+                if msg.data == "a" and msg.attempts < 3:
+                    raise ConnectionError("database busy")
+
+            agent.subscribe("jobs.x", flaky)
+            for data in "abc":
+                await agent.publish("jobs.x", data)
+            await settle(agent, lambda: len(seen) == 5)
+            assert seen == [("a", 1), ("a", 2), ("a", 3), ("b", 1), ("c", 1)]
+            assert agent.dead_letters() == []
+
+    run(main())
+
+
+def test_nack_asks_for_another_attempt_and_ack_settles(mesh: str) -> None:
+    async def main() -> None:
+        async with agents(mesh, "solo", **FAST) as (agent,):
+            seen: list[int] = []
+            loop = asyncio.get_running_loop()
+            times: list[float] = []
+
+            def handler(msg: meshmq.Message) -> None:
+                seen.append(msg.attempts)
+                times.append(loop.time())
+                if msg.attempts == 1:
+                    msg.nack(delay=0.2)
+                elif msg.attempts == 2:
+                    msg.nack()
+                    msg.ack()  # changed its mind: done
+
+            agent.subscribe("jobs.x", handler)
+            await agent.publish("jobs.x", "once")
+            await settle(agent, lambda: len(seen) == 2)
+            assert seen == [1, 2] and times[1] - times[0] >= 0.19
+            assert agent.stats()["nacked"] == 1 and agent.dead_letters() == []
+
+            always: list[int] = []
+            agent.subscribe("jobs.y", lambda m: (always.append(m.attempts), m.nack(0)))
+            await agent.publish("jobs.y", "never happy")
+            await settle(agent, lambda: len(agent.dead_letters()) == 1)
+            assert always == [1, 2, 3] and agent.dead_letters()[0].reason == "nacked"
+
+    run(main())
+
+
+def test_ack_and_nack_belong_to_handlers(mesh: str) -> None:
+    async def main() -> None:
+        async with agents(mesh, "solo") as (agent,):
+            it = agent.subscribe("jobs.x")
+            await agent.publish("jobs.x", 1)
+            [msg] = await collect(it, 1)
+            with pytest.raises(meshmq.UsageError, match="for a subscription's handler"):
+                msg.nack()
+            with pytest.raises(meshmq.UsageError, match="for a subscription's handler"):
+                msg.ack()
+            bad: list[Exception] = []
+
+            def handler(m: meshmq.Message) -> None:
+                try:
+                    m.nack(delay=-1)
+                except meshmq.UsageError as exc:
+                    bad.append(exc)
+
+            agent.subscribe("jobs.y", handler)
+            await agent.publish("jobs.y", 1)
+            await settle(agent, lambda: bool(bad))
+            assert "0 to 86400 seconds" in str(bad[0])
+
+    run(main())
+
+
+def test_dead_letters_can_be_replayed_or_purged(mesh: str) -> None:
+    async def main() -> None:
+        async with agents(mesh, "solo", **FAST) as (agent,):
+            broken = True
+            done: list[str] = []
+
+            def handler(msg: meshmq.Message) -> None:
+                if broken:
+                    raise ValueError("not yet")
+                done.append(msg.data)
+
+            agent.subscribe("jobs.*", handler, queue="workers")
+            for data in ("a", "b", "c"):
+                await agent.publish("jobs.x", data)
+            await settle(agent, lambda: len(agent.dead_letters()) == 3)
+            first, second, third = agent.dead_letters()
+            broken = False  # the bug is fixed
+            assert await agent.replay_dead_letters([first.id]) == 1
+            await settle(agent, lambda: done == ["a"])
+            assert [d.id for d in agent.dead_letters()] == [second.id, third.id]
+            assert await agent.purge_dead_letters([second.id]) == 1
+            assert await agent.replay_dead_letters() == 1
+            await settle(agent, lambda: done == ["a", "c"])
+            assert agent.dead_letters() == []
+            with pytest.raises(meshmq.UsageError, match="no dead letter"):
+                await agent.purge_dead_letters(["nope"])
+            assert agent.stats()["dead_letters_replayed"] == 2
+
+    run(main())
+
+
+def test_a_letter_waits_for_its_subscription_to_be_replayed(mesh: str) -> None:
+    async def main() -> None:
+        async with agents(mesh, "solo", **FAST) as (agent,):
+            sub = agent.subscribe("jobs.x", lambda m: 1 / 0)
+            await agent.publish("jobs.x", 1)
+            await settle(agent, lambda: len(agent.dead_letters()) == 1)
+            sub.close()
+            assert await agent.replay_dead_letters() == 0  # nobody to hand it to: it stays
+            assert len(agent.dead_letters()) == 1
+
+    run(main())
+
+
+def test_dead_letters_survive_a_restart(mesh: str) -> None:
+    with meshmq.Agent("keeper", mesh=mesh, discovery=False, **FAST) as agent:
+        agent.subscribe("jobs.x", lambda m: 1 / 0)
+        agent.publish("jobs.x", {"order": 7})
+        deadline = time.monotonic() + 10
+        while not agent.dead_letters():
+            assert time.monotonic() < deadline, "never dead-lettered"
+            time.sleep(0.01)  # polling with a deadline: the retries run on the agent's timers
+        [letter] = agent.dead_letters()
+    with meshmq.Agent("keeper", mesh=mesh, discovery=False) as again:
+        [kept] = again.dead_letters()
+        assert (kept.id, kept.error, kept.message.data) == (letter.id, "ZeroDivisionError: division by zero",
+                                                            {"order": 7})
+        assert again.purge_dead_letters() == 1
+        assert again.dead_letters() == []
