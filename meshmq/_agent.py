@@ -425,6 +425,8 @@ class AsyncAgent:
         self._tick_handle: asyncio.TimerHandle | None = None
         self._id_prefix = os.urandom(8)  # message ids: unique per life, even with a kept identity
         self._store: Store | None = None
+        self._next_replay_check = 0.0
+        self._replaying = False
         self.store_dir: Path | None = None
         """Where this agent keeps its state (None with ``durability="memory"``)."""
         self._id_counter = itertools.count(1)
@@ -1106,6 +1108,7 @@ class AsyncAgent:
         sub = Subscription(self, pattern, queue, handler, threaded)
         self._subs.append(sub)
         self._subscriptions_changed()
+        self._next_replay_check = 0.0  # letters waiting for this subscription go at the next tick
         return sub
 
     def _unsubscribe(self, sub: Subscription) -> None:
@@ -1321,11 +1324,34 @@ class AsyncAgent:
     def _tick(self) -> None:
         if self._state != "running" or self._node is None or self._transport is None:
             return
-        self._apply(self._node.tick(time.monotonic(), time.time()))
+        now = time.monotonic()
+        self._apply(self._node.tick(now, time.time()))
         self._transport.flush_all()  # fallback for a missed writable edge
         if self._overloaded_subs:
             self._maybe_resume()
+        if now >= self._next_replay_check and self._store is not None and not self._replaying:
+            self._next_replay_check = now + 1.0
+            if self._store.count(b"replay"):  # asked for by `meshmq dlq replay`, maybe from another process
+                self._replaying = True
+                asyncio.ensure_future(self._replay_requested())
         self._schedule_tick()
+
+    async def _replay_requested(self) -> None:
+        try:
+            assert self._store is not None
+            letters = {d.id: d for d in self.dead_letters()}
+            requested = self._store.replay_requests()
+            gone = [i for i in requested if i not in letters]  # purged meanwhile
+            if gone:
+                batch = Batch()
+                for letter_id in gone:
+                    batch.drop_replay(letter_id)
+                await asyncio.wrap_future(self._store.submit(batch))
+            await self._replay([letters[i] for i in requested if i in letters])
+        except MeshError as exc:
+            quiet.warning("dlq-replay", "replaying dead letters failed: %s", exc)
+        finally:
+            self._replaying = False
 
     def _call_on_loop(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn`` on the agent's loop: now if we are on it (or it has not started), else soon."""

@@ -125,6 +125,7 @@ examples:
   meshmq doctor                                  why agents do (not) find each other, with fixes
   meshmq demo                                    the order workflow, one process per service
   meshmq config                                  every setting and its MESHMQ_* variable
+  meshmq dlq ls --service billing                messages billing's handlers could not take
 
 Agents find each other by mDNS on loopback (127.0.0.1) by default; use --seed
 where multicast does not reach. Run 'meshmq COMMAND --help' for details.
@@ -184,6 +185,24 @@ says how many orders each service handled and how many are missing.
 
 The demo runs in a fresh mesh of its own unless --mesh is given. It ends every
 process it started; it exits 0 when no order is missing, 1 otherwise.
+"""
+
+_DLQ_EPILOG = """\
+A handler that raises (or nacks) is given the message again, with backoff, up to
+max_attempts times; then the message is dead-lettered: kept in that agent's store
+with the reason, the attempts, the last error and the message itself.
+  meshmq dlq ls --service billing                one line per dead letter
+  meshmq dlq ls --service billing --json         a JSON array
+  meshmq dlq show ID --service billing           everything about one, payload included
+  meshmq dlq replay ID ... --service billing     hand them to their subscription again
+  meshmq dlq replay --all --service billing
+  meshmq dlq purge ID ... --service billing      delete them (or --all)
+
+--service names the agent whose store to open: <data_dir>/<service>/<instance>
+(MESHMQ_DATA_DIR, default ~/.meshmq; --instance, default 0). The agent may be
+running: a replay is then picked up by it within a second, and otherwise when it
+next starts and subscribes again. A letter goes back only to a subscription with
+the same pattern and queue group as the one it failed in.
 """
 
 _CONFIG_EPILOG = """\
@@ -264,6 +283,15 @@ def _build_parser() -> _Parser:
                       help="give up after S seconds (default: 20)")
     demo.add_argument("--drop", choices=("inventory", "payment", "notification"), help=argparse.SUPPRESS)
     _add_mesh_options(demo)
+
+    dlq = command("dlq", "List, show, replay or purge the dead letters of an agent.", _DLQ_EPILOG, _cmd_dlq)
+    dlq.add_argument("action", choices=("ls", "show", "replay", "purge"), help="what to do")
+    dlq.add_argument("ids", nargs="*", metavar="ID", help="dead-letter ids (show: exactly one)")
+    dlq.add_argument("--all", action="store_true", help="replay or purge every dead letter")
+    dlq.add_argument("--instance", type=int, default=0, metavar="N",
+                     help="which instance of the service, when several ran on this host (default: 0)")
+    dlq.add_argument("--json", action="store_true", help="JSON instead of text (ls, show)")
+    _add_mesh_options(dlq)
 
     config = command("config", "List every setting with its MESHMQ_* variable, default and meaning.",
                      _CONFIG_EPILOG, _cmd_config)
@@ -563,6 +591,105 @@ def _cmd_peers(args: argparse.Namespace) -> int:
 def _table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+# --- dlq --------------------------------------------------------------------------------
+
+
+def _cmd_dlq(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ._agent import _dead_letter
+    from ._store import Batch, Store
+
+    if args.service == "meshmq-cli":  # the default: this command's own agent, which handles nothing
+        raise _BadInput("name the agent whose dead letters to open: --service NAME")
+    if args.instance < 0:
+        raise _BadInput("--instance must be 0 or more")
+    if args.action == "show" and len(args.ids) != 1:
+        raise _BadInput("dlq show takes exactly one ID")
+    if args.action in ("replay", "purge") and bool(args.ids) == args.all:
+        raise _BadInput(f"dlq {args.action} takes ID... or --all")
+    if args.action == "ls" and (args.ids or args.all):
+        raise _BadInput("dlq ls takes no ID and no --all")
+    cfg = Config.load()
+    root = cfg.data_dir if cfg.data_dir is not None else Path.home() / ".meshmq"
+    directory = root / args.service / str(args.instance)
+    if not (directory / "env").exists():
+        raise _BadInput(f"no store of service {args.service!r} (instance {args.instance}) in {root}")
+    durability = cfg.durability if cfg.durability != "memory" else "fsync"
+    with Store.open(directory, durability=durability, shared=True) as store:
+        letters = sorted((_dead_letter(i, r) for i, r in store.dead_letters()), key=lambda d: (d.at, d.id))
+        by_id = {d.id: d for d in letters}
+        missing = [i for i in args.ids if i not in by_id]
+        if missing:
+            raise _BadInput(f"no dead letter {', '.join(map(repr, missing[:5]))} in {directory}")
+        chosen = letters if args.all else [by_id[i] for i in args.ids]
+        if args.action == "ls":
+            return _dlq_list(letters, args.json, directory)
+        if args.action == "show":
+            return _dlq_show(chosen[0], args.json)
+        batch = Batch()
+        for letter in chosen:
+            if args.action == "purge":
+                batch.drop_dead_letter(letter.id)
+            else:
+                batch.request_replay(letter.id)
+        if batch:
+            store.commit(batch)
+    if args.action == "purge":
+        _note(f"purged {len(chosen)} dead letter(s)")
+    else:
+        _note(f"{len(chosen)} dead letter(s) will be handed to their subscription again: by the running agent "
+              "within a second, or when it next starts and subscribes")
+    return EXIT_OK
+
+
+def _dlq_record(letter: Any, payload: bool) -> dict[str, Any]:
+    msg = letter.message
+    out = {"id": letter.id, "at": _iso(letter.at), "reason": letter.reason, "attempts": letter.attempts,
+           "error": letter.error, "subscription": letter.pattern, "queue": letter.queue,
+           "message_id": msg.id, "topic": msg.topic, "type": msg.type, "source": msg.source, "node": msg.node}
+    if payload:
+        out["headers"] = msg.headers
+        out["key"] = msg.key
+        try:
+            data = msg.data
+            out["data"] = data if not isinstance(data, bytes) else data.decode("utf-8", "backslashreplace")
+        except MeshError as exc:
+            out["data_error"] = str(exc)
+    return out
+
+
+def _dlq_list(letters: Sequence[Any], as_json: bool, directory: Any) -> int:
+    if as_json:
+        print(json.dumps([_dlq_record(d, False) for d in letters], indent=2))
+        return EXIT_OK
+    if not letters:
+        _note(f"no dead letters in {directory}")
+        return EXIT_OK
+    rows = [("ID", "AT", "REASON", "ATTEMPTS", "TOPIC", "SUBSCRIPTION", "ERROR")]
+    rows += [(d.id, _iso(d.at), d.reason, str(d.attempts), d.message.topic,
+              d.pattern + (f"@{d.queue}" if d.queue else ""), (d.error or "-")[:60]) for d in letters]
+    print(_table(rows))
+    return EXIT_OK
+
+
+def _dlq_show(letter: Any, as_json: bool) -> int:
+    record = _dlq_record(letter, True)
+    if as_json:
+        print(json.dumps(record, indent=2, default=repr))
+        return EXIT_OK
+    width = max(len(k) for k in record)
+    for key, value in record.items():
+        print(f"{key.ljust(width)}  {value if isinstance(value, str) else json.dumps(value, default=repr)}")
+    return EXIT_OK
+
+
+def _iso(at: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(at, datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
 # --- demo -------------------------------------------------------------------------------

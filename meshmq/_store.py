@@ -10,6 +10,7 @@ Layout: one LMDB environment in ``<data_dir>/store`` with named databases
 - ``streams``: ``dest`` → the send stream's (epoch, next seq, acked);
 - ``inbox``:   ``sender`` → the receive stream's (epoch, committed), the dedup record;
 - ``dlq``:     dead-letter id → the dead letter;
+- ``replay``:  dead-letter id → a request (from ``meshmq dlq replay``) to hand it over again;
 - ``quarantine``: records moved aside because they failed their check.
 
 Every value is ``crc32 (4 bytes, big-endian) + msgpack body``; the check runs on
@@ -56,7 +57,7 @@ from ._errors import CorruptStore, StoreError
 
 FORMAT = 1
 DURABILITY = ("fsync", "os", "memory")
-_DBS = (b"meta", b"out", b"streams", b"inbox", b"dlq", b"quarantine")
+_DBS = (b"meta", b"out", b"streams", b"inbox", b"dlq", b"replay", b"quarantine")
 _SHOWN = 50  # damaged records named in a CorruptStore
 
 
@@ -109,6 +110,13 @@ class Batch:
 
     def drop_dead_letter(self, dlq_id: str) -> None:
         self.deletes.append((b"dlq", dlq_id.encode()))
+        self.deletes.append((b"replay", dlq_id.encode()))
+
+    def request_replay(self, dlq_id: str) -> None:
+        self.puts.append((b"replay", dlq_id.encode(), True))
+
+    def drop_replay(self, dlq_id: str) -> None:
+        self.deletes.append((b"replay", dlq_id.encode()))
 
     def put_meta(self, key: str, value: Any) -> None:
         self.puts.append((b"meta", key.encode(), value))
@@ -155,10 +163,12 @@ class Store:
 
     @classmethod
     def open(cls, path: Path | str | None, *, durability: str = "fsync", map_size: int = 1 << 30,
-             quarantine: bool = False, meta: dict[str, Any] | None = None) -> Store:
+             quarantine: bool = False, meta: dict[str, Any] | None = None, shared: bool = False) -> Store:
         """Open (or create) the store in directory ``path``; ``durability="memory"`` needs none.
         ``meta`` values are written when the store is created (one commit with its format) and
-        any missing ones when it is opened.
+        any missing ones when it is opened. ``shared`` skips the agent's lock: for tools that
+        look at (or ask things of) the store of an agent that may be running; LMDB keeps
+        their transactions and the agent's apart.
 
         Raises:
             StoreError: another agent uses the directory, or it cannot be created.
@@ -179,13 +189,14 @@ class Store:
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise StoreError(f"cannot create the store directory {directory}: {exc.strerror}") from None
-        lock_fd = _lock(directory)
+        lock_fd = None if shared else _lock(directory)
         try:
             env = _open_env(lmdb, directory, durability, map_size, quarantine)
             dbs = {name: env.open_db(name) for name in _DBS}
             store = cls(directory, env, dbs, durability, lock_fd)
         except BaseException:
-            os.close(lock_fd)
+            if lock_fd is not None:
+                os.close(lock_fd)
             raise
         try:
             store._check(quarantine)
@@ -263,6 +274,9 @@ class Store:
         except ValueError:
             raise CorruptStore(str(self.path), "a record failed its checksum while being read",
                                [f"dlq:{dlq_id}"]) from None
+
+    def replay_requests(self) -> list[str]:
+        return [key.decode() for key, _ in self._items(b"replay")]
 
     def count(self, name: bytes) -> int:
         if self._env is None:

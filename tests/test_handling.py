@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -191,3 +194,77 @@ def test_dead_letters_survive_a_restart(mesh: str) -> None:
                                                             {"order": 7})
         assert again.purge_dead_letters() == 1
         assert again.dead_letters() == []
+
+
+# --- meshmq dlq ----------------------------------------------------------------------
+
+
+def dlq(*args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI in a process of its own (one LMDB environment per process), with this test's data dir."""
+    env = {**os.environ, "MESHMQ_INTERFACES": "127.0.0.1"}
+    return subprocess.run([sys.executable, "-m", "meshmq", "dlq", *args], capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+def make_letters(mesh: str, n: int) -> list[meshmq.DeadLetter]:
+    with meshmq.Agent("billing", mesh=mesh, discovery=False, **FAST) as agent:
+        agent.subscribe("invoices.*", lambda m: 1 / 0, queue="billers")
+        for i in range(n):
+            agent.publish("invoices.new", {"invoice": i})
+        deadline = time.monotonic() + 10
+        while len(agent.dead_letters()) < n:
+            assert time.monotonic() < deadline, "not dead-lettered in time"
+            time.sleep(0.01)  # polling with a deadline
+        return agent.dead_letters()
+
+
+def test_dlq_lists_and_shows_an_agents_dead_letters(mesh: str) -> None:
+    import json
+
+    letters = make_letters(mesh, 2)
+    listed = dlq("ls", "--service", "billing", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    assert [r["id"] for r in rows] == [d.id for d in letters]
+    assert rows[0]["reason"] == "handler failed" and rows[0]["attempts"] == 3
+    assert rows[0]["error"] == "ZeroDivisionError: division by zero" and rows[0]["queue"] == "billers"
+    table = dlq("ls", "--service", "billing")
+    assert table.returncode == 0 and letters[1].id in table.stdout and "invoices.*@billers" in table.stdout
+    shown = dlq("show", letters[0].id, "--service", "billing", "--json")
+    assert json.loads(shown.stdout)["data"] == {"invoice": 0}
+    text = dlq("show", letters[0].id, "--service", "billing")
+    assert '{"invoice": 0}' in text.stdout
+
+
+def test_dlq_purge_and_replay_reach_the_agent(mesh: str) -> None:
+    letters = make_letters(mesh, 3)
+    purged = dlq("purge", letters[0].id, "--service", "billing")
+    assert purged.returncode == 0 and "purged 1" in purged.stderr
+    with meshmq.Agent("billing", mesh=mesh, discovery=False, **FAST) as agent:  # running: replay reaches it
+        got: list[int] = []
+        agent.subscribe("invoices.*", lambda m: got.append(m.data["invoice"]), queue="billers")
+        replayed = dlq("replay", "--all", "--service", "billing")
+        assert replayed.returncode == 0, replayed.stderr
+        deadline = time.monotonic() + 10
+        while sorted(got) != [1, 2]:
+            assert time.monotonic() < deadline, f"replay did not arrive: {got}"
+            time.sleep(0.02)  # polling with a deadline: the agent looks for requests every second
+        while agent.dead_letters():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    assert dlq("ls", "--service", "billing", "--json").stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(("args", "problem"), [
+    (["ls"], "--service NAME"),
+    (["ls", "--service", "nobody"], "no store of service 'nobody'"),
+    (["show", "--service", "billing"], "exactly one ID"),
+    (["purge", "--service", "billing"], "ID... or --all"),
+    (["replay", "x", "--all", "--service", "billing"], "ID... or --all"),
+    (["show", "nope", "--service", "billing"], "no dead letter 'nope'"),
+    (["ls", "x", "--service", "billing"], "takes no ID"),
+])
+def test_dlq_bad_input_is_a_clear_error(mesh: str, args: list[str], problem: str) -> None:
+    make_letters(mesh, 1)
+    done = dlq(*args)
+    assert done.returncode == 2 and problem in done.stderr and "Traceback" not in done.stderr
