@@ -21,8 +21,8 @@ is committed.
   is ignored and counted; an older ack changes nothing.
 
 Invariants (checked by the tests' state machine):
-- send side: ``acked < seq < next_seq`` for every kept message, and ``floor`` is
-  the smallest kept number (``next_seq`` when none is kept);
+- send side: ``acked < seq < next_seq`` for every kept message, ``acked <= sent_upto
+  < next_seq``, and ``floor`` is the smallest kept number (``next_seq`` when none is);
 - receive side: ``delivered`` only grows within an epoch; every held number is
   above ``delivered + 1`` and at most ``delivered + max_held``.
 """
@@ -66,12 +66,17 @@ class Outgoing(Generic[T]):
     item: T
     attempts: int = 0
     """How many times it was handed to the network."""
-    due: float = 0.0
-    """When it should be sent (again)."""
 
 
 class SendStream(Generic[T]):
-    """The sender's half of one stream. ``T`` is whatever the shell keeps per message."""
+    """The sender's half of one stream. ``T`` is whatever the shell keeps per message.
+
+    Retransmission works like TCP's: one timer per stream, not one per message. When
+    it expires with messages unacknowledged, everything unacknowledged is sent again,
+    oldest first (``limit`` at a time), and the timer backs off; any ack that moves
+    the stream forward resets it. So the cost of a call is bounded by ``limit``, not
+    by how many messages wait (the outbox may hold tens of thousands).
+    """
 
     def __init__(self, epoch: int, *, next_seq: int = 1, acked: int = 0, max_pending: int = 10_000,
                  backoff: Backoff | None = None, rng: random.Random | None = None) -> None:
@@ -85,6 +90,14 @@ class SendStream(Generic[T]):
         self.rng = rng or random.Random()
         self.pending: collections.OrderedDict[int, Outgoing[T]] = collections.OrderedDict()
         self.counters: collections.Counter[str] = collections.Counter()
+        self.sent_upto = acked
+        """Every kept message up to this number was sent at least once."""
+        self.timer: float | None = None
+        """When to send the unacknowledged messages again (None: nothing in flight)."""
+        self.timeouts = 0
+        """Timer expiries in a row without progress (the backoff's exponent)."""
+        self.resend_from: int | None = None
+        """During a resend: the next number to send again."""
 
     @property
     def floor(self) -> int:
@@ -92,53 +105,73 @@ class SendStream(Generic[T]):
         return next(iter(self.pending)) if self.pending else self.next_seq
 
     def put(self, item: T, now: float) -> int:
-        """Number ``item`` and keep it, due at once; return its sequence number."""
+        """Number ``item`` and keep it, to be sent at once; return its sequence number."""
         if len(self.pending) >= self.max_pending:
             raise StreamFull(f"{len(self.pending)} messages wait for acknowledgment")
         seq = self.next_seq
         self.next_seq += 1
-        self.pending[seq] = Outgoing(seq, item, 0, now)
+        self.pending[seq] = Outgoing(seq, item)
         return seq
 
     def restore(self, kept: Iterable[tuple[int, T]], now: float) -> None:
-        """After a restart: take back the messages the store kept (in any order), all due now."""
+        """After a restart: take back the messages the store kept (in any order), to send anew."""
         for seq, item in sorted(kept, key=lambda pair: pair[0]):
             if not self.acked < seq < self.next_seq:
                 raise ValueError(f"kept message {seq} is outside ({self.acked}, {self.next_seq})")
-            self.pending[seq] = Outgoing(seq, item, 0, now)
+            self.pending[seq] = Outgoing(seq, item)
+        self.sent_upto, self.timer, self.timeouts, self.resend_from = self.acked, None, 0, None
 
     def due(self, now: float, limit: int) -> list[Outgoing[T]]:
-        """Up to ``limit`` messages to send now, lowest numbers first; each is then due
-        again after its backoff unless an ack comes first."""
+        """Up to ``limit`` messages to send now, lowest numbers first: a resend in progress
+        (after the timer expired), then messages never sent."""
+        if self.timer is not None and now >= self.timer and self.pending and self.resend_from is None:
+            self.timeouts += 1
+            self.resend_from = next(iter(self.pending))
+            self.timer = now + self.backoff.delay(self.timeouts + 1, self.rng)
         out: list[Outgoing[T]] = []
-        for entry in self.pending.values():
-            if len(out) >= limit:
-                break
-            if entry.due <= now:
+        if self.resend_from is not None:
+            seq = max(self.resend_from, self.acked + 1)
+            while seq <= self.sent_upto and len(out) < limit:
+                entry = self.pending.get(seq)
+                if entry is not None:  # not given up on meanwhile
+                    entry.attempts += 1
+                    out.append(entry)
+                seq += 1
+            self.counters["retransmitted"] += len(out)
+            self.resend_from = seq if seq <= self.sent_upto else None
+        while len(out) < limit and self.sent_upto + 1 < self.next_seq:
+            self.sent_upto += 1
+            entry = self.pending.get(self.sent_upto)
+            if entry is not None:
                 entry.attempts += 1
-                if entry.attempts > 1:
-                    self.counters["retransmitted"] += 1
-                entry.due = now + self.backoff.delay(entry.attempts, self.rng)
                 out.append(entry)
+        if out and self.timer is None:
+            self.timer = now + self.backoff.delay(1, self.rng)
         return out
 
     def next_due(self) -> float | None:
         """When ``due`` next has something (None if nothing is kept)."""
-        return min((e.due for e in self.pending.values()), default=None)
+        if not self.pending:
+            return None
+        if self.resend_from is not None or self.sent_upto + 1 < self.next_seq:
+            return float("-inf")  # now
+        return self.timer
 
     def resend_all(self, now: float) -> None:
-        """The receiver is back (it rejoined or restarted): everything kept is due now."""
-        for entry in self.pending.values():
-            entry.due = now
+        """The receiver is back (it rejoined or restarted): send everything kept again, now."""
+        if self.pending:
+            self.timeouts = 0
+            self.resend_from = next(iter(self.pending))
+            self.timer = now + self.backoff.delay(1, self.rng)
 
-    def on_ack(self, epoch: int, seq: int) -> list[Outgoing[T]]:
+    def on_ack(self, epoch: int, seq: int, now: float) -> list[Outgoing[T]]:
         """A cumulative ack: everything up to ``seq`` is committed at the receiver. Returns
         the messages it releases (the shell deletes them from the outbox)."""
         if epoch != self.epoch:
             self.counters["acks_other_epoch"] += 1
             return []
-        if seq >= self.next_seq:
-            self.counters["acks_from_the_future"] += 1
+        if seq >= self.next_seq or seq > self.sent_upto:
+            self.counters["acks_from_the_future"] += 1  # acks what was never sent
             return []
         if seq <= self.acked:
             self.counters["acks_repeated"] += 1
@@ -150,6 +183,8 @@ class SendStream(Generic[T]):
             if first > seq:
                 break
             released.append(self.pending.popitem(last=False)[1])
+        self.timeouts = 0  # progress: the receiver is there
+        self.timer = now + self.backoff.delay(1, self.rng) if self.pending else None
         return released
 
     def give_up(self, seq: int) -> Outgoing[T] | None:

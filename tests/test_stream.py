@@ -20,11 +20,13 @@ def test_messages_are_numbered_and_released_by_cumulative_acks() -> None:
     assert [s.put(x, 0.0) for x in "abc"] == [1, 2, 3]
     assert [e.item for e in s.due(0.0, 10)] == ["a", "b", "c"]
     assert s.due(0.0, 10) == []  # sent once; due again only after the backoff
-    assert [e.item for e in s.on_ack(7, 2)] == ["a", "b"]
-    assert s.on_ack(7, 2) == [] and s.counters["acks_repeated"] == 1  # idempotent
-    assert s.on_ack(7, 9) == [] and s.counters["acks_from_the_future"] == 1
-    assert s.on_ack(6, 3) == [] and s.counters["acks_other_epoch"] == 1
-    assert (s.acked, s.floor, list(s.pending)) == (2, 3, [3])
+    assert [e.item for e in s.on_ack(7, 2, 0.1)] == ["a", "b"]
+    assert s.on_ack(7, 2, 0.1) == [] and s.counters["acks_repeated"] == 1  # idempotent
+    assert s.on_ack(7, 9, 0.1) == [] and s.counters["acks_from_the_future"] == 1
+    assert s.on_ack(6, 3, 0.1) == [] and s.counters["acks_other_epoch"] == 1
+    s.put("d", 0.2)
+    assert s.on_ack(7, 4, 0.2) == [] and s.counters["acks_from_the_future"] == 2  # 4 was never sent
+    assert (s.acked, s.floor, list(s.pending)) == (2, 3, [3, 4])
 
 
 def test_unacked_messages_are_sent_again_with_growing_jittered_backoff() -> None:
@@ -53,7 +55,8 @@ def test_a_full_stream_refuses_more() -> None:
     s.put(2, 0.0)
     with pytest.raises(StreamFull):
         s.put(3, 0.0)
-    s.on_ack(1, 1)
+    s.due(0.0, 10)
+    s.on_ack(1, 1, 0.0)
     assert s.put(3, 0.0) == 3
 
 
@@ -65,10 +68,51 @@ def test_due_respects_its_limit_lowest_numbers_first() -> None:
     assert [e.seq for e in s.due(0.0, 4)] == [5, 6, 7, 8]
 
 
+def test_one_timer_per_stream_resends_everything_unacked_oldest_first() -> None:
+    s: SendStream[int] = SendStream(epoch=1, backoff=Backoff(initial=1.0, jitter=0.0))
+    for i in range(6):
+        s.put(i, 0.0)
+    assert len(s.due(0.0, 100)) == 6 and s.timer == 1.0
+    s.on_ack(1, 2, 0.5)  # progress resets the timer
+    assert s.timer == 1.5 and s.due(1.0, 100) == []
+    again = s.due(1.5, 3)  # the timer expired: resend from the oldest unacked, 3 at a time
+    assert [e.seq for e in again] == [3, 4, 5] and s.timer == 3.5  # backed off: 2 s
+    assert [e.seq for e in s.due(1.5, 3)] == [6]
+    assert s.due(1.6, 3) == [] and s.next_due() == 3.5
+    assert s.counters["retransmitted"] == 4
+    s.give_up(4)
+    assert [e.seq for e in s.due(3.5, 10)] == [3, 5, 6]  # the one given up on is not sent
+    s.resend_all(4.0)  # the receiver came back: now, not after the backoff
+    assert [e.seq for e in s.due(4.0, 10)] == [3, 5, 6]
+
+
+def test_a_stream_with_many_waiting_messages_costs_only_its_limit() -> None:
+    import collections
+
+    class Counting(collections.OrderedDict):  # type: ignore[type-arg]
+        lookups = 0
+
+        def get(self, key: object, default: object = None) -> object:
+            Counting.lookups += 1
+            return super().get(key, default)
+
+    s: SendStream[int] = SendStream(epoch=1, max_pending=100_000, backoff=Backoff(initial=1.0, jitter=0.0))
+    s.pending = Counting()
+    for i in range(100_000):
+        s.put(i, 0.0)
+    assert len(s.due(0.0, 100_000)) == 100_000
+    Counting.lookups = 0
+    for _ in range(1000):
+        assert s.due(0.5, 64) == []  # nothing due: the 100,000 waiting are not walked
+    assert Counting.lookups == 0
+    assert len(s.due(1.0, 64)) == 64 and Counting.lookups == 64  # a resend: one lookup per message sent
+
+
 def test_restored_stream_keeps_its_numbers() -> None:
     s: SendStream[str] = SendStream(epoch=4, next_seq=10, acked=6)
     s.restore([(9, "i"), (7, "g")], 5.0)
     assert list(s.pending) == [7, 9] and s.floor == 7
+    assert [e.seq for e in s.due(5.0, 10)] == [7, 9]  # sent anew after the restart
     assert s.put("j", 5.0) == 10
     with pytest.raises(ValueError):
         s.restore([(6, "f")], 5.0)
@@ -225,7 +269,7 @@ class StreamScenario(RuleBasedStateMachine):
                 self.network.append(("ack", *self.receiver.ack))
         else:
             _, epoch, seq = frame
-            for entry in self.sender.on_ack(epoch, seq):
+            for entry in self.sender.on_ack(epoch, seq, self.now):
                 self.acked.add(entry.item)
                 self.store.pop(entry.seq, None)
 
