@@ -251,19 +251,27 @@ class Subscription:
         if len(self._buffer) >= self._limit:
             self._agent._overloaded(self)
 
-    def _handle_now(self, msg: Message) -> None:
-        """Call a plain handler; if the message is to be retried, hold it (later ones wait)."""
+    def _attempt(self, msg: Message) -> None:
         msg.attempts += 1
         msg._verdict = None
         msg._in_handler = True
+
+    def _outcome(self, msg: Message, exc: Exception | None) -> float | None:
+        """After a handler call: seconds until the next attempt, or None when done with."""
+        msg._in_handler = False
+        if exc is not None:
+            return self._agent._handler_failed(self, msg, exc)
+        return self._agent._nacked(self, msg) if msg._verdict is not None else None
+
+    def _handle_now(self, msg: Message) -> None:
+        """Call a plain handler; if the message is to be retried, hold it (later ones wait)."""
+        self._attempt(msg)
         try:
             self.handler(msg)  # type: ignore[misc]
         except Exception as exc:
-            retry = self._agent._handler_failed(self, msg, exc)
+            retry = self._outcome(msg, exc)
         else:
-            retry = self._agent._nacked(self, msg) if msg._verdict is not None else None
-        finally:
-            msg._in_handler = False
+            retry = self._outcome(msg, None)
         if retry is None:
             if msg._work is not None and self.queue is not None:
                 self._agent._work_finished(msg._work)
@@ -288,19 +296,15 @@ class Subscription:
                 msg = self._buffer.popleft()
                 self._drained()
                 while True:  # one message at a time, retried until done: order holds
-                    msg.attempts += 1
-                    msg._verdict = None
-                    msg._in_handler = True
+                    self._attempt(msg)
                     try:
                         await self.handler(msg)  # type: ignore[misc]
                     except asyncio.CancelledError:
                         raise
                     except Exception as exc:
-                        retry = self._agent._handler_failed(self, msg, exc)
+                        retry = self._outcome(msg, exc)
                     else:
-                        retry = self._agent._nacked(self, msg) if msg._verdict is not None else None
-                    finally:
-                        msg._in_handler = False
+                        retry = self._outcome(msg, None)
                     if retry is None:
                         break
                     await asyncio.sleep(retry)  # bounded by retry_backoff_max; close() cancels it
@@ -472,8 +476,8 @@ class AsyncAgent:
         self._transport = transport
         self._started_at = time.monotonic()
         record = NodeRecord(self.node_id, self.service, endpoints, self._advertised(), 0, time.time())
-        timing = Timing(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Timing) if hasattr(cfg, f.name)})
-        self._node = Node(cfg.mesh, record, timing=timing, limits=self.limits, max_peers=cfg.max_peers)
+        self._node = Node(cfg.mesh, record, timing=Timing.from_config(cfg), limits=self.limits,
+                          max_peers=cfg.max_peers)
         self._node_links[self.node_id] = self._local
         self._state = "running"
         self._apply(self._node.start(time.monotonic(), cfg.seeds))

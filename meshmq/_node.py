@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
+from ._config import Config
 from ._errors import TopicError
 from ._records import claim, entry_hash, merge
 from ._routing import RoutingTable
@@ -177,34 +178,33 @@ class Relay:
     deadline: float
 
 
+_DEFAULTS = Config()
+
+
 @dataclass(slots=True)
 class Timing:
-    probe_interval: float = 0.5
-    """Seconds between two probes by this node (SWIM's protocol period)."""
-    probe_timeout: float = 0.2
-    """Seconds to wait for a direct ack before asking others to probe."""
-    indirect_probes: int = 3
-    """How many peers are asked to probe a node that did not answer."""
-    suspicion_mult: float = 3.0
-    """A suspicion lasts at least suspicion_mult * max(1, log10(N)) * probe_interval."""
-    suspicion_max_mult: float = 6.0
-    """... and at most suspicion_max_mult times that, while no one confirms it."""
-    gossip_interval: float = 0.2
-    """Seconds between push-pull rounds."""
-    gossip_fanout: int = 3
-    """Peers in each round."""
-    gossip_entries: int = 32
-    """Most claims in one round's digest (news first), however large the mesh."""
-    gossip_max_bytes: int = 64 * 1024
-    """Records sent in one frame stop at about this many bytes (one record always goes)."""
-    tombstone_ttl: float = 60.0
-    """How long the entry of a departed node is kept (so stale rumours cannot bring it back)."""
-    rejoin_window: float = 600.0
-    """How long the endpoint of a peer declared dead is greeted again (a partition may heal)."""
-    join_timeout: float = 3.0
-    """How long an unanswered greeting is repeated (seeds and lost endpoints: until they answer)."""
+    """The membership settings the core uses: each is the :class:`meshmq.Config` field of
+    the same name, which holds its default and says what it means."""
+
+    probe_interval: float = _DEFAULTS.probe_interval
+    probe_timeout: float = _DEFAULTS.probe_timeout
+    indirect_probes: int = _DEFAULTS.indirect_probes
+    suspicion_mult: float = _DEFAULTS.suspicion_mult
+    suspicion_max_mult: float = _DEFAULTS.suspicion_max_mult
+    gossip_interval: float = _DEFAULTS.gossip_interval
+    gossip_fanout: int = _DEFAULTS.gossip_fanout
+    gossip_entries: int = _DEFAULTS.gossip_entries
+    gossip_max_bytes: int = _DEFAULTS.gossip_max_bytes
+    tombstone_ttl: float = _DEFAULTS.tombstone_ttl
+    rejoin_window: float = _DEFAULTS.rejoin_window
+    join_timeout: float = _DEFAULTS.join_timeout
     max_incarnation_jump: int = 1 << 20
-    """A rumour claiming an incarnation further ahead than this of what we know is refused."""
+    """A rumour claiming an incarnation further ahead than this of what we know is refused
+    (not a Config setting: a live node's incarnation never moves that fast)."""
+
+    @classmethod
+    def from_config(cls, config: Config) -> Timing:
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if hasattr(config, f.name)})
 
     def suspicion_bounds(self, nodes: int) -> tuple[float, float]:
         low = self.suspicion_mult * max(1.0, math.log10(max(nodes, 1))) * self.probe_interval

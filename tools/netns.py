@@ -46,20 +46,24 @@ class LabUnavailable(RuntimeError):
     packet loss in them (no nft, or a kernel without nf_tables' numgen)."""
 
 
-def ensure_iproute2(install: bool = True) -> None:
-    """Make sure ``ip`` exists; as root with apt-get, install iproute2 if it is missing."""
+def _ensure_command(command: str, package: str, install: bool) -> None:
+    """Make sure ``command`` exists; as root with apt-get, install Debian's ``package`` if not."""
     if os.geteuid() != 0:
         raise LabUnavailable("network namespaces need root")
-    if shutil.which("ip"):
+    if shutil.which(command):
         return
     if install and shutil.which("apt-get"):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], check=False, env=env, timeout=300,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "iproute2"], check=False, env=env, timeout=300,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if not shutil.which("ip"):
-        raise LabUnavailable("iproute2 ('ip') is not installed and could not be installed")
+        for step in (["update", "-qq"], ["install", "-y", "-qq", package]):
+            subprocess.run(["apt-get", *step], check=False, env=env, timeout=300,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if not shutil.which(command):
+        raise LabUnavailable(f"{package} ('{command}') is not installed and could not be installed")
+
+
+def ensure_iproute2(install: bool = True) -> None:
+    """Make sure ``ip`` exists; as root with apt-get, install iproute2 if it is missing."""
+    _ensure_command("ip", "iproute2", install)
 
 
 def ensure_nft(install: bool = True) -> None:
@@ -70,16 +74,7 @@ def ensure_nft(install: bool = True) -> None:
     a kernel without nf_tables or numgen is reported here, and the machine's own
     namespace is never touched.
     """
-    if os.geteuid() != 0:
-        raise LabUnavailable("network namespaces need root")
-    if install and not shutil.which("nft") and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], check=False, env=env, timeout=300,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "nftables"], check=False, env=env, timeout=300,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if not shutil.which("nft"):
-        raise LabUnavailable("nftables ('nft') is not installed and could not be installed")
+    _ensure_command("nft", "nftables", install)
     if not shutil.which("unshare"):
         raise LabUnavailable("cannot try the loss rule: util-linux's 'unshare' is missing")
     probe = subprocess.run(["unshare", "--net", "nft", "-f", "-"], input=_loss_ruleset(10, None),
