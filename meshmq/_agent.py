@@ -31,7 +31,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from ._config import Config
+from ._config import MAX_TTL, Config
 from ._discovery import Discovery
 from ._errors import (
     AgentClosed, MeshError, MeshTimeout, NoResponders, PeerQueueFull, ProtocolError, RemoteError, RequestTimeout,
@@ -120,8 +120,20 @@ def _message_from_record(r: dict[str, Any]) -> Message:
 
 
 def _dead_letter(letter_id: str, record: dict[str, Any]) -> DeadLetter:
+    msg = _message_from_record(record["message"])
+    if TTL in msg.headers:
+        msg.expires_at = _expiry(msg)  # for display; a replay hands the message over whatever its TTL
     return DeadLetter(letter_id, record["reason"], record["attempts"], record["error"], record["at"],
-                      record["pattern"], record["queue"], _message_from_record(record["message"]), record)
+                      record["pattern"], record["queue"], msg, record)
+
+
+def _expiry(msg: Message) -> float | None:
+    """When a message with a TTL header stops being deliverable (None if the header is bad)."""
+    try:
+        ttl = float(msg.headers[TTL])
+    except ValueError:
+        return None
+    return msg.timestamp + ttl if 0 < ttl <= MAX_TTL else None  # nan fails too
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -155,6 +167,8 @@ REPLY_TO = "meshmq-reply-to"
 IN_REPLY_TO = "meshmq-in-reply-to"
 """Header of a reply: the id of the request it answers."""
 REPLY_ERROR = "meshmq-error"
+TTL = "meshmq-ttl"
+"""Header of a message with a time to live: seconds after its timestamp."""
 """Header of a reply whose responder failed: the error, as text."""
 
 
@@ -263,8 +277,19 @@ class Subscription:
             return self._agent._handler_failed(self, msg, exc)
         return self._agent._nacked(self, msg) if msg._verdict is not None else None
 
+    def _expired(self, msg: Message) -> bool:
+        """Whether the message's time to live has passed (it is then dead-lettered, and done)."""
+        if msg.expires_at is None or time.time() < msg.expires_at:
+            return False
+        self._agent._dead_letter(self, msg, "expired",
+                                 f"its time to live ran out {time.time() - msg.expires_at:.3f}s ago")
+        self._finished(msg)
+        return True
+
     def _handle_now(self, msg: Message) -> None:
         """Call a plain handler; if the message is to be retried, hold it (later ones wait)."""
+        if self._expired(msg):
+            return
         self._attempt(msg)
         try:
             self.handler(msg)  # type: ignore[misc]
@@ -296,6 +321,8 @@ class Subscription:
                 msg = self._buffer.popleft()
                 self._drained()
                 while True:  # one message at a time, retried until done: order holds
+                    if self._expired(msg):
+                        break
                     self._attempt(msg)
                     try:
                         await self.handler(msg)  # type: ignore[misc]
@@ -306,9 +333,9 @@ class Subscription:
                     else:
                         retry = self._outcome(msg, None)
                     if retry is None:
+                        self._finished(msg)
                         break
                     await asyncio.sleep(retry)  # bounded by retry_backoff_max; close() cancels it
-                self._finished(msg)
             self._async_ready = loop.create_future()
             await self._async_ready
 
@@ -340,15 +367,17 @@ class Subscription:
         return self
 
     async def __anext__(self) -> Message:
-        while not self._buffer:
-            if self.closed:
-                raise StopAsyncIteration
-            self._async_ready = asyncio.get_running_loop().create_future()
-            await self._async_ready
-        msg = self._buffer.popleft()
-        self._drained()
-        self._finished(msg)
-        return msg
+        while True:
+            while not self._buffer:
+                if self.closed:
+                    raise StopAsyncIteration
+                self._async_ready = asyncio.get_running_loop().create_future()
+                await self._async_ready
+            msg = self._buffer.popleft()
+            self._drained()
+            if not self._expired(msg):  # an expired one is dead-lettered, not given out
+                self._finished(msg)
+                return msg
 
     def __iter__(self) -> Iterator[Message]:
         if self.handler is not None or not self._threaded:
@@ -364,18 +393,20 @@ class Subscription:
         if self._cond is None:
             raise UsageError("get() is for subscriptions of the blocking Agent; use 'async for' on AsyncAgent")
         deadline = None if timeout is None else time.monotonic() + _check_seconds("timeout", timeout, zero=True)
-        with self._cond:
-            while not self._buffer:
-                if self.closed:
-                    return None
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return None
-                self._cond.wait(remaining)
-            msg = self._buffer.popleft()
-        self._drained()
-        self._finished(msg)
-        return msg
+        while True:
+            with self._cond:
+                while not self._buffer:
+                    if self.closed:
+                        return None
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return None
+                    self._cond.wait(remaining)
+                msg = self._buffer.popleft()
+            self._drained()
+            if not self._expired(msg):  # an expired one is dead-lettered, not given out
+                self._finished(msg)
+                return msg
 
     def __repr__(self) -> str:
         group = f", queue={self.queue!r}" if self.queue else ""
@@ -573,15 +604,19 @@ class AsyncAgent:
     # --- publishing -----------------------------------------------------------------
 
     async def publish(self, topic: str, data: Any, *, type: str | None = None, key: str | None = None,
-                      headers: dict[str, str] | None = None, schema_version: int = 1) -> str:
+                      headers: dict[str, str] | None = None, schema_version: int = 1,
+                      ttl: float | None = None) -> str:
         """Send ``data`` to every subscriber of ``topic``; return the message id.
 
         ``data`` is bytes (sent as they are) or a msgpack-able value. ``type`` is
         the event type used by :meth:`on`; ``key`` keeps related messages on one
-        queue-group member. Waits up to ``publish_timeout`` while a destination's
-        queue is full, then raises :class:`PeerQueueFull`; nothing is sent then.
+        queue-group member; ``ttl`` (seconds, default ``Config.default_ttl``) is how
+        long the message stays deliverable: after it, receivers dead-letter it
+        instead of handing it to a handler. Waits up to ``publish_timeout`` while a
+        destination's queue is full, then raises :class:`PeerQueueFull`; nothing is
+        sent then.
         """
-        prepared = self._prepare(topic, data, type, key, headers, schema_version)
+        prepared = self._prepare(topic, data, type, key, headers, schema_version, ttl)
         try:  # the common case, without a second coroutine per message
             return self._enqueue(prepared, threadsafe=False)
         except _Full:
@@ -600,13 +635,14 @@ class AsyncAgent:
                     raise self._full_error(full.link) from None
 
     def publish_nowait(self, topic: str, data: Any, *, type: str | None = None, key: str | None = None,
-                       headers: dict[str, str] | None = None, schema_version: int = 1) -> str:
+                       headers: dict[str, str] | None = None, schema_version: int = 1,
+                       ttl: float | None = None) -> str:
         """As :meth:`publish`, for plain (non-async) code on the agent's loop, such as a
         handler: raises :class:`PeerQueueFull` at once instead of waiting for room."""
         if self._loop_thread is not None and threading.get_ident() != self._loop_thread:
             raise UsageError("AsyncAgent.publish_nowait must be called on the agent's event loop; "
                              "from other threads use the blocking meshmq.Agent")
-        prepared = self._prepare(topic, data, type, key, headers, schema_version)
+        prepared = self._prepare(topic, data, type, key, headers, schema_version, ttl)
         try:
             return self._enqueue(prepared, threadsafe=False)
         except _Full as full:
@@ -618,10 +654,12 @@ class AsyncAgent:
         return PeerQueueFull(link.node, link.service, link.queued, self.config.publish_timeout)
 
     def _prepare(self, topic: str, data: Any, type_: str | None, key: str | None,
-                 headers: dict[str, str] | None, schema_version: int) -> _Prepared:
+                 headers: dict[str, str] | None, schema_version: int, ttl: float | None = None) -> _Prepared:
         """Check every argument and encode the envelope: safe from any thread, touches no shared state."""
         if self._state != "running":
             self._check_running()
+        if ttl is not None or self.config.default_ttl:
+            headers = self._with_ttl(headers, ttl)
         if (type_ is None and key is None and headers is None and schema_version == 1
                 and type(data) is bytes and len(data) <= self.limits.max_payload_bytes
                 and topic in self._checked_topics):
@@ -645,6 +683,15 @@ class AsyncAgent:
                 fmt, raw = encode_payload(data, self.limits)
             hdrs = None if headers is None else check_headers(headers, self.limits)
         return self._seal(topic, type_, schema_version, hdrs, key, fmt, raw)
+
+    def _with_ttl(self, headers: dict[str, str] | None, ttl: float | None) -> dict[str, str]:
+        if ttl is None:
+            ttl = self.config.default_ttl
+        elif isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= MAX_TTL:
+            raise UsageError(f"ttl must be more than 0 and at most {MAX_TTL:g} seconds, got {ttl!r}")
+        if headers is not None and not isinstance(headers, dict):
+            return headers  # check_headers names the problem
+        return {**(headers or {}), TTL: repr(float(ttl))}
 
     def _seal(self, topic: str, type_: str | None, schema_version: int, headers: dict[str, str] | None,
               key: str | None, fmt: int, raw: bytes) -> _Prepared:
@@ -913,8 +960,11 @@ class AsyncAgent:
                 continue
             seq += 1
             self._received += 1
-            if msg.headers and REPLY_TO in msg.headers:
-                msg._replier = self._reply
+            if msg.headers:
+                if REPLY_TO in msg.headers:
+                    msg._replier = self._reply
+                if TTL in msg.headers:
+                    self._set_expiry(msg)
             subs = plain_cache.get(msg.topic)
             if subs is None:
                 subs = self._match_plain(msg.topic)
@@ -975,6 +1025,11 @@ class AsyncAgent:
                     quiet.warning("error-reply", "could not send the error reply for %s: %s", msg.id, reply_exc)
             return None
         return self._retry_or_dead_letter(sub, msg, "handler failed", error, None)
+
+    def _set_expiry(self, msg: Message) -> None:
+        msg.expires_at = _expiry(msg)
+        if msg.expires_at is None:
+            self.counters["bad_ttl_headers"] += 1  # a sender's bug: deliver it as if it had none
 
     def _nacked(self, sub: Subscription, msg: Message) -> float | None:
         """A handler nacked: the delay before the next attempt, or None once dead-lettered."""
@@ -1060,7 +1115,7 @@ class AsyncAgent:
                         and s.queue == letter.queue), None)
             if sub is None:
                 continue
-            msg = _message_from_record(letter.record["message"])
+            msg = _message_from_record(letter.record["message"])  # no expiry: replayed on purpose
             if msg.headers and REPLY_TO in msg.headers:
                 msg._replier = self._reply
             sub._deliver(msg)

@@ -21,6 +21,8 @@ from ._wire import is_endpoint
 
 _MESH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 _KiB = 1024
+MAX_TTL = 366 * 86_400.0
+"""Longest time to live a message may have (seconds)."""
 _MiB = 1024 * 1024
 
 
@@ -77,6 +79,8 @@ class Config:
     """Seconds between a queue-group member's reports of finished work to the publishers that sent it (how fresh their load balancing is)."""
 
     # --- handling ---
+    default_ttl: float = 0.0
+    """Seconds a message stays deliverable after it is published, unless publish(ttl=...) says otherwise; 0: no limit. An expired message is dead-lettered, not handed to a handler."""
     max_attempts: int = 5
     """Times a handler gets one message (it raised or nacked it) before the message is dead-lettered."""
     retry_backoff: float = 0.1
@@ -151,6 +155,8 @@ class Config:
             "probe_timeout",
             f"{self.probe_timeout:g}s must be less than probe_interval ({self.probe_interval:g}s)",
         )
+        _check(0 <= self.default_ttl <= MAX_TTL, "default_ttl",
+               f"{self.default_ttl:g} must be 0 (no limit) up to {MAX_TTL:g} seconds")
         _check(self.suspicion_max_mult >= 1, "suspicion_max_mult", f"{self.suspicion_max_mult:g} must be at least 1")
         _positive(
             self, "max_frame_bytes", "max_payload_bytes", "max_topic_length", "max_topic_tokens",

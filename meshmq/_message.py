@@ -30,7 +30,7 @@ class Message:
     __slots__ = (
         "_id", "timestamp", "topic", "type", "source", "node", "schema_version",
         "headers", "key", "raw", "_format", "_data", "seq", "_replier", "replied", "_work",
-        "attempts", "_verdict", "_in_handler",
+        "attempts", "_verdict", "_in_handler", "expires_at",
     )
 
     def __init__(
@@ -58,6 +58,8 @@ class Message:
         """How many times this message was handed to a handler here (1 on the first call)."""
         self._verdict: float | None = None  # set by nack(): retry after this many seconds (-1: the backoff)
         self._in_handler = False
+        self.expires_at: float | None = None
+        """When the message stops being deliverable (seconds since the epoch; None: never)."""
 
     @property
     def is_request(self) -> bool:

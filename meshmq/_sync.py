@@ -133,13 +133,13 @@ class Agent:
         return self._agent.running
 
     def publish(self, topic: str, data: Any, *, type: str | None = None, key: str | None = None,
-                headers: dict[str, str] | None = None, schema_version: int = 1) -> str:
+                headers: dict[str, str] | None = None, schema_version: int = 1, ttl: float | None = None) -> str:
         """See :meth:`AsyncAgent.publish`. Blocks up to ``publish_timeout`` while a destination is full.
 
         From a handler (the agent's own thread) it cannot wait: a full destination raises at once.
         """
         agent = self._agent
-        prepared = agent._prepare(topic, data, type, key, headers, schema_version)
+        prepared = agent._prepare(topic, data, type, key, headers, schema_version, ttl)
         on_loop = threading.get_ident() == agent._loop_thread
         try:
             return agent._enqueue(prepared, threadsafe=not on_loop)

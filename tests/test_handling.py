@@ -268,3 +268,60 @@ def test_dlq_bad_input_is_a_clear_error(mesh: str, args: list[str], problem: str
     make_letters(mesh, 1)
     done = dlq(*args)
     assert done.returncode == 2 and problem in done.stderr and "Traceback" not in done.stderr
+
+
+# --- time to live ----------------------------------------------------------------------
+
+
+def test_a_message_past_its_ttl_is_dead_lettered_not_handled(mesh: str) -> None:
+    async def main() -> None:
+        async with agents(mesh, "solo", max_attempts=10, retry_backoff=0.2, retry_backoff_max=0.2) as (agent,):
+            calls: list[float] = []
+
+            def handler(msg: meshmq.Message) -> None:
+                calls.append(time.time())
+                raise RuntimeError("down")
+
+            agent.subscribe("jobs.x", handler)
+            await agent.publish("jobs.x", "short-lived", ttl=0.3)
+            await settle(agent, lambda: len(agent.dead_letters()) == 1)
+            [letter] = agent.dead_letters()
+            assert letter.reason == "expired" and "time to live ran out" in (letter.error or "")
+            expires = letter.message.expires_at
+            assert expires is not None and abs(expires - (letter.message.timestamp + 0.3)) < 1e-6
+            # Handled until the TTL ran out, never after, and dead-lettered long before max_attempts.
+            assert calls and all(t < expires for t in calls)
+            assert len(calls) == letter.attempts < 10
+
+    run(main())
+
+
+def test_an_iterator_never_gives_out_an_expired_message(mesh: str) -> None:
+    async def main() -> None:
+        async with agents(mesh, "solo", default_ttl=0.05) as (agent,):
+            it = agent.subscribe("jobs.x")
+            await agent.publish("jobs.x", "stale")  # the default TTL applies
+            await agent.publish("jobs.x", "fresh", ttl=60)
+            await settle(agent, lambda: len(it._buffer) == 2)
+            stale = it._buffer[0].expires_at
+            assert stale is not None
+            await settle(agent, lambda: time.time() > stale)  # its TTL passes while it waits unread
+            [msg] = await collect(it, 1)
+            assert msg.data == "fresh" and msg.expires_at is not None
+            await settle(agent, lambda: len(agent.dead_letters()) == 1)  # stored by the writer thread
+            [letter] = agent.dead_letters()
+            assert letter.message.data == "stale" and letter.reason == "expired"
+
+    run(main())
+
+
+@pytest.mark.parametrize("ttl", [0, -1, float("nan"), "1s", True, 10 ** 9])
+def test_a_bad_ttl_is_refused(mesh: str, ttl: Any) -> None:
+    async def main() -> None:
+        async with agents(mesh, "solo") as (agent,):
+            with pytest.raises(meshmq.UsageError, match="ttl must be"):
+                await agent.publish("jobs.x", 1, ttl=ttl)
+
+    run(main())
+    with pytest.raises(meshmq.ConfigError, match="default_ttl"):
+        meshmq.Config(default_ttl=-1)
