@@ -245,7 +245,7 @@ class Node:
         self.fresh: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._news(record.node)
         self.wanted: dict[str, float] = {}  # node -> when we last asked for its record
-        self.health = 0  # Lifeguard's local health: our timeouts stretch by (health + 1)
+        self.health = 0  # Lifeguard's local health: our probe interval and timeout stretch by (health + 1)
         self.seq = 0
         self.probe: Probe | None = None
         self.probe_order: list[str] = []
@@ -266,7 +266,7 @@ class Node:
 
     @property
     def endpoint(self) -> str:
-        return self.me.record.endpoints[0]  # type: ignore[union-attr]
+        return self.record.endpoints[0]
 
     # --- inputs ---------------------------------------------------------------------
 
