@@ -412,6 +412,7 @@ class Node:
                                        target.record.endpoints[0])
                 for helper in self.rng.sample(helpers, min(len(helpers), t.indirect_probes)):
                     probe.helpers += 1
+                    self.counters["indirect_probes"] += 1
                     actions.append(Send(self.peers[helper].endpoint, frame))
             elif probe.indirect_sent and now >= probe.sent_at + t.probe_interval * stretch:
                 self.probe = None
@@ -488,6 +489,7 @@ class Node:
             self.counters["rejected_relay_limit"] += 1
             return
         self.seq += 1
+        self.counters["probes_relayed"] += 1
         self.relays[self.seq] = Relay(req.node, ep, req.seq, now + self.timing.probe_timeout * (self.health + 1))
         actions.append(Send(target.endpoint, ping_frame(self.mesh, self.node_id, self.endpoint, self.seq, req.target)))
 

@@ -50,6 +50,21 @@ class Child:
             if line.get("event") == event and (where is None or where(line)):
                 return line
 
+    def watch(self, event: str, seconds: float) -> list[dict[str, Any]]:
+        """Every line of kind ``event`` the child sends during the next ``seconds`` (for claims
+        of the form "nothing of this kind happens for that long")."""
+        deadline = time.monotonic() + seconds
+        seen = []
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=remaining)
+            except queue.Empty:
+                break
+            self.seen.append(line)
+            if line.get("event") == event:
+                seen.append(line)
+        return seen
+
     def send(self, command: str) -> None:
         assert self.proc.stdin is not None
         self.proc.stdin.write(command + "\n")

@@ -64,7 +64,8 @@ async def sink(mesh: str, pattern: str, deadline_s: float) -> None:
 
 async def member(mesh: str, name: str, ip: str, seeds: str, discovery: str, lifetime: float) -> None:
     """A lab host's agent: reports the services it routes to whenever they change, prints the
-    messages on lab.<name>, and publishes on command ("pub TOPIC TEXT" on stdin)."""
+    messages on lab.<name>, publishes on command ("pub TOPIC TEXT" on stdin) and reports its
+    counters ("stats")."""
     loop = asyncio.get_running_loop()
     deadline = time.monotonic() + lifetime
     agent = meshmq.AsyncAgent(
@@ -92,7 +93,9 @@ async def member(mesh: str, name: str, ip: str, seeds: str, discovery: str, life
             except asyncio.TimeoutError:
                 continue
             verb, _, rest = command.partition(" ")
-            if verb == "pub":
+            if verb == "stats":
+                emit(event="stats", **agent.stats())
+            elif verb == "pub":
                 topic, _, text = rest.partition(" ")
                 await agent.wait_for_subscribers(topic, timeout=10)
                 await agent.publish(topic, text)

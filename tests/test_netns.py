@@ -132,3 +132,30 @@ def test_doctor_says_multicast_is_blocked_between_hosts(make_lab: Callable[[int]
     assert "1 peer(s): h2" in result.stdout  # the seed works...
     assert "multicast looks blocked between it and this host" in result.stdout  # ...mDNS does not
     assert "MESHMQ_SEEDS" in result.stdout
+
+
+def test_two_hosts_that_cannot_reach_each_other_stay_alive_through_a_third(
+        make_lab: Callable[[int], Any], loss_rules: Any) -> None:
+    """SWIM's indirect probes across real hosts: h1 and h2 lose every packet between them but
+    both reach h3, so each keeps the other (probed through h3). Cut h3 off too, and only then
+    do they declare each other dead."""
+    lab = make_lab(3)
+    members = start_members(lab, "lab" + uuid.uuid4().hex[:8])
+    try:
+        for m, others in zip(members, (["h2", "h3"], ["h1", "h3"], ["h1", "h2"])):
+            wait_peers(m, others)
+        lab.separate(lab.hosts[0], lab.hosts[1])
+        # Suspicions in these members last 0.4-2.4 s: 6 s without a change is several of them.
+        changes = members[0].watch("peers", 6.0) + members[1].watch("peers", 0.1)
+        assert changes == [], changes  # nobody left anybody's routing
+        members[0].send("stats")
+        stats = members[0].expect("stats", timeout=10)
+        members[2].send("stats")
+        helper = members[2].expect("stats", timeout=10)
+        assert stats["indirect_probes"] > 0 and helper["probes_relayed"] > 0
+        assert stats.get("peers_dead", 0) == 0
+        lab.cut(lab.hosts[2])  # now no path is left between h1 and h2
+        wait_peers(members[0], [], timeout=20)
+        wait_peers(members[1], [], timeout=20)
+    finally:
+        close_all(members)

@@ -85,6 +85,7 @@ def ensure_nft(install: bool = True) -> None:
 
 
 LOSS_TABLE = "mqlab_loss"
+BLOCK_TABLE = "mqlab_block"
 _INTERFACE = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")  # what Linux takes, less what could break the nft script
 
 
@@ -147,6 +148,7 @@ class Lab:
         self.hosts: list[Host] = []
         self._made: list[str] = []
         self.processes: list[subprocess.Popen[Any]] = []
+        self._blocked: dict[Host, set[str]] = {}
 
     def __enter__(self) -> Lab:
         ensure_iproute2()
@@ -237,6 +239,33 @@ class Lab:
             self.clear_loss(host)
             return
         self._nft(host, _loss_ruleset(percent, device))
+
+    def separate(self, a: Host, b: Host) -> None:
+        """Lose every packet between ``a`` and ``b`` (both ways), while both still reach the
+        other hosts: a partial partition. :meth:`rejoin` undoes it."""
+        self._blocked.setdefault(a, set()).add(b.address)
+        self._blocked.setdefault(b, set()).add(a.address)
+        self._apply_blocks(a)
+        self._apply_blocks(b)
+
+    def rejoin(self, a: Host, b: Host) -> None:
+        """Undo :meth:`separate`."""
+        self._blocked.get(a, set()).discard(b.address)
+        self._blocked.get(b, set()).discard(a.address)
+        self._apply_blocks(a)
+        self._apply_blocks(b)
+
+    def _apply_blocks(self, host: Host) -> None:
+        addresses = sorted(self._blocked.get(host, ()))
+        script = f"table inet {BLOCK_TABLE}\ndelete table inet {BLOCK_TABLE}\n"
+        if addresses:
+            script += (f"table inet {BLOCK_TABLE} {{\n"
+                       f"  chain arriving {{\n"
+                       f"    type filter hook prerouting priority -310; policy accept;\n"
+                       f"    ip saddr {{ {', '.join(addresses)} }} counter drop\n"
+                       f"  }}\n"
+                       f"}}\n")
+        self._nft(host, script)
 
     def clear_loss(self, host: Host) -> None:
         """Remove ``host``'s loss rule, if any."""
