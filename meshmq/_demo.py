@@ -34,6 +34,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -392,6 +393,12 @@ def run_demo(*, orders: int = 20, timeout: float = 20.0, mesh: str | None = None
     children: dict[str, _Child] = {}
     placed: list[str] = []
     timed_out = False
+    env = _child_env()
+    # The services keep their stores in a directory of this run's own, removed at the end, unless
+    # MESHMQ_DATA_DIR says where: a demo leaves nothing behind in ~/.meshmq.
+    state = None if env.get("MESHMQ_DATA_DIR") else tempfile.TemporaryDirectory(prefix="meshmq-demo-")
+    if state is not None:
+        env["MESHMQ_DATA_DIR"] = state.name
     with _Interrupts() as interrupt:
         try:
             # Subscribers first only for a readable trace: the order service waits for them anyway.
@@ -402,7 +409,7 @@ def run_demo(*, orders: int = 20, timeout: float = 20.0, mesh: str | None = None
                 cmd += [arg for i in interfaces for arg in ("--interface", i)]
                 cmd += ["-v"] * verbose + (["--drop"] if drop == role else [])
                 proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                        env=_child_env(), start_new_session=True)
+                                        env=env, start_new_session=True)
                 children[role] = _Child(role, proc)
                 threading.Thread(target=_pump, args=(role, proc.stdout, events), name=f"demo-{role}",
                                  daemon=True).start()
@@ -431,6 +438,8 @@ def run_demo(*, orders: int = 20, timeout: float = 20.0, mesh: str | None = None
             break
         _take(children[role], line, placed)
     elapsed = time.monotonic() - started
+    if state is not None:
+        state.cleanup()
     return _summary(children, orders, placed, elapsed, interrupt.is_set(), timed_out)
 
 
