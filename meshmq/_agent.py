@@ -1057,7 +1057,7 @@ class AsyncAgent:
                       msg.id, msg.topic, letter_id, msg.attempts, error or reason)
         record = {
             "reason": reason, "attempts": msg.attempts, "error": error, "at": time.time(),
-            "pattern": sub.pattern, "queue": sub.queue, "replay": False, "message": _message_record(msg),
+            "pattern": sub.pattern, "queue": sub.queue, "message": _message_record(msg),
         }
         if self._store is None:
             self.counters["dead_letters_lost"] += 1
