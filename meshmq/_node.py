@@ -609,7 +609,8 @@ class Node:
             member.spread_by = e.by
             self.suspects.add(node)
             self.counters["suspicions"] += 1
-            self.probe_order.append(node)  # probe it next: a dead node gets confirmed quickly
+            if len(self.probe_order) <= 2 * len(self.peers):  # bounded, whatever rumours come
+                self.probe_order.append(node)  # probe it next: a dead node gets confirmed quickly
         if member.routable:
             record = member.record
             if not was:
