@@ -20,11 +20,12 @@ import ipaddress
 import itertools
 import logging
 import os
+import queue
 import random
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,49 @@ class _Full(Exception):
         self.link = link
 
 
+class _HandlerThread:
+    """Runs a blocking :class:`Agent`'s plain handler on a thread of its own, one message at a
+    time, and looks like a coroutine handler to the subscription (which keeps order, retries
+    and dead-letters as for any handler). So slow handler code never stalls the agent's loop:
+    probes are answered and the node is not suspected while a handler works."""
+
+    def __init__(self, fn: Callable[[Message], Any], name: str) -> None:
+        self.__wrapped__ = fn
+        self._jobs: queue.SimpleQueue[tuple[Message, asyncio.Future[None]] | None] = queue.SimpleQueue()
+        self._name = name
+        self._thread: threading.Thread | None = None
+
+    async def __call__(self, msg: Message) -> None:
+        loop = asyncio.get_running_loop()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, args=(loop,), name=self._name, daemon=True)
+            self._thread.start()
+        done: asyncio.Future[None] = loop.create_future()
+        self._jobs.put((msg, done))
+        await done
+
+    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+        while (job := self._jobs.get()) is not None:
+            msg, done = job
+            try:
+                self.__wrapped__(msg)
+            except Exception as exc:
+                loop.call_soon_threadsafe(_settle, done, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, done, None)
+
+    def close(self) -> None:
+        self._jobs.put(None)  # the thread ends after the message in hand (a daemon: never blocks exit)
+
+
+def _settle(future: asyncio.Future[None], exc: Exception | None) -> None:
+    if not future.done():  # the subscription may have been closed meanwhile
+        if exc is None:
+            future.set_result(None)
+        else:
+            future.set_exception(exc)
+
+
 class Subscription:
     """A live subscription. Close it with :meth:`close`.
 
@@ -198,9 +242,11 @@ class Subscription:
     """
 
     def __init__(self, agent: AsyncAgent, pattern: str, queue: str | None, handler: Handler | None,
-                 threaded: bool) -> None:
+                 threaded: bool, blocking: bool = False) -> None:
         self.pattern = pattern
         self.queue = queue
+        self._blocking = blocking  # a blocking Agent's: plain handlers run on a thread of their own
+        handler = self._adopt(handler)
         self.handler = handler
         self.closed = False
         self.delivered = 0
@@ -212,7 +258,8 @@ class Subscription:
         self._async_ready: asyncio.Future[None] | None = None
         self._cond = threading.Condition() if threaded else None
         self._worker: asyncio.Task[None] | None = None
-        self._queued_mode = handler is None or inspect.iscoroutinefunction(handler)
+        self._queued_mode = (handler is None or inspect.iscoroutinefunction(handler)
+                             or isinstance(handler, _HandlerThread))
         self._waiting: Message | None = None  # a plain handler's message held for its retry
 
     # --- configuration --------------------------------------------------------------
@@ -224,9 +271,15 @@ class Subscription:
         self._agent._call_on_loop(self._set_handler, handler)
         return handler
 
+    def _adopt(self, handler: Handler | None) -> Handler | None:
+        if handler is None or not self._blocking or inspect.iscoroutinefunction(handler):
+            return handler
+        return _HandlerThread(handler, f"meshmq-handler-{self.pattern}")  # type: ignore[arg-type]
+
     def _set_handler(self, handler: Handler) -> None:
+        handler = self._adopt(handler)  # type: ignore[assignment]
         self.handler = handler
-        self._queued_mode = inspect.iscoroutinefunction(handler)
+        self._queued_mode = inspect.iscoroutinefunction(handler) or isinstance(handler, _HandlerThread)
         waiting = list(self._buffer)
         self._buffer.clear()
         for msg in waiting:  # delivered before the decorator ran: keep their order
@@ -351,6 +404,8 @@ class Subscription:
 
     def _closed(self) -> None:
         self.closed = True
+        if isinstance(self.handler, _HandlerThread):
+            self.handler.close()
         if self._worker is not None:
             self._worker.cancel()
         if self._async_ready is not None and not self._async_ready.done():
@@ -1155,7 +1210,8 @@ class AsyncAgent:
         """
         return self._subscribe(pattern, handler, queue, threaded=False)
 
-    def _subscribe(self, pattern: str, handler: Handler | None, queue: str | None, threaded: bool) -> Subscription:
+    def _subscribe(self, pattern: str, handler: Handler | None, queue: str | None, threaded: bool,
+                   blocking: bool = False) -> Subscription:
         if self._state in ("stopping", "stopped"):
             self._check_running()
         if handler is not None and not callable(handler):
@@ -1164,7 +1220,7 @@ class AsyncAgent:
             _check_name("queue group", queue)
         if len(self._subs) >= self.config.max_subscriptions:
             raise UsageError(f"this agent already has max_subscriptions={self.config.max_subscriptions}")
-        sub = Subscription(self, pattern, queue, handler, threaded)
+        sub = Subscription(self, pattern, queue, handler, threaded, blocking)
         self._subs.append(sub)
         self._subscriptions_changed()
         self._next_replay_check = 0.0  # letters waiting for this subscription go at the next tick
@@ -1212,6 +1268,22 @@ class AsyncAgent:
 
         return register
 
+    def _dispatch_blocking(self, msg: Message) -> None:
+        """:meth:`dispatch` for a blocking Agent, on its subscription's handler thread."""
+        handlers = self._type_handlers.get(msg.type or "")
+        if not handlers:
+            self._call_on_loop(self._unhandled, msg)
+            return
+        for fn in handlers:
+            result = fn(msg)
+            if isinstance(result, Coroutine):
+                assert self._loop is not None
+                asyncio.run_coroutine_threadsafe(result, self._loop).result()
+
+    def _unhandled(self, msg: Message) -> None:
+        self.counters["unhandled_type"] += 1
+        quiet.warning(f"type:{msg.type}", "no handler for message type %r (topic %s)", msg.type, msg.topic)
+
     async def dispatch(self, msg: Message) -> None:
         """Hand ``msg`` to the handlers registered with :meth:`on` for its type.
 
@@ -1219,8 +1291,7 @@ class AsyncAgent:
         """
         handlers = self._type_handlers.get(msg.type or "")
         if not handlers:
-            self.counters["unhandled_type"] += 1
-            quiet.warning(f"type:{msg.type}", "no handler for message type %r (topic %s)", msg.type, msg.topic)
+            self._unhandled(msg)
             return
         for fn in handlers:
             result = fn(msg)

@@ -168,7 +168,7 @@ class Agent:
     def subscribe(self, pattern: str, handler: Handler | None = None, *, queue: str | None = None) -> Subscription:
         """See :meth:`AsyncAgent.subscribe`. Without a handler, iterate the subscription
         (``for msg in sub``) or call ``sub.get(timeout)``."""
-        return self._call(self._agent._subscribe, pattern, handler, queue, handler is None)
+        return self._call(self._agent._subscribe, pattern, handler, queue, handler is None, True)
 
     def on(self, type: str) -> Callable[[Handler], Handler]:
         """See :meth:`AsyncAgent.on`."""
@@ -176,8 +176,9 @@ class Agent:
 
     @property
     def dispatch(self) -> Callable[[Any], Any]:
-        """Pass as a subscription's handler to dispatch by type (see :meth:`on`)."""
-        return self._agent.dispatch
+        """Pass as a subscription's handler to dispatch by type (see :meth:`on`); the type
+        handlers then run on the subscription's handler thread, like any of its handlers."""
+        return self._agent._dispatch_blocking
 
     @property
     def subscriptions(self) -> list[Subscription]:

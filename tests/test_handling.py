@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -325,3 +326,52 @@ def test_a_bad_ttl_is_refused(mesh: str, ttl: Any) -> None:
     run(main())
     with pytest.raises(meshmq.ConfigError, match="default_ttl"):
         meshmq.Config(default_ttl=-1)
+
+
+# --- a blocking Agent's handlers run off the agent's loop ------------------------------
+
+
+def test_a_slow_blocking_handler_does_not_get_its_node_suspected(mesh: str) -> None:
+    """Blocking code in a handler runs on the subscription's own thread: the agent's loop keeps
+    answering probes, so peers with a hair-trigger failure detector never suspect it."""
+    hair_trigger = dict(discovery=False, probe_interval=0.1, probe_timeout=0.05, suspicion_mult=1.0)
+    with meshmq.Agent("watcher", mesh=mesh, **hair_trigger) as watcher, \
+            meshmq.Agent("worker", mesh=mesh, seeds=list(watcher.endpoints), **hair_trigger) as worker:
+        threads: list[str] = []
+        finished = threading.Event()
+
+        def slow(msg: meshmq.Message) -> None:
+            threads.append(threading.current_thread().name)
+            time.sleep(1.5)  # the handler's own (blocking) work, the subject of this test
+            finished.set()
+
+        worker.subscribe("jobs.slow", slow)
+        watcher.wait_for_subscribers("jobs.slow", timeout=10)
+        watcher.publish("jobs.slow", "take your time")
+        assert finished.wait(10)
+        assert threads == ["meshmq-handler-jobs.slow"]  # not the agent's loop thread
+        assert [p.state for p in watcher.peers()] == ["alive"]
+        stats = watcher.stats()
+        assert stats.get("suspicions", 0) == 0 and stats.get("peers_dead", 0) == 0
+        assert stats.get("probes_answered", 0) > 10  # probes went on during the 1.5 s
+
+
+def test_a_blocking_agents_type_handlers_run_on_the_handler_thread(mesh: str) -> None:
+    with meshmq.Agent("typed", mesh=mesh, discovery=False) as agent:
+        seen: list[tuple[str, str]] = []
+        done = threading.Event()
+
+        @agent.on("OrderPlaced")
+        def placed(msg: meshmq.Message) -> None:
+            seen.append((msg.data["id"], threading.current_thread().name))
+            done.set()
+
+        agent.subscribe("orders.*", agent.dispatch)
+        agent.publish("orders.new", {"id": "A"}, type="OrderPlaced")
+        agent.publish("orders.new", {"id": "B"}, type="Unknown")
+        assert done.wait(10)
+        assert seen == [("A", "meshmq-handler-orders.*")]
+        deadline = time.monotonic() + 10
+        while agent.stats().get("unhandled_type", 0) < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)  # polling with a deadline
