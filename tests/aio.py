@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -39,3 +40,19 @@ async def collect(sub: meshmq.Subscription, n: int) -> list[meshmq.Message]:
         if len(out) == n:
             break
     return out
+
+
+async def eventually(done: Callable[[], object], timeout: float = 10.0, what: str = "the condition") -> None:
+    """Poll ``done()`` with a deadline, for states that change on the agent's own timers."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"{what} did not hold within {timeout}s"
+        await asyncio.sleep(0.01)
+
+
+def wait_until(done: Callable[[], object], timeout: float = 10.0, what: str = "the condition") -> None:
+    """:func:`eventually` for blocking code."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"{what} did not hold within {timeout}s"
+        time.sleep(0.01)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import zmq
-from aio import agents, collect, run
+from aio import agents, collect, eventually, run
 
 import meshmq
 
@@ -120,10 +120,8 @@ def test_queue_group_delivers_each_message_to_exactly_one_member(mesh: str) -> N
             for i in range(30):
                 await pub.publish("jobs.keyed", {"k": i % 3, "i": i}, key=f"k{i % 3}")
             await collect(audit_sub, n + 30)  # everything has arrived somewhere by now
-            for _ in range(100):
-                if sum(len(v) for v in per_worker.values()) == n + 30:
-                    break
-                await asyncio.sleep(0.02)  # polling with a bound: handler calls trail the audit copy
+            # Handler calls trail the audit copy.
+            await eventually(lambda: sum(len(v) for v in per_worker.values()) == n + 30, what="every job handled")
             unkeyed = sorted(d["i"] for v in per_worker.values() for d in v if "k" not in d)
             assert unkeyed == list(range(n))  # exactly once across the group
             shares = [len([d for d in v if "k" not in d]) for v in per_worker.values()]
@@ -159,17 +157,11 @@ def test_queue_group_balances_by_outstanding_work_not_in_turn(mesh: str) -> None
             for i in range(n):  # 300 messages over about 1 s: three times what the slow one can do
                 await pub.publish("jobs.x", i)
                 await asyncio.sleep(0.003)  # pacing the load, not waiting for anything
-            for _ in range(500):
-                if got["slow"] + got["fast"] == n:
-                    break
-                await asyncio.sleep(0.02)  # polling with a bound: the slow member finishes its share
-            assert got["slow"] + got["fast"] == n
+            await eventually(lambda: got["slow"] + got["fast"] == n, what="every message handled")
             assert got["slow"] < n / 3, got  # in turn it would have had n / 2
-            for _ in range(100):  # the last reports of finished work follow within work_report_interval
-                if pub._outstanding(slow.node_id) == pub._outstanding(fast.node_id) == 0:
-                    break
-                await asyncio.sleep(0.01)
-            assert pub._outstanding(slow.node_id) == pub._outstanding(fast.node_id) == 0
+            # The last reports of finished work follow within work_report_interval.
+            await eventually(lambda: pub._outstanding(slow.node_id) == pub._outstanding(fast.node_id) == 0,
+                             what="no outstanding work")
 
     run(main())
 
@@ -213,10 +205,8 @@ def test_malformed_frames_are_counted_and_survived(mesh: str) -> None:
                 stats = target.stats()
                 return stats.get("frames_rejected", 0) + stats.get("messages_rejected", 0)
 
-            for _ in range(200):  # the junk travels on its own connection: poll with a bound
-                if rejected() >= len(junk):
-                    break
-                await asyncio.sleep(0.01)
+            # The junk travels on its own connection.
+            await eventually(lambda: rejected() >= len(junk), what="the junk rejected")
             assert rejected() == len(junk)
 
     run(main())
@@ -344,10 +334,8 @@ def test_a_record_with_a_malformed_endpoint_is_rejected_without_harm(mesh: str) 
             bogus = NodeRecord("evil", "evil", ("tcp://[not-an-endpoint",), (), 1, time.time())
             raw.send(hello_frame(mesh, claim(bogus), True))
             raw.close()
-            for _ in range(200):  # the frame travels on its own connection: poll with a bound
-                if victim.stats().get("frames_rejected", 0):
-                    break
-                await asyncio.sleep(0.01)
+            # The frame travels on its own connection.
+            await eventually(lambda: victim.stats().get("frames_rejected", 0), what="the frame rejected")
             assert victim.stats()["frames_rejected"] == 1
             assert [p.service for p in victim.peers()] in (["friend"], [])  # never "evil"
             sub = victim.subscribe("still.ok")

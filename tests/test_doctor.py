@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 import zmq
+from aio import wait_until
 
 import meshmq
 from meshmq._agent import PeerInfo
@@ -89,14 +90,9 @@ def test_a_peer_with_a_skewed_clock_is_measured() -> None:
         push.connect(agent.endpoints[0])
         record = NodeRecord("skewed-node", "skewed", (me,), (), 1, time.time())
         push.send(hello_frame(mesh, claim(record), False))
-        deadline = time.monotonic() + 10
-        while not agent.peers():
-            assert time.monotonic() < deadline
-            time.sleep(0.02)  # polling with a deadline
+        wait_until(agent.peers, what="the peer known")
         push.send(ping_frame(mesh, "skewed-node", me, 1, agent.node_id, time.time() + 10.0))
-        while agent.peers()[0].clock_offset is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_until(lambda: agent.peers()[0].clock_offset is not None, what="the clock offset measured")
         offset = agent.peers()[0].clock_offset
         push.close()
         pull.close(0)

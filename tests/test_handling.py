@@ -13,18 +13,9 @@ from typing import Any
 import pytest
 
 import meshmq
-from tests.aio import agents, collect, run
+from aio import agents, collect, eventually, run, wait_until
 
 FAST = dict(max_attempts=3, retry_backoff=0.01, retry_backoff_max=0.05)
-
-
-async def settle(agent: meshmq.AsyncAgent, done: Any, timeout: float = 10.0) -> None:
-    """Poll ``done()`` with a deadline (retries run on timers of their own)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not done():
-        assert loop.time() < deadline, "not done in time"
-        await asyncio.sleep(0.01)
 
 
 @pytest.mark.parametrize("kind", ["function", "coroutine"])
@@ -44,7 +35,7 @@ def test_a_failing_handler_is_retried_in_order_then_dead_lettered(mesh: str, kin
             agent.subscribe("jobs.x", work if kind == "function" else async_work)
             for i in range(6):
                 await agent.publish("jobs.x", i)
-            await settle(agent, lambda: len(agent.dead_letters()) == 3 and len(calls) == 12)
+            await eventually(lambda: len(agent.dead_letters()) == 3 and len(calls) == 12)
             # Each message's attempts come before the next message: order holds through retries.
             assert calls == [(0, 1), (1, 1), (1, 2), (1, 3), (2, 1), (3, 1), (3, 2), (3, 3),
                              (4, 1), (5, 1), (5, 2), (5, 3)]
@@ -72,7 +63,7 @@ def test_a_transient_failure_is_retried_until_it_succeeds(mesh: str) -> None:
             agent.subscribe("jobs.x", flaky)
             for data in "abc":
                 await agent.publish("jobs.x", data)
-            await settle(agent, lambda: len(seen) == 5)
+            await eventually(lambda: len(seen) == 5)
             assert seen == [("a", 1), ("a", 2), ("a", 3), ("b", 1), ("c", 1)]
             assert agent.dead_letters() == []
 
@@ -97,14 +88,14 @@ def test_nack_asks_for_another_attempt_and_ack_settles(mesh: str) -> None:
 
             agent.subscribe("jobs.x", handler)
             await agent.publish("jobs.x", "once")
-            await settle(agent, lambda: len(seen) == 2)
+            await eventually(lambda: len(seen) == 2)
             assert seen == [1, 2] and times[1] - times[0] >= 0.19
             assert agent.stats()["nacked"] == 1 and agent.dead_letters() == []
 
             always: list[int] = []
             agent.subscribe("jobs.y", lambda m: (always.append(m.attempts), m.nack(0)))
             await agent.publish("jobs.y", "never happy")
-            await settle(agent, lambda: len(agent.dead_letters()) == 1)
+            await eventually(lambda: len(agent.dead_letters()) == 1)
             assert always == [1, 2, 3] and agent.dead_letters()[0].reason == "nacked"
 
     run(main())
@@ -130,7 +121,7 @@ def test_ack_and_nack_belong_to_handlers(mesh: str) -> None:
 
             agent.subscribe("jobs.y", handler)
             await agent.publish("jobs.y", 1)
-            await settle(agent, lambda: bool(bad))
+            await eventually(lambda: bool(bad))
             assert "0 to 86400 seconds" in str(bad[0])
 
     run(main())
@@ -150,15 +141,15 @@ def test_dead_letters_can_be_replayed_or_purged(mesh: str) -> None:
             agent.subscribe("jobs.*", handler, queue="workers")
             for data in ("a", "b", "c"):
                 await agent.publish("jobs.x", data)
-            await settle(agent, lambda: len(agent.dead_letters()) == 3)
+            await eventually(lambda: len(agent.dead_letters()) == 3)
             first, second, third = agent.dead_letters()
             broken = False  # the bug is fixed
             assert await agent.replay_dead_letters([first.id]) == 1
-            await settle(agent, lambda: done == ["a"])
+            await eventually(lambda: done == ["a"])
             assert [d.id for d in agent.dead_letters()] == [second.id, third.id]
             assert await agent.purge_dead_letters([second.id]) == 1
             assert await agent.replay_dead_letters() == 1
-            await settle(agent, lambda: done == ["a", "c"])
+            await eventually(lambda: done == ["a", "c"])
             assert agent.dead_letters() == []
             with pytest.raises(meshmq.UsageError, match="no dead letter"):
                 await agent.purge_dead_letters(["nope"])
@@ -172,7 +163,7 @@ def test_a_letter_waits_for_its_subscription_to_be_replayed(mesh: str) -> None:
         async with agents(mesh, "solo", **FAST) as (agent,):
             sub = agent.subscribe("jobs.x", lambda m: 1 / 0)
             await agent.publish("jobs.x", 1)
-            await settle(agent, lambda: len(agent.dead_letters()) == 1)
+            await eventually(lambda: len(agent.dead_letters()) == 1)
             sub.close()
             assert await agent.replay_dead_letters() == 0  # nobody to hand it to: it stays
             assert len(agent.dead_letters()) == 1
@@ -184,10 +175,7 @@ def test_dead_letters_survive_a_restart(mesh: str) -> None:
     with meshmq.Agent("keeper", mesh=mesh, discovery=False, **FAST) as agent:
         agent.subscribe("jobs.x", lambda m: 1 / 0)
         agent.publish("jobs.x", {"order": 7})
-        deadline = time.monotonic() + 10
-        while not agent.dead_letters():
-            assert time.monotonic() < deadline, "never dead-lettered"
-            time.sleep(0.01)  # polling with a deadline: the retries run on the agent's timers
+        wait_until(agent.dead_letters, what="a dead letter")  # the retries run on the agent's timers
         [letter] = agent.dead_letters()
     with meshmq.Agent("keeper", mesh=mesh, discovery=False) as again:
         [kept] = again.dead_letters()
@@ -212,10 +200,7 @@ def make_letters(mesh: str, n: int) -> list[meshmq.DeadLetter]:
         agent.subscribe("invoices.*", lambda m: 1 / 0, queue="billers")
         for i in range(n):
             agent.publish("invoices.new", {"invoice": i})
-        deadline = time.monotonic() + 10
-        while len(agent.dead_letters()) < n:
-            assert time.monotonic() < deadline, "not dead-lettered in time"
-            time.sleep(0.01)  # polling with a deadline
+        wait_until(lambda: len(agent.dead_letters()) >= n, what=f"{n} dead letters")
         return agent.dead_letters()
 
 
@@ -246,13 +231,9 @@ def test_dlq_purge_and_replay_reach_the_agent(mesh: str) -> None:
         agent.subscribe("invoices.*", lambda m: got.append(m.data["invoice"]), queue="billers")
         replayed = dlq("replay", "--all", "--service", "billing")
         assert replayed.returncode == 0, replayed.stderr
-        deadline = time.monotonic() + 10
-        while sorted(got) != [1, 2]:
-            assert time.monotonic() < deadline, f"replay did not arrive: {got}"
-            time.sleep(0.02)  # polling with a deadline: the agent looks for requests every second
-        while agent.dead_letters():
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        # The agent looks for replay requests every second.
+        wait_until(lambda: sorted(got) == [1, 2], what="the replayed letters")
+        wait_until(lambda: not agent.dead_letters(), what="an empty dead-letter store")
     assert dlq("ls", "--service", "billing", "--json").stdout.strip() == "[]"
 
 
@@ -285,7 +266,7 @@ def test_a_message_past_its_ttl_is_dead_lettered_not_handled(mesh: str) -> None:
 
             agent.subscribe("jobs.x", handler)
             await agent.publish("jobs.x", "short-lived", ttl=0.3)
-            await settle(agent, lambda: len(agent.dead_letters()) == 1)
+            await eventually(lambda: len(agent.dead_letters()) == 1)
             [letter] = agent.dead_letters()
             assert letter.reason == "expired" and "time to live ran out" in (letter.error or "")
             expires = letter.message.expires_at
@@ -303,13 +284,13 @@ def test_an_iterator_never_gives_out_an_expired_message(mesh: str) -> None:
             it = agent.subscribe("jobs.x")
             await agent.publish("jobs.x", "stale")  # the default TTL applies
             await agent.publish("jobs.x", "fresh", ttl=60)
-            await settle(agent, lambda: len(it._buffer) == 2)
+            await eventually(lambda: len(it._buffer) == 2)
             stale = it._buffer[0].expires_at
             assert stale is not None
-            await settle(agent, lambda: time.time() > stale)  # its TTL passes while it waits unread
+            await eventually(lambda: time.time() > stale)  # its TTL passes while it waits unread
             [msg] = await collect(it, 1)
             assert msg.data == "fresh" and msg.expires_at is not None
-            await settle(agent, lambda: len(agent.dead_letters()) == 1)  # stored by the writer thread
+            await eventually(lambda: len(agent.dead_letters()) == 1)  # stored by the writer thread
             [letter] = agent.dead_letters()
             assert letter.message.data == "stale" and letter.reason == "expired"
 
@@ -371,7 +352,4 @@ def test_a_blocking_agents_type_handlers_run_on_the_handler_thread(mesh: str) ->
         agent.publish("orders.new", {"id": "B"}, type="Unknown")
         assert done.wait(10)
         assert seen == [("A", "meshmq-handler-orders.*")]
-        deadline = time.monotonic() + 10
-        while agent.stats().get("unhandled_type", 0) < 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)  # polling with a deadline
+        wait_until(lambda: agent.stats().get("unhandled_type", 0) >= 1, what="the unhandled type counted")
