@@ -19,6 +19,14 @@ is committed.
   past anything below it (counting the skip).
 - Acks are idempotent: an ack for an unknown epoch or for a number not yet sent
   is ignored and counted; an older ack changes nothing.
+- An ack names two numbers: ``received`` (everything up to it arrived: no need to
+  send it again) and ``committed`` (everything up to it is handled and its dedup
+  record durable: the sender may forget it). Between the two the receiver's
+  application is at work; the sender keeps those messages (a receiver that
+  restarts gets them again) without sending them again meanwhile.
+- A durable sender numbers a message when it is published but sends it only once
+  the outbox commit holding it is done (:meth:`SendStream.release`), so no number
+  ever leaves that a restart could hand to another message.
 
 Invariants (checked by the tests' state machine):
 - send side: ``acked < seq < next_seq`` for every kept message, ``acked <= sent_upto
@@ -92,6 +100,10 @@ class SendStream(Generic[T]):
         self.counters: collections.Counter[str] = collections.Counter()
         self.sent_upto = acked
         """Every kept message up to this number was sent at least once."""
+        self.received = acked
+        """The receiver reported everything up to this number arrived (``acked <= received``)."""
+        self.ready = next_seq - 1
+        """Messages up to this number may be sent (their outbox commit is done)."""
         self.timer: float | None = None
         """When to send the unacknowledged messages again (None: nothing in flight)."""
         self.timeouts = 0
@@ -104,14 +116,21 @@ class SendStream(Generic[T]):
         """The lowest number still kept (``next_seq`` when nothing is): the receiver may skip below it."""
         return next(iter(self.pending)) if self.pending else self.next_seq
 
-    def put(self, item: T, now: float) -> int:
-        """Number ``item`` and keep it, to be sent at once; return its sequence number."""
+    def put(self, item: T, now: float, *, ready: bool = True) -> int:
+        """Number ``item`` and keep it; return its sequence number. It is sent at once, or
+        with ``ready=False`` once :meth:`release` says its commit is done."""
         if len(self.pending) >= self.max_pending:
             raise StreamFull(f"{len(self.pending)} messages wait for acknowledgment")
         seq = self.next_seq
         self.next_seq += 1
         self.pending[seq] = Outgoing(seq, item)
+        if ready and self.ready == seq - 1:
+            self.ready = seq
         return seq
+
+    def release(self, upto: int) -> None:
+        """Messages up to ``upto`` are committed to the outbox: they may be sent."""
+        self.ready = max(self.ready, min(upto, self.next_seq - 1))
 
     def restore(self, kept: Iterable[tuple[int, T]], now: float) -> None:
         """After a restart: take back the messages the store kept (in any order), to send anew."""
@@ -119,18 +138,23 @@ class SendStream(Generic[T]):
             if not self.acked < seq < self.next_seq:
                 raise ValueError(f"kept message {seq} is outside ({self.acked}, {self.next_seq})")
             self.pending[seq] = Outgoing(seq, item)
-        self.sent_upto, self.timer, self.timeouts, self.resend_from = self.acked, None, 0, None
+        self.sent_upto, self.received, self.ready = self.acked, self.acked, self.next_seq - 1
+        self.timer, self.timeouts, self.resend_from = None, 0, None
 
     def due(self, now: float, limit: int) -> list[Outgoing[T]]:
         """Up to ``limit`` messages to send now, lowest numbers first: a resend in progress
         (after the timer expired), then messages never sent."""
         if self.timer is not None and now >= self.timer and self.pending and self.resend_from is None:
             self.timeouts += 1
+            if self.received >= self.sent_upto:
+                # Everything arrived, yet nothing was committed for a whole timeout: the
+                # receiver may have restarted and lost what it had not committed.
+                self.received = self.acked
             self.resend_from = next(iter(self.pending))
             self.timer = now + self.backoff.delay(self.timeouts + 1, self.rng)
         out: list[Outgoing[T]] = []
         if self.resend_from is not None:
-            seq = max(self.resend_from, self.acked + 1)
+            seq = max(self.resend_from, self.received + 1)
             while seq <= self.sent_upto and len(out) < limit:
                 entry = self.pending.get(seq)
                 if entry is not None:  # not given up on meanwhile
@@ -139,7 +163,7 @@ class SendStream(Generic[T]):
                 seq += 1
             self.counters["retransmitted"] += len(out)
             self.resend_from = seq if seq <= self.sent_upto else None
-        while len(out) < limit and self.sent_upto + 1 < self.next_seq:
+        while len(out) < limit and self.sent_upto < self.ready:
             self.sent_upto += 1
             entry = self.pending.get(self.sent_upto)
             if entry is not None:
@@ -153,38 +177,61 @@ class SendStream(Generic[T]):
         """When ``due`` next has something (None if nothing is kept)."""
         if not self.pending:
             return None
-        if self.resend_from is not None or self.sent_upto + 1 < self.next_seq:
+        if self.resend_from is not None or self.sent_upto < self.ready:
             return float("-inf")  # now
         return self.timer
 
     def resend_all(self, now: float) -> None:
         """The receiver is back (it rejoined or restarted): send everything kept again, now."""
+        self.received = self.acked
         if self.pending:
             self.timeouts = 0
             self.resend_from = next(iter(self.pending))
             self.timer = now + self.backoff.delay(1, self.rng)
 
-    def on_ack(self, epoch: int, seq: int, now: float) -> list[Outgoing[T]]:
-        """A cumulative ack: everything up to ``seq`` is committed at the receiver. Returns
-        the messages it releases (the shell deletes them from the outbox)."""
+    def on_ack(self, epoch: int, seq: int, now: float, received: int | None = None) -> list[Outgoing[T]]:
+        """A cumulative ack: everything up to ``seq`` is committed at the receiver, and up to
+        ``received`` (default ``seq``) arrived there. Returns the messages it releases (the
+        shell deletes them from the outbox)."""
         if epoch != self.epoch:
             self.counters["acks_other_epoch"] += 1
             return []
-        if seq >= self.next_seq or seq > self.sent_upto:
+        got = seq if received is None or received < seq else received
+        if got > self.sent_upto:
             self.counters["acks_from_the_future"] += 1  # acks what was never sent
             return []
-        if seq <= self.acked:
-            self.counters["acks_repeated"] += 1
-            return []
-        self.acked = seq
+        progress = False
+        if got < self.received and seq <= self.acked:
+            # The receiver has less than it had: it restarted and lost what it had not
+            # committed (or this ack is older than one already seen). Send from there again.
+            self.counters["acks_receiver_behind"] += 1
+            self.received = max(got, self.acked)
+            if self.pending and self.resend_from is None:
+                self.resend_from = next(iter(self.pending))
+            progress = True
+        elif got > self.received:
+            self.received = got
+            progress = True
         released = []
-        while self.pending:
-            first = next(iter(self.pending))
-            if first > seq:
-                break
-            released.append(self.pending.popitem(last=False)[1])
+        if seq > self.acked:
+            self.acked = seq
+            self.received = max(self.received, seq)
+            while self.pending:
+                first = next(iter(self.pending))
+                if first > seq:
+                    break
+                released.append(self.pending.popitem(last=False)[1])
+            progress = True
+        if not progress:
+            self.counters["acks_repeated"] += 1
+            return released
         self.timeouts = 0  # progress: the receiver is there
-        self.timer = now + self.backoff.delay(1, self.rng) if self.pending else None
+        if not self.pending:
+            self.timer = None
+        elif self.received < self.sent_upto:
+            self.timer = now + self.backoff.delay(1, self.rng)
+        else:  # all arrived, not all committed: check back slowly (the receiver may restart)
+            self.timer = now + self.backoff.maximum
         return released
 
     def give_up(self, seq: int) -> Outgoing[T] | None:

@@ -86,6 +86,33 @@ def test_one_timer_per_stream_resends_everything_unacked_oldest_first() -> None:
     assert [e.seq for e in s.due(4.0, 10)] == [3, 5, 6]
 
 
+def test_received_but_not_committed_is_kept_without_being_sent_again() -> None:
+    s: SendStream[int] = SendStream(epoch=1, backoff=Backoff(initial=1.0, maximum=8.0, jitter=0.0))
+    for i in range(4):
+        s.put(i, 0.0)
+    s.due(0.0, 10)
+    assert s.on_ack(1, 1, 0.5, received=4) != [] and s.received == 4
+    assert list(s.pending) == [2, 3, 4] and s.timer == 8.5  # the application works: check back slowly
+    assert s.due(5.0, 10) == []
+    # The receiver restarted and lost what it had not committed: its next ack says so.
+    s.on_ack(1, 1, 6.0, received=1)
+    assert s.counters["acks_receiver_behind"] == 1
+    assert [e.seq for e in s.due(6.0, 10)] == [2, 3, 4]
+    # Silence for a whole (slow) timeout with everything received: sent again too.
+    s.on_ack(1, 1, 6.5, received=4)
+    assert s.due(14.0, 10) == [] and [e.seq for e in s.due(14.5, 10)] == [2, 3, 4]
+
+
+def test_a_durable_stream_sends_only_what_its_commit_released() -> None:
+    s: SendStream[str] = SendStream(epoch=1)
+    assert [s.put(x, 0.0, ready=False) for x in "abc"] == [1, 2, 3]
+    assert s.due(0.0, 10) == [] and s.next_due() is None
+    s.release(2)
+    assert [e.item for e in s.due(0.0, 10)] == ["a", "b"]
+    s.release(99)  # capped at what exists
+    assert s.ready == 3 and [e.item for e in s.due(0.0, 10)] == ["c"]
+
+
 def test_a_stream_with_many_waiting_messages_costs_only_its_limit() -> None:
     import collections
 
@@ -167,11 +194,13 @@ def test_frames_far_ahead_are_dropped_not_held_without_bound() -> None:
 
 class StreamScenario(RuleBasedStateMachine):
     """A sender and a receiver over a network that loses, duplicates and reorders frames;
-    either side may crash. The sender's outbox is durable unless a crash says otherwise;
-    the receiver commits each hand-off with its position (the dedup record).
+    either side may crash. The sender's outbox is durable unless a crash says otherwise.
+    The receiver hands messages to its application at once and, later, commits what the
+    application finished with its position (the dedup record); acks name both.
 
-    Invariants: no message reaches the application twice; per epoch, in order; nothing
-    acknowledged is lost; and once the network behaves, everything not given up arrives.
+    Invariants: no message is finished twice, and none is handed over again once its
+    finish is committed; per epoch, in order; nothing acknowledged is lost; and once the
+    network behaves, everything not given up arrives.
     """
 
     def __init__(self) -> None:
@@ -184,7 +213,8 @@ class StreamScenario(RuleBasedStateMachine):
         self.receiver: ReceiveStream[str] = ReceiveStream(max_held=16)
         self.committed = (0, 0)  # the receiver's durable (epoch, position)
         self.network: list[tuple] = []
-        self.app: list[str] = []  # what the application got, in order
+        self.app: list[str] = []  # what the application finished (committed), in order
+        self.handed: list[str] = []  # handed to the application, not yet committed
         self.positions: dict[str, tuple[int, int]] = {}  # message id -> (epoch, seq)
         self.acked: set[str] = set()
         self.excused: set[str] = set()  # given up on, or lost with the sender's state
@@ -238,7 +268,16 @@ class StreamScenario(RuleBasedStateMachine):
     # --- the receiver ---
 
     @rule()
+    def commit_receiver(self) -> None:
+        self.receiver.commit(self.receiver.delivered)
+        self.committed = (self.receiver.epoch, self.receiver.committed)
+        self.app += self.handed
+        self.handed = []
+        self.network.append(("ack", self.receiver.epoch, self.receiver.committed, self.receiver.delivered))
+
+    @rule()
     def crash_receiver(self) -> None:
+        self.handed = []  # not committed: handed over again after the restart
         epoch, position = self.committed
         self.receiver = ReceiveStream(epoch=epoch, delivered=position, max_held=16)
 
@@ -259,17 +298,19 @@ class StreamScenario(RuleBasedStateMachine):
     def _handle(self, frame: tuple) -> None:
         if frame[0] == "data":
             _, epoch, floor, messages = frame
+            before = self.receiver.epoch
             got = self.receiver.on_data(epoch, floor, messages)
+            if self.receiver.epoch != before:
+                self.app += self.handed  # a new epoch: the shell commits the old one's work first
+                self.handed = []
             for _, mid in got.deliver:
-                self.app.append(mid)
-            # The shell commits the hand-off and the position together, then acks.
-            self.receiver.commit(self.receiver.delivered)
-            self.committed = (self.receiver.epoch, self.receiver.committed)
+                assert mid not in self.app, f"{mid} handed over again after its finish was committed"
+                self.handed.append(mid)
             if got.ack:
-                self.network.append(("ack", *self.receiver.ack))
+                self.network.append(("ack", self.receiver.epoch, self.receiver.committed, self.receiver.delivered))
         else:
-            _, epoch, seq = frame
-            for entry in self.sender.on_ack(epoch, seq, self.now):
+            _, epoch, seq, received = frame
+            for entry in self.sender.on_ack(epoch, seq, self.now, received):
                 self.acked.add(entry.item)
                 self.store.pop(entry.seq, None)
 
@@ -293,6 +334,9 @@ class StreamScenario(RuleBasedStateMachine):
         for _ in range(200):
             self.now += 20.0
             self.send(64)
+            while self.network:
+                self._handle(self.network.pop(0))
+            self.commit_receiver()
             while self.network:
                 self._handle(self.network.pop(0))
             if not self.sender.pending:
