@@ -34,20 +34,22 @@ import zmq
 
 from ._config import MAX_TTL, Config
 from ._discovery import Discovery
+from ._delivery import NEVER, Destination, GroupCommit, Inbox, Item, Outbox, Remembered
 from ._errors import (
-    AgentClosed, MeshError, MeshTimeout, NoResponders, PeerQueueFull, ProtocolError, RemoteError, RequestTimeout,
-    UsageError,
+    AgentClosed, MeshError, MeshTimeout, NoResponders, OutboxFull, PeerQueueFull, ProtocolError, RemoteError,
+    RequestTimeout, StoreError, UsageError,
 )
 from ._log import QuietLogger
 from ._message import FORMAT_BYTES, Message
 from ._node import Connect, Disconnect, Node, PeerDown, PeerUp, Send, Timing
 from ._routing import RouteIndex
-from ._store import Batch, Store, open_instance
+from ._store import Batch, Contents, Store, open_instance
 from ._topics import check_pattern, check_topic, check_user_topic, matches, reply_topic
 from ._transport import Link, Transport, Wakeup
 from ._wire import (
-    DATA, PROTOCOL_VERSION, Limits, NodeRecord, Ping, Subscription as AdvertisedSubscription, Work, check_headers,
-    decode_data, decode_envelope, decode_frame, encode_envelope, encode_payload, split_entry, work_frame,
+    DATA, PROTOCOL_VERSION, Limits, NodeRecord, Ping, Receipt, Subscription as AdvertisedSubscription, Work,
+    check_headers, decode_data, decode_envelope, decode_frame, encode_envelope, encode_payload, split_entry,
+    work_frame,
 )
 
 log = logging.getLogger("meshmq.agent")
@@ -55,6 +57,8 @@ quiet = QuietLogger(log)
 
 SEND_NOW_WINDOW = 0.0002
 """Seconds after an immediate send during which further messages to the link are batched."""
+OUTBOX_TICK = 0.05
+"""Seconds between two checks of the outbox for retransmissions and expired messages."""
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 Handler = Callable[[Message], Any]
@@ -138,6 +142,20 @@ def _expiry(msg: Message) -> float | None:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """Messages waiting in the outbox for one destination."""
+
+    node: str
+    service: str
+    messages: int
+    bytes: int
+    up: bool
+    """Whether the destination is reachable now (else its messages wait for it to return)."""
+    since_sent: float | None
+    """Seconds since something was last sent to it (None: nothing yet in this run)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class RouteEntry:
     """One subscription somewhere in the mesh: what ``meshmq routes`` shows."""
 
@@ -160,7 +178,24 @@ class _ThreadState:
         self.unrouted = 0
 
 
-_Prepared = tuple[str, "str | None", bytes, bytes, _ThreadState]
+_Prepared = tuple[str, "str | None", bytes, bytes, _ThreadState, float]
+"""(topic, key, message id, envelope, publishing thread's state, expiry or NEVER)"""
+
+
+def _consume_exception(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: the failure is counted where it happened
+
+
+def _settle_publish(target: concurrent.futures.Future[str], mid: str, waiter: asyncio.Future[None]) -> None:
+    """Hand the outcome of a commit to a blocking publisher's future."""
+    if target.done():
+        return
+    exc = None if waiter.cancelled() else waiter.exception()
+    if exc is None:
+        target.set_result(mid)
+    else:
+        target.set_exception(exc)
 
 
 REPLY_TO = "meshmq-reply-to"
@@ -182,10 +217,11 @@ class _Request:
 
 
 class _Full(Exception):
-    """Internal: a destination link has no room; nothing was enqueued."""
+    """Internal: the outbox (``dest`` None) or one destination's share of it is full;
+    nothing was kept."""
 
-    def __init__(self, link: Link) -> None:
-        self.link = link
+    def __init__(self, dest: Destination | None) -> None:
+        self.dest = dest
 
 
 class _HandlerThread:
@@ -245,6 +281,8 @@ class Subscription:
                  threaded: bool, blocking: bool = False) -> None:
         self.pattern = pattern
         self.queue = queue
+        self.durable = False
+        """Whether publishers keep this subscription's messages while its node is down."""
         self._blocking = blocking  # a blocking Agent's: plain handlers run on a thread of their own
         handler = self._adopt(handler)
         self.handler = handler
@@ -261,6 +299,7 @@ class Subscription:
         self._queued_mode = (handler is None or inspect.iscoroutinefunction(handler)
                              or isinstance(handler, _HandlerThread))
         self._waiting: Message | None = None  # a plain handler's message held for its retry
+        self._current: Message | None = None  # the message a coroutine handler works on
 
     # --- configuration --------------------------------------------------------------
 
@@ -351,8 +390,7 @@ class Subscription:
         else:
             retry = self._outcome(msg, None)
         if retry is None:
-            if msg._work is not None and self.queue is not None:
-                self._agent._work_finished(msg._work)
+            self._finished(msg)
             return
         self._waiting = msg
         assert self._agent._loop is not None
@@ -371,7 +409,7 @@ class Subscription:
         loop = asyncio.get_running_loop()
         while not self.closed:
             while self._buffer:
-                msg = self._buffer.popleft()
+                msg = self._current = self._buffer.popleft()
                 self._drained()
                 while True:  # one message at a time, retried until done: order holds
                     if self._expired(msg):
@@ -389,6 +427,7 @@ class Subscription:
                         self._finished(msg)
                         break
                     await asyncio.sleep(retry)  # bounded by retry_backoff_max; close() cancels it
+                self._current = None
             self._async_ready = loop.create_future()
             await self._async_ready
 
@@ -397,10 +436,24 @@ class Subscription:
             self._agent._call_on_loop(self._agent._maybe_resume)
 
     def _finished(self, msg: Message) -> None:
-        """A queue-group message was handled (or taken by the iterating consumer): its
-        publisher counts it as no longer outstanding here."""
-        if msg._work is not None and self.queue is not None:
-            self._agent._call_on_loop(self._agent._work_finished, msg._work)
+        """This subscription is done with ``msg`` (handled, dead-lettered, or taken by the
+        iterating consumer): once every subscription it went to is, the inbox may acknowledge
+        it; a queue group's publisher counts it as no longer outstanding here."""
+        if msg._rx is not None or (msg._work is not None and self.queue is not None):
+            self._agent._call_on_loop(self._agent._message_finished, msg, self.queue is not None)
+
+    def _abandon(self) -> None:
+        """Closed by the application: what it will not take is done with (and counted)."""
+        left = list(self._buffer)
+        self._buffer.clear()
+        for msg in (self._waiting, self._current):
+            if msg is not None:
+                left.append(msg)
+        self._waiting = self._current = None
+        if left:
+            self._agent.counters["dropped_on_unsubscribe"] += len(left)
+        for msg in left:
+            self._finished(msg)
 
     def _closed(self) -> None:
         self.closed = True
@@ -505,27 +558,34 @@ class AsyncAgent:
         self._node: Node | None = None
         self._transport: Transport | None = None
         self._discovery: Discovery | None = None
-        self._local = Link("local", None, self.config.peer_queue_messages, self.config.peer_queue_bytes)
-        self._local.node = self.node_id
-        self._local.service = self.service
         self._node_links: dict[str, Link] = {}
+        self._local: collections.deque[Any] = collections.deque()  # what this node published to itself
+        self._local_scheduled = False
         self._index = RouteIndex(())
+        self._remembered = Remembered()
         self._route_waiters = Wakeup()
+        self._space_waiters = Wakeup()
         self._overloaded_subs: set[Subscription] = set()
         self._tick_handle: asyncio.TimerHandle | None = None
+        self._outbox_timer: asyncio.TimerHandle | None = None
         self._id_prefix = os.urandom(8)  # message ids: unique per life, even with a kept identity
         self._store: Store | None = None
+        self._contents: Contents | None = None
+        self._commit: GroupCommit | None = None
+        self._outbox: Outbox | None = None
+        self._inbox: Inbox | None = None
+        self._batch_waiter: asyncio.Future[None] | None = None
+        self._intake: collections.deque[tuple[_Prepared, concurrent.futures.Future[str]]] = collections.deque()
+        self._intake_lock = threading.Lock()
+        self._intake_scheduled = False
         self._next_replay_check = 0.0
         self._replaying = False
         self.store_dir: Path | None = None
         """Where this agent keeps its state (None with ``durability="memory"``)."""
         self._id_counter = itertools.count(1)
         self._checked_topics: dict[str, None] = {}
-        self._fanout: dict[str, tuple[Link, ...]] = {}  # topic -> links, for routes without queue groups
+        self._fanout: dict[str, tuple[str, ...]] = {}  # topic -> nodes, for routes without queue groups
         self._tls = threading.local()
-        # Set by the blocking Agent, whose callers' threads fill links too; a plain AsyncAgent's
-        # links are filled on its loop only and skip the lock.
-        self._shared_links = False
         self._thread_states: list[_ThreadState] = []
         self._received = 0
         self._requests: dict[str, _Request] = {}  # request id -> what waits for its reply
@@ -537,7 +597,9 @@ class AsyncAgent:
     # --- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> AsyncAgent:
-        """Bind, announce, and start meeting peers. Returns at once; peers arrive within ~1 s."""
+        """Open the store, bind, announce, and start meeting peers. Returns at once; peers
+        arrive within ~1 s. Messages kept in the outbox from the last run go out as their
+        receivers are found again."""
         if self._state != "new":
             raise AgentClosed(f"agent {self.service!r} was already started" if self._state == "running"
                               else f"agent {self.service!r} is stopped and cannot be restarted; create a new one")
@@ -550,9 +612,7 @@ class AsyncAgent:
         else:
             self._store = Store.open(None, durability="memory")  # dead letters live as long as we do
         interfaces = _expand_interfaces(cfg.interfaces)
-        transport = Transport(cfg, self.node_id, self._on_frame)
-        transport.shared_links = self._shared_links
-        self._local.shared = self._shared_links
+        transport = Transport(cfg, self.node_id, self._on_frame, self._produce)
         try:
             endpoints = transport.async_bind(loop, _bind_endpoints(cfg, interfaces))
         except zmq.ZMQError as exc:
@@ -560,11 +620,11 @@ class AsyncAgent:
             self._close_store()
             raise MeshError(f"cannot bind {cfg.bind or interfaces}: {exc}") from exc
         self._transport = transport
+        self._start_delivery(loop)
         self._started_at = time.monotonic()
         record = NodeRecord(self.node_id, self.service, endpoints, self._advertised(), 0, time.time())
         self._node = Node(cfg.mesh, record, timing=Timing.from_config(cfg), limits=self.limits,
                           max_peers=cfg.max_peers)
-        self._node_links[self.node_id] = self._local
         self._state = "running"
         self._apply(self._node.start(time.monotonic(), cfg.seeds))
         if cfg.discovery:
@@ -576,8 +636,30 @@ class AsyncAgent:
                 quiet.warning("mdns", "mDNS discovery unavailable on %s: %s", interfaces, exc)
                 self._discovery = None
         self._schedule_tick()
+        self._outbox_tick()
         log.info("agent %s (%s) started on %s, mesh %r", self.service, self.node_id, ", ".join(endpoints), cfg.mesh)
         return self
+
+    def _start_delivery(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The outbox and inbox, with what the store kept from the last run."""
+        assert self._store is not None
+        durable = self.config.durability != "memory"
+        self._commit = GroupCommit(self._store, loop) if durable else None
+        self._outbox = Outbox(self.node_id, self.config, self._commit, wake=self._wake,
+                              dead_letter=self._undeliverable, counters=self.counters)
+        self._outbox.space.append(self._space_waiters.fire)
+        self._inbox = Inbox(self.node_id, self.config, self._commit, loop, self._send_to, self.counters)
+        if self._commit is not None:
+            self._commit.before.append(self._before_commit)
+        contents = self._contents
+        if contents is not None:
+            self._outbox.restore(contents, time.monotonic())
+            self._inbox.restore(contents)
+            self._remembered.restore(contents.peers, self.limits, time.time(), self.config.durable_forget_after)
+            self._contents = None
+            if self._outbox.count:
+                log.info("outbox: %d messages from the last run wait for %d destinations",
+                         self._outbox.count, len(self._outbox.dests))
 
     async def _open_store(self, loop: asyncio.AbstractEventLoop) -> None:
         """Open this instance's store (its integrity check may take a while: off the loop) and
@@ -590,7 +672,8 @@ class AsyncAgent:
             quarantine=cfg.quarantine_store, meta={"node": self.node_id, "service": self.service}))
         self._store = store
         try:
-            self._set_identity(str(store.load().meta["node"]))
+            self._contents = await loop.run_in_executor(None, store.load)
+            self._set_identity(str(self._contents.meta["node"]))
         except BaseException:
             self._close_store()
             raise
@@ -600,7 +683,6 @@ class AsyncAgent:
 
     def _set_identity(self, node_id: str) -> None:
         self.node_id = node_id
-        self._local.node = node_id
         self._reply_topic = reply_topic(node_id)
 
     def _close_store(self) -> None:
@@ -609,32 +691,39 @@ class AsyncAgent:
             self._store = None
 
     async def stop(self) -> None:
-        """Say goodbye, send what is queued (up to ``stop_timeout``), and close. Idempotent."""
+        """Say goodbye and close. Waits up to ``stop_timeout`` for peers that are up to
+        acknowledge what was sent to them; what they did not stays in the outbox (with a
+        durable store) and goes after the next start. Idempotent."""
         if self._state != "running":
             self._state = "stopped"
             return
         self._state = "stopping"
-        assert self._node is not None and self._transport is not None
+        assert self._node is not None and self._transport is not None and self._outbox is not None
         deadline = time.monotonic() + self.config.stop_timeout
+        while self._unacked_to_live_peers() and time.monotonic() < deadline:
+            await self._space_waiters.wait(min(0.05, deadline - time.monotonic()))
         self._apply(self._node.stop(time.monotonic()))
         self._transport.flush_all()
-        while self._transport.pending() and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)  # bounded by stop_timeout; the links flush on their own
-            self._transport.flush_all()
-        if self._tick_handle is not None:
-            self._tick_handle.cancel()
-        if self._work_timer is not None:
-            self._work_timer.cancel()
+        for handle in (self._tick_handle, self._work_timer, self._outbox_timer):
+            if handle is not None:
+                handle.cancel()
         if self._discovery is not None:
             await self._discovery.async_close()
         for sub in list(self._subs):
             sub._closed()
-        self._transport.async_close(linger=max(0.0, deadline - time.monotonic()))
+        self._transport.async_close(linger=max(0.0, min(0.5, deadline - time.monotonic())))
         if self._store is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._close_store)
         self._state = "stopped"
         self._route_waiters.fire()
+        if self._outbox.count:
+            log.info("agent %s stopped with %d messages in its outbox%s", self.service, self._outbox.count,
+                     "" if self._commit is not None else " (durability memory: they are lost)")
         log.info("agent %s (%s) stopped", self.service, self.node_id)
+
+    def _unacked_to_live_peers(self) -> bool:
+        assert self._outbox is not None
+        return any(d.pending and d.link is not None for d in self._outbox.dests.values())
 
     async def __aenter__(self) -> AsyncAgent:
         return await self.start()
@@ -666,47 +755,86 @@ class AsyncAgent:
         ``data`` is bytes (sent as they are) or a msgpack-able value. ``type`` is
         the event type used by :meth:`on`; ``key`` keeps related messages on one
         queue-group member; ``ttl`` (seconds, default ``Config.default_ttl``) is how
-        long the message stays deliverable: after it, receivers dead-letter it
-        instead of handing it to a handler. Waits up to ``publish_timeout`` while a
-        destination's queue is full, then raises :class:`PeerQueueFull`; nothing is
-        sent then.
+        long the message stays deliverable: after it, it is dead-lettered instead of
+        handed to a handler.
+
+        Returns once the message is in the outbox: committed to the store (per
+        ``Config.durability``) for every destination, including durable subscribers that
+        are down. Concurrent publishes share one commit. While the outbox (or one
+        destination's share of it) is full, waits up to ``publish_timeout``, then raises
+        :class:`OutboxFull` (:class:`PeerQueueFull`); nothing is kept then. If the commit
+        fails, raises :class:`StoreError` and the message is not sent.
         """
         prepared = self._prepare(topic, data, type, key, headers, schema_version, ttl)
         try:  # the common case, without a second coroutine per message
-            return self._enqueue(prepared, threadsafe=False)
+            stored = self._enqueue(prepared)
         except _Full:
-            return await self._enqueue_when_room(prepared)
+            stored = await self._enqueue_when_room(prepared)
+        if stored:
+            await self._committed()
+        return prepared[2].hex()
 
-    async def _enqueue_when_room(self, prepared: _Prepared) -> str:
-        """Back-pressure: retry :meth:`_enqueue` as links drain, for up to ``publish_timeout``."""
+    def _committed(self) -> asyncio.Future[None]:
+        """A future done when the batch being built is committed (failed: StoreError)."""
+        waiter = self._batch_waiter
+        if waiter is None:
+            assert self._loop is not None and self._commit is not None
+            waiter = self._batch_waiter = self._loop.create_future()
+            self._commit.add()
+        return waiter
+
+    def _before_commit(self, batch: Batch) -> Callable[[BaseException | None], None] | None:
+        waiter, self._batch_waiter = self._batch_waiter, None
+        if waiter is None:
+            return None
+
+        def done(exc: BaseException | None) -> None:
+            if waiter.done():
+                return
+            if exc is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(exc if isinstance(exc, MeshError) else StoreError(str(exc)))
+
+        return done
+
+    async def _enqueue_when_room(self, prepared: _Prepared) -> bool:
+        """Back-pressure: retry :meth:`_enqueue` as the outbox drains, for up to ``publish_timeout``."""
         deadline = time.monotonic() + self.config.publish_timeout
         while True:
-            assert self._transport is not None
-            await self._transport.async_wait_space(min(deadline - time.monotonic(), 0.1))
+            await self._space_waiters.wait(min(deadline - time.monotonic(), 0.1))
             try:
-                return self._enqueue(prepared, threadsafe=False)
+                return self._enqueue(prepared)
             except _Full as full:
                 if deadline - time.monotonic() <= 0:
-                    raise self._full_error(full.link) from None
+                    raise self._full_error(full.dest) from None
 
     def publish_nowait(self, topic: str, data: Any, *, type: str | None = None, key: str | None = None,
                        headers: dict[str, str] | None = None, schema_version: int = 1,
                        ttl: float | None = None) -> str:
         """As :meth:`publish`, for plain (non-async) code on the agent's loop, such as a
-        handler: raises :class:`PeerQueueFull` at once instead of waiting for room."""
+        handler: raises :class:`OutboxFull` at once instead of waiting for room, and
+        returns before the outbox commit is done (a crash within the next milliseconds may
+        lose the message; use ``await publish`` where that matters)."""
         if self._loop_thread is not None and threading.get_ident() != self._loop_thread:
             raise UsageError("AsyncAgent.publish_nowait must be called on the agent's event loop; "
                              "from other threads use the blocking meshmq.Agent")
         prepared = self._prepare(topic, data, type, key, headers, schema_version, ttl)
         try:
-            return self._enqueue(prepared, threadsafe=False)
+            if self._enqueue(prepared):
+                self._committed().add_done_callback(_consume_exception)  # counted by the outbox if it fails
         except _Full as full:
-            raise self._full_error(full.link) from None
+            raise self._full_error(full.dest) from None
+        return prepared[2].hex()
 
-    def _full_error(self, link: Link) -> PeerQueueFull:
+    def _full_error(self, dest: Destination | None) -> OutboxFull:
         with self._counters_lock:
             self.counters["publish_backpressure_errors"] += 1
-        return PeerQueueFull(link.node, link.service, link.queued, self.config.publish_timeout)
+        timeout = self.config.publish_timeout
+        if dest is None:
+            assert self._outbox is not None
+            return OutboxFull(self._outbox.count, self._outbox.bytes, timeout)
+        return PeerQueueFull(dest.node, dest.service, dest.pending, timeout, dest.bytes)
 
     def _prepare(self, topic: str, data: Any, type_: str | None, key: str | None,
                  headers: dict[str, str] | None, schema_version: int, ttl: float | None = None) -> _Prepared:
@@ -753,54 +881,79 @@ class AsyncAgent:
         """A new message id and the envelope bytes, packed with this thread's packer."""
         state = self._thread_state()
         mid = self._id_prefix + next(self._id_counter).to_bytes(8, "big")
-        env = encode_envelope(mid, time.time(), topic, type_, self.service, self.node_id,
+        now = time.time()
+        env = encode_envelope(mid, now, topic, type_, self.service, self.node_id,
                               schema_version, headers, key, fmt, raw, state.packer)
-        return topic, key, mid, env, state
+        expires = now + float(headers[TTL]) if headers is not None and TTL in headers else NEVER
+        return topic, key, mid, env, state, expires
 
-    def _enqueue(self, prepared: _Prepared, threadsafe: bool) -> str:
-        """Put one envelope on every destination's link, or on none (raises :class:`_Full`)."""
-        topic, key, mid, env, state = prepared
+    def _enqueue(self, prepared: _Prepared) -> bool:
+        """Put one envelope in the outbox for every destination, or for none (raises
+        :class:`_Full`). Loop thread only. Returns whether a commit must be waited for."""
+        topic, key, mid, env, state, expires = prepared
         if self._state != "running":
             self._check_running()
-        size = len(env)
-        fanout = self._fanout.get(topic)
-        if fanout is None:
-            fanout = self._resolve_fanout(topic)
-        if fanout:  # the common case: plain subscribers only, every link gets the same entry
-            if len(fanout) == 1 and not threadsafe:
-                link = fanout[0]
-                if not link.queued and link.frame is None and link.socket is not None:
-                    now = time.monotonic()
-                    if now >= link.hot_until and self._transport is not None and self._transport.send_one(link, env):
-                        # An idle link on the loop thread: the message left at once (latency); what
-                        # follows within SEND_NOW_WINDOW is queued and leaves batched (throughput).
-                        link.hot_until = now + SEND_NOW_WINDOW
-                        state.published += 1
-                        return mid.hex()
-            for link in fanout:
-                if link.queued >= link.max_messages or link.queued_bytes >= link.max_bytes:
-                    raise _Full(link)
-            if self._shared_links:
-                for link in fanout:
-                    if link.put(env, size):
-                        self._wake(link, threadsafe)
-            else:
-                for link in fanout:
-                    if link.put_owned(env, size):
-                        self._wake(link, threadsafe)
+        outbox = self._outbox
+        assert outbox is not None
+        nodes = self._fanout.get(topic)
+        if nodes is not None:  # the common case: plain subscribers only, every node gets the same entry
+            targets: list[tuple[str, Any]] = [(node, env) for node in nodes]
         else:
             targets = self._targets(topic, key, env)
-            if not targets:
-                state.unrouted += 1
-                return mid.hex()
-            for link, _ in targets:
-                if not link.has_room():
-                    raise _Full(link)
-            for link, entry in targets:
-                if link.put(entry, size):
-                    self._wake(link, threadsafe)
+        if not targets:
+            state.unrouted += 1
+            return False
+        size = len(env)
+        dests = []
+        local = None
+        for node, entry in targets:
+            if node == self.node_id:
+                local = entry
+                continue
+            dest = outbox.dests.get(node)
+            if dest is None:
+                dest = outbox.destination(node, self._service_of(node), self._node_links.get(node))
+            dests.append((dest, entry))
+        if dests:
+            full = outbox.full([d for d, _ in dests], size)
+            if full is not None:
+                raise _Full(None if full is True else full)  # type: ignore[arg-type]
+            now = time.monotonic()
+            durable = outbox.durable
+            for dest, entry in dests:
+                outbox.put(dest, entry, size, expires, now)
+                link = dest.link
+                if link is not None and not durable:
+                    self._send_soon(link, now)
+        if local is not None:
+            self._local.append(local)
+            if not self._local_scheduled:
+                self._local_scheduled = True
+                assert self._loop is not None
+                self._loop.call_soon(self._flush_local)
         state.published += 1
-        return mid.hex()
+        return bool(dests) and outbox.durable
+
+    def _send_soon(self, link: Link, now: float) -> None:
+        """An idle link sends at once (latency); what follows within SEND_NOW_WINDOW is
+        flushed together at the end of the loop turn (throughput)."""
+        if link.scheduled or link.watching:
+            return
+        transport = self._transport
+        assert transport is not None
+        if now >= link.hot_until and not link.frames:
+            link.hot_until = now + SEND_NOW_WINDOW
+            transport.flush(link)
+        else:
+            transport.wake(link)
+
+    def _service_of(self, node: str) -> str:
+        assert self._node is not None
+        peer = self._node.peers.get(node)
+        if peer is not None:
+            return peer.record.service
+        record = self._remembered.records.get(node)
+        return record.service if record is not None else ""
 
     def _thread_state(self) -> _ThreadState:
         """This thread's packer and counters (publishers may be several threads of the blocking Agent)."""
@@ -811,57 +964,115 @@ class AsyncAgent:
             self._thread_states.append(state)
             return state
 
-    def _resolve_fanout(self, topic: str) -> tuple[Link, ...]:
-        """The links of a topic routed to plain subscribers only (cached); ``()`` otherwise."""
+    def _resolve_fanout(self, topic: str) -> tuple[str, ...] | None:
+        """The nodes of a topic routed to plain subscribers only (cached); None otherwise."""
         route = self._index.resolve(topic)
-        if route.groups or any(n not in self._node_links for n in route.plain):
-            return ()  # the per-message path chooses group members and counts unreachable nodes
-        links = tuple(self._node_links[n] for n in route.plain)
+        if route.groups or self._remembered.index.resolve(topic).groups:
+            return None  # the per-message path chooses group members
+        nodes = tuple(dict.fromkeys(route.plain + self._remembered.plain(topic, self._node_links)))
         fanout = self._fanout
         if len(fanout) >= 4096:
             fanout.clear()
-        fanout[topic] = links
-        return links
+        fanout[topic] = nodes
+        return nodes
 
-    def _targets(self, topic: str, key: str | None, env: bytes) -> list[tuple[Link, Any]]:
-        """(link, entry) for every destination of one message, choosing queue-group members."""
-        targets = []
+    def _targets(self, topic: str, key: str | None, env: bytes) -> list[tuple[str, Any]]:
+        """(node, entry) for every destination of one message, choosing queue-group members;
+        durable subscribers that are down count as destinations (their messages wait)."""
+        nodes = self._resolve_fanout(topic)
+        if nodes is not None:
+            return [(node, env) for node in nodes]
         work = self._work_sent
-        for node, groups in self._index.destinations(topic, key, self._outstanding).items():
+        chosen = self._index.destinations(topic, key, self._outstanding)
+        served = {g for groups in chosen.values() for g in groups}
+        for node, groups in self._remembered.destinations(topic, key, served, self._node_links).items():
+            chosen[node] = tuple(chosen.get(node, ())) + tuple(groups)
+        targets = []
+        for node, groups in chosen.items():
             if groups:
-                # An estimate (publishing threads may race on it); reports from the member correct it.
+                # An estimate; reports from the member correct it.
                 work[node] = work.get(node, 0) + len(groups)
-            link = self._node_links.get(node)
-            if link is None:  # routed but not linked: cannot happen while _apply maps links first
-                with self._counters_lock:
-                    self.counters["dropped_no_link"] += 1
-                quiet.warning("nolink", "no link to routed node %s; message not sent to it", node)
-                continue
-            targets.append((link, [env, list(groups)] if groups else env))
+            targets.append((node, [env, list(groups)] if groups else env))
         return targets
 
-    def _wake(self, link: Link, threadsafe: bool) -> None:
-        """A link went from idle to busy: get it flushed."""
-        assert self._loop is not None and self._transport is not None
-        flush = self._flush_local if link is self._local else self._transport.flush
-        if threadsafe:
-            self._loop.call_soon_threadsafe(flush, link)
-        else:
-            self._loop.call_soon(flush, link)
+    def _wake(self, link: Link) -> None:
+        assert self._transport is not None
+        self._transport.wake(link)
 
-    def _flush_local(self, link: Link) -> None:
-        """Deliver what this node published to itself (the rule of Transport.flush applies)."""
-        was_full = not link.has_room()
-        seq = link.next_seq
-        while True:
-            entries = link.take_or_idle(self.config.max_batch_messages, self.config.max_batch_bytes)
-            if not entries:
-                break
-            self._deliver_entries(entries, seq)
-            seq += len(entries)
-        link.next_seq = seq
-        if was_full and self._transport is not None:
-            self._transport._notify_space()
+    def _produce(self, link: Link) -> list[bytes]:
+        assert self._outbox is not None
+        return self._outbox.frames(link, time.monotonic())
+
+    def _flush_local(self) -> None:
+        """Deliver what this node published to itself, in order (in-process: not kept in the outbox)."""
+        self._local_scheduled = False
+        local = self._local
+        while local:
+            self._deliver_entry(local.popleft(), None, 0)
+
+    def _send_to(self, node: str, frame: bytes) -> None:
+        """A control frame to a node, if it is linked (receipts: lost ones are repeated)."""
+        link = self._node_links.get(node)
+        if link is not None and self._transport is not None:
+            self._transport.async_send_control(link.endpoint, frame)
+        else:
+            self.counters["receipts_unsent"] += 1
+
+    def _undeliverable(self, dest: Destination, item: Item, reason: str) -> None:
+        """A message the outbox gave up on (its time to live ran out before ``dest`` acked it)."""
+        env = item.entry if type(item.entry) is bytes else item.entry[0]
+        try:
+            msg = decode_envelope(env, self.limits, 0)
+        except ProtocolError:
+            return
+        self._store_dead_letter(msg, reason, f"not acknowledged by {dest.service or '?'} ({dest.node}) in time",
+                                f"outbox:{dest.node}", None, msg.attempts, dest.node)
+
+    def _take_intake(self) -> None:
+        """Publishes handed over by the blocking Agent's threads, in their order."""
+        with self._intake_lock:
+            self._intake_scheduled = False
+            batch = list(self._intake)
+            self._intake.clear()
+        for prepared, future in batch:
+            if future.done():
+                continue
+            try:
+                stored = self._enqueue(prepared)
+            except _Full:
+                asyncio.ensure_future(self._intake_when_room(prepared, future))
+                continue
+            except MeshError as exc:
+                future.set_exception(exc)
+                continue
+            if stored:
+                self._committed().add_done_callback(functools.partial(_settle_publish, future, prepared[2].hex()))
+            else:
+                future.set_result(prepared[2].hex())
+
+    async def _intake_when_room(self, prepared: _Prepared, future: concurrent.futures.Future[str]) -> None:
+        try:
+            if await self._enqueue_when_room(prepared):
+                await self._committed()
+        except MeshError as exc:
+            if not future.done():
+                future.set_exception(exc)
+        else:
+            if not future.done():
+                future.set_result(prepared[2].hex())
+
+    def _publish_threadsafe(self, prepared: _Prepared) -> concurrent.futures.Future[str]:
+        """From a blocking Agent's thread: hand a publish to the loop (woken once per batch)."""
+        future: concurrent.futures.Future[str] = concurrent.futures.Future()
+        with self._intake_lock:
+            self._intake.append((prepared, future))
+            wake = not self._intake_scheduled
+            self._intake_scheduled = True
+        if wake:
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._take_intake)
+        return future
+
 
     # --- request / reply --------------------------------------------------------------
 
@@ -888,9 +1099,11 @@ class AsyncAgent:
         self._requests[request_id] = _Request(topic, fut, responders)
         try:
             try:
-                self._enqueue(prepared, threadsafe=False)
+                stored = self._enqueue(prepared)
             except _Full:
-                await self._enqueue_when_room(prepared)
+                stored = await self._enqueue_when_room(prepared)
+            if stored:
+                await self._committed()
             try:
                 return await asyncio.wait_for(fut, timeout)
             except asyncio.TimeoutError:
@@ -908,24 +1121,41 @@ class AsyncAgent:
             reply_headers[REPLY_ERROR] = error
         if self._state != "running":
             self._check_running()
-        if not self._shared_links and self._loop_thread is not None and threading.get_ident() != self._loop_thread:
-            raise UsageError("on AsyncAgent, reply from the agent's event loop (a handler); "
-                             "from other threads use the blocking meshmq.Agent")
-        fmt, raw = encode_payload(data, self.limits)
-        env = self._seal(reply_topic(node), type_, 1, check_headers(reply_headers, self.limits), None, fmt, raw)[3]
-        link = self._node_links.get(node)
-        if link is None:
+        if node != self.node_id and node not in self._node_links:
             with self._counters_lock:
                 self.counters["replies_undeliverable"] += 1
             raise NoResponders(reply_topic(node))  # the requester left
-        if not link.has_room():
-            raise self._full_error(link)
-        threadsafe = threading.get_ident() != self._loop_thread
-        put = link.put if self._shared_links else link.put_owned
-        if put(env, len(env)):
-            self._wake(link, threadsafe)
-        with self._counters_lock:  # replies may come from a blocking Agent's consumer threads
-            self.counters["replies_sent"] += 1
+        fmt, raw = encode_payload(data, self.limits)
+        prepared = self._seal(reply_topic(node), type_, 1, check_headers(reply_headers, self.limits), None, fmt, raw)
+        if threading.get_ident() == self._loop_thread:
+            self._send_reply(node, prepared, raise_full=True)
+        else:  # a blocking Agent's handler thread
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._send_reply, node, prepared, False)
+
+    def _send_reply(self, node: str, prepared: _Prepared, raise_full: bool) -> None:
+        """Put a reply in the outbox for the requester alone (no commit is waited for)."""
+        outbox = self._outbox
+        if outbox is None or self._state != "running":
+            return
+        env = prepared[3]
+        if node == self.node_id:
+            self._local.append(env)
+            self._flush_local()
+        else:
+            dest = outbox.dests.get(node) or outbox.destination(node, self._service_of(node), self._node_links.get(node))
+            full = outbox.full([dest], len(env))
+            if full is not None:
+                if raise_full:
+                    raise self._full_error(None if full is True else dest)
+                self.counters["replies_dropped_outbox_full"] += 1
+                quiet.warning("reply-full", "a reply to %s was dropped: the outbox is full", node)
+                return
+            now = time.monotonic()
+            outbox.put(dest, env, len(env), NEVER, now)
+            if dest.link is not None and not outbox.durable:
+                self._send_soon(dest.link, now)
+        self.counters["replies_sent"] += 1
 
     def _on_reply(self, msg: Message) -> None:
         pending = self._requests.get(msg.headers.get(IN_REPLY_TO, ""))
@@ -950,25 +1180,55 @@ class AsyncAgent:
         assert self._node is not None
         try:
             if len(frame) > 2 and frame[1] == DATA and frame[0] == PROTOCOL_VERSION:  # the hot path
-                node, _epoch, first_seq, entries = decode_data(frame, self.limits)
+                node, epoch, first_seq, floor, entries = decode_data(frame, self.limits)
                 self._node.touch(node, time.monotonic())
-                self._deliver_entries(entries, first_seq)
+                self._on_data(node, epoch, first_seq, floor, entries)
                 return
             decoded = decode_frame(frame, self.limits)
         except ProtocolError as exc:
             self.counters["frames_rejected"] += 1
             quiet.warning("frame", "dropped a malformed frame (%d bytes): %s", len(frame), exc)
             return
-        if type(decoded) is Work:
+        kind = type(decoded)
+        if kind is Receipt:
+            assert self._outbox is not None
+            self._outbox.on_receipt(decoded.node, decoded.epoch, decoded.committed, decoded.received,
+                                    time.monotonic())
+            return
+        if kind is Work:
             if decoded.mesh == self.config.mesh and decoded.node in self._node.peers:
                 self._node.touch(decoded.node, time.monotonic())
                 if decoded.done > self._work_reported.get(decoded.node, 0):  # reports may cross
                     self._work_reported[decoded.node] = decoded.done
             return
-        if type(decoded) is Ping and decoded.sent_at and decoded.node in self._node.peers:
+        if kind is Ping and decoded.sent_at and decoded.node in self._node.peers:
             # One-way delay is well under a millisecond here; seconds of difference are skew.
             self._clock_offsets[decoded.node] = decoded.sent_at - time.time()
         self._apply(self._node.receive(decoded, time.monotonic()))
+
+    def _on_data(self, node: str, epoch: int, first_seq: int, floor: int, entries: list[Any]) -> None:
+        """One data frame: in order, without duplicates, to the subscriptions; a receipt is due."""
+        inbox = self._inbox
+        assert inbox is not None
+        sender = inbox.sender(node)
+        before = sender.stream.epoch
+        got = sender.stream.on_data(epoch, floor, zip(range(first_seq, first_seq + len(entries)), entries))
+        if got.ack:
+            inbox.received(sender, before)
+        if got.deliver:
+            epoch = sender.stream.epoch
+            for seq, entry in got.deliver:
+                inbox.handed(sender, seq, self._deliver_entry(entry, (sender, epoch, seq), seq))
+        if got.skipped:
+            inbox.skipped(sender)
+
+    def _message_finished(self, msg: Message, in_group: bool) -> None:
+        """A subscription is done with ``msg`` (loop thread)."""
+        if in_group and msg._work is not None:
+            self._work_finished(msg._work)
+        rx = msg._rx
+        if rx is not None and self._inbox is not None:
+            self._inbox.finished(*rx)
 
     # --- queue-group load ---------------------------------------------------------------
 
@@ -997,45 +1257,49 @@ class AsyncAgent:
                     link.endpoint, work_frame(self.config.mesh, self.node_id, self._work_done[publisher]))
         self._work_unreported.clear()
 
-    def _deliver_entries(self, entries: list[Any], seq: int) -> None:
-        limits = self.limits
-        plain_cache = self._plain_cache
-        for entry in entries:
-            try:
-                if type(entry) is bytes:  # the common case: no queue group chose us
-                    msg = decode_envelope(entry, limits, seq)
-                    groups: tuple[str, ...] = ()
-                else:
-                    env, groups = split_entry(entry)
-                    msg = decode_envelope(env, limits, seq)
-            except ProtocolError as exc:
-                self.counters["messages_rejected"] += 1
-                quiet.warning("envelope", "dropped a malformed message: %s", exc)
-                seq += 1
-                continue
-            seq += 1
-            self._received += 1
-            if msg.headers:
-                if REPLY_TO in msg.headers:
-                    msg._replier = self._reply
-                if TTL in msg.headers:
-                    self._set_expiry(msg)
-            subs = plain_cache.get(msg.topic)
-            if subs is None:
-                subs = self._match_plain(msg.topic)
-                plain_cache = self._plain_cache
-            for sub in subs:
-                sub._deliver(msg)
-            if groups:
-                self._deliver_to_groups(msg, groups, bool(subs))
-            elif not subs:
-                if msg.topic == self._reply_topic:
-                    self._on_reply(msg)
-                else:
-                    # Our subscription closed after the sender routed this message to us.
-                    self.counters["received_without_subscription"] += 1
+    def _deliver_entry(self, entry: Any, rx: tuple[Any, int, int] | None, seq: int) -> None:
+        """Hand one received (or self-published) message to every subscription it is for.
+        The inbox learns first how many subscriptions must finish it (they may finish at once)."""
+        try:
+            if type(entry) is bytes:  # the common case: no queue group chose us
+                msg = decode_envelope(entry, self.limits, seq)
+                groups: tuple[str, ...] = ()
+            else:
+                env, groups = split_entry(entry)
+                msg = decode_envelope(env, self.limits, seq)
+        except ProtocolError as exc:
+            self.counters["messages_rejected"] += 1
+            quiet.warning("envelope", "dropped a malformed message: %s", exc)
+            if rx is not None:
+                self._inbox.handed(rx[0], rx[2], 0)  # type: ignore[union-attr]
+            return
+        self._received += 1
+        if msg.headers:
+            if REPLY_TO in msg.headers:
+                msg._replier = self._reply
+            if TTL in msg.headers:
+                self._set_expiry(msg)
+        subs = self._plain_cache.get(msg.topic)
+        if subs is None:
+            subs = self._match_plain(msg.topic)
+        members = self._group_members(msg, groups) if groups else ()
+        if rx is not None:
+            msg._rx = rx
+            self._inbox.handed(rx[0], rx[2], len(subs) + len(members))  # type: ignore[union-attr]
+        for sub in subs:
+            sub._deliver(msg)
+        for member in members:
+            member._deliver(msg)
+        if not subs and not members:
+            if msg.topic == self._reply_topic:
+                self._on_reply(msg)
+            else:
+                # Our subscription closed after the sender routed this message to us.
+                self.counters["received_without_subscription"] += 1
 
-    def _deliver_to_groups(self, msg: Message, groups: tuple[str, ...], delivered: bool) -> None:
+    def _group_members(self, msg: Message, groups: tuple[str, ...]) -> list[Subscription]:
+        """For each queue group the sender chose us for, the local member whose turn it is."""
+        chosen = []
         for group in groups:
             members = self._group_cache.get((msg.topic, group))
             if members is None:
@@ -1045,10 +1309,8 @@ class AsyncAgent:
                 if turn is None:
                     turn = self._turns[group] = itertools.count()
                 msg._work = msg.node
-                members[next(turn) % len(members)]._deliver(msg)
-                delivered = True
-        if not delivered:
-            self.counters["received_without_subscription"] += 1
+                chosen.append(members[next(turn) % len(members)])
+        return chosen
 
     def _match_group(self, topic: str, group: str) -> list[Subscription]:
         members = [s for s in self._subs if s.queue == group and matches(s._tokens, topic)]
@@ -1106,27 +1368,35 @@ class AsyncAgent:
 
     def _dead_letter(self, sub: Subscription, msg: Message, reason: str, error: str | None) -> None:
         """Keep a message its handler could not take, with why, in the store (never dropped silently)."""
+        self._store_dead_letter(msg, reason, error, sub.pattern, sub.queue, msg.attempts, None)
+
+    def _store_dead_letter(self, msg: Message, reason: str, error: str | None, pattern: str, queue: str | None,
+                           attempts: int, destination: str | None) -> None:
+        """Write a dead letter in the next group commit: before (or with) the inbox position that
+        acknowledges the message, so the sender never forgets a message we did not keep."""
         self.counters["dead_lettered"] += 1
         letter_id = f"{msg.id}-{os.urandom(3).hex()}"
-        quiet.warning(f"dlq:{sub.pattern}", "message %s (topic %s) dead-lettered as %s after %d attempts: %s",
-                      msg.id, msg.topic, letter_id, msg.attempts, error or reason)
+        quiet.warning(f"dlq:{pattern}", "message %s (topic %s) dead-lettered as %s after %d attempts: %s",
+                      msg.id, msg.topic, letter_id, attempts, error or reason)
         record = {
-            "reason": reason, "attempts": msg.attempts, "error": error, "at": time.time(),
-            "pattern": sub.pattern, "queue": sub.queue, "message": _message_record(msg),
+            "reason": reason, "attempts": attempts, "error": error, "at": time.time(),
+            "pattern": pattern, "queue": queue, "message": _message_record(msg), "destination": destination,
         }
         if self._store is None:
             self.counters["dead_letters_lost"] += 1
             return
-        batch = Batch()
-        batch.put_dead_letter(letter_id, record)
 
-        def committed(future: concurrent.futures.Future[None]) -> None:
-            if future.exception() is not None:
+        def committed(exc: BaseException | None) -> None:
+            if exc is not None:
                 self.counters["dead_letters_lost"] += 1
-                quiet.log(logging.ERROR, "dlq-store", "dead letter %s could not be stored: %s",
-                          letter_id, future.exception())
+                quiet.log(logging.ERROR, "dlq-store", "dead letter %s could not be stored: %s", letter_id, exc)
 
-        self._store.submit(batch).add_done_callback(committed)
+        if self._commit is not None and self._state == "running":
+            self._commit.add(committed).put_dead_letter(letter_id, record)
+        else:
+            batch = Batch()
+            batch.put_dead_letter(letter_id, record)
+            self._store.submit(batch).add_done_callback(lambda f: committed(f.exception()))
 
     # --- dead letters ---------------------------------------------------------------
 
@@ -1200,27 +1470,40 @@ class AsyncAgent:
 
     # --- subscribing ----------------------------------------------------------------
 
-    def subscribe(self, pattern: str, handler: Handler | None = None, *, queue: str | None = None) -> Subscription:
+    def subscribe(self, pattern: str, handler: Handler | None = None, *, queue: str | None = None,
+                  durable: bool | None = None) -> Subscription:
         """Receive messages whose topic matches ``pattern`` (``*`` one token, ``>`` the rest).
 
         ``handler`` may be a function or a coroutine function; without one the
         returned :class:`Subscription` is an async iterator, or a decorator.
         With ``queue``, each message goes to one member of that queue group.
+        ``durable`` (default: True for queue groups, else False) makes publishers keep
+        this subscription's messages while this node is down, and send them when it
+        returns with its identity (it needs a store: not with ``durability="memory"``).
+        A subscription that is not durable gets only what is published while it is alive.
         May be called before :meth:`start`.
         """
-        return self._subscribe(pattern, handler, queue, threaded=False)
+        return self._subscribe(pattern, handler, queue, threaded=False, durable=durable)
 
     def _subscribe(self, pattern: str, handler: Handler | None, queue: str | None, threaded: bool,
-                   blocking: bool = False) -> Subscription:
+                   blocking: bool = False, durable: bool | None = None) -> Subscription:
         if self._state in ("stopping", "stopped"):
             self._check_running()
         if handler is not None and not callable(handler):
             raise UsageError(f"handler must be callable, got {handler!r}")
         if queue is not None:
             _check_name("queue group", queue)
+        if durable is not None and type(durable) is not bool:
+            raise UsageError(f"durable must be True or False, got {durable!r}")
+        if durable and self.config.durability == "memory":
+            raise UsageError("a durable subscription needs a store that keeps this node's identity; "
+                             "durability='memory' has none (use 'os' or 'fsync')")
+        if durable is None:
+            durable = queue is not None and self.config.durability != "memory"
         if len(self._subs) >= self.config.max_subscriptions:
             raise UsageError(f"this agent already has max_subscriptions={self.config.max_subscriptions}")
         sub = Subscription(self, pattern, queue, handler, threaded, blocking)
+        sub.durable = durable
         self._subs.append(sub)
         self._subscriptions_changed()
         self._next_replay_check = 0.0  # letters waiting for this subscription go at the next tick
@@ -1229,6 +1512,7 @@ class AsyncAgent:
     def _unsubscribe(self, sub: Subscription) -> None:
         if sub in self._subs:
             self._subs.remove(sub)
+            sub._abandon()
             sub._closed()
             self._overloaded_subs.discard(sub)
             self._subscriptions_changed()
@@ -1243,7 +1527,7 @@ class AsyncAgent:
     def _advertised(self) -> tuple[AdvertisedSubscription, ...]:
         seen: dict[AdvertisedSubscription, None] = {}
         for s in self._subs:
-            seen[AdvertisedSubscription(s.pattern, s.queue)] = None
+            seen[AdvertisedSubscription(s.pattern, s.queue, s.durable)] = None
         return tuple(seen)
 
     @property
@@ -1346,9 +1630,27 @@ class AsyncAgent:
         if self._transport is not None:
             out.update(self._transport.counters)
             out["frames_sent"] = self._transport.frames_sent
-            out["messages_sent"] = self._transport.messages_sent
-            out["queued"] = self._transport.pending() + self._local.queued
+        if self._outbox is not None:
+            out["outbox_messages"] = self._outbox.count
+            out["outbox_bytes"] = self._outbox.bytes
+            out["outbox_destinations"] = sum(1 for d in self._outbox.dests.values() if d.pending)
+            for dest in self._outbox.dests.values():
+                out.update(dest.stream.counters)
+        if self._inbox is not None:
+            for sender in self._inbox.senders.values():
+                out.update(sender.stream.counters)
+        if self._store is not None:
+            out.update({f"store_{k}": v for k, v in self._store.counters.items()})
         return dict(out)
+
+    def outbox(self) -> list[OutboxEntry]:
+        """What waits in the outbox, per destination (``meshmq outbox`` shows the same)."""
+        if self._outbox is None:
+            return []
+        live = self._node_links
+        return sorted((OutboxEntry(node, service, n, size, node in live, age)
+                       for node, (service, n, size, age) in self._outbox.pending().items()),
+                      key=lambda e: (-e.messages, e.node))
 
     async def wait_for_subscribers(self, topic: str, count: int = 1, timeout: float = 5.0) -> int:
         """Wait until at least ``count`` nodes receive ``topic`` (queue groups count once); return how many."""
@@ -1413,9 +1715,12 @@ class AsyncAgent:
                     if rec.node not in self._node_links:
                         log.info("peer up: %s (%s) at %s", rec.service, rec.node, rec.endpoints[0])
                     self._node_links[rec.node] = link
+                    assert self._outbox is not None
+                    self._outbox.peer_up(rec.node, rec.service, link, time.monotonic())
                 changed = True
             elif kind is PeerDown:
                 self._node_links.pop(action.node, None)
+                self._peer_down(action.node)
                 for table in (self._work_sent, self._work_reported, self._work_done):
                     table.pop(action.node, None)
                 self._work_unreported.discard(action.node)
@@ -1425,22 +1730,32 @@ class AsyncAgent:
                 log.info("peer %s: %s (%s)", action.reason, action.service, action.node)
                 changed = True
             elif kind is Disconnect:
-                dropped = transport.async_disconnect(action.endpoint)
-                if dropped:
-                    self.counters["dropped_peer_gone"] += dropped
-                    quiet.warning(f"gone:{action.endpoint}",
-                                  "%d queued messages to %s could not be sent: the peer is gone",
-                                  dropped, action.endpoint)
+                transport.async_disconnect(action.endpoint)
         if changed or self._node.routes.index is not self._index:
             self._fanout = {}
         if self._node.routes.index is not self._index:
-            # Published only after the links above are mapped, so a publishing thread
-            # never sees a route to a node it has no link for.
             self._index = self._node.routes.index
+            self._remembered.sync({n: p.record for n, p in self._node.peers.items()}, self._store_batch,
+                                  time.time())
             changed = True
         if changed:
             self._last_route_change = time.monotonic()
             self._route_waiters.fire()
+
+    def _peer_down(self, node: str) -> None:
+        """A node left routing: its messages wait for it if it has durable subscriptions,
+        else they are dropped, counted and logged."""
+        assert self._outbox is not None
+        keep = self._remembered.went_down(node, time.time(), self._store_batch)
+        dropped = self._outbox.peer_down(node, keep)
+        if dropped:
+            self.counters["dropped_peer_gone"] += dropped
+            quiet.warning(f"gone:{node}", "%d messages to %s were dropped: it left and has no durable "
+                          "subscription to keep them for", dropped, node)
+
+    def _store_batch(self) -> Batch | None:
+        """The batch being built for the next group commit (None: nothing is stored)."""
+        return self._commit.add() if self._commit is not None else None
 
     def _on_hint(self, node: str | None, endpoints: tuple[str, ...], mesh: str | None) -> None:
         if self._node is not None and self._state == "running":
@@ -1461,10 +1776,20 @@ class AsyncAgent:
             self._maybe_resume()
         if now >= self._next_replay_check and self._store is not None and not self._replaying:
             self._next_replay_check = now + 1.0
+            if self._remembered.expire(time.time(), self.config.durable_forget_after, self._store_batch):
+                self._fanout = {}
             if self._store.count(b"replay"):  # asked for by `meshmq dlq replay`, maybe from another process
                 self._replaying = True
                 asyncio.ensure_future(self._replay_requested())
         self._schedule_tick()
+
+    def _outbox_tick(self) -> None:
+        """Retransmissions and expiries of the outbox (a short timer: backoffs start at 0.2 s)."""
+        if self._state != "running" or self._outbox is None or self._loop is None:
+            return
+        if self._outbox.count:
+            self._outbox.tick(time.monotonic(), time.time())
+        self._outbox_timer = self._loop.call_later(OUTBOX_TICK, self._outbox_tick)
 
     async def _replay_requested(self) -> None:
         try:

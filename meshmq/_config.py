@@ -78,6 +78,20 @@ class Config:
     work_report_interval: float = 0.02
     """Seconds between a queue-group member's reports of finished work to the publishers that sent it (how fresh their load balancing is)."""
 
+    # --- delivery (the outbox) ---
+    max_outbox_messages: int = 1_000_000
+    """Messages the outbox keeps for all destinations together; beyond it, publish waits up to publish_timeout, then raises OutboxFull."""
+    max_outbox_bytes: int = 256 * _MiB
+    """Bytes of messages the outbox keeps for all destinations together (keep it well under max_store_bytes)."""
+    retransmit_initial: float = 0.2
+    """Seconds before an unacknowledged message is sent again; doubles (with jitter) while the receiver stays silent."""
+    retransmit_max: float = 5.0
+    """Longest wait between two retransmissions."""
+    max_held_messages: int = 1024
+    """Messages a receiver holds from one sender while waiting for an earlier one that is missing."""
+    durable_forget_after: float = 7 * 86400.0
+    """Seconds a publisher remembers a durable subscriber that is down (keeping its messages, within their TTL) before it forgets it."""
+
     # --- handling ---
     default_ttl: float = 0.0
     """Seconds a message stays deliverable after it is published, unless publish(ttl=...) says otherwise; 0: no limit. An expired message is dead-lettered, not handed to a handler."""
@@ -112,13 +126,13 @@ class Config:
 
     # --- queues and time limits ---
     peer_queue_messages: int = 50_000
-    """Messages waiting for one peer before publishing to it waits (back-pressure)."""
+    """Messages the outbox keeps for one destination before publishing to it waits (back-pressure), then raises PeerQueueFull."""
     peer_queue_bytes: int = 64 * _MiB
-    """Bytes waiting for one peer before publishing to it waits (back-pressure)."""
+    """Bytes the outbox keeps for one destination before publishing to it waits (back-pressure)."""
     subscription_queue_messages: int = 10_000
     """Messages waiting for one subscription's handler or iterator before the agent stops reading the network."""
     publish_timeout: float = 5.0
-    """Seconds ``publish`` waits for room in a full peer queue before raising ``PeerQueueFull``."""
+    """Seconds ``publish`` waits for room in a full outbox before raising ``OutboxFull`` (``PeerQueueFull`` when one destination is full)."""
     socket_hwm: int = 1000
     """ZeroMQ high-water mark, in frames, of every socket."""
     stop_timeout: float = 2.0
@@ -148,7 +162,7 @@ class Config:
         _positive(self, "probe_interval", "probe_timeout", "indirect_probes", "suspicion_mult", "gossip_interval",
                   "gossip_fanout", "gossip_entries", "gossip_max_bytes", "tombstone_ttl", "join_timeout",
                   "rejoin_window", "work_report_interval", "publish_timeout", "stop_timeout", "max_attempts",
-                  "retry_backoff", "retry_backoff_max")
+                  "retry_backoff", "retry_backoff_max", "retransmit_initial", "retransmit_max", "durable_forget_after")
         _check(self.gossip_entries <= 256, "gossip_entries", f"{self.gossip_entries} is above the wire limit of 256")
         _check(
             self.probe_timeout < self.probe_interval,
@@ -162,7 +176,8 @@ class Config:
             self, "max_frame_bytes", "max_payload_bytes", "max_topic_length", "max_topic_tokens",
             "max_header_count", "max_header_bytes", "max_batch_messages", "max_batch_bytes",
             "max_subscriptions", "max_peers", "peer_queue_messages", "peer_queue_bytes",
-            "subscription_queue_messages", "socket_hwm", "max_store_bytes",
+            "subscription_queue_messages", "socket_hwm", "max_store_bytes", "max_outbox_messages",
+            "max_outbox_bytes", "max_held_messages",
         )
         _check(
             self.max_frame_bytes >= self.max_payload_bytes + self.max_header_bytes + 4 * _KiB,

@@ -66,22 +66,31 @@ class Backpressure(MeshError):
     """The agent could not accept more work within the allowed time."""
 
 
-class PeerQueueFull(Backpressure):
-    """A destination's bounded send queue stayed full for the whole publish timeout."""
+class OutboxFull(Backpressure):
+    """The outbox stayed at its limit (``max_outbox_messages`` / ``max_outbox_bytes``) for the
+    whole publish timeout: receivers do not acknowledge as fast as messages are published."""
 
-    def __init__(self, node: str, service: str, queued: int, timeout: float) -> None:
+    def __init__(self, messages: int, size: int, timeout: float, detail: str = "") -> None:
         super().__init__(
-            f"send queue to {service} ({node}) is full ({queued} messages) "
-            f"and did not drain within {timeout:g}s; the receiver is slow or gone"
+            detail or f"the outbox is full ({messages} messages, {size} bytes waiting for acknowledgment) "
+            f"and did not drain within {timeout:g}s; receivers are slow or down"
         )
-        self.node = node
-        self.service = service
-        self.queued = queued
+        self.messages = messages
+        self.bytes = size
         self.timeout = timeout
 
 
-class OutboxFull(Backpressure):
-    """The durable outbox is at its byte or count limit."""
+class PeerQueueFull(OutboxFull):
+    """The outbox holds as much as it may for one destination (``peer_queue_messages`` /
+    ``peer_queue_bytes``) and it did not acknowledge any within the publish timeout."""
+
+    def __init__(self, node: str, service: str, queued: int, timeout: float, size: int = 0) -> None:
+        super().__init__(queued, size, timeout,
+                         f"the outbox to {service} ({node}) is full ({queued} messages waiting for its "
+                         f"acknowledgment) and did not drain within {timeout:g}s; the receiver is slow or gone")
+        self.node = node
+        self.service = service
+        self.queued = queued
 
 
 # --- local storage ---------------------------------------------------------------

@@ -30,7 +30,7 @@ class Message:
     __slots__ = (
         "_id", "timestamp", "topic", "type", "source", "node", "schema_version",
         "headers", "key", "raw", "_format", "_data", "seq", "_replier", "replied", "_work",
-        "attempts", "_verdict", "_in_handler", "expires_at",
+        "attempts", "_verdict", "_in_handler", "expires_at", "_rx",
     )
 
     def __init__(
@@ -54,6 +54,7 @@ class Message:
         self._replier: Callable[..., None] | None = None  # set by the agent on a request
         self.replied = False
         self._work: str | None = None  # queue-group work: the node to tell when it is finished
+        self._rx: Any = None  # (sender, epoch, seq) of its stream: the inbox learns when it is finished
         self.attempts = 0
         """How many times this message was handed to a handler here (1 on the first call)."""
         self._verdict: float | None = None  # set by nack(): retry after this many seconds (-1: the backoff)

@@ -7,8 +7,10 @@ Layout: one LMDB environment in ``<data_dir>/store`` with named databases
 
 - ``meta``:    format version and the node's identity;
 - ``out``:     ``dest + seq`` → a message waiting for ``dest``'s ack;
-- ``streams``: ``dest`` → the send stream's (epoch, next seq, acked);
+- ``streams``: ``dest`` → the send stream's (epoch, next seq, acked, destination service);
 - ``inbox``:   ``sender`` → the receive stream's (epoch, committed), the dedup record;
+- ``peers``:   ``node`` → the routing record of a peer with durable subscriptions, so
+  that messages for it wait while it is down, even across our own restart;
 - ``dlq``:     dead-letter id → the dead letter;
 - ``replay``:  dead-letter id → a request (from ``meshmq dlq replay``) to hand it over again;
 - ``quarantine``: records moved aside because they failed their check.
@@ -57,7 +59,7 @@ from ._errors import CorruptStore, StoreError
 
 FORMAT = 1
 DURABILITY = ("fsync", "os", "memory")
-_DBS = (b"meta", b"out", b"streams", b"inbox", b"dlq", b"replay", b"quarantine")
+_DBS = (b"meta", b"out", b"streams", b"inbox", b"dlq", b"replay", b"peers", b"quarantine")
 _SHOWN = 50  # damaged records named in a CorruptStore
 
 
@@ -99,8 +101,19 @@ class Batch:
     def drop_upto(self, dest: str, upto: int) -> None:
         self.ranges.append((dest, upto))
 
-    def set_stream(self, dest: str, epoch: int, next_seq: int, acked: int) -> None:
-        self.puts.append((b"streams", dest.encode(), [epoch, next_seq, acked]))
+    def set_stream(self, dest: str, epoch: int, next_seq: int, acked: int, service: str = "") -> None:
+        self.puts.append((b"streams", dest.encode(), [epoch, next_seq, acked, service]))
+
+    def drop_stream(self, dest: str) -> None:
+        """Forget the stream to ``dest`` and every message waiting on it."""
+        self.deletes.append((b"streams", dest.encode()))
+        self.ranges.append((dest, 2**63 - 1))
+
+    def put_peer(self, node: str, record: Any) -> None:
+        self.puts.append((b"peers", node.encode(), record))
+
+    def drop_peer(self, node: str) -> None:
+        self.deletes.append((b"peers", node.encode()))
 
     def set_inbox(self, sender: str, epoch: int, committed: int) -> None:
         self.puts.append((b"inbox", sender.encode(), [epoch, committed]))
@@ -135,9 +148,11 @@ class Contents:
     """Everything an agent needs from its store when it starts."""
 
     meta: dict[str, Any]
-    streams: dict[str, tuple[int, int, int]]
+    streams: dict[str, tuple[int, int, int, str]]
+    """dest → (epoch, next seq, acked, service)"""
     outbox: dict[str, list[tuple[int, Any]]]
     inbox: dict[str, tuple[int, int]]
+    peers: dict[str, Any]
     dead_letters: int
     quarantined: int
 
@@ -248,10 +263,11 @@ class Store:
         for key, record in self._items(b"out"):
             dest, seq = split_out_key(key)
             outbox[dest].append((seq, record))
-        streams = {k.decode(): tuple(v) for k, v in self._items(b"streams")}
+        streams = {k.decode(): (*v, "")[:4] for k, v in self._items(b"streams")}
         inbox = {k.decode(): tuple(v) for k, v in self._items(b"inbox")}
         return Contents(
             meta=self._read_db(b"meta"), streams=streams, outbox=dict(outbox), inbox=inbox,  # type: ignore[arg-type]
+            peers=self._read_db(b"peers"),
             dead_letters=self.count(b"dlq"), quarantined=self.count(b"quarantine"),
         )
 

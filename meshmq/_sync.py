@@ -1,10 +1,12 @@
 """The blocking face: :class:`Agent` runs an :class:`AsyncAgent` on its own thread.
 
 One implementation, two faces (as python-zeroconf does). Control calls
-(subscribe, stop, ...) hop to the loop thread and wait. ``publish`` does not pay
-a hop per message: it checks and encodes in the caller's thread, puts the
-envelope on the destination links (thread-safe), and wakes the loop once per
-batch. Handlers run on the agent's thread; keep them short or hand work off.
+(subscribe, stop, ...) hop to the loop thread and wait. ``publish`` checks and
+encodes in the caller's thread and hands the envelope to the loop, which takes
+what all threads handed over once per loop turn. With a durable store it then
+waits for the commit; with ``durability="memory"`` it returns at once (nothing is
+committed), waiting only when the loop is more than ``INTAKE_LIMIT`` messages behind.
+Plain handlers run on a thread of their subscription's own.
 """
 
 from __future__ import annotations
@@ -12,16 +14,20 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from ._agent import AsyncAgent, DeadLetter, Handler, PeerInfo, RouteEntry, Subscription, _check_seconds, _Full
+from ._agent import (
+    AsyncAgent, DeadLetter, Handler, OutboxEntry, PeerInfo, RouteEntry, Subscription, _check_seconds, _Full,
+)
 from ._config import Config
 from ._message import Message
 from ._errors import AgentClosed, MeshTimeout
 
 T = TypeVar("T")
+
+INTAKE_LIMIT = 10_000
+"""With durability "memory": publishes a blocking Agent's loop may be behind before publish waits."""
 
 
 class Agent:
@@ -33,7 +39,7 @@ class Agent:
 
     def __init__(self, service: str, *, config: Config | None = None, **overrides: Any) -> None:
         self._agent = AsyncAgent(service, config=config, **overrides)
-        self._agent._shared_links = True  # our callers' threads publish too
+        self._pending_error: BaseException | None = None  # a publish that failed after returning
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -134,28 +140,47 @@ class Agent:
 
     def publish(self, topic: str, data: Any, *, type: str | None = None, key: str | None = None,
                 headers: dict[str, str] | None = None, schema_version: int = 1, ttl: float | None = None) -> str:
-        """See :meth:`AsyncAgent.publish`. Blocks up to ``publish_timeout`` while a destination is full.
+        """See :meth:`AsyncAgent.publish`: returns once the message is committed to the outbox,
+        waiting up to ``publish_timeout`` while the outbox is full. Concurrent publishes from
+        several threads share commits; one thread publishing in a loop waits for one commit
+        per message (use several threads, or :class:`AsyncAgent`, for throughput).
 
-        From a handler (the agent's own thread) it cannot wait: a full destination raises at once.
+        With ``durability="memory"`` there is nothing to commit and it returns at once; an
+        error found afterwards (the outbox stayed full) is raised by the next ``publish``.
+        From a coroutine handler on the agent's loop it cannot wait: a full outbox raises at once.
         """
         agent = self._agent
         prepared = agent._prepare(topic, data, type, key, headers, schema_version, ttl)
-        on_loop = threading.get_ident() == agent._loop_thread
-        try:
-            return agent._enqueue(prepared, threadsafe=not on_loop)
-        except _Full as full:
-            if on_loop:
-                raise agent._full_error(full.link) from None
-        deadline = time.monotonic() + agent.config.publish_timeout
-        while True:  # back-pressure: wait for room, bounded by publish_timeout
-            remaining = deadline - time.monotonic()
-            assert agent._transport is not None
-            agent._transport.wait_space_blocking(min(remaining, 0.05))
+        if threading.get_ident() == agent._loop_thread:
             try:
-                return agent._enqueue(prepared, threadsafe=True)
+                agent._enqueue(prepared)  # a commit cannot be waited for on the loop itself
             except _Full as full:
-                if deadline - time.monotonic() <= 0:
-                    raise agent._full_error(full.link) from None
+                raise agent._full_error(full.dest) from None
+            return prepared[2].hex()
+        error = self._pending_error
+        if error is not None:
+            self._pending_error = None
+            raise error
+        future = agent._publish_threadsafe(prepared)
+        if agent.config.durability != "memory" or len(agent._intake) > INTAKE_LIMIT:
+            return self._wait_published(future)
+        future.add_done_callback(self._keep_error)
+        return prepared[2].hex()
+
+    def _wait_published(self, future: concurrent.futures.Future[str]) -> str:
+        try:
+            return future.result(self.config.publish_timeout + 30)
+        except concurrent.futures.TimeoutError:
+            raise MeshTimeout(f"agent {self.service!r} did not take the message within "
+                              f"{self.config.publish_timeout + 30:g}s") from None
+
+    def _keep_error(self, future: concurrent.futures.Future[str]) -> None:
+        if not future.cancelled() and future.exception() is not None and self._pending_error is None:
+            self._pending_error = future.exception()
+
+    def outbox(self) -> list[OutboxEntry]:
+        """See :meth:`AsyncAgent.outbox`."""
+        return self._call(self._agent.outbox)
 
     def request(self, topic: str, data: Any, *, timeout: float = 5.0, type: str | None = None,
                 key: str | None = None, headers: dict[str, str] | None = None, schema_version: int = 1) -> Message:
@@ -165,10 +190,11 @@ class Agent:
                                    schema_version=schema_version)
         return self._run(coro, timeout=wait + 10)
 
-    def subscribe(self, pattern: str, handler: Handler | None = None, *, queue: str | None = None) -> Subscription:
+    def subscribe(self, pattern: str, handler: Handler | None = None, *, queue: str | None = None,
+                  durable: bool | None = None) -> Subscription:
         """See :meth:`AsyncAgent.subscribe`. Without a handler, iterate the subscription
         (``for msg in sub``) or call ``sub.get(timeout)``."""
-        return self._call(self._agent._subscribe, pattern, handler, queue, handler is None, True)
+        return self._call(self._agent._subscribe, pattern, handler, queue, handler is None, True, durable)
 
     def on(self, type: str) -> Callable[[Handler], Handler]:
         """See :meth:`AsyncAgent.on`."""

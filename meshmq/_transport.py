@@ -1,16 +1,11 @@
 """ZeroMQ transport: the shell that moves frames. No protocol decisions here.
 
 Each agent binds one PULL socket (one endpoint per interface) and opens one PUSH
-socket per peer endpoint. Every peer has a :class:`Link`: a bounded queue of
-envelopes that the loop packs into DATA frames (up to ``max_batch_messages`` /
-``max_batch_bytes`` each) and sends without blocking. A slow or vanished peer
-fills only its own link; publishing to it then waits (back-pressure) and, after
-``publish_timeout``, fails with :class:`PeerQueueFull`, while every other link
-keeps flowing.
-
-Links are filled from the loop thread or, by the blocking ``Agent``, from the
-caller's thread; the queue and its counters are guarded by a lock, and the loop
-is woken once per batch, not once per message.
+socket per peer endpoint (a :class:`Link`). What to send is not kept here: when a
+link may send, the transport asks ``produce(link)`` for frames (the outbox builds
+them from the destination's stream) and sends them without blocking until the
+socket is full; then it waits for the socket to become writable. A slow or
+vanished peer fills only its own socket. Everything runs on the agent's loop.
 """
 
 from __future__ import annotations
@@ -18,14 +13,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import threading
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
 import zmq
-
-from ._wire import data_frame
 
 log = logging.getLogger("meshmq.transport")
 
@@ -53,120 +44,40 @@ class Wakeup:
 
 
 class Link:
-    """Everything waiting to go to one endpoint, and the socket it goes on."""
+    """The socket to one peer endpoint, and the frames built for it that the socket refused."""
 
-    __slots__ = (
-        "endpoint", "socket", "node", "service", "queue", "queued", "queued_bytes", "lock",
-        "scheduled", "frame", "next_seq", "watching", "closed", "max_messages", "max_bytes", "hot_until", "shared",
-    )
+    __slots__ = ("endpoint", "socket", "node", "service", "scheduled", "frames", "watching", "closed", "hot_until")
 
-    def __init__(self, endpoint: str, socket: zmq.Socket[bytes] | None, max_messages: int, max_bytes: int) -> None:
+    def __init__(self, endpoint: str, socket: zmq.Socket[bytes] | None) -> None:
         self.endpoint = endpoint
         self.socket = socket
         self.node = ""
         self.service = ""
-        self.queue: collections.deque[tuple[Any, int]] = collections.deque()
-        self.queued = 0
-        self.queued_bytes = 0
-        self.lock = threading.Lock()
-        self.scheduled = False
-        self.frame: bytes | None = None  # built and sequenced, but refused by a full socket
-        self.next_seq = 1
+        self.scheduled = False  # a flush is due on the loop
+        self.frames: collections.deque[bytes] = collections.deque()  # built, refused by a full socket
         self.watching = False
         self.closed = False
-        self.max_messages = max_messages
-        self.max_bytes = max_bytes
         self.hot_until = 0.0  # a message left at once just now: batch what follows until then
-        self.shared = True  # filled from several threads (blocking Agent): take() must lock
-
-    def has_room(self) -> bool:
-        return self.queued < self.max_messages and self.queued_bytes < self.max_bytes
-
-    def put(self, entry: Any, size: int) -> bool:
-        """Append one entry (from any thread); return True if the loop must be woken to flush."""
-        with self.lock:
-            return self.put_owned(entry, size)
-
-    def put_owned(self, entry: Any, size: int) -> bool:
-        """:meth:`put` for links that only the loop thread fills (a plain AsyncAgent): no lock."""
-        self.queue.append((entry, size))
-        self.queued += 1
-        self.queued_bytes += size
-        if self.scheduled:
-            return False
-        self.scheduled = True
-        return True
-
-    def take(self, max_messages: int, max_bytes: int) -> list[Any]:
-        """Pop one batch: at most ``max_messages``, and ``max_bytes`` unless a single entry is larger."""
-        q = self.queue
-        if self.queued == 1 and len(q) == 1 and not self.shared:  # an idle link's single message
-            entry, n = q.popleft()
-            self.queued = 0
-            self.queued_bytes -= n
-            return [entry]
-        with self.lock:
-            batch: list[Any] = []
-            size = 0
-            while q and len(batch) < max_messages:
-                entry, n = q[0]
-                if batch and size + n > max_bytes:
-                    break
-                q.popleft()
-                batch.append(entry)
-                size += n
-            self.queued -= len(batch)
-            self.queued_bytes -= size
-            return batch
-
-    def take_or_idle(self, max_messages: int, max_bytes: int) -> list[Any]:
-        """:meth:`take`; when nothing is left, mark the link idle (``scheduled`` cleared) and
-        return ``[]``. Checked under the lock, so a concurrent :meth:`put` either lands in a
-        batch or sees the link idle and wakes the loop: no wake-up is lost. Until then,
-        publishers filling the link while it drains wake nobody."""
-        while True:
-            entries = self.take(max_messages, max_bytes)
-            if entries:
-                return entries
-            with self.lock:
-                if not self.queue:
-                    self.scheduled = False
-                    return entries
-
-    def clear(self) -> int:
-        """Drop everything waiting (the peer is gone); return how many entries were dropped."""
-        with self.lock:
-            n = self.queued + (1 if self.frame is not None else 0)
-            self.queue.clear()
-            self.queued = self.queued_bytes = 0
-            self.frame = None
-            return n
 
 
 class Transport:
     """Sockets of one agent. Runs on the agent's event loop thread (``async_`` methods)."""
 
-    def __init__(self, config: Any, node_id: str, on_frame: Callable[[bytes], None]) -> None:
+    def __init__(self, config: Any, node_id: str, on_frame: Callable[[bytes], None],
+                 produce: Callable[[Link], list[bytes]]) -> None:
         self.config = config
         self.node_id = node_id
         self.on_frame = on_frame
-        self.epoch = 1
+        self.produce = produce
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.pull: zmq.Socket[bytes] | None = None
         self.endpoints: tuple[str, ...] = ()
         self.links: dict[str, Link] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.reading = False
-        self.space = threading.Condition()
-        self.space_waiters = Wakeup()
         self.counters: collections.Counter[str] = collections.Counter()
         self.read_budget = 2000  # frames per loop turn before yielding to other work
-        self.shared_links = True  # the agent clears this when only its loop thread fills links
-        self.max_batch_messages = config.max_batch_messages
-        self.max_batch_bytes = config.max_batch_bytes
-        self.packer = msgpack.Packer(use_bin_type=True)  # used on the loop thread only
         self.frames_sent = 0
-        self.messages_sent = 0
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -201,7 +112,6 @@ class Transport:
             self._close_link(link, linger)
         self.links.clear()
         self.ctx.term()
-        self._notify_space()
 
     # --- receiving ------------------------------------------------------------------
 
@@ -254,20 +164,16 @@ class Transport:
         if endpoint.startswith("tcp://["):
             sock.setsockopt(zmq.IPV6, 1)
         sock.connect(endpoint)
-        link = Link(endpoint, sock, cfg.peer_queue_messages, cfg.peer_queue_bytes)
-        link.shared = self.shared_links
+        link = Link(endpoint, sock)
         self.links[endpoint] = link
         return link
 
-    def async_disconnect(self, endpoint: str) -> int:
-        """Close a link; return how many queued entries were dropped with it."""
+    def async_disconnect(self, endpoint: str) -> None:
+        """Close a link (what it had not sent stays in the outbox)."""
         link = self.links.pop(endpoint, None)
-        if link is None:
-            return 0
-        dropped = link.clear()
-        self._close_link(link, 0.0)
-        self._notify_space()
-        return dropped
+        if link is not None:
+            link.frames.clear()
+            self._close_link(link, 0.0)
 
     def _close_link(self, link: Link, linger: float) -> None:
         link.closed = True
@@ -287,69 +193,44 @@ class Transport:
         except zmq.Again:
             self.counters["control_frames_deferred"] += 1
 
-    def wake(self, link: Link, threadsafe: bool) -> None:
-        """Schedule a flush of ``link`` on the loop (from any thread)."""
-        assert self.loop is not None
-        if threadsafe:
-            self.loop.call_soon_threadsafe(self.flush, link)
-        else:
+    def wake(self, link: Link) -> None:
+        """Have ``link`` flushed soon (once, however often it is woken meanwhile)."""
+        if not link.scheduled and not link.watching:
+            link.scheduled = True
+            assert self.loop is not None
             self.loop.call_soon(self.flush, link)
 
     def flush(self, link: Link) -> None:
-        """Send what waits on ``link``, batch by batch, until it is empty or the socket is full.
-
-        While the socket is full the link stays scheduled: the writable watcher (or the
-        tick's fallback) calls us again.
-        """
+        """Send what ``link``'s destination has due, frame by frame, until nothing is due or
+        the socket is full; then the writable watcher (or the outbox's timer) comes back."""
+        link.scheduled = False
         sock = link.socket
         if link.closed or sock is None:
-            link.scheduled = False
             return
-        was_full = link.queued >= link.max_messages or link.queued_bytes >= link.max_bytes
+        frames = link.frames
         while True:
-            frame = link.frame
-            if frame is None:
-                entries = link.take_or_idle(self.max_batch_messages, self.max_batch_bytes)
-                if not entries:
-                    break
-                frame = data_frame(self.node_id, self.epoch, link.next_seq, entries, self.packer)
-                link.next_seq += len(entries)
-                self.frames_sent += 1
-                self.messages_sent += len(entries)
+            if not frames:
+                more = self.produce(link)
+                if not more:
+                    return
+                frames.extend(more)
             try:
-                sock.send(frame, zmq.NOBLOCK)
-                link.frame = None
+                sock.send(frames[0], zmq.NOBLOCK)
             except zmq.Again:
-                link.frame = frame
                 self._watch_writable(link)
-                break
-        if was_full and link.has_room():
-            self._notify_space()
-
-    def send_one(self, link: Link, entry: Any) -> bool:
-        """Send one entry at once on an idle link (nothing queued or pending); False if the
-        socket would block, and then the caller queues the entry as usual."""
-        sock = link.socket
-        if sock is None or link.closed:
-            return False
-        frame = data_frame(self.node_id, self.epoch, link.next_seq, [entry], self.packer)
-        try:
-            sock.send(frame, zmq.NOBLOCK)
-        except zmq.Again:
-            return False
-        link.next_seq += 1
-        self.frames_sent += 1
-        self.messages_sent += 1
-        return True
+                return
+            frames.popleft()
+            self.frames_sent += 1
 
     def flush_all(self) -> None:
-        """Retry every link that has something waiting (timer fallback for missed wake-ups)."""
+        """Flush every link (timer fallback for a missed writable edge)."""
         for link in list(self.links.values()):
-            if link.queued or link.frame is not None:
+            if not link.watching:
                 self.flush(link)
 
-    def pending(self) -> int:
-        return sum(link.queued + (link.frame is not None) for link in self.links.values())
+    def unsent(self) -> int:
+        """Frames built but not yet taken by a socket."""
+        return sum(len(link.frames) for link in self.links.values())
 
     def _watch_writable(self, link: Link) -> None:
         if link.watching or self.loop is None or link.socket is None:
@@ -370,16 +251,4 @@ class Transport:
         # The socket may have become writable between the failed send and now.
         self.loop.call_soon(writable)
 
-    # --- back-pressure waiting ---------------------------------------------------------
 
-    def _notify_space(self) -> None:
-        with self.space:
-            self.space.notify_all()
-        self.space_waiters.fire()
-
-    async def async_wait_space(self, timeout: float) -> None:
-        await self.space_waiters.wait(timeout)
-
-    def wait_space_blocking(self, timeout: float) -> None:
-        with self.space:
-            self.space.wait(timeout)

@@ -3,7 +3,7 @@
 Pure functions, no I/O. Every frame is one ZeroMQ message::
 
     byte 0   protocol version (PROTOCOL_VERSION)
-    byte 1   frame kind (DATA; membership: HELLO, PING, ACK, PING_REQ, SYNC, BYE; WORK)
+    byte 1   frame kind (DATA, RECEIPT; membership: HELLO, PING, ACK, PING_REQ, SYNC, BYE; WORK)
     rest     msgpack body, positional arrays (compact, and fast to decode)
 
 An envelope is encoded once by its publisher and travels as opaque bytes inside
@@ -26,7 +26,7 @@ from ._errors import PayloadError, ProtocolError, TopicError
 from ._message import FORMAT_BYTES, FORMAT_MSGPACK, Message
 from ._topics import check_topic
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 ENVELOPE_VERSION = 1
 
 HELLO = 1
@@ -37,8 +37,9 @@ SYNC = 5
 ACK = 6
 PING_REQ = 7
 WORK = 8
+RECEIPT = 9
 KINDS = {HELLO: "hello", PING: "ping", BYE: "bye", DATA: "data", SYNC: "sync", ACK: "ack", PING_REQ: "ping-req",
-         WORK: "work"}
+         WORK: "work", RECEIPT: "receipt"}
 MAX_SYNC_ENTRIES = 256
 """Most membership entries (and most wants) one sync frame may carry, however large the mesh."""
 
@@ -239,10 +240,12 @@ MAX_CERT_BYTES = 16 * 1024
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Subscription:
-    """What a node advertises: a pattern, and the queue group it competes in (or None)."""
+    """What a node advertises: a pattern, the queue group it competes in (or None), and
+    whether it is durable (publishers keep its messages while the node is down)."""
 
     pattern: str
     group: str | None = None
+    durable: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -273,7 +276,8 @@ class NodeRecord:
     def to_wire(self) -> list[Any]:
         return [
             self.node, self.service, list(self.endpoints),
-            [[s.pattern, s.group] for s in self.subscriptions], self.incarnation, self.started,
+            [[s.pattern, s.group, True] if s.durable else [s.pattern, s.group] for s in self.subscriptions],
+            self.incarnation, self.started,
             [list(s) for s in self.schemas], self.cert,
         ]
 
@@ -294,14 +298,14 @@ class NodeRecord:
             raise ProtocolError("bad or too many subscriptions in record")
         parsed = []
         for s in subs:
-            if type(s) is not list or len(s) != 2:
+            if type(s) is not list or not 2 <= len(s) <= 3 or (len(s) == 3 and s[2] is not True):
                 raise ProtocolError("bad subscription in record")
-            pattern, group = s
+            pattern, group = s[0], s[1]
             if type(pattern) is not str or not pattern or len(pattern) > limits.max_topic_length:
                 raise ProtocolError("bad subscription pattern in record")
             if group is not None and (type(group) is not str or not group or len(group) > _MAX_NAME):
                 raise ProtocolError("bad queue group in record")
-            parsed.append(Subscription(pattern, group))
+            parsed.append(Subscription(pattern, group, len(s) == 3))
         _check_incarnation(incarnation, "record")
         _check_started(started, "record")
         if type(schemas) is not list or len(schemas) > MAX_RECORD_SCHEMAS:
@@ -432,14 +436,21 @@ def work_frame(mesh: str, node: str, done: int) -> bytes:
 
 
 def data_frame(node: str, epoch: int, first_seq: int, entries: list[Any],
-               packer: msgpack.Packer | None = None) -> bytes:
+               packer: msgpack.Packer | None = None, floor: int = 0) -> bytes:
     """A batch of envelopes for one stream; entry i has sequence ``first_seq + i``.
 
     An entry is the envelope bytes, or ``[envelope, [group, ...]]`` when the
-    receiver was chosen to serve queue groups for that message.
+    receiver was chosen to serve queue groups for that message. ``floor`` is the
+    lowest number the sender still keeps: the receiver stops waiting for any below it.
     """
-    body = [node, epoch, first_seq, entries]
+    body = [node, epoch, first_seq, floor, entries]
     return _HEAD[DATA] + (packer.pack(body) if packer is not None else msgpack.packb(body, use_bin_type=True))
+
+
+def receipt_frame(node: str, epoch: int, committed: int, received: int) -> bytes:
+    """The receiver's ack of stream ``(node's peer → node, epoch)``: everything up to
+    ``received`` arrived, everything up to ``committed`` is handled and durable."""
+    return _HEAD[RECEIPT] + msgpack.packb([node, epoch, committed, received])
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -510,10 +521,19 @@ class Data:
     node: str
     epoch: int
     first_seq: int
+    floor: int
     entries: list[Any]
 
 
-Frame = Hello | Ping | Ack | PingReq | Bye | Sync | Work | Data
+@dataclasses.dataclass(frozen=True, slots=True)
+class Receipt:
+    node: str
+    epoch: int
+    committed: int
+    received: int
+
+
+Frame = Hello | Ping | Ack | PingReq | Bye | Sync | Work | Data | Receipt
 
 
 def _fields(body: Any, n: int, what: str) -> list[Any]:
@@ -564,6 +584,14 @@ def decode_frame(frame: bytes | memoryview, limits: Limits) -> Frame:
         if entry.record is None or entry.status != ALIVE:
             raise ProtocolError("a hello must carry the sender's record, alive")
         return Hello(body[0], entry, body[2])
+    if kind == RECEIPT:
+        if len(body) != 4 or type(body[0]) is not str or not 0 < len(body[0]) <= _MAX_NAME:
+            raise ProtocolError("bad receipt")
+        node, epoch, committed, received = body
+        committed, received = _seq(committed, "receipt"), _seq(received, "receipt")
+        if received < committed:
+            raise ProtocolError("receipt: received below committed")
+        return Receipt(node, _seq(epoch, "receipt"), committed, received)
     if kind == WORK:
         mesh, node, done = _fields(body, 3, "work report")
         return Work(mesh, node, _seq(done, "work report"))
@@ -587,20 +615,22 @@ def decode_frame(frame: bytes | memoryview, limits: Limits) -> Frame:
     raise ProtocolError(f"unknown frame kind {kind}")
 
 
-def decode_data(frame: bytes | memoryview, limits: Limits) -> tuple[str, int, int, list[Any]]:
-    """(sender node, epoch, first sequence, entries) of a DATA frame: the receive hot path,
-    without the :class:`Data` object. The caller has checked bytes 0 and 1."""
+def decode_data(frame: bytes | memoryview, limits: Limits) -> tuple[str, int, int, int, list[Any]]:
+    """(sender node, epoch, first sequence, floor, entries) of a DATA frame: the receive hot
+    path, without the :class:`Data` object. The caller has checked bytes 0 and 1."""
     if len(frame) > limits.max_frame_bytes:
         raise ProtocolError("frame larger than max_frame_bytes")
     body = _unpack(memoryview(frame)[2:], limits)
-    if type(body) is not list or len(body) != 4:
-        raise ProtocolError("data frame is not a 4-field array")
-    node, epoch, first_seq, entries = body
-    if type(node) is not str or type(epoch) is not int or type(first_seq) is not int:
+    if type(body) is not list or len(body) != 5:
+        raise ProtocolError("data frame is not a 5-field array")
+    node, epoch, first_seq, floor, entries = body
+    if (type(node) is not str or not 0 < len(node) <= _MAX_NAME or type(epoch) is not int
+            or type(first_seq) is not int or type(floor) is not int
+            or not 0 < epoch < 2**63 or not 0 < first_seq < 2**63 or not 0 <= floor < 2**63):
         raise ProtocolError("bad data frame header")
     if type(entries) is not list or len(entries) > limits.max_batch_messages:
         raise ProtocolError("bad or oversized batch")
-    return node, epoch, first_seq, entries
+    return node, epoch, first_seq, floor, entries
 
 
 def split_entry(entry: Any) -> tuple[bytes, tuple[str, ...]]:

@@ -35,7 +35,7 @@ def test_what_was_committed_is_there_after_reopening(tmp_path: Path, durability:
         assert got.outbox == {"node-b": [(1, {"id": "m1", "env": b"x" * 10}), (2, {"id": "m2", "env": b"x" * 10}),
                                          (3, {"id": "m3", "env": b"x" * 10})],
                               "node-c": [(1, {"id": "c1", "env": b"y"})]}
-        assert got.streams == {"node-b": (7, 4, 0)} and got.inbox == {"node-z": (3, 41)}
+        assert got.streams == {"node-b": (7, 4, 0, "")} and got.inbox == {"node-z": (3, 41)}
         assert got.dead_letters == 1 and store.dead_letter("dl-1") == {"reason": "expired", "attempts": 5}
         assert store.dead_letter("nope") is None
         assert got.meta["format"] == 1

@@ -15,9 +15,10 @@ from meshmq._message import FORMAT_BYTES, FORMAT_MSGPACK, Message
 from meshmq._records import claim
 from meshmq._wire import (
     ACK, ALIVE, BYE, DATA, DEAD, ENVELOPE_VERSION, HELLO, LEFT, MAX_INCARNATION, PING, PING_REQ, PROTOCOL_VERSION,
-    SUSPECT, SYNC, SYNC_LAST, SYNC_OPEN, SYNC_REPLY, Ack, Bye, Data, Entry, Hello, Limits, NodeRecord, Ping, PingReq,
-    Subscription, Sync, ack_frame, bye_frame, check_headers, data_frame, decode_envelope, decode_frame,
-    encode_envelope, encode_payload, hello_frame, ping_frame, ping_req_frame, split_entry, sync_frame,
+    RECEIPT, SUSPECT, SYNC, SYNC_LAST, SYNC_OPEN, SYNC_REPLY, Ack, Bye, Data, Entry, Hello, Limits, NodeRecord, Ping,
+    PingReq, Receipt, Subscription, Sync, ack_frame, bye_frame, check_headers, data_frame, decode_envelope,
+    decode_frame, encode_envelope, encode_payload, hello_frame, ping_frame, ping_req_frame, receipt_frame, split_entry,
+    sync_frame,
 )
 
 LIMITS = Limits()
@@ -349,12 +350,26 @@ def test_sync_round_trips_digests_records_and_wants() -> None:
 
 def test_data_round_trips_with_and_without_groups() -> None:
     entries: list[Any] = [envelope(b"1"), [envelope(b"2"), ["workers", "audit"]]]
-    frame = decode_frame(data_frame("node-1", 3, 100, entries), LIMITS)
-    assert frame == Data("node-1", 3, 100, entries)
+    frame = decode_frame(data_frame("node-1", 3, 100, entries, floor=99), LIMITS)
+    assert frame == Data("node-1", 3, 100, 99, entries)
     assert isinstance(frame, Data)
     assert split_entry(frame.entries[0]) == (entries[0], ())
     assert split_entry(frame.entries[1]) == (entries[1][0], ("workers", "audit"))
     assert decode_envelope(split_entry(frame.entries[1])[0], LIMITS, frame.first_seq + 1).seq == 101
+
+
+def test_receipts_round_trip_and_bad_ones_are_rejected() -> None:
+    assert decode_frame(receipt_frame("node-2", 4, 10, 12), LIMITS) == Receipt("node-2", 4, 10, 12)
+    for body in (["node-2", 4, 12, 10], ["node-2", 4, -1, 3], ["", 4, 1, 1], ["node-2", 4, 1], ["node-2", "4", 1, 1]):
+        with pytest.raises(ProtocolError):
+            decode_frame(bytes((PROTOCOL_VERSION, RECEIPT)) + msgpack.packb(body), LIMITS)
+
+
+@pytest.mark.parametrize("body", [["n", 0, 1, 0, []], ["n", 1, 0, 0, []], ["n", 1, 1, -1, []], ["", 1, 1, 0, []],
+                                  ["n", 1, 1, []], ["n", 1, 1, 0, "x"]])
+def test_bad_data_frame_headers_are_rejected(body: list[Any]) -> None:
+    with pytest.raises(ProtocolError):
+        decode_frame(bytes((PROTOCOL_VERSION, DATA)) + msgpack.packb(body), LIMITS)
 
 
 @pytest.mark.parametrize("entry", ["text", [b"env"], [b"env", "workers"], [b"env", [1]], ["env", []], None])
@@ -405,7 +420,7 @@ _ALIVE_WIRE = claim(RECORD).to_wire(True)
     (b"", "too short"),
     (b"\x01\x01", "too short"),
     (bytes((1, HELLO)) + packed(["m"]), "unknown protocol version 1"),
-    (_head(9) + packed(["m"]), "unknown frame kind 9"),
+    (_head(42) + packed(["m"]), "unknown frame kind 42"),
     (_head(PING) + packed({"mesh": "m"}), "body is not an array"),
     (_head(PING) + packed(["m", "n", EP, 1, "t"]), "bad ping"),
     (_head(PING) + packed(["m", "n", "ep", 1, "t", 1.0]), "bad ping"),
@@ -427,10 +442,10 @@ _ALIVE_WIRE = claim(RECORD).to_wire(True)
     (_head(SYNC) + packed(["m", "n", EP, SYNC_OPEN, b"", 0, [[]] * 257, []]), "too many"),
     (_head(SYNC) + packed(["m", "n", EP, SYNC_OPEN, b"", 0, [], ["x"] * 257]), "too many"),
     (_head(SYNC) + packed(["m", "n", EP, SYNC_LAST, b"", 0, [], [""]]), "bad wanted node id"),
-    (_head(DATA) + packed(["n", 1, 1]), "4-field array"),
-    (_head(DATA) + packed(["n", 1.0, 1, []]), "bad data frame header"),
-    (_head(DATA) + packed(["n", 1, 1, [b""] * 257]), "bad or oversized batch"),
-    (_head(DATA) + packed(["n", 1, 1, b""]), "bad or oversized batch"),
+    (_head(DATA) + packed(["n", 1, 1, 0]), "5-field array"),
+    (_head(DATA) + packed(["n", 1.0, 1, 0, []]), "bad data frame header"),
+    (_head(DATA) + packed(["n", 1, 1, 0, [b""] * 257]), "bad or oversized batch"),
+    (_head(DATA) + packed(["n", 1, 1, 0, b""]), "bad or oversized batch"),
     (_head(PING) + b"\xc1", "undecodable msgpack"),
     (_head(PING) + packed(["m", "n", EP, 1, "t", 1.0]) + b"\x00", "undecodable msgpack"),  # trailing bytes
 ])

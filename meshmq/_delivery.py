@@ -1,0 +1,636 @@
+"""Reliable delivery between agents: the outbox and the inbox. Runs on the agent's loop.
+
+The decisions are the pure stream core's (:mod:`meshmq._stream`); this is the shell
+that keeps them in the store and puts them on the wire.
+
+**Outbox.** Each destination node has a send stream. A published message is put
+on the stream of every node it goes to and, with a durable store, written to the
+``out`` database in the same group commit as the stream's position; ``publish``
+returns when that commit is done, and only then may the message leave (so no
+number is ever sent that a crash could hand to another message). The receiver's
+receipt releases it: it is deleted from the store in a later commit. A destination
+that is down keeps its stream while it holds durable subscriptions (the messages
+wait for it), else its stream is dropped and the loss counted.
+
+**Inbox.** Each sender has a receive stream: in order, duplicates dropped, gaps
+held. A message is handed to every local subscription it matches; when all of them
+finished with it (handler returned, message dead-lettered, or taken by an
+iterator), it counts as handled. The stream's handled position is committed (the
+dedup record), then acknowledged. So a receiver that crashes gets again, from the
+sender's outbox, exactly what it had not finished; what it finished and committed it
+never gets twice.
+
+**Commits.** :class:`GroupCommit` folds everything one loop turn changes (messages
+published, receipts, handled positions) into one store batch; the store's writer
+thread folds batches that wait into one transaction. So one fsync serves many
+publishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import heapq
+import logging
+import random
+import time
+from collections.abc import Callable, Container
+from typing import Any
+
+import msgpack
+
+from ._errors import ProtocolError, StoreError
+from ._routing import QueueGroup, RouteIndex
+from ._stream import Backoff, Outgoing, ReceiveStream, SendStream
+from ._store import Batch, Contents, Store
+from ._transport import Link
+from ._wire import Limits, NodeRecord, data_frame, receipt_frame
+
+log = logging.getLogger("meshmq.delivery")
+
+NEVER = 0.0
+"""``expires`` of a message without a time to live."""
+
+
+class Item:
+    """A message kept on a send stream: what is sent, and what the outbox counts."""
+
+    __slots__ = ("entry", "size", "expires")
+
+    def __init__(self, entry: Any, size: int, expires: float) -> None:
+        self.entry = entry
+        """The envelope bytes, or ``[envelope, [group, ...]]`` for queue-group members."""
+        self.size = size
+        self.expires = expires
+        """Wall-clock time after which it is dead-lettered here instead of sent (``NEVER``: no limit)."""
+
+
+class Destination:
+    """One node we send to: its stream, and the link to it while it is up."""
+
+    __slots__ = ("node", "service", "stream", "link", "bytes", "sent_at", "release_upto")
+
+    def __init__(self, node: str, service: str, stream: SendStream[Item]) -> None:
+        self.node = node
+        self.service = service
+        self.stream = stream
+        self.link: Link | None = None
+        self.bytes = 0
+        self.sent_at = 0.0
+        self.release_upto = 0  # the last number put in the batch being committed
+
+    @property
+    def pending(self) -> int:
+        return len(self.stream.pending)
+
+
+class GroupCommit:
+    """Everything one loop turn wants stored, as one batch; callbacks run (on the loop) once
+    the batch is committed, with the error if it failed."""
+
+    def __init__(self, store: Store, loop: asyncio.AbstractEventLoop) -> None:
+        self.store = store
+        self.loop = loop
+        self.batch = Batch()
+        self.before: list[Callable[[Batch], Callable[[BaseException | None], None] | None]] = []
+        """Called with the batch just before it is submitted (to add positions); may return a callback."""
+        self._callbacks: list[Callable[[BaseException | None], None]] = []
+        self._scheduled = False
+        self.in_flight = 0
+
+    def add(self, callback: Callable[[BaseException | None], None] | None = None) -> Batch:
+        """The batch of this turn, to add changes to; ``callback`` runs after its commit."""
+        if callback is not None:
+            self._callbacks.append(callback)
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self._submit)
+        return self.batch
+
+    def _submit(self) -> None:
+        self._scheduled = False
+        batch, self.batch = self.batch, Batch()
+        callbacks, self._callbacks = self._callbacks, []
+        for hook in self.before:
+            after = hook(batch)
+            if after is not None:
+                callbacks.append(after)
+        if not batch and not callbacks:
+            return
+        self.in_flight += 1
+        future = self.store.submit(batch)
+        future.add_done_callback(lambda f: self._threadsafe(self._done, f, callbacks))
+
+    def _threadsafe(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop closed meanwhile (the agent is gone)
+            pass
+
+    def _done(self, future: concurrent.futures.Future[None], callbacks: list[Callable[[BaseException | None], None]]) -> None:
+        self.in_flight -= 1
+        exc = future.exception()
+        for callback in callbacks:
+            callback(exc)
+
+
+class Outbox:
+    """Send streams to every destination, kept in the store until acknowledged."""
+
+    def __init__(self, node_id: str, config: Any, commit: GroupCommit | None, *,
+                 wake: Callable[[Link], None], dead_letter: Callable[[Destination, Item, str], None],
+                 counters: collections.Counter[str]) -> None:
+        self.node_id = node_id
+        self.config = config
+        self.commit = commit
+        """None with ``durability="memory"``: messages are kept in memory only, sent at once."""
+        self.durable = commit is not None
+        self.dests: dict[str, Destination] = {}
+        self.count = 0
+        self.bytes = 0
+        self.max_count = config.max_outbox_messages
+        self.max_bytes = config.max_outbox_bytes
+        self.max_dest_count = config.peer_queue_messages
+        self.max_dest_bytes = config.peer_queue_bytes
+        self.backoff = Backoff(initial=config.retransmit_initial, maximum=config.retransmit_max)
+        self.rng = random.Random()
+        self.epoch = 0  # the last stream epoch this node ever used (kept in the store's meta)
+        self.counters = counters
+        self._wake = wake
+        self._dead_letter = dead_letter
+        self._touched: dict[str, Destination] = {}
+        self._puts: list[tuple[Destination, int]] = []  # messages in the batch being built
+        self._expiry: list[tuple[float, str, int, int]] = []  # (expires, dest, epoch, seq)
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self.space: list[Callable[[], None]] = []
+        """Called when the outbox or a destination had room freed."""
+        if commit is not None:
+            commit.before.append(self._before_commit)
+
+    # --- state at start -----------------------------------------------------------------
+
+    def restore(self, contents: Contents, now: float) -> None:
+        """Take back the streams and messages the store kept from the last run."""
+        self.epoch = int(contents.meta.get("epoch", 0))
+        for node, (epoch, next_seq, acked, service) in contents.streams.items():
+            dest = Destination(node, service, self._stream(epoch, next_seq, acked))
+            kept = []
+            for seq, (entry, expires) in contents.outbox.get(node, []):
+                item = Item(entry, _entry_size(entry), float(expires))
+                kept.append((seq, item))
+                dest.bytes += item.size
+                if item.expires:
+                    heapq.heappush(self._expiry, (item.expires, node, epoch, seq))
+            dest.stream.restore(kept, now)
+            self.count += len(kept)
+            self.bytes += dest.bytes
+            self.dests[node] = dest
+            self.epoch = max(self.epoch, epoch)
+        for node, records in contents.outbox.items():
+            if node not in contents.streams:  # cannot happen (one transaction writes both); never ignore it
+                self.counters["outbox_orphans"] += len(records)
+                log.error("store holds %d messages for %s without a stream; they are left in place", len(records), node)
+
+    def _stream(self, epoch: int, next_seq: int = 1, acked: int = 0) -> SendStream[Item]:
+        return SendStream(epoch, next_seq=next_seq, acked=acked, max_pending=self.max_dest_count,
+                          backoff=self.backoff, rng=self.rng)
+
+    # --- publishing ---------------------------------------------------------------------
+
+    def destination(self, node: str, service: str, link: Link | None) -> Destination:
+        dest = self.dests.get(node)
+        if dest is None:
+            self.epoch += 1  # a new stream never reuses an epoch, across restarts too
+            dest = self.dests[node] = Destination(node, service, self._stream(self.epoch))
+            dest.link = link
+            if self.commit is not None:
+                self.commit.add().put_meta("epoch", self.epoch)
+        return dest
+
+    def full(self, dests: list[Destination], size: int) -> Destination | None | bool:
+        """Whether one more message of ``size`` bytes to ``dests`` must wait: the destination
+        that is full, True if the whole outbox is, else None."""
+        if self.count >= self.max_count or self.bytes + size > self.max_bytes and self.count:
+            return True
+        for dest in dests:
+            if dest.pending >= self.max_dest_count or dest.bytes + size > self.max_dest_bytes and dest.pending:
+                return dest
+        return None
+
+    def put(self, dest: Destination, entry: Any, size: int, expires: float, now: float) -> None:
+        """Keep one message for ``dest`` (the caller checked :meth:`full`)."""
+        item = Item(entry, size, expires)
+        seq = dest.stream.put(item, now, ready=not self.durable)
+        self.count += 1
+        self.bytes += size
+        dest.bytes += size
+        if expires:
+            heapq.heappush(self._expiry, (expires, dest.node, dest.stream.epoch, seq))
+        if self.commit is not None:
+            self.commit.add().put_message(dest.node, seq, [entry, expires])
+            self._touched[dest.node] = dest
+            self._puts.append((dest, seq))
+
+    def _before_commit(self, batch: Batch) -> Callable[[BaseException | None], None] | None:
+        """Add the positions of the streams this batch changed; release their messages after."""
+        if not self._touched:
+            return None
+        touched = list(self._touched.values())
+        self._touched = {}
+        puts, self._puts = self._puts, []
+        for dest in touched:
+            s = dest.stream
+            batch.set_stream(dest.node, s.epoch, s.next_seq, s.acked, dest.service)
+            dest.release_upto = s.next_seq - 1
+        releases = [(dest, dest.release_upto) for dest in touched]
+
+        def committed(exc: BaseException | None) -> None:
+            if exc is None:
+                for dest, upto in releases:
+                    dest.stream.release(upto)
+                    if dest.link is not None and self.dests.get(dest.node) is dest:
+                        self._wake(dest.link)
+                return
+            # Nothing of the batch was written: these messages were never published.
+            for dest, seq in puts:
+                self._forget(dest, dest.stream.give_up(seq))
+            self.counters["publish_store_errors"] += len(puts)
+            for dest, upto in releases:
+                dest.stream.release(upto)  # the numbers left unused are skipped by the receiver
+
+        return committed
+
+    # --- sending ------------------------------------------------------------------------
+
+    def frames(self, link: Link, now: float) -> list[bytes]:
+        """Data frames for ``link``'s destination: what is due now, oldest first."""
+        dest = self.dests.get(link.node)
+        if dest is None or dest.link is not link:
+            return []
+        cfg = self.config
+        due = dest.stream.due(now, cfg.max_batch_messages)
+        if not due:
+            return []
+        dest.sent_at = now
+        self.counters["messages_sent"] += len(due)
+        frames = []
+        s = dest.stream
+        floor = s.floor
+        run: list[Any] = []
+        first = due[0].seq
+        size = 0
+        for out in due:
+            n = out.item.size
+            if run and (out.seq != first + len(run) or size + n > cfg.max_batch_bytes):
+                frames.append(data_frame(self.node_id, s.epoch, first, run, self._packer, floor))
+                run, first, size = [], out.seq, 0
+            run.append(out.item.entry)
+            size += n
+        frames.append(data_frame(self.node_id, s.epoch, first, run, self._packer, floor))
+        return frames
+
+    def tick(self, now: float, wall: float) -> None:
+        """Wake destinations whose retransmission timer expired; dead-letter what expired."""
+        for dest in self.dests.values():
+            if dest.link is not None:
+                due = dest.stream.next_due()
+                if due is not None and due <= now:
+                    self._wake(dest.link)
+        expiry = self._expiry
+        while expiry and expiry[0][0] <= wall:
+            _, node, epoch, seq = heapq.heappop(expiry)
+            dest = self.dests.get(node)
+            if dest is None or dest.stream.epoch != epoch:
+                continue
+            out = dest.stream.give_up(seq)
+            if out is None:
+                continue  # acknowledged meanwhile
+            self._forget(dest, out)
+            self.counters["expired_in_outbox"] += 1
+            if self.commit is not None:
+                self.commit.add().drop_message(node, seq)
+                self._touched[node] = dest
+            self._dead_letter(dest, out.item, "expired")
+            if dest.link is not None:
+                self._wake(dest.link)  # the floor moved: the receiver must not wait for it
+
+    def _forget(self, dest: Destination, out: Outgoing[Item] | None) -> None:
+        if out is None:
+            return
+        self.count -= 1
+        self.bytes -= out.item.size
+        dest.bytes -= out.item.size
+
+    # --- receipts -----------------------------------------------------------------------
+
+    def on_receipt(self, node: str, epoch: int, committed: int, received: int, now: float) -> None:
+        dest = self.dests.get(node)
+        if dest is None:
+            self.counters["receipts_for_unknown_streams"] += 1
+            return
+        s = dest.stream
+        acked = s.acked
+        released = s.on_ack(epoch, committed, now, received)
+        if released:
+            for out in released:
+                self._forget(dest, out)
+            if self.commit is not None:
+                batch = self.commit.add()
+                batch.drop_upto(node, s.acked)
+                self._touched[node] = dest
+            for fn in self.space:
+                fn()
+        elif s.acked == acked and s.resend_from is not None and dest.link is not None:
+            self._wake(dest.link)  # the receiver is behind: send again now
+
+    # --- destinations coming and going ----------------------------------------------------
+
+    def peer_up(self, node: str, service: str, link: Link, now: float) -> None:
+        dest = self.dests.get(node)
+        if dest is None:
+            return
+        returned = dest.link is not link
+        dest.link = link
+        dest.service = service
+        if returned:
+            dest.stream.resend_all(now)  # it may have restarted: whatever it did not commit, again
+            self._wake(link)
+
+    def peer_down(self, node: str, keep: bool) -> int:
+        """The destination left routing. ``keep``: it has durable subscriptions, its messages
+        wait for it. Otherwise they are dropped; returns how many."""
+        dest = self.dests.get(node)
+        if dest is None:
+            return 0
+        dest.link = None
+        if keep:
+            return 0
+        del self.dests[node]
+        self._touched.pop(node, None)
+        dropped = dest.pending
+        for out in list(dest.stream.pending.values()):
+            self._forget(dest, out)
+        if self.commit is not None:
+            self.commit.add().drop_stream(node)
+        if dropped:
+            for fn in self.space:
+                fn()
+        return dropped
+
+    # --- looking ----------------------------------------------------------------------
+
+    def pending(self) -> dict[str, tuple[str, int, int, float | None]]:
+        """dest → (service, messages, bytes, seconds since it last sent)."""
+        now = time.monotonic()
+        return {d.node: (d.service, d.pending, d.bytes, now - d.sent_at if d.sent_at else None)
+                for d in self.dests.values() if d.pending}
+
+
+def _entry_size(entry: Any) -> int:
+    return len(entry) if type(entry) is bytes else len(entry[0])
+
+
+class Sender:
+    """The inbox's view of one sender: its receive stream, and which of the messages
+    handed over are not finished yet."""
+
+    __slots__ = ("node", "stream", "open", "order", "handled", "stored", "acked", "due")
+
+    def __init__(self, node: str, stream: ReceiveStream[Any]) -> None:
+        self.node = node
+        self.stream = stream
+        self.open: dict[int, int] = {}  # seq -> subscriptions still working on it
+        self.order: collections.deque[int] = collections.deque()  # seqs handed over, in order
+        self.handled = stream.delivered  # every number up to it is finished
+        self.stored = stream.committed  # what the store holds (durable) as our position
+        self.acked = (-1, -1)  # (committed, received) of the last receipt sent
+        self.due = False  # a receipt should go
+
+
+class Inbox:
+    """Receive streams from every sender; positions committed once handled, then acked."""
+
+    def __init__(self, node_id: str, config: Any, commit: GroupCommit | None, loop: asyncio.AbstractEventLoop,
+                 send: Callable[[str, bytes], None], counters: collections.Counter[str]) -> None:
+        self.node_id = node_id
+        self.config = config
+        self.commit = commit
+        self.loop = loop
+        self.send = send
+        """Send a frame to a node (the agent looks up its link)."""
+        self.counters = counters
+        self.senders: dict[str, Sender] = {}
+        self._receipts_scheduled = False
+        self._dirty: dict[str, Sender] = {}
+        if commit is not None:
+            commit.before.append(self._before_commit)
+
+    def restore(self, contents: Contents) -> None:
+        for node, (epoch, committed) in contents.inbox.items():
+            self.senders[node] = Sender(node, ReceiveStream(epoch=epoch, delivered=committed,
+                                                            max_held=self.config.max_held_messages))
+
+    def sender(self, node: str) -> Sender:
+        s = self.senders.get(node)
+        if s is None:
+            s = self.senders[node] = Sender(node, ReceiveStream(max_held=self.config.max_held_messages))
+        return s
+
+    def received(self, sender: Sender, epoch_before: int) -> None:
+        """After a data frame: a new epoch forgets the old one's open work (its sender lost
+        those messages); a receipt is due."""
+        if sender.stream.epoch != epoch_before:
+            sender.open.clear()
+            sender.order.clear()
+            sender.handled = sender.stored = 0
+        self._receipt_due(sender)
+
+    def handed(self, sender: Sender, seq: int, takers: int) -> None:
+        """Message ``seq`` went to ``takers`` subscriptions (0: nobody needs to finish it)."""
+        if takers:
+            sender.open[seq] = takers
+        sender.order.append(seq)
+        if sender.order[0] == seq and not takers:
+            self._advance(sender)
+
+    def finished(self, sender: Sender, epoch: int, seq: int) -> None:
+        """One subscription finished message ``seq`` (of ``epoch``)."""
+        if sender.stream.epoch != epoch:
+            return  # of an epoch the sender abandoned
+        left = sender.open.get(seq)
+        if left is None:
+            return
+        if left > 1:
+            sender.open[seq] = left - 1
+            return
+        del sender.open[seq]
+        if sender.order and sender.order[0] == seq:
+            self._advance(sender)
+
+    def _advance(self, sender: Sender) -> None:
+        order, open_ = sender.order, sender.open
+        handled = sender.handled
+        while order and order[0] not in open_:
+            handled = order.popleft()
+        if handled > sender.handled:
+            sender.handled = handled
+            self._dirty[sender.node] = sender
+            if self.commit is not None:
+                self.commit.add()
+            else:
+                sender.stream.commit(handled)
+                self._receipt_due(sender)
+
+    def skipped(self, sender: Sender) -> None:
+        """The stream passed over numbers the sender gave up on: they are handled."""
+        if not sender.order and sender.stream.delivered > sender.handled:
+            sender.order.append(sender.stream.delivered)
+            self._advance(sender)
+
+    def _before_commit(self, batch: Batch) -> Callable[[BaseException | None], None] | None:
+        if not self._dirty:
+            return None
+        dirty = list(self._dirty.values())
+        self._dirty = {}
+        positions = []
+        for sender in dirty:
+            batch.set_inbox(sender.node, sender.stream.epoch, sender.handled)
+            positions.append((sender, sender.stream.epoch, sender.handled))
+
+        def committed(exc: BaseException | None) -> None:
+            if exc is not None:
+                self.counters["inbox_store_errors"] += 1
+                log.error("could not store the inbox position (acks wait, the senders keep the messages): %s", exc)
+                for sender, _, _ in positions:
+                    self._dirty[sender.node] = sender
+                return
+            for sender, epoch, handled in positions:
+                if sender.stream.epoch == epoch and handled > sender.stored:
+                    sender.stored = handled
+                    sender.stream.commit(handled)
+                    self._receipt_due(sender)
+
+        return committed
+
+    def _receipt_due(self, sender: Sender) -> None:
+        sender.due = True
+        if not self._receipts_scheduled:
+            self._receipts_scheduled = True
+            self.loop.call_soon(self._send_receipts)
+
+    def _send_receipts(self) -> None:
+        self._receipts_scheduled = False
+        for sender in self.senders.values():
+            if not sender.due:
+                continue
+            sender.due = False
+            s = sender.stream
+            self.send(sender.node, receipt_frame(self.node_id, s.epoch, s.committed, s.delivered))
+            sender.acked = (s.committed, s.delivered)
+
+
+def store_error_text(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
+
+
+class Remembered:
+    """Peers with durable subscriptions, kept (and stored) so that messages for them wait
+    in the outbox while they are down — across our own restarts too — and are forgotten
+    ``durable_forget_after`` seconds after they went down."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, NodeRecord] = {}
+        self.down_since: dict[str, float] = {}  # wall clock; absent while the node is up
+        self.index = RouteIndex(())
+
+    def restore(self, peers: dict[str, Any], limits: Limits, now: float, forget_after: float) -> None:
+        for node, (wire, since) in peers.items():
+            try:
+                record = NodeRecord.from_wire(wire, limits)
+            except ProtocolError:
+                log.error("store: the remembered record of %s cannot be read; it is ignored", node)
+                continue
+            self.records[node] = record
+            self.down_since[node] = float(since) if since else now  # it may have gone while we were down
+        self._reindex()
+
+    def sync(self, live: dict[str, NodeRecord], batch: Callable[[], Batch | None], now: float) -> bool:
+        """Follow the live routing table: remember (and store) nodes whose records have durable
+        subscriptions, forget those whose live record has none. Returns whether anything changed."""
+        changed = False
+        for node, record in live.items():
+            durable = any(s.durable for s in record.subscriptions)
+            known = self.records.get(node)
+            if durable and (known is None or known.key != record.key or node in self.down_since):
+                self.records[node] = record
+                self.down_since.pop(node, None)
+                b = batch()
+                if b is not None:
+                    b.put_peer(node, [record.to_wire(), 0.0])
+                changed = True
+            elif not durable and known is not None:
+                self._forget(node, batch)
+                changed = True
+        if changed:
+            self._reindex()
+        return changed
+
+    def went_down(self, node: str, now: float, batch: Callable[[], Batch | None]) -> bool:
+        """The node left routing; returns whether its messages should wait for it."""
+        record = self.records.get(node)
+        if record is None:
+            return False
+        self.down_since[node] = now
+        b = batch()
+        if b is not None:
+            b.put_peer(node, [record.to_wire(), now])
+        return True
+
+    def expire(self, now: float, forget_after: float, batch: Callable[[], Batch | None]) -> list[str]:
+        """Forget nodes down for longer than ``forget_after``; returns them."""
+        gone = [n for n, since in self.down_since.items() if now - since > forget_after]
+        for node in gone:
+            self._forget(node, batch)
+        if gone:
+            self._reindex()
+        return gone
+
+    def _forget(self, node: str, batch: Callable[[], Batch | None]) -> None:
+        self.records.pop(node, None)
+        self.down_since.pop(node, None)
+        b = batch()
+        if b is not None:
+            b.drop_peer(node)
+
+    def _reindex(self) -> None:
+        self.index = RouteIndex(
+            (tuple(s.pattern.split(".")), record.node, s.group)
+            for record in self.records.values() for s in record.subscriptions if s.durable
+        )
+
+    def plain(self, topic: str, live: Container[str]) -> tuple[str, ...]:
+        """Durable plain subscribers of ``topic`` that are down."""
+        if not self.down_since:
+            return ()
+        return tuple(n for n in self.index.resolve(topic).plain if n not in live and n in self.down_since)
+
+    def destinations(self, topic: str, key: str | None, served: Container[str],
+                     live: Container[str]) -> dict[str, tuple[str, ...]]:
+        """Where messages wait for subscribers that are down: each durable plain subscriber,
+        and one member of each durable queue group no live member serves."""
+        out: dict[str, tuple[str, ...]] = {}
+        if not self.down_since:
+            return out
+        route = self.index.resolve(topic)
+        for node in route.plain:
+            if node not in live and node in self.down_since:
+                out[node] = ()
+        for group in route.groups:
+            if group.name in served:
+                continue
+            members = tuple(m for m in group.members if m not in live and m in self.down_since)
+            if members:
+                node = self.index.choose(QueueGroup(group.name, members), key)
+                out[node] = out.get(node, ()) + (group.name,)
+        return out
