@@ -96,11 +96,14 @@ class PeerInfo:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """A message a handler could not take (``meshmq dlq`` shows the same)."""
+    """A message a handler could not take, or one the outbox could not deliver in time
+    (``meshmq dlq`` shows the same)."""
 
     id: str
     reason: str
-    """``handler failed`` (it raised every time) or ``nacked`` (it asked for a retry every time)."""
+    """``handler failed`` (it raised every time), ``nacked`` (it asked for a retry every time) or
+    ``expired`` (its time to live ran out: before a handler took it, or, with ``destination``
+    set, before the destination acknowledged it)."""
     attempts: int
     error: str | None
     """The last exception, as ``Type: text``."""
@@ -111,6 +114,8 @@ class DeadLetter:
     """The subscription it failed in."""
     message: Message
     record: dict[str, Any] = dataclasses.field(repr=False, compare=False)
+    destination: str | None = None
+    """For a message the outbox gave up on: the node it did not reach (else None)."""
 
 
 def _message_record(msg: Message) -> dict[str, Any]:
@@ -129,7 +134,7 @@ def _dead_letter(letter_id: str, record: dict[str, Any]) -> DeadLetter:
     if TTL in msg.headers:
         msg.expires_at = _expiry(msg)  # for display; a replay hands the message over whatever its TTL
     return DeadLetter(letter_id, record["reason"], record["attempts"], record["error"], record["at"],
-                      record["pattern"], record["queue"], msg, record)
+                      record["pattern"], record["queue"], msg, record, record.get("destination"))
 
 
 def _expiry(msg: Message) -> float | None:
@@ -1025,8 +1030,10 @@ class AsyncAgent:
             msg = decode_envelope(env, self.limits, 0)
         except ProtocolError:
             return
+        groups = None if type(item.entry) is bytes else item.entry[1]
         self._store_dead_letter(msg, reason, f"not acknowledged by {dest.service or '?'} ({dest.node}) in time",
-                                f"outbox:{dest.node}", None, msg.attempts, dest.node)
+                                f"outbox:{dest.node}", ",".join(groups) if groups else None, msg.attempts,
+                                dest.node)
 
     def _take_intake(self) -> None:
         """Publishes handed over by the blocking Agent's threads, in their order."""
@@ -1180,9 +1187,9 @@ class AsyncAgent:
         assert self._node is not None
         try:
             if len(frame) > 2 and frame[1] == DATA and frame[0] == PROTOCOL_VERSION:  # the hot path
-                node, epoch, first_seq, floor, entries = decode_data(frame, self.limits)
+                node, epoch, first_seq, floor, entries, resent = decode_data(frame, self.limits)
                 self._node.touch(node, time.monotonic())
-                self._on_data(node, epoch, first_seq, floor, entries)
+                self._on_data(node, epoch, first_seq, floor, entries, resent)
                 return
             decoded = decode_frame(frame, self.limits)
         except ProtocolError as exc:
@@ -1206,7 +1213,8 @@ class AsyncAgent:
             self._clock_offsets[decoded.node] = decoded.sent_at - time.time()
         self._apply(self._node.receive(decoded, time.monotonic()))
 
-    def _on_data(self, node: str, epoch: int, first_seq: int, floor: int, entries: list[Any]) -> None:
+    def _on_data(self, node: str, epoch: int, first_seq: int, floor: int, entries: list[Any],
+                 resent: bool) -> None:
         """One data frame: in order, without duplicates, to the subscriptions; a receipt is due."""
         inbox = self._inbox
         assert inbox is not None
@@ -1218,7 +1226,7 @@ class AsyncAgent:
         if got.deliver:
             epoch = sender.stream.epoch
             for seq, entry in got.deliver:
-                inbox.handed(sender, seq, self._deliver_entry(entry, (sender, epoch, seq), seq))
+                self._deliver_entry(entry, (sender, epoch, seq), seq, resent)
         if got.skipped:
             inbox.skipped(sender)
 
@@ -1257,7 +1265,7 @@ class AsyncAgent:
                     link.endpoint, work_frame(self.config.mesh, self.node_id, self._work_done[publisher]))
         self._work_unreported.clear()
 
-    def _deliver_entry(self, entry: Any, rx: tuple[Any, int, int] | None, seq: int) -> None:
+    def _deliver_entry(self, entry: Any, rx: tuple[Any, int, int] | None, seq: int, resent: bool = False) -> None:
         """Hand one received (or self-published) message to every subscription it is for.
         The inbox learns first how many subscriptions must finish it (they may finish at once)."""
         try:
@@ -1274,6 +1282,9 @@ class AsyncAgent:
                 self._inbox.handed(rx[0], rx[2], 0)  # type: ignore[union-attr]
             return
         self._received += 1
+        if resent:
+            msg.redelivered = True
+            self.counters["received_resent"] += 1
         if msg.headers:
             if REPLY_TO in msg.headers:
                 msg._replier = self._reply
@@ -1436,6 +1447,10 @@ class AsyncAgent:
     async def _replay(self, letters: list[DeadLetter]) -> int:
         done = []
         for letter in letters:
+            if letter.destination is not None:
+                if self._resend(letter):
+                    done.append(letter.id)
+                continue
             sub = next((s for s in self._subs if not s.closed and s.pattern == letter.pattern
                         and s.queue == letter.queue), None)
             if sub is None:
@@ -1453,6 +1468,25 @@ class AsyncAgent:
             await asyncio.wrap_future(self._store.submit(batch))
             self.counters["dead_letters_replayed"] += len(done)
         return len(done)
+
+    def _resend(self, letter: DeadLetter) -> bool:
+        """Put a message the outbox gave up on back in it, for the same destination, without its
+        time to live (replayed on purpose). False if that destination is unknown now."""
+        node = letter.destination
+        assert node is not None and self._outbox is not None
+        if node not in self._node_links and node not in self._remembered.records and node not in self._outbox.dests:
+            return False
+        r = letter.record["message"]
+        headers = {k: v for k, v in (r["headers"] or {}).items() if k != TTL} or None
+        env = encode_envelope(r["id"], r["timestamp"], r["topic"], r["type"], r["source"], r["node"],
+                              r["schema_version"], headers, r["key"], r["format"], r["raw"])
+        dest = self._outbox.dests.get(node) or self._outbox.destination(node, self._service_of(node),
+                                                                         self._node_links.get(node))
+        entry: Any = env if letter.queue is None else [env, letter.queue.split(",")]  # the groups it went for
+        self._outbox.put(dest, entry, len(env), NEVER, time.monotonic())
+        if dest.link is not None and not self._outbox.durable:
+            self._wake(dest.link)
+        return True
 
     def _overloaded(self, sub: Subscription) -> None:
         """A subscription's backlog reached its limit: stop reading until it halves."""

@@ -126,6 +126,7 @@ examples:
   meshmq demo                                    the order workflow, one process per service
   meshmq config                                  every setting and its MESHMQ_* variable
   meshmq dlq ls --service billing                messages billing's handlers could not take
+  meshmq outbox --service orders                 what orders published that is not acknowledged yet
 
 Agents find each other by mDNS on loopback (127.0.0.1) by default; use --seed
 where multicast does not reach. Run 'meshmq COMMAND --help' for details.
@@ -203,6 +204,18 @@ with the reason, the attempts, the last error and the message itself.
 running: a replay is then picked up by it within a second, and otherwise when it
 next starts and subscribes again. A letter goes back only to a subscription with
 the same pattern and queue group as the one it failed in.
+"""
+
+_OUTBOX_EPILOG = """\
+What an agent's outbox holds, per destination: messages published and not yet
+acknowledged by that receiver (it is slow, down, or a durable subscriber that has
+not come back). Read from the store, so it works whether the agent runs or not.
+  meshmq outbox --service orders                 one line per destination
+  meshmq outbox --service orders --json          a JSON array
+
+--service names the agent whose store to open: <data_dir>/<service>/<instance>
+(MESHMQ_DATA_DIR, default ~/.meshmq; --instance, default 0). An agent with
+durability=memory has no store to look at: use agent.outbox() in Python.
 """
 
 _CONFIG_EPILOG = """\
@@ -292,6 +305,13 @@ def _build_parser() -> _Parser:
                      help="which instance of the service, when several ran on this host (default: 0)")
     dlq.add_argument("--json", action="store_true", help="JSON instead of text (ls, show)")
     _add_mesh_options(dlq)
+
+    outbox = command("outbox", "Show what waits in an agent's outbox, per destination.", _OUTBOX_EPILOG,
+                     _cmd_outbox)
+    outbox.add_argument("--instance", type=int, default=0, metavar="N",
+                        help="which instance of the service, when several ran on this host (default: 0)")
+    outbox.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+    _add_mesh_options(outbox)
 
     config = command("config", "List every setting with its MESHMQ_* variable, default and meaning.",
                      _CONFIG_EPILOG, _cmd_config)
@@ -596,28 +616,33 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 # --- dlq --------------------------------------------------------------------------------
 
 
-def _cmd_dlq(args: argparse.Namespace) -> int:
+def _agent_store(args: argparse.Namespace, what: str) -> tuple[Any, str]:
+    """The store directory of the agent named by --service/--instance, and how to open it."""
     from pathlib import Path
 
+    if args.service == "meshmq-cli":  # the default: this command's own agent, which keeps nothing
+        raise _BadInput(f"name the agent whose {what} to open: --service NAME")
+    if args.instance < 0:
+        raise _BadInput("--instance must be 0 or more")
+    cfg = Config.load()
+    root = cfg.data_dir if cfg.data_dir is not None else Path.home() / ".meshmq"
+    directory = root / args.service / str(args.instance)
+    if not (directory / "env").exists():
+        raise _BadInput(f"no store of service {args.service!r} (instance {args.instance}) in {root}")
+    return directory, cfg.durability if cfg.durability != "memory" else "fsync"
+
+
+def _cmd_dlq(args: argparse.Namespace) -> int:
     from ._agent import _dead_letter
     from ._store import Batch, Store
 
-    if args.service == "meshmq-cli":  # the default: this command's own agent, which handles nothing
-        raise _BadInput("name the agent whose dead letters to open: --service NAME")
-    if args.instance < 0:
-        raise _BadInput("--instance must be 0 or more")
     if args.action == "show" and len(args.ids) != 1:
         raise _BadInput("dlq show takes exactly one ID")
     if args.action in ("replay", "purge") and bool(args.ids) == args.all:
         raise _BadInput(f"dlq {args.action} takes ID... or --all")
     if args.action == "ls" and (args.ids or args.all):
         raise _BadInput("dlq ls takes no ID and no --all")
-    cfg = Config.load()
-    root = cfg.data_dir if cfg.data_dir is not None else Path.home() / ".meshmq"
-    directory = root / args.service / str(args.instance)
-    if not (directory / "env").exists():
-        raise _BadInput(f"no store of service {args.service!r} (instance {args.instance}) in {root}")
-    durability = cfg.durability if cfg.durability != "memory" else "fsync"
+    directory, durability = _agent_store(args, "dead letters")
     with Store.open(directory, durability=durability, shared=True) as store:
         letters = sorted((_dead_letter(i, r) for i, r in store.dead_letters()), key=lambda d: (d.at, d.id))
         by_id = {d.id: d for d in letters}
@@ -690,6 +715,48 @@ def _iso(at: float) -> str:
     import datetime
 
     return datetime.datetime.fromtimestamp(at, datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+# --- outbox -----------------------------------------------------------------------------
+
+
+def _cmd_outbox(args: argparse.Namespace) -> int:
+    from ._store import Store
+    from ._wire import Limits, decode_envelope
+
+    directory, durability = _agent_store(args, "outbox")
+    with Store.open(directory, durability=durability, shared=True) as store:
+        contents = store.load()
+    rows = []
+    for node, (epoch, next_seq, acked, service) in sorted(contents.streams.items()):
+        kept = sorted(contents.outbox.get(node, []), key=lambda pair: pair[0])
+        oldest = None
+        size = 0
+        for seq, (entry, _expires) in kept:
+            env = entry if isinstance(entry, bytes) else entry[0]
+            size += len(env)
+            if oldest is None:
+                try:
+                    oldest = decode_envelope(env, Limits(), seq).timestamp
+                except MeshError:
+                    pass
+        remembered = node in contents.peers
+        rows.append({"node": node, "service": service or None, "messages": len(kept), "bytes": size,
+                     "oldest": _iso(oldest) if oldest else None, "epoch": epoch, "next_seq": next_seq,
+                     "acked": acked, "durable_subscriber": remembered})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    waiting = [r for r in rows if r["messages"]]
+    if not waiting:
+        _note(f"the outbox in {directory} is empty ({len(rows)} stream(s), everything acknowledged)")
+        return EXIT_OK
+    table = [("DESTINATION", "SERVICE", "MESSAGES", "BYTES", "OLDEST", "DURABLE", "STREAM")]
+    table += [(r["node"], r["service"] or "?", str(r["messages"]), str(r["bytes"]), r["oldest"] or "-",
+               "yes" if r["durable_subscriber"] else "no", f"{r['epoch']}:{r['acked']}..{r['next_seq'] - 1}")
+              for r in waiting]
+    print(_table(table))
+    return EXIT_OK
 
 
 # --- demo -------------------------------------------------------------------------------

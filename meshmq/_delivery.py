@@ -279,15 +279,19 @@ class Outbox:
         floor = s.floor
         run: list[Any] = []
         first = due[0].seq
+        resent = due[0].attempts > 1
         size = 0
         for out in due:
             n = out.item.size
-            if run and (out.seq != first + len(run) or size + n > cfg.max_batch_bytes):
-                frames.append(data_frame(self.node_id, s.epoch, first, run, self._packer, floor))
-                run, first, size = [], out.seq, 0
+            again = out.attempts > 1
+            if run and (out.seq != first + len(run) or size + n > cfg.max_batch_bytes or again != resent):
+                frames.append(data_frame(self.node_id, s.epoch, first, run, self._packer, floor, resent))
+                run, first, size, resent = [], out.seq, 0, again
             run.append(out.item.entry)
             size += n
-        frames.append(data_frame(self.node_id, s.epoch, first, run, self._packer, floor))
+        if resent:
+            self.counters["messages_resent"] += len(run)
+        frames.append(data_frame(self.node_id, s.epoch, first, run, self._packer, floor, resent))
         return frames
 
     def tick(self, now: float, wall: float) -> None:

@@ -137,7 +137,7 @@ class SendStream(Generic[T]):
         for seq, item in sorted(kept, key=lambda pair: pair[0]):
             if not self.acked < seq < self.next_seq:
                 raise ValueError(f"kept message {seq} is outside ({self.acked}, {self.next_seq})")
-            self.pending[seq] = Outgoing(seq, item)
+            self.pending[seq] = Outgoing(seq, item, attempts=1)  # it may have been sent before the restart
         self.sent_upto, self.received, self.ready = self.acked, self.acked, self.next_seq - 1
         self.timer, self.timeouts, self.resend_from = None, 0, None
 

@@ -436,14 +436,16 @@ def work_frame(mesh: str, node: str, done: int) -> bytes:
 
 
 def data_frame(node: str, epoch: int, first_seq: int, entries: list[Any],
-               packer: msgpack.Packer | None = None, floor: int = 0) -> bytes:
+               packer: msgpack.Packer | None = None, floor: int = 0, resent: bool = False) -> bytes:
     """A batch of envelopes for one stream; entry i has sequence ``first_seq + i``.
 
     An entry is the envelope bytes, or ``[envelope, [group, ...]]`` when the
     receiver was chosen to serve queue groups for that message. ``floor`` is the
     lowest number the sender still keeps: the receiver stops waiting for any below it.
+    ``resent``: these messages were sent before (the receiver may have handed them to
+    its application before it restarted).
     """
-    body = [node, epoch, first_seq, floor, entries]
+    body = [node, epoch, first_seq, floor, entries, resent]
     return _HEAD[DATA] + (packer.pack(body) if packer is not None else msgpack.packb(body, use_bin_type=True))
 
 
@@ -523,6 +525,7 @@ class Data:
     first_seq: int
     floor: int
     entries: list[Any]
+    resent: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -615,22 +618,22 @@ def decode_frame(frame: bytes | memoryview, limits: Limits) -> Frame:
     raise ProtocolError(f"unknown frame kind {kind}")
 
 
-def decode_data(frame: bytes | memoryview, limits: Limits) -> tuple[str, int, int, int, list[Any]]:
-    """(sender node, epoch, first sequence, floor, entries) of a DATA frame: the receive hot
-    path, without the :class:`Data` object. The caller has checked bytes 0 and 1."""
+def decode_data(frame: bytes | memoryview, limits: Limits) -> tuple[str, int, int, int, list[Any], bool]:
+    """(sender node, epoch, first sequence, floor, entries, resent) of a DATA frame: the
+    receive hot path, without the :class:`Data` object. The caller has checked bytes 0 and 1."""
     if len(frame) > limits.max_frame_bytes:
         raise ProtocolError("frame larger than max_frame_bytes")
     body = _unpack(memoryview(frame)[2:], limits)
-    if type(body) is not list or len(body) != 5:
-        raise ProtocolError("data frame is not a 5-field array")
-    node, epoch, first_seq, floor, entries = body
+    if type(body) is not list or len(body) != 6:
+        raise ProtocolError("data frame is not a 6-field array")
+    node, epoch, first_seq, floor, entries, resent = body
     if (type(node) is not str or not 0 < len(node) <= _MAX_NAME or type(epoch) is not int
-            or type(first_seq) is not int or type(floor) is not int
+            or type(first_seq) is not int or type(floor) is not int or type(resent) is not bool
             or not 0 < epoch < 2**63 or not 0 < first_seq < 2**63 or not 0 <= floor < 2**63):
         raise ProtocolError("bad data frame header")
     if type(entries) is not list or len(entries) > limits.max_batch_messages:
         raise ProtocolError("bad or oversized batch")
-    return node, epoch, first_seq, floor, entries
+    return node, epoch, first_seq, floor, entries, resent
 
 
 def split_entry(entry: Any) -> tuple[bytes, tuple[str, ...]]:

@@ -350,8 +350,8 @@ def test_sync_round_trips_digests_records_and_wants() -> None:
 
 def test_data_round_trips_with_and_without_groups() -> None:
     entries: list[Any] = [envelope(b"1"), [envelope(b"2"), ["workers", "audit"]]]
-    frame = decode_frame(data_frame("node-1", 3, 100, entries, floor=99), LIMITS)
-    assert frame == Data("node-1", 3, 100, 99, entries)
+    frame = decode_frame(data_frame("node-1", 3, 100, entries, floor=99, resent=True), LIMITS)
+    assert frame == Data("node-1", 3, 100, 99, entries, True)
     assert isinstance(frame, Data)
     assert split_entry(frame.entries[0]) == (entries[0], ())
     assert split_entry(frame.entries[1]) == (entries[1][0], ("workers", "audit"))
@@ -365,8 +365,9 @@ def test_receipts_round_trip_and_bad_ones_are_rejected() -> None:
             decode_frame(bytes((PROTOCOL_VERSION, RECEIPT)) + msgpack.packb(body), LIMITS)
 
 
-@pytest.mark.parametrize("body", [["n", 0, 1, 0, []], ["n", 1, 0, 0, []], ["n", 1, 1, -1, []], ["", 1, 1, 0, []],
-                                  ["n", 1, 1, []], ["n", 1, 1, 0, "x"]])
+@pytest.mark.parametrize("body", [["n", 0, 1, 0, [], False], ["n", 1, 0, 0, [], False], ["n", 1, 1, -1, [], False],
+                                  ["", 1, 1, 0, [], False], ["n", 1, 1, [], False], ["n", 1, 1, 0, "x", False],
+                                  ["n", 1, 1, 0, [], None]])
 def test_bad_data_frame_headers_are_rejected(body: list[Any]) -> None:
     with pytest.raises(ProtocolError):
         decode_frame(bytes((PROTOCOL_VERSION, DATA)) + msgpack.packb(body), LIMITS)
@@ -442,10 +443,11 @@ _ALIVE_WIRE = claim(RECORD).to_wire(True)
     (_head(SYNC) + packed(["m", "n", EP, SYNC_OPEN, b"", 0, [[]] * 257, []]), "too many"),
     (_head(SYNC) + packed(["m", "n", EP, SYNC_OPEN, b"", 0, [], ["x"] * 257]), "too many"),
     (_head(SYNC) + packed(["m", "n", EP, SYNC_LAST, b"", 0, [], [""]]), "bad wanted node id"),
-    (_head(DATA) + packed(["n", 1, 1, 0]), "5-field array"),
-    (_head(DATA) + packed(["n", 1.0, 1, 0, []]), "bad data frame header"),
-    (_head(DATA) + packed(["n", 1, 1, 0, [b""] * 257]), "bad or oversized batch"),
-    (_head(DATA) + packed(["n", 1, 1, 0, b""]), "bad or oversized batch"),
+    (_head(DATA) + packed(["n", 1, 1, 0, []]), "6-field array"),
+    (_head(DATA) + packed(["n", 1.0, 1, 0, [], False]), "bad data frame header"),
+    (_head(DATA) + packed(["n", 1, 1, 0, [], 1]), "bad data frame header"),
+    (_head(DATA) + packed(["n", 1, 1, 0, [b""] * 257, False]), "bad or oversized batch"),
+    (_head(DATA) + packed(["n", 1, 1, 0, b"", False]), "bad or oversized batch"),
     (_head(PING) + b"\xc1", "undecodable msgpack"),
     (_head(PING) + packed(["m", "n", EP, 1, "t", 1.0]) + b"\x00", "undecodable msgpack"),  # trailing bytes
 ])

@@ -1,0 +1,313 @@
+"""The outbox on the message path: publish commits, receivers ack what they finished, durable
+subscribers get what they missed (across restarts of either side), limits, expiry, bad acks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+import meshmq
+from aio import eventually, run
+from meshmq._wire import PROTOCOL_VERSION, RECEIPT, receipt_frame
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Pair:
+    """A publisher and a subscriber on fixed loopback ports, each restartable with its store."""
+
+    def __init__(self, mesh: str, **cfg: Any) -> None:
+        self.mesh = mesh
+        self.ports = {"pub": free_port(), "sub": free_port()}
+        self.cfg = dict(discovery=False, durability="os", probe_interval=0.2, probe_timeout=0.1,
+                        suspicion_mult=2.0, **cfg)
+
+    def endpoint(self, name: str) -> str:
+        return f"tcp://127.0.0.1:{self.ports[name]}"
+
+    async def start(self, name: str, **more: Any) -> meshmq.AsyncAgent:
+        other = "sub" if name == "pub" else "pub"
+        agent = meshmq.AsyncAgent(name, mesh=self.mesh, bind=self.endpoint(name), seeds=[self.endpoint(other)],
+                                  **{**self.cfg, **more})
+        return await agent.start()
+
+
+def seen_by(pub: meshmq.AsyncAgent, node: str) -> bool:
+    return any(p.node == node for p in pub.peers())
+
+
+def test_a_durable_subscriber_gets_what_it_missed_across_restarts_of_both_sides(mesh: str) -> None:
+    """The concept documents' promise: the consumer is down, the producer keeps publishing and
+    restarts; the consumer returns and gets everything, in order, once."""
+    async def main() -> None:
+        pair = Pair(mesh)
+        got: list[int] = []
+        sub = await pair.start("sub")
+        sub.subscribe("orders.*", lambda m: got.append(m.data), queue="billing")  # durable: a queue group
+        sub_node = sub.node_id
+        pub = await pair.start("pub")
+        await pub.wait_for_subscribers("orders.placed", timeout=10)
+        for i in range(10):
+            await pub.publish("orders.placed", i)
+        await eventually(lambda: len(got) == 10, what="the first ten delivered")
+        await eventually(lambda: pub.stats()["outbox_messages"] == 0, what="the first ten acknowledged")
+
+        await sub.stop()
+        await eventually(lambda: not seen_by(pub, sub_node), what="the subscriber gone from routing")
+        for i in range(10, 30):
+            await pub.publish("orders.placed", i)  # kept for the durable subscriber that is down
+        waiting = pub.outbox()
+        assert [(e.node, e.messages, e.up) for e in waiting] == [(sub_node, 20, False)]
+        await pub.stop()
+
+        pub = await pair.start("pub")  # same store: same identity, the outbox and the remembered subscriber
+        assert pub.stats()["outbox_messages"] == 20
+        for i in range(30, 40):
+            await pub.publish("orders.placed", i)  # routed to the remembered subscriber
+        assert pub.outbox()[0].messages == 30
+
+        sub = await pair.start("sub")
+        assert sub.node_id == sub_node
+        sub.subscribe("orders.*", lambda m: got.append(m.data), queue="billing")
+        await eventually(lambda: len(got) >= 40, what="everything delivered after the restarts")
+        await eventually(lambda: pub.stats()["outbox_messages"] == 0, what="everything acknowledged")
+        assert got == list(range(40))
+        await sub.stop()
+        await pub.stop()
+
+    run(main(), timeout=60)
+
+
+def test_a_non_durable_subscriber_gets_only_what_is_published_while_it_is_alive(mesh: str) -> None:
+    async def main() -> None:
+        pair = Pair(mesh)
+        got: list[int] = []
+        sub = await pair.start("sub")
+        sub.subscribe("news.*", lambda m: got.append(m.data))
+        pub = await pair.start("pub")
+        await pub.wait_for_subscribers("news.today", timeout=10)
+        await pub.publish("news.today", 1)
+        await eventually(lambda: got == [1])
+        await sub.stop()
+        await eventually(lambda: not pub.routes("news.today"), what="the route withdrawn")
+        assert pub.stats()["outbox_messages"] == 0
+        await pub.publish("news.today", 2)  # nobody subscribes now: nothing is kept
+        assert pub.stats()["published_without_subscribers"] == 1 and pub.outbox() == []
+        sub = await pair.start("sub")
+        sub.subscribe("news.*", lambda m: got.append(m.data))
+        await pub.wait_for_subscribers("news.today", timeout=10)
+        await pub.publish("news.today", 3)
+        await eventually(lambda: got == [1, 3])
+        await sub.stop()
+        await pub.stop()
+
+    run(main(), timeout=60)
+
+
+def test_a_message_a_handler_had_not_finished_comes_again_after_a_restart(mesh: str) -> None:
+    """Acks follow the handler: what was handed over but not finished is not acknowledged."""
+    async def main() -> None:
+        pair = Pair(mesh)
+        done: list[int] = []
+        stuck = asyncio.Event()
+
+        async def slow(msg: meshmq.Message) -> None:
+            if msg.data == 3:
+                stuck.set()
+                await asyncio.Event().wait()  # never finishes: the agent stops meanwhile
+            done.append(msg.data)
+
+        sub = await pair.start("sub", stop_timeout=0.2)
+        sub.subscribe("jobs.*", slow, queue="workers")
+        pub = await pair.start("pub")
+        await pub.wait_for_subscribers("jobs.x", timeout=10)
+        for i in range(6):
+            await pub.publish("jobs.x", i)
+        await asyncio.wait_for(stuck.wait(), 10)
+        await eventually(lambda: pub.outbox() and pub.outbox()[0].messages == 3,
+                         what="0-2 acknowledged, 3-5 kept")
+        await sub.stop()
+
+        again: list[int] = []
+        sub = await pair.start("sub")
+        sub.subscribe("jobs.*", lambda m: again.append(m.data), queue="workers")
+        await eventually(lambda: len(again) == 3, what="the unfinished ones handed over again")
+        assert done == [0, 1, 2] and again == [3, 4, 5]
+        await eventually(lambda: pub.stats()["outbox_messages"] == 0)
+        await sub.stop()
+        await pub.stop()
+
+    run(main(), timeout=60)
+
+
+def test_a_full_outbox_makes_publish_wait_then_raise_and_keeps_nothing_of_the_refused(mesh: str) -> None:
+    async def main() -> None:
+        pair = Pair(mesh)
+        sub = await pair.start("sub")
+        sub.subscribe("jobs.*", lambda m: None, queue="workers")
+        sub_node = sub.node_id
+        pub = await pair.start("pub", max_outbox_messages=5, peer_queue_messages=3, publish_timeout=0.3)
+        await pub.wait_for_subscribers("jobs.x", timeout=10)
+        await sub.stop()
+        await eventually(lambda: not seen_by(pub, sub_node))
+        for i in range(3):
+            await pub.publish("jobs.x", i)
+        with pytest.raises(meshmq.PeerQueueFull) as info:
+            await pub.publish("jobs.x", 3)
+        assert info.value.node == sub_node and info.value.queued == 3 and "sub" in str(info.value)
+        assert isinstance(info.value, meshmq.OutboxFull)
+        assert pub.stats()["outbox_messages"] == 3 and pub.stats()["publish_backpressure_errors"] == 1
+        await pub.stop()
+
+        pub = await pair.start("pub", max_outbox_messages=3, publish_timeout=0.3)
+        with pytest.raises(meshmq.OutboxFull) as whole:
+            await pub.publish("jobs.x", 4)
+        assert not isinstance(whole.value, meshmq.PeerQueueFull) and whole.value.messages == 3
+        await pub.stop()
+
+    run(main(), timeout=60)
+
+
+def test_a_message_that_expires_in_the_outbox_is_dead_lettered_by_the_publisher(mesh: str) -> None:
+    async def main() -> None:
+        pair = Pair(mesh)
+        sub = await pair.start("sub")
+        sub.subscribe("jobs.*", lambda m: None, queue="workers")
+        sub_node = sub.node_id
+        pub = await pair.start("pub")
+        await pub.wait_for_subscribers("jobs.x", timeout=10)
+        await sub.stop()
+        await eventually(lambda: not seen_by(pub, sub_node))
+        mid = await pub.publish("jobs.x", {"n": 1}, ttl=0.3)
+        await pub.publish("jobs.x", {"n": 2})  # no ttl: it waits
+        await eventually(lambda: len(pub.dead_letters()) == 1, what="the expired one dead-lettered")
+        letter, = pub.dead_letters()
+        assert (letter.reason, letter.destination, letter.message.id) == ("expired", sub_node, mid)
+        assert pub.stats()["expired_in_outbox"] == 1 and pub.outbox()[0].messages == 1
+
+        got: list[Any] = []
+        sub = await pair.start("sub")
+        sub.subscribe("jobs.*", lambda m: got.append(m.data), queue="workers")
+        await eventually(lambda: got == [{"n": 2}], what="the unexpired one delivered, the gap skipped")
+        assert await pub.replay_dead_letters() == 1  # sent again, without its ttl
+        await eventually(lambda: got == [{"n": 2}, {"n": 1}], what="the replayed one delivered")
+        await eventually(lambda: pub.stats()["outbox_messages"] == 0)
+        await sub.stop()
+        await pub.stop()
+
+    run(main(), timeout=60)
+
+
+def test_bad_and_replayed_receipts_are_counted_and_change_nothing(mesh: str) -> None:
+    async def main() -> None:
+        pair = Pair(mesh)
+        got: list[int] = []
+        sub = await pair.start("sub")
+        sub.subscribe("jobs.*", lambda m: got.append(m.data), queue="workers")
+        pub = await pair.start("pub")
+        await pub.wait_for_subscribers("jobs.x", timeout=10)
+        for i in range(5):
+            await pub.publish("jobs.x", i)
+        await eventually(lambda: len(got) == 5 and pub.stats()["outbox_messages"] == 0)
+        dest = pub._outbox.dests[sub.node_id]  # type: ignore[union-attr]
+        epoch = dest.stream.epoch
+        ctx = zmq.Context()
+        push = ctx.socket(zmq.PUSH)
+        push.connect(pair.endpoint("pub"))
+        try:
+            for frame in (receipt_frame("nobody", 1, 3, 3),             # unknown stream
+                          receipt_frame(sub.node_id, epoch, 99, 99),     # acks the future
+                          receipt_frame(sub.node_id, epoch + 7, 1, 1),   # another epoch
+                          receipt_frame(sub.node_id, epoch, 2, 2),       # old: already acked
+                          bytes((PROTOCOL_VERSION, RECEIPT)) + msgpack.packb(["x", 1, 5, 2])):  # malformed
+                push.send(frame)
+            await eventually(lambda: pub.stats().get("frames_rejected", 0) == 1
+                             and pub.stats().get("receipts_for_unknown_streams", 0) == 1
+                             and pub.stats().get("acks_from_the_future", 0) == 1
+                             and pub.stats().get("acks_other_epoch", 0) == 1, what="each bad receipt counted")
+        finally:
+            push.close(0)
+            ctx.term()
+        assert dest.stream.acked == 5
+        await pub.publish("jobs.x", 5)  # the stream goes on
+        await eventually(lambda: got == list(range(6)) and pub.stats()["outbox_messages"] == 0)
+        await sub.stop()
+        await pub.stop()
+
+    run(main(), timeout=60)
+
+
+def test_a_full_store_fails_the_publish_cleanly_and_the_agent_goes_on(mesh: str) -> None:
+    async def main() -> None:
+        pair = Pair(mesh)
+        sub = await pair.start("sub")
+        sub.subscribe("jobs.*", lambda m: None, queue="workers")
+        sub_node = sub.node_id
+        pub = await pair.start("pub", max_store_bytes=1 << 20, max_outbox_bytes=64 << 20)
+        await pub.wait_for_subscribers("jobs.x", timeout=10)
+        await sub.stop()
+        await eventually(lambda: not seen_by(pub, sub_node))
+        payload = b"x" * 60_000
+        stored = 0
+        with pytest.raises(meshmq.StoreError) as info:
+            for _ in range(100):  # bounded: a 1 MiB store holds at most ~16 of these
+                await pub.publish("jobs.x", payload)
+                stored += 1
+        assert "full" in str(info.value)
+        assert pub.stats()["outbox_messages"] == stored  # the refused one is not kept
+        assert pub.stats()["publish_store_errors"] == 1
+        got: list[bytes] = []
+        sub = await pair.start("sub")
+        sub.subscribe("jobs.*", lambda m: got.append(m.raw), queue="workers")
+        await eventually(lambda: len(got) == stored, what="everything committed delivered")
+        await eventually(lambda: pub.stats()["outbox_messages"] == 0)
+        await pub.publish("jobs.x", b"small")  # room again
+        await eventually(lambda: len(got) == stored + 1)
+        await sub.stop()
+        await pub.stop()
+
+    run(main(), timeout=60)
+
+
+def test_meshmq_outbox_shows_what_waits_per_destination(mesh: str, data_dir: Path) -> None:
+    async def main() -> str:
+        pair = Pair(mesh)
+        sub = await pair.start("sub")
+        sub.subscribe("jobs.*", lambda m: None, queue="workers")
+        node = sub.node_id
+        pub = await pair.start("pub")
+        await pub.wait_for_subscribers("jobs.x", timeout=10)
+        await sub.stop()
+        await eventually(lambda: not seen_by(pub, node))
+        for i in range(4):
+            await pub.publish("jobs.x", i)
+        await pub.stop()
+        return node
+
+    node = run(main(), timeout=60)
+    env = {**os.environ, "MESHMQ_DATA_DIR": str(data_dir)}
+    out = subprocess.run([sys.executable, "-m", "meshmq", "outbox", "--service", "pub", "--json"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert [(r["node"], r["service"], r["messages"], r["durable_subscriber"]) for r in rows] == [(node, "sub", 4, True)]
+    table = subprocess.run([sys.executable, "-m", "meshmq", "outbox", "--service", "pub"],
+                           capture_output=True, text=True, env=env, timeout=60)
+    assert table.returncode == 0 and node in table.stdout and "DESTINATION" in table.stdout
+    missing = subprocess.run([sys.executable, "-m", "meshmq", "outbox", "--service", "nope"],
+                             capture_output=True, text=True, env=env, timeout=60)
+    assert missing.returncode == 2 and "no store of service 'nope'" in missing.stderr
