@@ -125,9 +125,9 @@ class Config:
     """Most peers one node tracks; records beyond it are refused and counted."""
 
     # --- queues and time limits ---
-    peer_queue_messages: int = 50_000
+    peer_queue_messages: int = 250_000
     """Messages the outbox keeps for one destination before publishing to it waits (back-pressure), then raises PeerQueueFull."""
-    peer_queue_bytes: int = 64 * _MiB
+    peer_queue_bytes: int = 128 * _MiB
     """Bytes the outbox keeps for one destination before publishing to it waits (back-pressure)."""
     subscription_queue_messages: int = 10_000
     """Messages waiting for one subscription's handler or iterator before the agent stops reading the network."""

@@ -25,7 +25,7 @@ def test_defaults() -> None:
     assert (cfg.max_header_count, cfg.max_header_bytes) == (64, 16 * 1024)
     assert (cfg.max_batch_messages, cfg.max_batch_bytes) == (256, 256 * 1024)
     assert (cfg.max_subscriptions, cfg.max_peers) == (10_000, 4096)
-    assert (cfg.peer_queue_messages, cfg.peer_queue_bytes) == (50_000, 64 * 1024 * 1024)
+    assert (cfg.peer_queue_messages, cfg.peer_queue_bytes) == (250_000, 128 * 1024 * 1024)
     assert cfg.subscription_queue_messages == 10_000
     assert (cfg.publish_timeout, cfg.socket_hwm, cfg.stop_timeout) == (5.0, 1000, 2.0)
 

@@ -82,7 +82,7 @@ def role_producer(a: dict[str, Any]) -> None:
         for line in log_path.read_text().splitlines():
             if line.startswith("life "):
                 lives = int(line.split()[1]) + 1
-            elif line and line != "done":
+            elif line and line != "done" and not line.startswith("#"):
                 confirmed = max(confirmed, int(line.split()[2]))
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     append(fd, [f"life {lives}"])
@@ -96,13 +96,22 @@ def role_producer(a: dict[str, Any]) -> None:
             if lives == 1:
                 await agent.wait_for_subscribers(TOPIC.format(index), timeout=30)
             n = confirmed
+            life = lives
             started = time.monotonic()
             sent_this_life = 0
             while n < total and not stop.is_set():
                 batch = list(range(n + 1, min(total, n + window) + 1))
-                ids = await asyncio.gather(*(agent.publish(TOPIC.format(index), {"p": index, "life": lives, "n": i})
-                                             for i in batch))
-                append(fd, [f"{mid} {lives} {i}" for mid, i in zip(ids, batch)])
+                try:
+                    ids = await asyncio.gather(*(agent.publish(TOPIC.format(index),
+                                                               {"p": index, "life": life, "n": i}) for i in batch))
+                except meshmq.OutboxFull as exc:
+                    # Back-pressure: the batch is not confirmed (some of it may be kept); publish it
+                    # again as a new "life", so that order is still checked as (life, n).
+                    life += 1
+                    append(fd, [f"# backpressure {exc}", f"life {life}"])
+                    await asyncio.sleep(1.0)
+                    continue
+                append(fd, [f"{mid} {life} {i}" for mid, i in zip(ids, batch)])
                 n = batch[-1]
                 sent_this_life += len(batch)
                 ahead = sent_this_life / rate - (time.monotonic() - started)
@@ -132,7 +141,6 @@ def role_subscriber(a: dict[str, Any]) -> None:
     skipped = 0
 
     async def main() -> None:
-        nonlocal skipped
         agent = meshmq.AsyncAgent("subscriber", **agent_config(a, "subscriber"))
 
         def handle(msg: meshmq.Message) -> None:
@@ -195,7 +203,7 @@ def read_producer(path: Path) -> tuple[dict[str, tuple[int, int]], bool]:
         for line in path.read_text().splitlines():
             if line == "done":
                 done = True
-            elif line and not line.startswith("life "):
+            elif line and not line.startswith(("life ", "#")):
                 mid, life, n = line.split()
                 confirmed[mid] = (int(life), int(n))
     return confirmed, done
