@@ -69,7 +69,7 @@ class Item:
 class Destination:
     """One node we send to: its stream, and the link to it while it is up."""
 
-    __slots__ = ("node", "service", "stream", "link", "bytes", "sent_at", "release_upto")
+    __slots__ = ("node", "service", "stream", "link", "bytes", "sent_at", "new", "new_first")
 
     def __init__(self, node: str, service: str, stream: SendStream[Item]) -> None:
         self.node = node
@@ -78,7 +78,8 @@ class Destination:
         self.link: Link | None = None
         self.bytes = 0
         self.sent_at = 0.0
-        self.release_upto = 0  # the last number put in the batch being committed
+        self.new: list[Item] = []  # put since the last commit: the next chunk
+        self.new_first = 0
 
     @property
     def pending(self) -> int:
@@ -159,8 +160,7 @@ class Outbox:
         self.counters = counters
         self._wake = wake
         self._dead_letter = dead_letter
-        self._touched: dict[str, Destination] = {}
-        self._puts: list[tuple[Destination, int]] = []  # messages in the batch being built
+        self._touched: dict[str, Destination] = {}  # streams whose position the next commit writes
         self._expiry: list[tuple[float, str, int, int]] = []  # (expires, dest, epoch, seq)
         self._packer = msgpack.Packer(use_bin_type=True)
         self.space: list[Callable[[], None]] = []
@@ -177,6 +177,8 @@ class Outbox:
             dest = Destination(node, service, self._stream(epoch, next_seq, acked))
             kept = []
             for seq, (entry, expires) in contents.outbox.get(node, []):
+                if seq <= acked:
+                    continue  # acknowledged; its chunk stays until the rest of it is
                 item = Item(entry, _entry_size(entry), float(expires))
                 kept.append((seq, item))
                 dest.bytes += item.size
@@ -228,9 +230,11 @@ class Outbox:
         if expires:
             heapq.heappush(self._expiry, (expires, dest.node, dest.stream.epoch, seq))
         if self.commit is not None:
-            self.commit.add().put_message(dest.node, seq, [entry, expires])
-            self._touched[dest.node] = dest
-            self._puts.append((dest, seq))
+            if not dest.new:
+                dest.new_first = seq
+                self._touched[dest.node] = dest
+                self.commit.add()
+            dest.new.append(item)
 
     def _before_commit(self, batch: Batch) -> Callable[[BaseException | None], None] | None:
         """Add the positions of the streams this batch changed; release their messages after."""
@@ -238,12 +242,16 @@ class Outbox:
             return None
         touched = list(self._touched.values())
         self._touched = {}
-        puts, self._puts = self._puts, []
+        puts = []
+        releases = []
         for dest in touched:
             s = dest.stream
+            if dest.new:  # one record for everything put for dest in this turn
+                batch.put_chunk(dest.node, dest.new_first, [[i.entry, i.expires] for i in dest.new])
+                puts.append((dest, dest.new_first, dest.new_first + len(dest.new)))
+                dest.new = []
             batch.set_stream(dest.node, s.epoch, s.next_seq, s.acked, dest.service)
-            dest.release_upto = s.next_seq - 1
-        releases = [(dest, dest.release_upto) for dest in touched]
+            releases.append((dest, s.next_seq - 1))
 
         def committed(exc: BaseException | None) -> None:
             if exc is None:
@@ -253,9 +261,10 @@ class Outbox:
                         self._wake(dest.link)
                 return
             # Nothing of the batch was written: these messages were never published.
-            for dest, seq in puts:
-                self._forget(dest, dest.stream.give_up(seq))
-            self.counters["publish_store_errors"] += len(puts)
+            for dest, first, end in puts:
+                for seq in range(first, end):
+                    self._forget(dest, dest.stream.give_up(seq))
+                self.counters["publish_store_errors"] += end - first
             for dest, upto in releases:
                 dest.stream.release(upto)  # the numbers left unused are skipped by the receiver
 

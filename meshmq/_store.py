@@ -6,7 +6,10 @@ decided by the pure stream core (:mod:`meshmq._stream`) and the agent.
 Layout: one LMDB environment in ``<data_dir>/store`` with named databases
 
 - ``meta``:    format version and the node's identity;
-- ``out``:     ``dest + seq`` → a message waiting for ``dest``'s ack;
+- ``out``:     ``dest + first seq + last seq`` → a chunk: the messages for ``dest`` that one
+  group commit added (``[first or [seq, ...], [message, ...]]``), kept until ``dest``
+  acknowledged the last of them (one record per commit, not per message: a commit of
+  300 publishes writes one value and an ack deletes whole chunks);
 - ``streams``: ``dest`` → the send stream's (epoch, next seq, acked, destination service);
 - ``inbox``:   ``sender`` → the receive stream's (epoch, committed), the dedup record;
 - ``peers``:   ``node`` → the routing record of a peer with durable subscriptions, so
@@ -57,7 +60,7 @@ import msgpack
 
 from ._errors import CorruptStore, StoreError
 
-FORMAT = 1
+FORMAT = 2
 DURABILITY = ("fsync", "os", "memory")
 _DBS = (b"meta", b"out", b"streams", b"inbox", b"dlq", b"replay", b"peers", b"quarantine")
 _SHOWN = 50  # damaged records named in a CorruptStore
@@ -75,12 +78,22 @@ def unseal(value: bytes) -> Any:
     return msgpack.unpackb(value[4:], raw=False, strict_map_key=False)
 
 
-def out_key(dest: str, seq: int) -> bytes:
-    return dest.encode() + b"\x00" + seq.to_bytes(8, "big")
+def out_key(dest: str, first: int, last: int | None = None) -> bytes:
+    """The key of the chunk of messages ``first..last`` (default: just ``first``) for ``dest``."""
+    return dest.encode() + b"\x00" + first.to_bytes(8, "big") + (first if last is None else last).to_bytes(8, "big")
 
 
-def split_out_key(key: bytes) -> tuple[str, int]:
-    return key[:-9].decode(), int.from_bytes(key[-8:], "big")
+def split_out_key(key: bytes) -> tuple[str, int, int]:
+    """(dest, first seq, last seq) of a chunk key."""
+    return key[:-17].decode(), int.from_bytes(key[-16:-8], "big"), int.from_bytes(key[-8:], "big")
+
+
+def chunk_messages(body: Any) -> list[tuple[int, Any]]:
+    """(seq, message) pairs of a stored chunk."""
+    seqs, messages = body
+    if type(seqs) is int:
+        return list(enumerate(messages, seqs))
+    return list(zip(seqs, messages))
 
 
 @dataclasses.dataclass
@@ -90,15 +103,24 @@ class Batch:
     puts: list[tuple[bytes, bytes, Any]] = dataclasses.field(default_factory=list)
     deletes: list[tuple[bytes, bytes]] = dataclasses.field(default_factory=list)
     ranges: list[tuple[str, int]] = dataclasses.field(default_factory=list)
-    """(dest, upto): delete ``out`` records of dest with seq <= upto (a cumulative ack)."""
+    """(dest, upto): delete ``out`` chunks of dest whose last seq <= upto (a cumulative ack)."""
+    drops: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+    """(dest, seq): remove one message from the chunk holding it."""
+
+    def put_chunk(self, dest: str, first: int, messages: list[Any]) -> None:
+        """Messages numbered ``first, first + 1, ...`` for ``dest``, as one record."""
+        self.puts.append((b"out", out_key(dest, first, first + len(messages) - 1), [first, messages]))
 
     def put_message(self, dest: str, seq: int, record: Any) -> None:
-        self.puts.append((b"out", out_key(dest, seq), record))
+        self.put_chunk(dest, seq, [record])
 
     def drop_message(self, dest: str, seq: int) -> None:
-        self.deletes.append((b"out", out_key(dest, seq)))
+        """Forget one message (given up on) out of the chunk that holds it."""
+        self.drops.append((dest, seq))
 
     def drop_upto(self, dest: str, upto: int) -> None:
+        """A cumulative ack: forget the chunks of ``dest`` whose messages are all at or below
+        ``upto`` (a chunk partly above stays whole; its acked messages are skipped when read)."""
         self.ranges.append((dest, upto))
 
     def set_stream(self, dest: str, epoch: int, next_seq: int, acked: int, service: str = "") -> None:
@@ -138,9 +160,10 @@ class Batch:
         self.puts += other.puts
         self.deletes += other.deletes
         self.ranges += other.ranges
+        self.drops += other.drops
 
     def __bool__(self) -> bool:
-        return bool(self.puts or self.deletes or self.ranges)
+        return bool(self.puts or self.deletes or self.ranges or self.drops)
 
 
 @dataclasses.dataclass
@@ -260,9 +283,9 @@ class Store:
     def load(self) -> Contents:
         """Everything the agent needs at start (the integrity check already ran)."""
         outbox: dict[str, list[tuple[int, Any]]] = collections.defaultdict(list)
-        for key, record in self._items(b"out"):
-            dest, seq = split_out_key(key)
-            outbox[dest].append((seq, record))
+        for key, body in self._items(b"out"):
+            dest, _, _ = split_out_key(key)
+            outbox[dest] += chunk_messages(body)
         streams = {k.decode(): (*v, "")[:4] for k, v in self._items(b"streams")}
         inbox = {k.decode(): tuple(v) for k, v in self._items(b"inbox")}
         return Contents(
@@ -378,6 +401,8 @@ class Store:
                         txn.delete(key, db=self._dbs[name])
                     for dest, upto in batch.ranges:
                         self._delete_range(txn, dest, upto)
+                    for dest, seq in batch.drops:
+                        self._drop_one(txn, dest, seq)
         except lmdb.MapFullError:
             self.counters["commits_failed_full"] += 1
             raise StoreError(f"store {self.path} is full (map size {self._env.info()['map_size']} bytes): "
@@ -391,12 +416,45 @@ class Store:
 
     def _delete_range(self, txn: Any, dest: str, upto: int) -> None:
         cursor = txn.cursor(db=self._dbs[b"out"])
-        start = out_key(dest, 0)
-        end = out_key(dest, upto)
-        if cursor.set_range(start):
-            while cursor.key() <= end and cursor.key().startswith(start[:-8]):
-                if not cursor.delete():
-                    break
+        prefix = dest.encode() + b"\x00"
+        if not cursor.set_range(prefix):
+            return
+        while True:
+            key = cursor.key()
+            if not key.startswith(prefix) or len(key) != len(prefix) + 16:
+                return
+            if int.from_bytes(key[-16:-8], "big") > upto:
+                return
+            if int.from_bytes(key[-8:], "big") > upto:  # partly acked: stays until its last message is
+                if not cursor.next():
+                    return
+                continue
+            if not cursor.delete():  # moves to the next record; False at the end
+                return
+
+    def _drop_one(self, txn: Any, dest: str, seq: int) -> None:
+        """Remove message ``seq`` from the chunk of ``dest`` that holds it (rewritten, or deleted
+        when it was the last one left)."""
+        db = self._dbs[b"out"]
+        cursor = txn.cursor(db=db)
+        prefix = dest.encode() + b"\x00"
+        if not cursor.set_range(prefix):
+            return
+        for key, value in cursor:
+            key = bytes(key)
+            if not key.startswith(prefix):
+                return
+            _, first, last = split_out_key(key)
+            if first > seq:
+                return
+            if last < seq:
+                continue
+            kept = [(s, m) for s, m in chunk_messages(unseal(bytes(value))) if s != seq]
+            if kept:
+                txn.put(key, seal([[s for s, _ in kept], [m for _, m in kept]]), db=db)
+            else:
+                txn.delete(key, db=db)
+            return
 
     def _apply_memory(self, batch: Batch) -> None:
         for name, key, body in batch.puts:
@@ -405,9 +463,19 @@ class Store:
             self._memory[name].pop(key, None)
         out = self._memory[b"out"]
         for dest, upto in batch.ranges:
-            start, end = out_key(dest, 0), out_key(dest, upto)
-            for key in [k for k in out if start <= k <= end]:
-                del out[key]
+            for key in sorted(out):
+                d, _, last = split_out_key(key)
+                if d == dest and last <= upto:
+                    del out[key]
+        for dest, seq in batch.drops:
+            for key in sorted(out):
+                d, first, last = split_out_key(key)
+                if d == dest and first <= seq <= last:
+                    kept = [(s, m) for s, m in chunk_messages(unseal(out[key])) if s != seq]
+                    if kept:
+                        out[key] = seal([[s for s, _ in kept], [m for _, m in kept]])
+                    else:
+                        del out[key]
 
     # --- closing ----------------------------------------------------------------------
 
@@ -488,9 +556,9 @@ def _open_env(lmdb: Any, directory: Path, durability: str, map_size: int, quaran
 
 
 def _show_key(key: bytes) -> str:
-    if len(key) > 9 and key[-9] == 0:
-        dest, seq = split_out_key(key)
-        return f"{dest}/{seq}"
+    if len(key) > 17 and key[-17] == 0:
+        dest, first, last = split_out_key(key)
+        return f"{dest}/{first}" if first == last else f"{dest}/{first}-{last}"
     try:
         return key.decode()
     except UnicodeDecodeError:

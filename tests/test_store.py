@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from meshmq import CorruptStore, StoreError
-from meshmq._store import Batch, Store, seal, unseal
+from meshmq._store import FORMAT, Batch, Store, seal, unseal
 
 
 def filled(store: Store) -> None:
@@ -38,7 +38,33 @@ def test_what_was_committed_is_there_after_reopening(tmp_path: Path, durability:
         assert got.streams == {"node-b": (7, 4, 0, "")} and got.inbox == {"node-z": (3, 41)}
         assert got.dead_letters == 1 and store.dead_letter("dl-1") == {"reason": "expired", "attempts": 5}
         assert store.dead_letter("nope") is None
-        assert got.meta["format"] == 1
+        assert got.meta["format"] == FORMAT
+
+
+@pytest.mark.parametrize("durability", ["fsync", "memory"])
+def test_a_chunk_goes_when_its_last_message_is_acked_and_loses_single_messages_given_up(
+        tmp_path: Path, durability: str) -> None:
+    with Store.open(tmp_path, durability=durability) as store:
+        batch = Batch()
+        batch.put_chunk("node-b", 1, [f"m{i}" for i in range(1, 6)])
+        batch.put_chunk("node-b", 6, ["m6", "m7"])
+        batch.put_chunk("node-c", 1, ["c1"])
+        store.commit(batch)
+        ack = Batch()
+        ack.drop_upto("node-b", 3)  # the first chunk is only partly acked: it stays whole
+        ack.drop_message("node-b", 4)  # given up on
+        store.commit(ack)
+        assert store.load().outbox["node-b"] == [(1, "m1"), (2, "m2"), (3, "m3"), (5, "m5"), (6, "m6"), (7, "m7")]
+        ack = Batch()
+        ack.drop_upto("node-b", 5)
+        ack.drop_message("node-b", 7)
+        store.commit(ack)
+        assert store.load().outbox == {"node-b": [(6, "m6")], "node-c": [(1, "c1")]}
+        ack = Batch()
+        ack.drop_message("node-b", 6)  # its last message: the chunk goes
+        ack.drop_upto("node-c", 1)
+        store.commit(ack)
+        assert store.load().outbox == {} and store.count(b"out") == 0
 
 
 def test_memory_durability_keeps_nothing_on_disk(tmp_path: Path) -> None:
