@@ -449,8 +449,13 @@ class Subscription:
 
     def _abandon(self) -> None:
         """Closed by the application: what it will not take is done with (and counted)."""
-        left = list(self._buffer)
-        self._buffer.clear()
+        if self._cond is not None:
+            with self._cond:
+                left = list(self._buffer)
+                self._buffer.clear()
+        else:
+            left = list(self._buffer)
+            self._buffer.clear()
         for msg in (self._waiting, self._current):
             if msg is not None:
                 left.append(msg)

@@ -457,6 +457,10 @@ class Inbox:
             sender.open.clear()
             sender.order.clear()
             sender.handled = sender.stored = 0
+            # Keep the new epoch at once: frames of the old one stay stale, after a crash too.
+            self._dirty[sender.node] = sender
+            if self.commit is not None:
+                self.commit.add()
         self._receipt_due(sender)
 
     def handed(self, sender: Sender, seq: int, takers: int) -> None:
@@ -519,7 +523,7 @@ class Inbox:
                     self._dirty[sender.node] = sender
                 return
             for sender, epoch, handled in positions:
-                if sender.stream.epoch == epoch and handled > sender.stored:
+                if sender.stream.epoch == epoch and handled >= sender.stored:
                     sender.stored = handled
                     sender.stream.commit(handled)
                     self._receipt_due(sender)

@@ -301,8 +301,11 @@ class StreamScenario(RuleBasedStateMachine):
             before = self.receiver.epoch
             got = self.receiver.on_data(epoch, floor, messages)
             if self.receiver.epoch != before:
-                self.app += self.handed  # a new epoch: the shell commits the old one's work first
+                # A new epoch: the shell commits it at once (position 0), so the old epoch's
+                # frames stay stale after a crash; what the old one handed over is done with.
+                self.app += self.handed
                 self.handed = []
+                self.committed = (self.receiver.epoch, 0)
             for _, mid in got.deliver:
                 assert mid not in self.app, f"{mid} handed over again after its finish was committed"
                 self.handed.append(mid)

@@ -210,7 +210,7 @@ def role_raw_ping(a: dict[str, Any]) -> None:
 
 
 def _agent_kwargs(a: dict[str, Any], **more: Any) -> dict[str, Any]:
-    # durability "memory": no store (the outbox is not on the message path yet), no state left behind.
+    # durability "memory": the outbox in memory only (the non-durable path), no state left behind.
     kw: dict[str, Any] = {"mesh": a["mesh"], "discovery": False, "interfaces": [HOST], "durability": "memory"}
     kw.update(more)
     return kw

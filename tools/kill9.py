@@ -32,6 +32,7 @@ import asyncio
 import collections
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -334,11 +335,14 @@ def main() -> int:
     parser.add_argument("--down", type=float, default=30.0, help="outage: seconds the consumer is down")
     parser.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the logs and stores (default: removed)")
     o = parser.parse_args()
     if o.role:
         {"producer": role_producer, "subscriber": role_subscriber}[o.role](json.loads(o.args))
         return 0
     result = run_kills(o) if o.scenario == "kills" else run_outage(o)
+    if not o.keep:
+        shutil.rmtree(result.pop("directory"), ignore_errors=True)
     if o.json:
         print(json.dumps(result))
     else:
