@@ -34,7 +34,7 @@ import zmq
 
 from ._config import MAX_TTL, Config
 from ._discovery import Discovery
-from ._delivery import NEVER, Destination, GroupCommit, Inbox, Item, Outbox, Remembered
+from ._delivery import NEVER, Destination, Entry, GroupCommit, Inbox, Outbox, Remembered
 from ._errors import (
     AgentClosed, MeshError, MeshTimeout, NoResponders, OutboxFull, PeerQueueFull, ProtocolError, RemoteError,
     RequestTimeout, StoreError, UsageError,
@@ -185,6 +185,11 @@ class _ThreadState:
 
 _Prepared = tuple[str, "str | None", bytes, bytes, _ThreadState, float]
 """(topic, key, message id, envelope, publishing thread's state, expiry or NEVER)"""
+
+
+_HANDING = ("handing over",)
+"""A received message's ``_rx`` while it is being handed to its subscriptions: those that
+finish it at once need not tell the inbox."""
 
 
 def _consume_exception(future: asyncio.Future[None]) -> None:
@@ -444,8 +449,15 @@ class Subscription:
         """This subscription is done with ``msg`` (handled, dead-lettered, or taken by the
         iterating consumer): once every subscription it went to is, the inbox may acknowledge
         it; a queue group's publisher counts it as no longer outstanding here."""
-        if msg._rx is not None or (msg._work is not None and self.queue is not None):
-            self._agent._call_on_loop(self._agent._message_finished, msg, self.queue is not None)
+        rx = msg._rx
+        if rx is not None or (msg._work is not None and self.queue is not None):
+            agent = self._agent
+            if threading.get_ident() != agent._loop_thread:
+                agent._call_on_loop(agent._message_finished, msg, self.queue is not None)
+            elif rx is _HANDING and self.queue is None:
+                msg._open -= 1  # finished while being handed over: the inbox never needs to hear of it
+            else:
+                agent._message_finished(msg, self.queue is not None)
 
     def _abandon(self) -> None:
         """Closed by the application: what it will not take is done with (and counted)."""
@@ -585,9 +597,11 @@ class AsyncAgent:
         self._outbox: Outbox | None = None
         self._inbox: Inbox | None = None
         self._batch_waiter: asyncio.Future[None] | None = None
-        self._intake: collections.deque[tuple[_Prepared, concurrent.futures.Future[str]]] = collections.deque()
+        self._intake: collections.deque[tuple[_Prepared, concurrent.futures.Future[str] | None]] = collections.deque()
         self._intake_lock = threading.Lock()
         self._intake_scheduled = False
+        self._intake_blocked = False  # a publish waits for room in the outbox; the rest wait behind it
+        self._intake_error: BaseException | None = None
         self._next_replay_check = 0.0
         self._replaying = False
         self.store_dir: Path | None = None
@@ -595,6 +609,7 @@ class AsyncAgent:
         self._id_counter = itertools.count(1)
         self._checked_topics: dict[str, None] = {}
         self._fanout: dict[str, tuple[str, ...]] = {}  # topic -> nodes, for routes without queue groups
+        self._single: dict[str, Destination] = {}  # topic -> its one remote destination, where it has one
         self._tls = threading.local()
         self._thread_states: list[_ThreadState] = []
         self._received = 0
@@ -905,6 +920,19 @@ class AsyncAgent:
             self._check_running()
         outbox = self._outbox
         assert outbox is not None
+        dest = self._single.get(topic)
+        if dest is not None:  # the hot path: one remote subscriber, room in the outbox
+            size = len(env)
+            if (outbox.count < outbox.max_count and outbox.bytes + size <= outbox.max_bytes
+                    and len(dest.stream.pending) < outbox.max_dest_count
+                    and dest.bytes + size <= outbox.max_dest_bytes):
+                outbox.put(dest, env, size, expires, 0.0)
+                state.published += 1
+                if outbox.durable:
+                    return True
+                if dest.link is not None:
+                    self._send_soon(dest.link, dest.stream)
+                return False
         nodes = self._fanout.get(topic)
         if nodes is not None:  # the common case: plain subscribers only, every node gets the same entry
             targets: list[tuple[str, Any]] = [(node, env) for node in nodes]
@@ -934,7 +962,7 @@ class AsyncAgent:
                 outbox.put(dest, entry, size, expires, now)
                 link = dest.link
                 if link is not None and not durable:
-                    self._send_soon(link, now)
+                    self._send_soon(link, dest.stream)
         if local is not None:
             self._local.append(local)
             if not self._local_scheduled:
@@ -944,13 +972,19 @@ class AsyncAgent:
         state.published += 1
         return bool(dests) and outbox.durable
 
-    def _send_soon(self, link: Link, now: float) -> None:
+    def _send_soon(self, link: Link, stream: Any) -> None:
         """An idle link sends at once (latency); what follows within SEND_NOW_WINDOW is
-        flushed together at the end of the loop turn (throughput)."""
-        if link.scheduled or link.watching:
+        flushed together at the end of the loop turn (throughput), or as soon as a full
+        frame's worth waits (a publisher that never yields still keeps the pipe busy)."""
+        if link.watching:
             return
         transport = self._transport
         assert transport is not None
+        if link.scheduled:
+            if stream.ready - stream.sent_upto >= self.config.max_batch_messages:
+                transport.flush(link)
+            return
+        now = time.monotonic()
         if now >= link.hot_until and not link.frames:
             link.hot_until = now + SEND_NOW_WINDOW
             transport.flush(link)
@@ -983,7 +1017,12 @@ class AsyncAgent:
         fanout = self._fanout
         if len(fanout) >= 4096:
             fanout.clear()
+            self._single = {}
         fanout[topic] = nodes
+        if len(nodes) == 1 and nodes[0] != self.node_id and self._outbox is not None:
+            node = nodes[0]
+            self._single[topic] = self._outbox.dests.get(node) or self._outbox.destination(
+                node, self._service_of(node), self._node_links.get(node))
         return nodes
 
     def _targets(self, topic: str, key: str | None, env: bytes) -> list[tuple[str, Any]]:
@@ -1028,54 +1067,76 @@ class AsyncAgent:
         else:
             self.counters["receipts_unsent"] += 1
 
-    def _undeliverable(self, dest: Destination, item: Item, reason: str) -> None:
+    def _undeliverable(self, dest: Destination, entry: Entry, reason: str) -> None:
         """A message the outbox gave up on (its time to live ran out before ``dest`` acked it)."""
-        env = item.entry if type(item.entry) is bytes else item.entry[0]
+        env = entry if type(entry) is bytes else entry[0]
         try:
             msg = decode_envelope(env, self.limits, 0)
         except ProtocolError:
             return
-        groups = None if type(item.entry) is bytes else item.entry[1]
+        groups = None if type(entry) is bytes else entry[1]
         self._store_dead_letter(msg, reason, f"not acknowledged by {dest.service or '?'} ({dest.node}) in time",
                                 f"outbox:{dest.node}", ",".join(groups) if groups else None, msg.attempts,
                                 dest.node)
 
     def _take_intake(self) -> None:
-        """Publishes handed over by the blocking Agent's threads, in their order."""
+        """Publishes handed over by the blocking Agent's threads, in their order. One that finds
+        the outbox full waits for room, and those behind it wait behind it."""
         with self._intake_lock:
             self._intake_scheduled = False
+            if self._intake_blocked:
+                return
             batch = list(self._intake)
             self._intake.clear()
-        for prepared, future in batch:
-            if future.done():
+        for i, (prepared, future) in enumerate(batch):
+            if future is not None and future.done():
                 continue
             try:
                 stored = self._enqueue(prepared)
             except _Full:
+                with self._intake_lock:
+                    self._intake.extendleft(reversed(batch[i + 1:]))
+                    self._intake_blocked = True
                 asyncio.ensure_future(self._intake_when_room(prepared, future))
-                continue
+                return
             except MeshError as exc:
-                future.set_exception(exc)
+                self._intake_failed(future, exc)
+                continue
+            if future is None:
                 continue
             if stored:
                 self._committed().add_done_callback(functools.partial(_settle_publish, future, prepared[2].hex()))
             else:
                 future.set_result(prepared[2].hex())
 
-    async def _intake_when_room(self, prepared: _Prepared, future: concurrent.futures.Future[str]) -> None:
+    def _intake_failed(self, future: concurrent.futures.Future[str] | None, exc: BaseException) -> None:
+        if future is not None:
+            if not future.done():
+                future.set_exception(exc)
+        elif self._intake_error is None:
+            self._intake_error = exc  # raised by the publisher's next publish
+        else:
+            self.counters["publish_errors_unreported"] += 1
+
+    async def _intake_when_room(self, prepared: _Prepared, future: concurrent.futures.Future[str] | None) -> None:
         try:
             if await self._enqueue_when_room(prepared):
                 await self._committed()
         except MeshError as exc:
-            if not future.done():
-                future.set_exception(exc)
+            self._intake_failed(future, exc)
         else:
-            if not future.done():
+            if future is not None and not future.done():
                 future.set_result(prepared[2].hex())
+        finally:
+            with self._intake_lock:
+                self._intake_blocked = False
+            self._take_intake()
 
-    def _publish_threadsafe(self, prepared: _Prepared) -> concurrent.futures.Future[str]:
-        """From a blocking Agent's thread: hand a publish to the loop (woken once per batch)."""
-        future: concurrent.futures.Future[str] = concurrent.futures.Future()
+    def _publish_threadsafe(self, prepared: _Prepared, wait: bool = True) -> concurrent.futures.Future[str] | None:
+        """From a blocking Agent's thread: hand a publish to the loop (woken once per batch).
+        Returns a future of its outcome, or with ``wait=False`` None (a failure is kept for
+        the next publish)."""
+        future: concurrent.futures.Future[str] | None = concurrent.futures.Future() if wait else None
         with self._intake_lock:
             self._intake.append((prepared, future))
             wake = not self._intake_scheduled
@@ -1166,7 +1227,7 @@ class AsyncAgent:
             now = time.monotonic()
             outbox.put(dest, env, len(env), NEVER, now)
             if dest.link is not None and not outbox.durable:
-                self._send_soon(dest.link, now)
+                self._send_soon(dest.link, dest.stream)
         self.counters["replies_sent"] += 1
 
     def _on_reply(self, msg: Message) -> None:
@@ -1225,23 +1286,25 @@ class AsyncAgent:
         assert inbox is not None
         sender = inbox.sender(node)
         before = sender.stream.epoch
-        got = sender.stream.on_data(epoch, floor, zip(range(first_seq, first_seq + len(entries)), entries))
+        got = sender.stream.on_batch(epoch, floor, first_seq, entries)
         if got.ack:
             inbox.received(sender, before)
         if got.deliver:
             epoch = sender.stream.epoch
             for seq, entry in got.deliver:
                 self._deliver_entry(entry, (sender, epoch, seq), seq, resent)
-        if got.skipped:
-            inbox.skipped(sender)
+        if got.deliver or got.skipped:
+            inbox.advance(sender)
 
     def _message_finished(self, msg: Message, in_group: bool) -> None:
         """A subscription is done with ``msg`` (loop thread)."""
         if in_group and msg._work is not None:
             self._work_finished(msg._work)
         rx = msg._rx
-        if rx is not None and self._inbox is not None:
-            self._inbox.finished(*rx)
+        if rx is not None:
+            msg._open -= 1
+            if msg._open == 0 and rx is not _HANDING and self._inbox is not None:
+                self._inbox.finished(*rx)
 
     # --- queue-group load ---------------------------------------------------------------
 
@@ -1283,9 +1346,7 @@ class AsyncAgent:
         except ProtocolError as exc:
             self.counters["messages_rejected"] += 1
             quiet.warning("envelope", "dropped a malformed message: %s", exc)
-            if rx is not None:
-                self._inbox.handed(rx[0], rx[2], 0)  # type: ignore[union-attr]
-            return
+            return  # nobody works on it: handled
         self._received += 1
         if resent:
             msg.redelivered = True
@@ -1300,12 +1361,15 @@ class AsyncAgent:
             subs = self._match_plain(msg.topic)
         members = self._group_members(msg, groups) if groups else ()
         if rx is not None:
-            msg._rx = rx
-            self._inbox.handed(rx[0], rx[2], len(subs) + len(members))  # type: ignore[union-attr]
+            msg._rx = _HANDING
+            msg._open = len(subs) + len(members)
         for sub in subs:
             sub._deliver(msg)
         for member in members:
             member._deliver(msg)
+        if rx is not None and msg._open > 0:  # some subscription still works on it
+            msg._rx = rx
+            self._inbox.unfinished(rx[0], rx[2])  # type: ignore[union-attr]
         if not subs and not members:
             if msg.topic == self._reply_topic:
                 self._on_reply(msg)
@@ -1771,7 +1835,7 @@ class AsyncAgent:
             elif kind is Disconnect:
                 transport.async_disconnect(action.endpoint)
         if changed or self._node.routes.index is not self._index:
-            self._fanout = {}
+            self._fanout, self._single = {}, {}
         if self._node.routes.index is not self._index:
             self._index = self._node.routes.index
             self._remembered.sync({n: p.record for n, p in self._node.peers.items()}, self._store_batch,
@@ -1816,7 +1880,7 @@ class AsyncAgent:
         if now >= self._next_replay_check and self._store is not None and not self._replaying:
             self._next_replay_check = now + 1.0
             if self._remembered.expire(time.time(), self.config.durable_forget_after, self._store_batch):
-                self._fanout = {}
+                self._fanout, self._single = {}, {}
             if self._store.count(b"replay"):  # asked for by `meshmq dlq replay`, maybe from another process
                 self._replaying = True
                 asyncio.ensure_future(self._replay_requested())

@@ -42,7 +42,7 @@ import msgpack
 
 from ._errors import ProtocolError, StoreError
 from ._routing import QueueGroup, RouteIndex
-from ._stream import Backoff, Outgoing, ReceiveStream, SendStream
+from ._stream import Backoff, ReceiveStream, SendStream
 from ._store import Batch, Contents, Store
 from ._transport import Link
 from ._wire import Limits, NodeRecord, data_frame, receipt_frame
@@ -51,19 +51,18 @@ log = logging.getLogger("meshmq.delivery")
 
 NEVER = 0.0
 """``expires`` of a message without a time to live."""
+RECEIPT_DELAY = 0.01
+"""Seconds a receiver gathers acknowledgments before sending its receipts (one per sender):
+far below the senders' retransmission timers, and it keeps receipts off the latency path."""
 
 
-class Item:
-    """A message kept on a send stream: what is sent, and what the outbox counts."""
+Entry = Any
+"""What a send stream keeps per message: the envelope bytes, or ``[envelope, [group, ...]]``
+for queue-group members (nothing else: no object per message)."""
 
-    __slots__ = ("entry", "size", "expires")
 
-    def __init__(self, entry: Any, size: int, expires: float) -> None:
-        self.entry = entry
-        """The envelope bytes, or ``[envelope, [group, ...]]`` for queue-group members."""
-        self.size = size
-        self.expires = expires
-        """Wall-clock time after which it is dead-lettered here instead of sent (``NEVER``: no limit)."""
+def entry_size(entry: Entry) -> int:
+    return len(entry) if type(entry) is bytes else len(entry[0])
 
 
 class Destination:
@@ -71,14 +70,14 @@ class Destination:
 
     __slots__ = ("node", "service", "stream", "link", "bytes", "sent_at", "new", "new_first")
 
-    def __init__(self, node: str, service: str, stream: SendStream[Item]) -> None:
+    def __init__(self, node: str, service: str, stream: SendStream[Entry]) -> None:
         self.node = node
         self.service = service
         self.stream = stream
         self.link: Link | None = None
         self.bytes = 0
         self.sent_at = 0.0
-        self.new: list[Item] = []  # put since the last commit: the next chunk
+        self.new: list[list[Any]] = []  # [entry, expires] put since the last commit: the next chunk
         self.new_first = 0
 
     @property
@@ -140,7 +139,7 @@ class Outbox:
     """Send streams to every destination, kept in the store until acknowledged."""
 
     def __init__(self, node_id: str, config: Any, commit: GroupCommit | None, *,
-                 wake: Callable[[Link], None], dead_letter: Callable[[Destination, Item, str], None],
+                 wake: Callable[[Link], None], dead_letter: Callable[[Destination, Entry, str], None],
                  counters: collections.Counter[str]) -> None:
         self.node_id = node_id
         self.config = config
@@ -179,11 +178,10 @@ class Outbox:
             for seq, (entry, expires) in contents.outbox.get(node, []):
                 if seq <= acked:
                     continue  # acknowledged; its chunk stays until the rest of it is
-                item = Item(entry, _entry_size(entry), float(expires))
-                kept.append((seq, item))
-                dest.bytes += item.size
-                if item.expires:
-                    heapq.heappush(self._expiry, (item.expires, node, epoch, seq))
+                kept.append((seq, entry))
+                dest.bytes += entry_size(entry)
+                if expires:
+                    heapq.heappush(self._expiry, (float(expires), node, epoch, seq))
             dest.stream.restore(kept, now)
             self.count += len(kept)
             self.bytes += dest.bytes
@@ -194,7 +192,7 @@ class Outbox:
                 self.counters["outbox_orphans"] += len(records)
                 log.error("store holds %d messages for %s without a stream; they are left in place", len(records), node)
 
-    def _stream(self, epoch: int, next_seq: int = 1, acked: int = 0) -> SendStream[Item]:
+    def _stream(self, epoch: int, next_seq: int = 1, acked: int = 0) -> SendStream[Entry]:
         return SendStream(epoch, next_seq=next_seq, acked=acked, max_pending=self.max_dest_count,
                           backoff=self.backoff, rng=self.rng)
 
@@ -222,8 +220,7 @@ class Outbox:
 
     def put(self, dest: Destination, entry: Any, size: int, expires: float, now: float) -> None:
         """Keep one message for ``dest`` (the caller checked :meth:`full`)."""
-        item = Item(entry, size, expires)
-        seq = dest.stream.put(item, now, ready=not self.durable)
+        seq = dest.stream.put(entry, now, ready=not self.durable)
         self.count += 1
         self.bytes += size
         dest.bytes += size
@@ -234,7 +231,7 @@ class Outbox:
                 dest.new_first = seq
                 self._touched[dest.node] = dest
                 self.commit.add()
-            dest.new.append(item)
+            dest.new.append([entry, expires])
 
     def _before_commit(self, batch: Batch) -> Callable[[BaseException | None], None] | None:
         """Add the positions of the streams this batch changed; release their messages after."""
@@ -247,7 +244,7 @@ class Outbox:
         for dest in touched:
             s = dest.stream
             if dest.new:  # one record for everything put for dest in this turn
-                batch.put_chunk(dest.node, dest.new_first, [[i.entry, i.expires] for i in dest.new])
+                batch.put_chunk(dest.node, dest.new_first, dest.new)
                 puts.append((dest, dest.new_first, dest.new_first + len(dest.new)))
                 dest.new = []
             batch.set_stream(dest.node, s.epoch, s.next_seq, s.acked, dest.service)
@@ -263,7 +260,7 @@ class Outbox:
             # Nothing of the batch was written: these messages were never published.
             for dest, first, end in puts:
                 for seq in range(first, end):
-                    self._forget(dest, dest.stream.give_up(seq))
+                    self._forget(dest, seq, dest.stream.give_up(seq))
                 self.counters["publish_store_errors"] += end - first
             for dest, upto in releases:
                 dest.stream.release(upto)  # the numbers left unused are skipped by the receiver
@@ -278,25 +275,33 @@ class Outbox:
         if dest is None or dest.link is not link:
             return []
         cfg = self.config
-        due = dest.stream.due(now, cfg.max_batch_messages)
+        s = dest.stream
+        fresh = s.highest_sent + 1  # lower numbers are sent again
+        due = s.due(now, cfg.max_batch_messages)
         if not due:
             return []
         dest.sent_at = now
         self.counters["messages_sent"] += len(due)
-        frames = []
-        s = dest.stream
         floor = s.floor
+        first, last = due[0][0], due[-1][0]
+        if first >= fresh and last - first + 1 == len(due):  # the common case: new, consecutive
+            entries = [entry for _, entry in due]
+            if all(type(e) is bytes for e in entries) and sum(map(len, entries)) <= cfg.max_batch_bytes:
+                return [data_frame(self.node_id, s.epoch, first, entries, self._packer, floor, False)]
+        frames = []
         run: list[Any] = []
-        first = due[0].seq
-        resent = due[0].attempts > 1
+        resent = first < fresh
         size = 0
-        for out in due:
-            n = out.item.size
-            again = out.attempts > 1
-            if run and (out.seq != first + len(run) or size + n > cfg.max_batch_bytes or again != resent):
+        limit = cfg.max_batch_bytes
+        for seq, entry in due:
+            n = len(entry) if type(entry) is bytes else len(entry[0])
+            again = seq < fresh
+            if run and (seq != first + len(run) or size + n > limit or again != resent):
                 frames.append(data_frame(self.node_id, s.epoch, first, run, self._packer, floor, resent))
-                run, first, size, resent = [], out.seq, 0, again
-            run.append(out.item.entry)
+                if resent:
+                    self.counters["messages_resent"] += len(run)
+                run, first, size, resent = [], seq, 0, again
+            run.append(entry)
             size += n
         if resent:
             self.counters["messages_resent"] += len(run)
@@ -316,24 +321,25 @@ class Outbox:
             dest = self.dests.get(node)
             if dest is None or dest.stream.epoch != epoch:
                 continue
-            out = dest.stream.give_up(seq)
-            if out is None:
+            entry = dest.stream.give_up(seq)
+            if entry is None:
                 continue  # acknowledged meanwhile
-            self._forget(dest, out)
+            self._forget(dest, seq, entry)
             self.counters["expired_in_outbox"] += 1
             if self.commit is not None:
                 self.commit.add().drop_message(node, seq)
                 self._touched[node] = dest
-            self._dead_letter(dest, out.item, "expired")
+            self._dead_letter(dest, entry, "expired")
             if dest.link is not None:
                 self._wake(dest.link)  # the floor moved: the receiver must not wait for it
 
-    def _forget(self, dest: Destination, out: Outgoing[Item] | None) -> None:
-        if out is None:
+    def _forget(self, dest: Destination, seq: int, entry: Entry | None) -> None:
+        if entry is None:
             return
+        size = entry_size(entry)
         self.count -= 1
-        self.bytes -= out.item.size
-        dest.bytes -= out.item.size
+        self.bytes -= size
+        dest.bytes -= size
 
     # --- receipts -----------------------------------------------------------------------
 
@@ -346,8 +352,12 @@ class Outbox:
         acked = s.acked
         released = s.on_ack(epoch, committed, now, received)
         if released:
-            for out in released:
-                self._forget(dest, out)
+            size = 0
+            for entry in released:
+                size += len(entry) if type(entry) is bytes else len(entry[0])
+            self.count -= len(released)
+            self.bytes -= size
+            dest.bytes -= size
             if self.commit is not None:
                 batch = self.commit.add()
                 batch.drop_upto(node, s.acked)
@@ -382,8 +392,8 @@ class Outbox:
         del self.dests[node]
         self._touched.pop(node, None)
         dropped = dest.pending
-        for out in list(dest.stream.pending.values()):
-            self._forget(dest, out)
+        for seq, entry in list(dest.stream.pending.items()):
+            self._forget(dest, seq, entry)
         if self.commit is not None:
             self.commit.add().drop_stream(node)
         if dropped:
@@ -400,25 +410,25 @@ class Outbox:
                 for d in self.dests.values() if d.pending}
 
 
-def _entry_size(entry: Any) -> int:
-    return len(entry) if type(entry) is bytes else len(entry[0])
-
-
 class Sender:
     """The inbox's view of one sender: its receive stream, and which of the messages
     handed over are not finished yet."""
 
-    __slots__ = ("node", "stream", "open", "order", "handled", "stored", "acked", "due")
+    __slots__ = ("node", "stream", "unfinished", "handled", "stored", "due")
 
     def __init__(self, node: str, stream: ReceiveStream[Any]) -> None:
         self.node = node
         self.stream = stream
-        self.open: dict[int, int] = {}  # seq -> subscriptions still working on it
-        self.order: collections.deque[int] = collections.deque()  # seqs handed over, in order
+        self.unfinished: dict[int, None] = {}  # seqs handed over that a subscription still works on, in order
         self.handled = stream.delivered  # every number up to it is finished
         self.stored = stream.committed  # what the store holds (durable) as our position
-        self.acked = (-1, -1)  # (committed, received) of the last receipt sent
         self.due = False  # a receipt should go
+
+    def position(self) -> int:
+        """The last number such that it and every one before it are finished."""
+        for seq in self.unfinished:
+            return seq - 1
+        return self.stream.delivered
 
 
 class Inbox:
@@ -435,6 +445,7 @@ class Inbox:
         self.counters = counters
         self.senders: dict[str, Sender] = {}
         self._receipts_scheduled = False
+        self._due: list[Sender] = []
         self._dirty: dict[str, Sender] = {}
         if commit is not None:
             commit.before.append(self._before_commit)
@@ -454,8 +465,7 @@ class Inbox:
         """After a data frame: a new epoch forgets the old one's open work (its sender lost
         those messages); a receipt is due."""
         if sender.stream.epoch != epoch_before:
-            sender.open.clear()
-            sender.order.clear()
+            sender.unfinished.clear()
             sender.handled = sender.stored = 0
             # Keep the new epoch at once: frames of the old one stay stale, after a crash too.
             self._dirty[sender.node] = sender
@@ -463,33 +473,26 @@ class Inbox:
                 self.commit.add()
         self._receipt_due(sender)
 
-    def handed(self, sender: Sender, seq: int, takers: int) -> None:
-        """Message ``seq`` went to ``takers`` subscriptions (0: nobody needs to finish it)."""
-        if takers:
-            sender.open[seq] = takers
-        sender.order.append(seq)
-        if sender.order[0] == seq and not takers:
-            self._advance(sender)
+    def unfinished(self, sender: Sender, seq: int) -> None:
+        """Message ``seq`` was handed over and is not finished yet (a subscription holds it)."""
+        sender.unfinished[seq] = None
 
     def finished(self, sender: Sender, epoch: int, seq: int) -> None:
-        """One subscription finished message ``seq`` (of ``epoch``)."""
+        """Every subscription finished message ``seq`` (of ``epoch``), after it was handed over."""
         if sender.stream.epoch != epoch:
             return  # of an epoch the sender abandoned
-        left = sender.open.get(seq)
-        if left is None:
+        unfinished = sender.unfinished
+        if seq not in unfinished:
             return
-        if left > 1:
-            sender.open[seq] = left - 1
-            return
-        del sender.open[seq]
-        if sender.order and sender.order[0] == seq:
-            self._advance(sender)
+        first = next(iter(unfinished))
+        del unfinished[seq]
+        if seq == first:
+            self.advance(sender)
 
-    def _advance(self, sender: Sender) -> None:
-        order, open_ = sender.order, sender.open
-        handled = sender.handled
-        while order and order[0] not in open_:
-            handled = order.popleft()
+    def advance(self, sender: Sender) -> None:
+        """After a frame was handed over, or the oldest unfinished message finished: move the
+        handled position, to be committed and acknowledged."""
+        handled = sender.position()
         if handled > sender.handled:
             sender.handled = handled
             self._dirty[sender.node] = sender
@@ -498,12 +501,6 @@ class Inbox:
             else:
                 sender.stream.commit(handled)
                 self._receipt_due(sender)
-
-    def skipped(self, sender: Sender) -> None:
-        """The stream passed over numbers the sender gave up on: they are handled."""
-        if not sender.order and sender.stream.delivered > sender.handled:
-            sender.order.append(sender.stream.delivered)
-            self._advance(sender)
 
     def _before_commit(self, batch: Batch) -> Callable[[BaseException | None], None] | None:
         if not self._dirty:
@@ -531,20 +528,20 @@ class Inbox:
         return committed
 
     def _receipt_due(self, sender: Sender) -> None:
-        sender.due = True
+        if not sender.due:
+            sender.due = True
+            self._due.append(sender)
         if not self._receipts_scheduled:
             self._receipts_scheduled = True
-            self.loop.call_soon(self._send_receipts)
+            self.loop.call_later(RECEIPT_DELAY, self._send_receipts)
 
     def _send_receipts(self) -> None:
         self._receipts_scheduled = False
-        for sender in self.senders.values():
-            if not sender.due:
-                continue
+        due, self._due = self._due, []
+        for sender in due:
             sender.due = False
             s = sender.stream
             self.send(sender.node, receipt_frame(self.node_id, s.epoch, s.committed, s.delivered))
-            sender.acked = (s.committed, s.delivered)
 
 
 def store_error_text(exc: BaseException) -> str:

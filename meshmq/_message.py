@@ -30,7 +30,7 @@ class Message:
     __slots__ = (
         "_id", "timestamp", "topic", "type", "source", "node", "schema_version",
         "headers", "key", "raw", "_format", "_data", "seq", "_replier", "replied", "_work",
-        "attempts", "_verdict", "_in_handler", "expires_at", "_rx", "redelivered",
+        "attempts", "_verdict", "_in_handler", "expires_at", "_rx", "_open", "redelivered",
     )
 
     def __init__(
@@ -55,6 +55,7 @@ class Message:
         self.replied = False
         self._work: str | None = None  # queue-group work: the node to tell when it is finished
         self._rx: Any = None  # (sender, epoch, seq) of its stream: the inbox learns when it is finished
+        self._open = 0  # subscriptions still working on it
         self.redelivered = False
         """The sender sent this message before: this node may have handed it to the application
         already, before a crash let it finish without committing that (or an ack got lost).

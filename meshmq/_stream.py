@@ -66,16 +66,6 @@ class Backoff:
         return base * (1.0 + self.jitter * (2.0 * rng.random() - 1.0))
 
 
-@dataclasses.dataclass(slots=True)
-class Outgoing(Generic[T]):
-    """One message kept on a send stream until it is acknowledged."""
-
-    seq: int
-    item: T
-    attempts: int = 0
-    """How many times it was handed to the network."""
-
-
 class SendStream(Generic[T]):
     """The sender's half of one stream. ``T`` is whatever the shell keeps per message.
 
@@ -84,6 +74,11 @@ class SendStream(Generic[T]):
     oldest first (``limit`` at a time), and the timer backs off; any ack that moves
     the stream forward resets it. So the cost of a call is bounded by ``limit``, not
     by how many messages wait (the outbox may hold tens of thousands).
+
+    Kept messages are stored as they are (no object per message: at hundreds of
+    thousands waiting, the garbage collector's walks would cost more than the rest).
+    ``due`` returns ``(seq, item)`` pairs; a pair with ``seq <= highest_sent`` as it was
+    before the call is a message sent again.
     """
 
     def __init__(self, epoch: int, *, next_seq: int = 1, acked: int = 0, max_pending: int = 10_000,
@@ -96,7 +91,7 @@ class SendStream(Generic[T]):
         self.max_pending = max_pending
         self.backoff = backoff or Backoff()
         self.rng = rng or random.Random()
-        self.pending: collections.OrderedDict[int, Outgoing[T]] = collections.OrderedDict()
+        self.pending: collections.OrderedDict[int, T] = collections.OrderedDict()
         self.counters: collections.Counter[str] = collections.Counter()
         self.sent_upto = acked
         """Every kept message up to this number was sent at least once."""
@@ -104,6 +99,8 @@ class SendStream(Generic[T]):
         """The receiver reported everything up to this number arrived (``acked <= received``)."""
         self.ready = next_seq - 1
         """Messages up to this number may be sent (their outbox commit is done)."""
+        self.highest_sent = acked
+        """The highest number ever sent (after a restart: every number kept may have been)."""
         self.timer: float | None = None
         """When to send the unacknowledged messages again (None: nothing in flight)."""
         self.timeouts = 0
@@ -123,7 +120,7 @@ class SendStream(Generic[T]):
             raise StreamFull(f"{len(self.pending)} messages wait for acknowledgment")
         seq = self.next_seq
         self.next_seq += 1
-        self.pending[seq] = Outgoing(seq, item)
+        self.pending[seq] = item
         if ready and self.ready == seq - 1:
             self.ready = seq
         return seq
@@ -137,13 +134,14 @@ class SendStream(Generic[T]):
         for seq, item in sorted(kept, key=lambda pair: pair[0]):
             if not self.acked < seq < self.next_seq:
                 raise ValueError(f"kept message {seq} is outside ({self.acked}, {self.next_seq})")
-            self.pending[seq] = Outgoing(seq, item, attempts=1)  # it may have been sent before the restart
+            self.pending[seq] = item
         self.sent_upto, self.received, self.ready = self.acked, self.acked, self.next_seq - 1
+        self.highest_sent = self.next_seq - 1  # any of them may have been sent before the restart
         self.timer, self.timeouts, self.resend_from = None, 0, None
 
-    def due(self, now: float, limit: int) -> list[Outgoing[T]]:
-        """Up to ``limit`` messages to send now, lowest numbers first: a resend in progress
-        (after the timer expired), then messages never sent."""
+    def due(self, now: float, limit: int) -> list[tuple[int, T]]:
+        """Up to ``limit`` messages ``(seq, item)`` to send now, lowest numbers first: a resend in
+        progress (after the timer expired), then messages never sent."""
         if self.timer is not None and now >= self.timer and self.pending and self.resend_from is None:
             self.timeouts += 1
             if self.received >= self.sent_upto:
@@ -152,23 +150,26 @@ class SendStream(Generic[T]):
                 self.received = self.acked
             self.resend_from = next(iter(self.pending))
             self.timer = now + self.backoff.delay(self.timeouts + 1, self.rng)
-        out: list[Outgoing[T]] = []
+        out: list[tuple[int, T]] = []
+        pending = self.pending
         if self.resend_from is not None:
             seq = max(self.resend_from, self.received + 1)
             while seq <= self.sent_upto and len(out) < limit:
-                entry = self.pending.get(seq)
-                if entry is not None:  # not given up on meanwhile
-                    entry.attempts += 1
-                    out.append(entry)
+                item = pending.get(seq, _MISSING)
+                if item is not _MISSING:  # not given up on meanwhile
+                    out.append((seq, item))  # type: ignore[arg-type]
                 seq += 1
             self.counters["retransmitted"] += len(out)
             self.resend_from = seq if seq <= self.sent_upto else None
-        while len(out) < limit and self.sent_upto < self.ready:
-            self.sent_upto += 1
-            entry = self.pending.get(self.sent_upto)
-            if entry is not None:
-                entry.attempts += 1
-                out.append(entry)
+        sent_upto, ready = self.sent_upto, self.ready
+        while len(out) < limit and sent_upto < ready:
+            sent_upto += 1
+            item = pending.get(sent_upto, _MISSING)
+            if item is not _MISSING:
+                out.append((sent_upto, item))  # type: ignore[arg-type]
+        self.sent_upto = sent_upto
+        if sent_upto > self.highest_sent:
+            self.highest_sent = sent_upto
         if out and self.timer is None:
             self.timer = now + self.backoff.delay(1, self.rng)
         return out
@@ -189,7 +190,7 @@ class SendStream(Generic[T]):
             self.resend_from = next(iter(self.pending))
             self.timer = now + self.backoff.delay(1, self.rng)
 
-    def on_ack(self, epoch: int, seq: int, now: float, received: int | None = None) -> list[Outgoing[T]]:
+    def on_ack(self, epoch: int, seq: int, now: float, received: int | None = None) -> list[T]:
         """A cumulative ack: everything up to ``seq`` is committed at the receiver, and up to
         ``received`` (default ``seq``) arrived there. Returns the messages it releases (the
         shell deletes them from the outbox)."""
@@ -212,15 +213,18 @@ class SendStream(Generic[T]):
         elif got > self.received:
             self.received = got
             progress = True
-        released = []
+        released: list[T] = []
         if seq > self.acked:
             self.acked = seq
             self.received = max(self.received, seq)
-            while self.pending:
-                first = next(iter(self.pending))
+            pending = self.pending
+            while pending:
+                first, item = pending.popitem(last=False)
                 if first > seq:
+                    pending[first] = item
+                    pending.move_to_end(first, last=False)
                     break
-                released.append(self.pending.popitem(last=False)[1])
+                released.append(item)
             progress = True
         if not progress:
             self.counters["acks_repeated"] += 1
@@ -234,8 +238,9 @@ class SendStream(Generic[T]):
             self.timer = now + self.backoff.maximum
         return released
 
-    def give_up(self, seq: int) -> Outgoing[T] | None:
-        """Stop sending message ``seq`` (it expired or was dead-lettered); the receiver skips it."""
+    def give_up(self, seq: int) -> T | None:
+        """Stop sending message ``seq`` (it expired or was dead-lettered); the receiver skips it.
+        Returns it, or None if it is not kept."""
         return self.pending.pop(seq, None)
 
 
@@ -264,6 +269,14 @@ class ReceiveStream(Generic[T]):
         self.max_held = max_held
         self.held: dict[int, T] = {}
         self.counters: collections.Counter[str] = collections.Counter()
+
+    def on_batch(self, epoch: int, floor: int, first: int, items: list[T]) -> Received[T]:
+        """:meth:`on_data` for a frame's consecutive messages ``first, first + 1, ...``: the
+        common case (the next numbers, in this epoch, nothing held) without a dict per message."""
+        if epoch == self.epoch and first == self.delivered + 1 and not self.held and items:
+            self.delivered = first + len(items) - 1
+            return Received(list(enumerate(items, first)), 0, 0, True)
+        return self.on_data(epoch, floor, enumerate(items, first))
 
     def on_data(self, epoch: int, floor: int, messages: Iterable[tuple[int, T]]) -> Received[T]:
         """Messages ``(seq, item)`` of one data frame from the sender, whose ``floor`` is the

@@ -39,7 +39,6 @@ class Agent:
 
     def __init__(self, service: str, *, config: Config | None = None, **overrides: Any) -> None:
         self._agent = AsyncAgent(service, config=config, **overrides)
-        self._pending_error: BaseException | None = None  # a publish that failed after returning
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -157,14 +156,14 @@ class Agent:
             except _Full as full:
                 raise agent._full_error(full.dest) from None
             return prepared[2].hex()
-        error = self._pending_error
-        if error is not None:
-            self._pending_error = None
-            raise error
-        future = agent._publish_threadsafe(prepared)
         if agent.config.durability != "memory" or len(agent._intake) > INTAKE_LIMIT:
+            future = agent._publish_threadsafe(prepared)
+            assert future is not None
             return self._wait_published(future)
-        future.add_done_callback(self._keep_error)
+        error, agent._intake_error = agent._intake_error, None
+        if error is not None:
+            raise error
+        agent._publish_threadsafe(prepared, wait=False)
         return prepared[2].hex()
 
     def _wait_published(self, future: concurrent.futures.Future[str]) -> str:
@@ -173,10 +172,6 @@ class Agent:
         except concurrent.futures.TimeoutError:
             raise MeshTimeout(f"agent {self.service!r} did not take the message within "
                               f"{self.config.publish_timeout + 30:g}s") from None
-
-    def _keep_error(self, future: concurrent.futures.Future[str]) -> None:
-        if not future.cancelled() and future.exception() is not None and self._pending_error is None:
-            self._pending_error = future.exception()
 
     def outbox(self) -> list[OutboxEntry]:
         """See :meth:`AsyncAgent.outbox`."""

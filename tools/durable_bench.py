@@ -175,10 +175,11 @@ def main() -> int:
                     results[mode].append({"rate": rate})
                 else:
                     results[mode].append(measure_mesh(mode, o, Path(tmp)))
-                print(f"run {run + 1} {mode:>6}: {results[mode][-1]['rate']:>10,.0f} msg/s"
-                      + (f"  (publish returns at {results[mode][-1]['publish_rate']:,.0f}/s, "
-                         f"{results[mode][-1]['per_commit']:.0f} messages per publisher commit)"
-                         if mode != "raw" else "  (put+delete cycles, 100 per synced transaction)"), flush=True)
+                r = results[mode][-1]
+                detail = ("put+delete cycles, 100 per synced transaction" if mode == "raw"
+                          else f"publish returns at {r['publish_rate']:,.0f}/s"
+                          + (f", {r['per_commit']:.0f} messages per publisher commit" if mode != "memory" else ""))
+                print(f"run {run + 1} {mode:>6}: {r['rate']:>10,.0f} msg/s  ({detail})", flush=True)
     print()
     print("| mode | median msg/s | runs |" + (" ratio to raw LMDB |" if "raw" in o.modes else ""))
     print("|---|---|---|" + ("---|" if "raw" in o.modes else ""))
