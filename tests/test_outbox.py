@@ -50,6 +50,18 @@ def seen_by(pub: meshmq.AsyncAgent, node: str) -> bool:
     return any(p.node == node for p in pub.peers())
 
 
+async def subscriber_gone(pair: Pair, **pub_cfg: Any) -> tuple[meshmq.AsyncAgent, str]:
+    """A publisher that met a durable "workers" subscriber of jobs.*, which then stopped:
+    the publisher, and the subscriber's node id."""
+    sub = await pair.start("sub")
+    sub.subscribe("jobs.*", lambda m: None, queue="workers")
+    pub = await pair.start("pub", **pub_cfg)
+    await pub.wait_for_subscribers("jobs.x", timeout=10)
+    await sub.stop()
+    await eventually(lambda: not seen_by(pub, sub.node_id), what="the subscriber gone from routing")
+    return pub, sub.node_id
+
+
 def test_a_durable_subscriber_gets_what_it_missed_across_restarts_of_both_sides(mesh: str) -> None:
     """The concept documents' promise: the consumer is down, the producer keeps publishing and
     restarts; the consumer returns and gets everything, in order, once."""
@@ -157,13 +169,7 @@ def test_a_message_a_handler_had_not_finished_comes_again_after_a_restart(mesh: 
 def test_a_full_outbox_makes_publish_wait_then_raise_and_keeps_nothing_of_the_refused(mesh: str) -> None:
     async def main() -> None:
         pair = Pair(mesh)
-        sub = await pair.start("sub")
-        sub.subscribe("jobs.*", lambda m: None, queue="workers")
-        sub_node = sub.node_id
-        pub = await pair.start("pub", max_outbox_messages=5, peer_queue_messages=3, publish_timeout=0.3)
-        await pub.wait_for_subscribers("jobs.x", timeout=10)
-        await sub.stop()
-        await eventually(lambda: not seen_by(pub, sub_node))
+        pub, sub_node = await subscriber_gone(pair, max_outbox_messages=5, peer_queue_messages=3, publish_timeout=0.3)
         for i in range(3):
             await pub.publish("jobs.x", i)
         with pytest.raises(meshmq.PeerQueueFull) as info:
@@ -185,13 +191,7 @@ def test_a_full_outbox_makes_publish_wait_then_raise_and_keeps_nothing_of_the_re
 def test_a_message_that_expires_in_the_outbox_is_dead_lettered_by_the_publisher(mesh: str) -> None:
     async def main() -> None:
         pair = Pair(mesh)
-        sub = await pair.start("sub")
-        sub.subscribe("jobs.*", lambda m: None, queue="workers")
-        sub_node = sub.node_id
-        pub = await pair.start("pub")
-        await pub.wait_for_subscribers("jobs.x", timeout=10)
-        await sub.stop()
-        await eventually(lambda: not seen_by(pub, sub_node))
+        pub, sub_node = await subscriber_gone(pair)
         mid = await pub.publish("jobs.x", {"n": 1}, ttl=0.3)
         await pub.publish("jobs.x", {"n": 2})  # no ttl: it waits
         await eventually(lambda: len(pub.dead_letters()) == 1, what="the expired one dead-lettered")
@@ -254,13 +254,7 @@ def test_bad_and_replayed_receipts_are_counted_and_change_nothing(mesh: str) -> 
 def test_a_full_store_fails_the_publish_cleanly_and_the_agent_goes_on(mesh: str) -> None:
     async def main() -> None:
         pair = Pair(mesh)
-        sub = await pair.start("sub")
-        sub.subscribe("jobs.*", lambda m: None, queue="workers")
-        sub_node = sub.node_id
-        pub = await pair.start("pub", max_store_bytes=1 << 20, max_outbox_bytes=64 << 20)
-        await pub.wait_for_subscribers("jobs.x", timeout=10)
-        await sub.stop()
-        await eventually(lambda: not seen_by(pub, sub_node))
+        pub, sub_node = await subscriber_gone(pair, max_store_bytes=1 << 20, max_outbox_bytes=64 << 20)
         payload = b"x" * 60_000
         stored = 0
         with pytest.raises(meshmq.StoreError) as info:
@@ -286,13 +280,7 @@ def test_a_full_store_fails_the_publish_cleanly_and_the_agent_goes_on(mesh: str)
 def test_meshmq_outbox_shows_what_waits_per_destination(mesh: str, data_dir: Path) -> None:
     async def main() -> str:
         pair = Pair(mesh)
-        sub = await pair.start("sub")
-        sub.subscribe("jobs.*", lambda m: None, queue="workers")
-        node = sub.node_id
-        pub = await pair.start("pub")
-        await pub.wait_for_subscribers("jobs.x", timeout=10)
-        await sub.stop()
-        await eventually(lambda: not seen_by(pub, node))
+        pub, node = await subscriber_gone(pair)
         for i in range(4):
             await pub.publish("jobs.x", i)
         await pub.stop()
