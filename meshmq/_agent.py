@@ -36,13 +36,16 @@ from ._config import MAX_TTL, Config
 from ._discovery import Discovery
 from ._delivery import NEVER, Destination, Entry, GroupCommit, Inbox, Outbox, Remembered
 from ._errors import (
-    AgentClosed, MeshError, MeshTimeout, NoResponders, OutboxFull, PeerQueueFull, ProtocolError, RemoteError,
-    RequestTimeout, StoreError, UsageError,
+    AgentClosed, ConfigError, MeshError, MeshTimeout, NoResponders, OutboxFull, PeerQueueFull, ProtocolError,
+    RemoteError, RequestTimeout, StoreError, UsageError,
 )
 from ._log import QuietLogger
 from ._message import FORMAT_BYTES, Message
 from ._node import Connect, Disconnect, Node, PeerDown, PeerUp, Send, Timing
 from ._routing import RouteIndex
+from ._security import (
+    Authority, Certificate, CertificateError, NodeKeys, check_certificate, load_or_create_key, unarmor, verify,
+)
 from ._store import Batch, Contents, Store, open_instance
 from ._topics import check_pattern, check_topic, check_user_topic, matches, reply_topic
 from ._transport import Link, Transport, Wakeup
@@ -57,6 +60,8 @@ quiet = QuietLogger(log)
 
 SEND_NOW_WINDOW = 0.0002
 """Seconds after an immediate send during which further messages to the link are batched."""
+DEV_CERT_VALIDITY = 30 * 86400.0
+"""Seconds a certificate an agent issues itself from the development authority is valid."""
 OUTBOX_TICK = 0.05
 """Seconds between two checks of the outbox for retransmissions and expired messages."""
 
@@ -559,7 +564,8 @@ class AsyncAgent:
         self.service = _check_name("service name", service)
         self.config = Config.load(config, **overrides)
         self.limits = Limits.from_config(self.config)
-        self.node_id = os.urandom(8).hex()
+        self._keys = NodeKeys.generate()  # replaced by the kept one when the store opens
+        self.node_id = self._keys.node_id
         self.counters: collections.Counter[str] = collections.Counter()
         self._counters_lock = threading.Lock()
         self._state = "new"
@@ -615,9 +621,13 @@ class AsyncAgent:
         self._received = 0
         self._requests: dict[str, _Request] = {}  # request id -> what waits for its reply
         self._clock_offsets: dict[str, float] = {}  # peer node -> its wall clock minus ours, seconds
-        self._reply_topic = reply_topic(self.node_id)
         self._started_at = 0.0
         self._last_route_change = 0.0
+        self._reply_topic = reply_topic(self.node_id)
+        self._cert: bytes | None = None
+        self._trusted: tuple[bytes, ...] = ()
+        self._certs: dict[bytes, Certificate] = {}  # certificate bytes -> checked certificate
+        self._vouched: dict[bytes, tuple[str | None, float]] = {}  # record signature -> verdict, until
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -636,6 +646,12 @@ class AsyncAgent:
             await self._open_store(loop)
         else:
             self._store = Store.open(None, durability="memory")  # dead letters live as long as we do
+            self._set_identity(self._keys)  # a new one each start: nothing keeps it
+        try:
+            await loop.run_in_executor(None, self._load_certificate)
+        except BaseException:
+            self._close_store()
+            raise
         interfaces = _expand_interfaces(cfg.interfaces)
         transport = Transport(cfg, self.node_id, self._on_frame, self._produce)
         try:
@@ -647,9 +663,10 @@ class AsyncAgent:
         self._transport = transport
         self._start_delivery(loop)
         self._started_at = time.monotonic()
-        record = NodeRecord(self.node_id, self.service, endpoints, self._advertised(), 0, time.time())
+        record = NodeRecord(self.node_id, self.service, endpoints, self._advertised(), 0, time.time(),
+                            cert=self._cert)
         self._node = Node(cfg.mesh, record, timing=Timing.from_config(cfg), limits=self.limits,
-                          max_peers=cfg.max_peers)
+                          max_peers=cfg.max_peers, sign=self._sign_record, vouch=self._vouch)
         self._state = "running"
         self._apply(self._node.start(time.monotonic(), cfg.seeds))
         if cfg.discovery:
@@ -691,14 +708,24 @@ class AsyncAgent:
         take the identity kept there, or keep ours there for the next start."""
         cfg = self.config
         root = cfg.data_dir if cfg.data_dir is not None else Path.home() / ".meshmq"
-        # A new store is created with our identity in it (one commit); an existing one has its own.
         store, self.store_dir = await loop.run_in_executor(None, functools.partial(
             open_instance, root, self.service, durability=cfg.durability, map_size=cfg.max_store_bytes,
-            quarantine=cfg.quarantine_store, meta={"node": self.node_id, "service": self.service}))
+            quarantine=cfg.quarantine_store, meta={"service": self.service}))
         self._store = store
         try:
-            self._contents = await loop.run_in_executor(None, store.load)
-            self._set_identity(str(self._contents.meta["node"]))
+            # The identity is the key beside the store (created with it); the store remembers
+            # which node it belongs to, so a key swapped under it is caught.
+            keys = NodeKeys(load_or_create_key(self.store_dir / "node.key", "node"))
+            self._contents = contents = await loop.run_in_executor(None, store.load)
+            kept = contents.meta.get("node")
+            if kept is None:
+                batch = Batch()
+                batch.put_meta("node", keys.node_id)
+                await asyncio.wrap_future(store.submit(batch))
+            elif kept != keys.node_id:
+                raise StoreError(f"store {self.store_dir} belongs to node {kept}, but its node.key is node "
+                                 f"{keys.node_id}'s: restore the key, or move the store aside")
+            self._set_identity(keys)
         except BaseException:
             self._close_store()
             raise
@@ -706,9 +733,85 @@ class AsyncAgent:
             log.warning("store %s: %d damaged records were moved to quarantine", self.store_dir,
                         store.counters["quarantined"])
 
-    def _set_identity(self, node_id: str) -> None:
-        self.node_id = node_id
-        self._reply_topic = reply_topic(node_id)
+    def _set_identity(self, keys: NodeKeys) -> None:
+        self._keys = keys
+        self.node_id = keys.node_id
+        self._reply_topic = reply_topic(keys.node_id)
+
+    def _load_certificate(self) -> None:
+        """This node's certificate, and the authorities whose certificates it trusts: the
+        configured authority and ``certificate``, or this user's development authority,
+        from which the agent issues itself one."""
+        cfg = self.config
+        keys = self._keys
+        now = time.time()
+        if cfg.authority is None:
+            authority = Authority.development()
+            self._cert = authority.issue(node_key=keys.public, service=self.service, mesh=cfg.mesh, publish=(">",),
+                                         subscribe=(">",), tap=True, not_before=now - 300,
+                                         not_after=now + DEV_CERT_VALIDITY)
+            self._trusted = (authority.public,)
+            return
+        authority = Authority.from_text(cfg.authority)
+        if cfg.certificate is None:
+            raise ConfigError("certificate", "an agent of a mesh with an authority needs its certificate file "
+                                             "(meshmq cert issue ... -o FILE; MESHMQ_CERTIFICATE=FILE)")
+        try:
+            data = unarmor(Path(cfg.certificate).read_text())
+        except OSError as exc:
+            raise ConfigError("certificate", f"cannot read {cfg.certificate}: {exc.strerror}") from None
+        try:
+            cert = check_certificate(data, (authority.public,), cfg.mesh, now)
+        except CertificateError as exc:
+            raise ConfigError("certificate", f"{cfg.certificate}: {exc}") from None
+        if cert.node_key != keys.public:
+            raise ConfigError("certificate", f"{cfg.certificate} is for node {cert.node_id}, not this agent's "
+                                             f"node {keys.node_id} (issue it for this agent's key)")
+        if cert.service != self.service:
+            raise ConfigError("certificate", f"{cfg.certificate} is for service {cert.service!r}, "
+                                             f"not {self.service!r}")
+        self._cert = data
+        self._trusted = (authority.public,)
+
+    def _sign_record(self, record: NodeRecord) -> NodeRecord:
+        unsigned = dataclasses.replace(record, sig=None)
+        return dataclasses.replace(unsigned, sig=self._keys.sign(unsigned.signing_bytes()))
+
+    def _vouch(self, record: NodeRecord) -> str | None:
+        """Why a peer's record must be refused, or None: signed by the node it is about, with a
+        certificate of a trusted authority for that node, service and mesh, valid now."""
+        if record.sig is None or record.cert is None:
+            return "unsigned"
+        seen = self._vouched.get(record.sig)
+        if seen is not None and seen[1] >= time.time():
+            return seen[0]
+        now = time.time()
+        cert = self._certs.get(record.cert)
+        if cert is None:
+            try:
+                cert = check_certificate(record.cert, self._trusted, self.config.mesh, now)
+            except CertificateError as exc:
+                quiet.warning(f"cert:{record.node}", "record of %s (%s) refused: certificate %s",
+                              record.node, record.service, exc)
+                return "untrusted"
+            if len(self._certs) >= 4096:
+                self._certs.clear()
+            self._certs[record.cert] = cert
+        elif not cert.valid_at(now):
+            return "untrusted"
+        if cert.node_id != record.node or cert.service != record.service:
+            problem = "mismatch"
+        elif not verify(cert.node_key, record.signing_bytes(), record.sig):
+            problem = "forged"
+        else:
+            problem = None
+        if problem is not None:
+            quiet.warning(f"record:{record.node}", "record of %s (%s) refused: %s", record.node, record.service,
+                          problem)
+        if len(self._vouched) >= 4096:
+            self._vouched.clear()
+        self._vouched[record.sig] = (problem, cert.not_after)
+        return problem
 
     def _close_store(self) -> None:
         if self._store is not None:

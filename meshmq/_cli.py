@@ -127,6 +127,7 @@ examples:
   meshmq config                                  every setting and its MESHMQ_* variable
   meshmq dlq ls --service billing                messages billing's handlers could not take
   meshmq outbox --service orders                 what orders published that is not acknowledged yet
+  meshmq authority init; meshmq cert issue ...    a mesh authority and its agents' certificates
 
 Agents find each other by mDNS on loopback (127.0.0.1) by default; use --seed
 where multicast does not reach. Run 'meshmq COMMAND --help' for details.
@@ -218,6 +219,27 @@ not come back). Read from the store, so it works whether the agent runs or not.
 durability=memory has no store to look at: use agent.outbox() in Python.
 """
 
+_AUTHORITY_EPILOG = """\
+A mesh authority is an Ed25519 key pair that signs the certificates of the mesh's
+agents (and, later, revocations and policies). Keep its key file on one machine,
+mode 0600; give every agent its public key (MESHMQ_AUTHORITY) and a certificate.
+  meshmq authority init                       create MESHMQ_HOME/authority.key (0600) and .pub
+  meshmq authority init --dir /secure/place   elsewhere
+Without an authority, each user's agents on one machine use a development authority
+created on first use in MESHMQ_HOME (default ~/.meshmq); several hosts need this one.
+"""
+
+_CERT_EPILOG = """\
+  meshmq cert issue --service orders --publish 'orders.>' --subscribe 'payments.*' -o orders.cert
+  meshmq cert issue --service audit --subscribe '>' --tap --valid 7d -o audit.cert
+  meshmq cert show orders.cert [--json]
+
+issue signs with the authority key (--authority-key, default MESHMQ_HOME/authority.key)
+a certificate for the node key of the service's agent: --key PUBLIC_KEY, or by
+default the key beside that agent's store (<data_dir>/<service>/<instance>/node.key,
+created if the agent never ran). Give the agent the file: MESHMQ_CERTIFICATE=orders.cert.
+"""
+
 _CONFIG_EPILOG = """\
   meshmq config                 every setting: MESHMQ_* variable, default, description
   meshmq config --json          the same as a JSON array
@@ -305,6 +327,29 @@ def _build_parser() -> _Parser:
                      help="which instance of the service, when several ran on this host (default: 0)")
     dlq.add_argument("--json", action="store_true", help="JSON instead of text (ls, show)")
     _add_mesh_options(dlq)
+
+    authority = command("authority", "Create a mesh authority (the key that signs certificates).",
+                        _AUTHORITY_EPILOG, _cmd_authority)
+    authority.add_argument("action", choices=("init",), help="init: create the key pair")
+    authority.add_argument("--dir", metavar="DIR", help="where to write it (default: MESHMQ_HOME, ~/.meshmq)")
+
+    cert = command("cert", "Issue or show an agent's certificate.", _CERT_EPILOG, _cmd_cert)
+    cert.add_argument("action", choices=("issue", "show"), help="issue a certificate, or show one")
+    cert.add_argument("file", nargs="?", metavar="FILE", help="show: the certificate file")
+    cert.add_argument("--publish", action="append", default=[], metavar="PATTERN",
+                      help="issue: topics the agent may publish on (repeatable)")
+    cert.add_argument("--subscribe", action="append", default=[], metavar="PATTERN",
+                      help="issue: topics the agent may subscribe to (repeatable)")
+    cert.add_argument("--tap", action="store_true", help="issue: the right to watch traffic (meshmq tap)")
+    cert.add_argument("--valid", default="365d", metavar="DURATION",
+                      help="issue: how long it is valid: 30d, 12h, 90m (default: 365d)")
+    cert.add_argument("--key", metavar="PUBLIC_KEY", help="issue: the agent's node public key")
+    cert.add_argument("--instance", type=int, default=0, metavar="N",
+                      help="issue: which instance's key, without --key (default: 0)")
+    cert.add_argument("--authority-key", metavar="FILE", help="issue: the authority key file")
+    cert.add_argument("-o", "--output", metavar="FILE", help="issue: write here instead of stdout")
+    cert.add_argument("--json", action="store_true", help="show: a JSON object")
+    _add_mesh_options(cert)
 
     outbox = command("outbox", "Show what waits in an agent's outbox, per destination.", _OUTBOX_EPILOG,
                      _cmd_outbox)
@@ -715,6 +760,91 @@ def _iso(at: float) -> str:
     import datetime
 
     return datetime.datetime.fromtimestamp(at, datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+# --- authority and certificates -----------------------------------------------------------
+
+
+def _cmd_authority(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ._security import Authority, home
+
+    directory = Path(args.dir) if args.dir else home()
+    authority = Authority.create(directory)  # UsageError (exit 2) if one is there already
+    _note(f"created {directory / 'authority.key'} (mode 0600: keep it safe) and {directory / 'authority.pub'}")
+    print(authority.text)
+    _note("give every agent this public key: MESHMQ_AUTHORITY=" + authority.text)
+    return EXIT_OK
+
+
+def _cmd_cert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ._security import CertificateError, armor, decode_certificate, unarmor
+
+    if args.action == "show":
+        if not args.file:
+            raise _BadInput("cert show takes the certificate FILE")
+        try:
+            cert = decode_certificate(unarmor(Path(args.file).read_text()))
+        except OSError as exc:
+            raise _BadInput(f"cannot read {args.file}: {exc.strerror}") from None
+        except CertificateError as exc:
+            raise _BadInput(f"{args.file}: {exc}") from None
+        shown = cert.describe()
+        if args.json:
+            print(json.dumps(shown, indent=2))
+        else:
+            width = max(map(len, shown))
+            for key, value in shown.items():
+                text = ", ".join(value) if isinstance(value, list) else str(value).lower() if isinstance(
+                    value, bool) else str(value)
+                print(f"{key.ljust(width)}  {text or '-'}")
+        return EXIT_OK
+    if args.file:
+        raise _BadInput("cert issue takes no FILE (use -o FILE to write the certificate)")
+    if args.service == "meshmq-cli":
+        raise _BadInput("name the service the certificate is for: --service NAME")
+    data = _issue(args)
+    if args.output:
+        out = Path(args.output)
+        out.write_text(armor(data))
+        _note(f"wrote {out}; give it to the agent: MESHMQ_CERTIFICATE={out}")
+    else:
+        sys.stdout.write(armor(data))
+    return EXIT_OK
+
+
+def _issue(args: argparse.Namespace) -> bytes:
+    import time
+    from pathlib import Path
+
+    from ._security import Authority, CertificateError, home, load_or_create_key, parse_duration, unb64
+
+    validity = parse_duration(args.valid)
+    authority = Authority.load(Path(args.authority_key) if args.authority_key else home() / "authority.key")
+    if args.key:
+        try:
+            node_key = unb64(args.key)
+        except ValueError:
+            node_key = b""
+        if len(node_key) != 32:
+            raise _BadInput(f"--key {args.key[:60]!r} is not a node public key (43 base64url characters)")
+    else:
+        cfg = Config.load()
+        root = cfg.data_dir if cfg.data_dir is not None else Path.home() / ".meshmq"
+        key_file = root / args.service / str(args.instance) / "node.key"
+        node_key = bytes(load_or_create_key(key_file, "node").verify_key)
+        _note(f"for the node key in {key_file}")
+    mesh = args.mesh or Config.load().mesh
+    now = time.time()
+    try:
+        return authority.issue(node_key=node_key, service=args.service, mesh=mesh, publish=tuple(args.publish),
+                               subscribe=tuple(args.subscribe), tap=args.tap, not_before=now - 60,
+                               not_after=now + validity)
+    except CertificateError as exc:
+        raise _BadInput(str(exc)) from None
 
 
 # --- outbox -----------------------------------------------------------------------------

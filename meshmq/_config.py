@@ -50,6 +50,12 @@ class Config:
     quarantine_store: bool = False
     """Start even if the store fails its integrity check, moving the damaged records aside (they are reported either way)."""
 
+    # --- security ---
+    authority: str | None = None
+    """Public key of the mesh authority (``meshmq authority init`` prints it); agents trust certificates it signed. None: this user's development authority in MESHMQ_HOME (~/.meshmq), created on first use, which lets the user's agents on this machine trust each other with no set-up."""
+    certificate: Path | None = None
+    """This agent's certificate file (``meshmq cert issue``), required with ``authority``; with the development authority the agent issues its own."""
+
     # --- membership and failure detection (SWIM with Lifeguard's refinements) ---
     probe_interval: float = 0.5
     """Seconds between two probes (pings) by this node, each of one peer in turn."""

@@ -50,6 +50,7 @@ import dataclasses
 import itertools
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgpack
@@ -215,8 +216,16 @@ class Node:
     """Membership and routing state of the local node."""
 
     def __init__(self, mesh: str, record: NodeRecord, *, timing: Timing | None = None,
-                 limits: Limits | None = None, max_peers: int = 4096, rng: random.Random | None = None) -> None:
+                 limits: Limits | None = None, max_peers: int = 4096, rng: random.Random | None = None,
+                 sign: Callable[[NodeRecord], NodeRecord] | None = None,
+                 vouch: Callable[[NodeRecord], str | None] | None = None) -> None:
         self.mesh = mesh
+        # Injected by the agent (the core holds no keys): sign our records, check others'.
+        # vouch returns None for a record it accepts, else why not (counted).
+        self.sign = sign
+        self.vouch = vouch
+        if sign is not None:
+            record = sign(record)
         # Injected so that tests in virtual time are deterministic (seed it); the agent passes none.
         self.rng = rng or random.Random()
         self.timing = timing or Timing()
@@ -701,6 +710,8 @@ class Node:
 
     def _claim(self, record: NodeRecord) -> None:
         """Make ``record`` our new claim (alive at its incarnation) and put it in the news."""
+        if self.sign is not None:
+            record = self.sign(record)
         self.routes.set_local(record)
         self.digest_hash ^= entry_hash(self.me)
         self.me = claim(record)
@@ -719,6 +730,11 @@ class Node:
         except TopicError:
             self.counters["rejected_bad_record"] += 1
             return False
+        if self.vouch is not None:
+            problem = self.vouch(record)
+            if problem is not None:
+                self.counters[f"rejected_record_{problem}"] += 1
+                return False
         return True
 
     # --- joining --------------------------------------------------------------------

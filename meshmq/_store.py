@@ -60,7 +60,7 @@ import msgpack
 
 from ._errors import CorruptStore, StoreError
 
-FORMAT = 2
+FORMAT = 3
 DURABILITY = ("fsync", "os", "memory")
 _DBS = (b"meta", b"out", b"streams", b"inbox", b"dlq", b"replay", b"peers", b"quarantine")
 _SHOWN = 50  # damaged records named in a CorruptStore

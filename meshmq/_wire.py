@@ -26,7 +26,7 @@ from ._errors import PayloadError, ProtocolError, TopicError
 from ._message import FORMAT_BYTES, FORMAT_MSGPACK, Message
 from ._topics import check_topic
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 ENVELOPE_VERSION = 1
 
 HELLO = 1
@@ -267,7 +267,13 @@ class NodeRecord:
     schemas: tuple[tuple[str, int], ...] = ()
     """(message type, schema version) pairs the node produces (filled in by the schema layer)."""
     cert: bytes | None = None
-    """The node's certificate (filled in by the security layer)."""
+    """The node's certificate, from the mesh authority (see :mod:`meshmq._security`)."""
+    sig: bytes | None = None
+    """The node's Ed25519 signature over everything above (:meth:`signing_bytes`)."""
+
+    def signing_bytes(self) -> bytes:
+        """What the node signs: the record without its signature."""
+        return msgpack.packb(self.to_wire()[:8], use_bin_type=True)
 
     @property
     def key(self) -> tuple[float, int]:
@@ -278,14 +284,14 @@ class NodeRecord:
             self.node, self.service, list(self.endpoints),
             [[s.pattern, s.group, True] if s.durable else [s.pattern, s.group] for s in self.subscriptions],
             self.incarnation, self.started,
-            [list(s) for s in self.schemas], self.cert,
+            [list(s) for s in self.schemas], self.cert, self.sig,
         ]
 
     @classmethod
     def from_wire(cls, obj: Any, limits: Limits) -> NodeRecord:
-        if type(obj) is not list or len(obj) != 8:
-            raise ProtocolError("node record is not an 8-field array")
-        node, service, endpoints, subs, incarnation, started, schemas, cert = obj
+        if type(obj) is not list or len(obj) != 9:
+            raise ProtocolError("node record is not a 9-field array")
+        node, service, endpoints, subs, incarnation, started, schemas, cert, sig = obj
         _check_node_id(node, "node id in record")
         if type(service) is not str or not 0 < len(service) <= _MAX_NAME:
             raise ProtocolError("bad service in record")
@@ -316,8 +322,10 @@ class NodeRecord:
                 raise ProtocolError("bad schema in record")
         if cert is not None and (type(cert) is not bytes or len(cert) > MAX_CERT_BYTES):
             raise ProtocolError("bad certificate in record")
+        if sig is not None and (type(sig) is not bytes or len(sig) != 64):
+            raise ProtocolError("bad signature in record")
         return cls(node, service, tuple(endpoints), tuple(parsed), incarnation, float(started),
-                   tuple((sc[0], sc[1]) for sc in schemas), cert)
+                   tuple((sc[0], sc[1]) for sc in schemas), cert, sig)
 
 
 def _check_node_id(node: Any, what: str) -> None:

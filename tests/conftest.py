@@ -66,10 +66,12 @@ def loss_rules() -> Any:
 
 @pytest.fixture(autouse=True)
 def data_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Agents of each test (and the processes it starts) keep their state in a directory of
-    the test's own, never in ~/.meshmq."""
+    """Agents of each test (and the processes it starts) keep their state and keys in
+    directories of the test's own, never in ~/.meshmq."""
     root = tmp_path_factory.mktemp("meshmq-data")
     monkeypatch.setenv("MESHMQ_DATA_DIR", str(root))
+    # Keys too: the test's agents share a development authority of their own.
+    monkeypatch.setenv("MESHMQ_HOME", str(tmp_path_factory.mktemp("meshmq-home")))
     return root
 
 

@@ -10,12 +10,13 @@ import uuid
 import pytest
 import zmq
 from aio import wait_until
+from certs import signed_record
 
 import meshmq
 from meshmq._agent import PeerInfo
 from meshmq._doctor import FAIL, OK, WARN, interface_findings, mesh_findings, skew_findings
 from meshmq._records import claim
-from meshmq._wire import NodeRecord, hello_frame, ping_frame
+from meshmq._wire import hello_frame, ping_frame
 
 
 def peer(offset: float | None, service: str = "svc") -> PeerInfo:
@@ -88,14 +89,14 @@ def test_a_peer_with_a_skewed_clock_is_measured() -> None:
         push = ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 1000)
         push.connect(agent.endpoints[0])
-        record = NodeRecord("skewed-node", "skewed", (me,), (), 1, time.time())
+        record = signed_record(mesh, "skewed", (me,))
         push.send(hello_frame(mesh, claim(record), False))
         wait_until(agent.peers, what="the peer known")
-        push.send(ping_frame(mesh, "skewed-node", me, 1, agent.node_id, time.time() + 10.0))
+        push.send(ping_frame(mesh, record.node, me, 1, agent.node_id, time.time() + 10.0))
         wait_until(lambda: agent.peers()[0].clock_offset is not None, what="the clock offset measured")
         offset = agent.peers()[0].clock_offset
         push.close()
         pull.close(0)
     assert offset is not None and 9.5 < offset < 10.5
-    [finding] = skew_findings([PeerInfo("skewed-node", "skewed", me, (), 0.0, offset)], 1.0)
+    [finding] = skew_findings([PeerInfo(record.node, "skewed", me, (), 0.0, offset)], 1.0)
     assert finding.level == WARN and "10.0s ahead" in finding.what

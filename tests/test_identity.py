@@ -1,4 +1,5 @@
-"""An agent's identity lives in its store: kept across restarts, one per running instance."""
+"""An agent's identity is the Ed25519 key beside its store: kept across restarts, one per
+running instance, its node id derived from the key."""
 
 from __future__ import annotations
 
@@ -50,9 +51,25 @@ def test_a_damaged_store_stops_the_start_unless_quarantined(mesh: str, data_dir:
         meshmq.Agent("billing", mesh=mesh, discovery=False).start()
     assert info.value.damaged == ["meta:node"]
     with meshmq.Agent("billing", mesh=mesh, discovery=False, quarantine_store=True) as agent:
-        assert agent.node_id != node  # the damaged identity was set aside; a new one is kept
+        assert agent.node_id == node  # the identity is the key; the damaged record was set aside and written again
     with Store.open(data_dir / "billing" / "0") as store:
         assert store.load().quarantined == 1
+
+
+def test_the_node_id_is_derived_from_a_key_only_its_owner_can_read(mesh: str, data_dir: Path) -> None:
+    from meshmq._security import node_id_of, read_key
+
+    with meshmq.Agent("keys", mesh=mesh, discovery=False) as agent:
+        node = agent.node_id
+    key_file = data_dir / "keys" / "0" / "node.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert node_id_of(bytes(read_key(key_file, "node").verify_key)) == node
+    key_file.chmod(0o644)
+    with pytest.raises(meshmq.UsageError, match="readable by others"):
+        meshmq.Agent("keys", mesh=mesh, discovery=False).start()
+    key_file.unlink()  # a store whose key is gone (or swapped) is refused, not silently re-keyed
+    with pytest.raises(meshmq.StoreError, match="belongs to node"):
+        meshmq.Agent("keys", mesh=mesh, discovery=False).start()
 
 
 def test_a_peer_that_restarts_with_its_identity_is_reached_at_its_new_endpoint(mesh: str) -> None:

@@ -391,6 +391,7 @@ _RECORDS = st.builds(
     started=st.floats(min_value=0, allow_infinity=False),
     schemas=st.lists(st.tuples(st.text(min_size=1, max_size=10), st.integers(0, 99)), max_size=3).map(tuple),
     cert=st.none() | st.binary(max_size=64),
+    sig=st.none() | st.binary(min_size=64, max_size=64),
 )
 
 
@@ -464,7 +465,7 @@ def test_oversized_frame_is_rejected() -> None:
 
 def _record_wire(**changes: Any) -> list[Any]:
     wire = RECORD.to_wire()
-    names = ["node", "service", "endpoints", "subs", "incarnation", "started", "schemas", "cert"]
+    names = ["node", "service", "endpoints", "subs", "incarnation", "started", "schemas", "cert", "sig"]
     for name, value in changes.items():
         wire[names.index(name)] = value
     return wire
@@ -479,8 +480,8 @@ def _entry_wire(**changes: Any) -> list[Any]:
 
 
 @pytest.mark.parametrize(("record", "problem"), [
-    ("record", "8-field array"),
-    (_record_wire()[:7], "8-field array"),
+    ("record", "9-field array"),
+    (_record_wire()[:8], "9-field array"),
     (_record_wire(node=""), "bad node id"),
     (_record_wire(node="n" * 256), "bad node id"),
     (_record_wire(service=3), "bad service"),
@@ -502,6 +503,8 @@ def _entry_wire(**changes: Any) -> list[Any]:
     (_record_wire(schemas=[["OrderPlaced", -1]]), "bad schema"),
     (_record_wire(cert="text"), "bad certificate"),
     (_record_wire(cert=b"x" * 20_000), "bad certificate"),
+    (_record_wire(sig=b"x" * 63), "bad signature"),
+    (_record_wire(sig="sig"), "bad signature"),
 ])
 def test_malformed_records_are_rejected(record: Any, problem: str) -> None:
     entry = _entry_wire(record=record)

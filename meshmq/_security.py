@@ -1,0 +1,333 @@
+"""Identity, the mesh authority and certificates (Ed25519, PyNaCl). No sockets, no clock:
+the time is a parameter.
+
+- **Node identity.** Every node has an Ed25519 key pair; its node id is derived from
+  the public key (the first 8 bytes of its BLAKE2b hash, in hex), so an id cannot be
+  claimed without the key. Its Curve25519 keys (for CurveZMQ and for sealing
+  payloads) are derived from the same key pair.
+- **Authority.** One Ed25519 key pair per mesh signs certificates (and, later,
+  revocations and policies). With no authority configured, a *development
+  authority* is created once per user in ``MESHMQ_HOME`` (default ``~/.meshmq``), as
+  mkcert's local CA: every agent of that user on this machine issues itself a
+  certificate from it and the agents trust each other with no set-up, while agents of
+  other users or machines do not. Several hosts need a real authority
+  (``meshmq authority init``) whose public key every agent is given.
+- **Certificate.** The authority's signature over: serial, mesh, the node's public
+  key, service, the topic patterns it may publish and subscribe to, the tap right,
+  and the validity window. Decoding checks the signature, the issuer, the window and
+  every field's type and size; anything else raises :class:`CertificateError`.
+
+Key files hold a key's 32-byte seed in base64 behind a ``kind:`` line, and are
+created with mode 0600 (never readable by others).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import nacl.exceptions
+import nacl.signing
+
+from ._errors import MeshError, UsageError
+from ._topics import check_pattern
+
+CERT_VERSION = 1
+MAX_PATTERNS = 256
+_KEY_LINE = re.compile(r"^meshmq-(node|authority)-key: ([A-Za-z0-9_-]{43}=?)$")
+
+
+class CertificateError(MeshError):
+    """A certificate (or a record's signature) is not valid: forged, expired, of another
+    authority, or malformed. The message says which."""
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def node_id_of(public_key: bytes) -> str:
+    """The node id belonging to an Ed25519 public key."""
+    return hashlib.blake2b(public_key, digest_size=8).hexdigest()
+
+
+def home() -> Path:
+    """Where the user's keys live: ``MESHMQ_HOME``, default ``~/.meshmq``."""
+    configured = os.environ.get("MESHMQ_HOME")
+    return Path(configured) if configured else Path.home() / ".meshmq"
+
+
+# --- keys ----------------------------------------------------------------------------------
+
+
+def write_key(path: Path, kind: str, key: nacl.signing.SigningKey) -> None:
+    """Write a key file, mode 0600, never replacing one (raises UsageError if it exists).
+    It appears whole or not at all (written aside, then linked into place), so a process
+    racing to create the same key reads a complete one."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    aside = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
+    fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(f"meshmq-{kind}-key: {b64(bytes(key))}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(aside, path)
+        except FileExistsError:
+            raise UsageError(f"{path} exists already; it is never overwritten") from None
+    finally:
+        os.unlink(aside)
+
+
+def read_key(path: Path, kind: str) -> nacl.signing.SigningKey:
+    """Read a key file written by :func:`write_key`, refusing one that others may read."""
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read the {kind} key {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise UsageError(f"the {kind} key {path} is readable by others (mode {mode & 0o777:o}); "
+                         f"run 'chmod 600 {path}'")
+    m = _KEY_LINE.match(text)
+    if m is None or m.group(1) != kind:
+        raise UsageError(f"{path} is not a meshmq {kind} key")
+    return nacl.signing.SigningKey(unb64(m.group(2)))
+
+
+def load_or_create_key(path: Path, kind: str) -> nacl.signing.SigningKey:
+    if path.exists():
+        return read_key(path, kind)
+    key = nacl.signing.SigningKey.generate()
+    try:
+        write_key(path, kind, key)
+    except UsageError:  # created meanwhile by another process: take that one
+        return read_key(path, kind)
+    return key
+
+
+class NodeKeys:
+    """A node's key pair and what derives from it."""
+
+    def __init__(self, signing: nacl.signing.SigningKey) -> None:
+        self.signing = signing
+        self.public = bytes(signing.verify_key)
+        self.node_id = node_id_of(self.public)
+
+    @classmethod
+    def generate(cls) -> NodeKeys:
+        return cls(nacl.signing.SigningKey.generate())
+
+    def sign(self, data: bytes) -> bytes:
+        return bytes(self.signing.sign(data).signature)
+
+    def curve_keys(self) -> tuple[bytes, bytes]:
+        """(public, secret) Curve25519 keys, Z85-encoded as ZeroMQ wants them."""
+        import zmq.utils.z85 as z85
+
+        secret = self.signing.to_curve25519_private_key()
+        return z85.encode(bytes(secret.public_key)), z85.encode(bytes(secret))
+
+
+def curve_public_of(public_key: bytes) -> bytes:
+    """The Z85 Curve25519 public key of a node with this Ed25519 public key (to connect to it)."""
+    import zmq.utils.z85 as z85
+
+    return z85.encode(bytes(nacl.signing.VerifyKey(public_key).to_curve25519_public_key()))
+
+
+def verify(public_key: bytes, data: bytes, signature: bytes) -> bool:
+    try:
+        nacl.signing.VerifyKey(public_key).verify(data, signature)
+        return True
+    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, TypeError, ValueError):
+        return False
+
+
+# --- the authority ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Authority:
+    """An authority's key pair (``key``) or, to verify only, its public key."""
+
+    public: bytes
+    key: nacl.signing.SigningKey | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def text(self) -> str:
+        """The public key as agents are given it (``Config.authority``)."""
+        return b64(self.public)
+
+    @classmethod
+    def from_text(cls, text: str) -> Authority:
+        try:
+            public = unb64(text.strip())
+        except (ValueError, TypeError):
+            public = b""
+        if len(public) != 32:
+            raise UsageError(f"{text[:60]!r} is not an authority public key (43 base64url characters)")
+        return cls(public)
+
+    @classmethod
+    def create(cls, directory: Path, name: str = "authority") -> Authority:
+        """A new authority: ``<name>.key`` (0600) and ``<name>.pub`` in ``directory``."""
+        key = nacl.signing.SigningKey.generate()
+        write_key(directory / f"{name}.key", "authority", key)
+        authority = cls(bytes(key.verify_key), key)
+        (directory / f"{name}.pub").write_text(authority.text + "\n")
+        return authority
+
+    @classmethod
+    def load(cls, path: Path) -> Authority:
+        key = read_key(path, "authority")
+        return cls(bytes(key.verify_key), key)
+
+    @classmethod
+    def development(cls) -> Authority:
+        """This user's development authority, created on first use."""
+        path = home() / "dev-authority.key"
+        key = load_or_create_key(path, "authority")
+        public_path = path.with_suffix(".pub")
+        if not public_path.exists():
+            aside = public_path.with_name(f".{public_path.name}.{os.getpid()}")
+            aside.write_text(b64(bytes(key.verify_key)) + "\n")
+            aside.replace(public_path)  # whole, whoever writes it
+        return cls(bytes(key.verify_key), key)
+
+    def issue(self, *, node_key: bytes, service: str, mesh: str, publish: tuple[str, ...],
+              subscribe: tuple[str, ...], tap: bool, not_before: float, not_after: float,
+              serial: bytes | None = None) -> bytes:
+        """A signed certificate (its wire bytes)."""
+        if self.key is None:
+            raise UsageError("this authority has only its public key: it cannot issue certificates")
+        cert = Certificate(serial or os.urandom(16), mesh, node_key, service, tuple(publish), tuple(subscribe),
+                           tap, float(not_before), float(not_after), self.public)
+        cert.check_fields()
+        body = cert.body()
+        return msgpack.packb([body, bytes(self.key.sign(body).signature)], use_bin_type=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Certificate:
+    serial: bytes
+    mesh: str
+    node_key: bytes
+    service: str
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    tap: bool
+    not_before: float
+    not_after: float
+    issuer: bytes
+
+    @property
+    def node_id(self) -> str:
+        return node_id_of(self.node_key)
+
+    def body(self) -> bytes:
+        return msgpack.packb([CERT_VERSION, self.serial, self.mesh, self.node_key, self.service,
+                              list(self.publish), list(self.subscribe), self.tap, self.not_before,
+                              self.not_after, self.issuer], use_bin_type=True)
+
+    def check_fields(self) -> None:
+        if len(self.serial) != 16 or len(self.node_key) != 32 or len(self.issuer) != 32:
+            raise CertificateError("bad key or serial length")
+        if not self.service or len(self.service) > 255 or not self.mesh or len(self.mesh) > 63:
+            raise CertificateError("bad service or mesh name")
+        if len(self.publish) > MAX_PATTERNS or len(self.subscribe) > MAX_PATTERNS:
+            raise CertificateError(f"more than {MAX_PATTERNS} patterns")
+        for pattern in self.publish + self.subscribe:
+            try:
+                check_pattern(pattern, 256, 32)
+            except MeshError as exc:
+                raise CertificateError(f"bad pattern {pattern!r}: {exc}") from None
+        if not self.not_before < self.not_after:
+            raise CertificateError("the validity window is empty")
+
+    def valid_at(self, now: float) -> bool:
+        return self.not_before <= now <= self.not_after
+
+    def describe(self) -> dict[str, Any]:
+        import datetime
+
+        def iso(t: float) -> str:
+            return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
+
+        return {"serial": self.serial.hex(), "mesh": self.mesh, "service": self.service, "node": self.node_id,
+                "node_key": b64(self.node_key), "publish": list(self.publish), "subscribe": list(self.subscribe),
+                "tap": self.tap, "not_before": iso(self.not_before), "not_after": iso(self.not_after),
+                "issuer": b64(self.issuer)}
+
+
+def decode_certificate(data: bytes) -> Certificate:
+    """Parse a certificate and check its own signature (not yet whom it is from, nor when)."""
+    try:
+        outer = msgpack.unpackb(data, raw=False, max_bin_len=4096, max_str_len=4096, max_array_len=8)
+        body, signature = outer
+        fields = msgpack.unpackb(body, raw=False, max_bin_len=64, max_str_len=1024, max_array_len=MAX_PATTERNS)
+        version, serial, mesh, node_key, service, publish, subscribe, tap, not_before, not_after, issuer = fields
+    except Exception:
+        raise CertificateError("not a meshmq certificate") from None
+    if version != CERT_VERSION:
+        raise CertificateError(f"certificate version {version!r} is not {CERT_VERSION}")
+    if not (type(serial) is bytes and type(mesh) is str and type(node_key) is bytes and type(service) is str
+            and type(publish) is list and type(subscribe) is list and type(tap) is bool
+            and type(not_before) is float and type(not_after) is float and type(issuer) is bytes
+            and type(signature) is bytes and all(type(p) is str for p in publish + subscribe)):
+        raise CertificateError("a certificate field has the wrong type")
+    cert = Certificate(serial, mesh, node_key, service, tuple(publish), tuple(subscribe), tap,
+                       not_before, not_after, issuer)
+    cert.check_fields()
+    if not verify(issuer, body, signature):
+        raise CertificateError("the certificate's signature does not match its content")
+    return cert
+
+
+def check_certificate(data: bytes, authorities: tuple[bytes, ...], mesh: str, now: float) -> Certificate:
+    """A certificate that a trusted authority issued for this mesh and that is valid now."""
+    cert = decode_certificate(data)
+    if cert.issuer not in authorities:
+        raise CertificateError(f"issued by {b64(cert.issuer)[:12]}…, an authority this node does not trust")
+    if cert.mesh != mesh:
+        raise CertificateError(f"issued for mesh {cert.mesh!r}, not {mesh!r}")
+    if not cert.valid_at(now):
+        raise CertificateError("expired" if now > cert.not_after else "not valid yet")
+    return cert
+
+
+ARMOR = ("-----BEGIN MESHMQ CERTIFICATE-----", "-----END MESHMQ CERTIFICATE-----")
+
+
+def armor(cert: bytes) -> str:
+    text = base64.b64encode(cert).decode()
+    return "\n".join([ARMOR[0], *(text[i:i + 64] for i in range(0, len(text), 64)), ARMOR[1]]) + "\n"
+
+
+def unarmor(text: str) -> bytes:
+    lines = [line.strip() for line in text.strip().splitlines()]
+    if len(lines) < 3 or lines[0] != ARMOR[0] or lines[-1] != ARMOR[1]:
+        raise CertificateError("not a meshmq certificate file (BEGIN/END MESHMQ CERTIFICATE lines missing)")
+    try:
+        return base64.b64decode("".join(lines[1:-1]), validate=True)
+    except ValueError:
+        raise CertificateError("the certificate file's base64 is damaged") from None
+
+
+def parse_duration(text: str) -> float:
+    """``30d``, ``12h``, ``90m``, ``45s`` (or plain seconds) as seconds."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
+    if m is None or float(m.group(1)) <= 0:
+        raise UsageError(f"{text!r} is not a duration like 30d, 12h, 90m or 45s")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
