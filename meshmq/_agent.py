@@ -44,15 +44,16 @@ from ._message import FORMAT_BYTES, Message
 from ._node import Connect, Disconnect, Node, PeerDown, PeerUp, Send, Timing
 from ._routing import RouteIndex
 from ._security import (
-    Authority, Certificate, CertificateError, NodeKeys, check_certificate, load_or_create_key, unarmor, verify,
+    Authority, Certificate, CertificateError, NodeKeys, b64, check_certificate, curve_public_of, load_or_create_key,
+    unarmor, verify,
 )
 from ._store import Batch, Contents, Store, open_instance
 from ._topics import check_pattern, check_topic, check_user_topic, matches, reply_topic
 from ._transport import Link, Transport, Wakeup
 from ._wire import (
-    DATA, PROTOCOL_VERSION, Limits, NodeRecord, Ping, Receipt, Subscription as AdvertisedSubscription, Work,
-    check_headers, decode_data, decode_envelope, decode_frame, encode_envelope, encode_payload, split_entry,
-    work_frame,
+    DATA, PROTOCOL_VERSION, Hello, Limits, NodeRecord, Ping, Receipt, Subscription as AdvertisedSubscription, Work,
+    check_headers, decode_data, decode_envelope, decode_frame, encode_envelope, encode_payload, split_endpoint,
+    split_entry, work_frame,
 )
 
 log = logging.getLogger("meshmq.agent")
@@ -557,7 +558,7 @@ class AsyncAgent:
     Args:
         service: this service's name, shown to peers and in every message's ``source``.
         config: a :class:`Config` (default: built from the environment).
-        **overrides: any :class:`Config` field, e.g. ``seeds=["tcp://10.0.0.5:7400"]``.
+        **overrides: any :class:`Config` field, e.g. ``seeds=["tcp://10.0.0.5:7400#KEY"]``.
     """
 
     def __init__(self, service: str, *, config: Config | None = None, **overrides: Any) -> None:
@@ -628,6 +629,7 @@ class AsyncAgent:
         self._trusted: tuple[bytes, ...] = ()
         self._certs: dict[bytes, Certificate] = {}  # certificate bytes -> checked certificate
         self._vouched: dict[bytes, tuple[str | None, float]] = {}  # record signature -> verdict, until
+        self._curve_nodes: dict[str, str] = {}  # CURVE key (Z85) of a certified node -> its node id
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -653,22 +655,30 @@ class AsyncAgent:
             self._close_store()
             raise
         interfaces = _expand_interfaces(cfg.interfaces)
-        transport = Transport(cfg, self.node_id, self._on_frame, self._produce)
+        transport = Transport(cfg, self.node_id, self._on_frame, self._produce, self._keys.curve_keys())
         try:
-            endpoints = transport.async_bind(loop, _bind_endpoints(cfg, interfaces))
+            bound = transport.async_bind(loop, _bind_endpoints(cfg, interfaces))
         except zmq.ZMQError as exc:
-            transport.ctx.term()
+            transport.async_close(0)
             self._close_store()
             raise MeshError(f"cannot bind {cfg.bind or interfaces}: {exc}") from exc
+        # Advertised with our key: whoever connects needs it (CurveZMQ), and it names us.
+        endpoints = tuple(f"{ep}#{b64(self._keys.public)}" for ep in bound)
         self._transport = transport
-        self._start_delivery(loop)
-        self._started_at = time.monotonic()
-        record = NodeRecord(self.node_id, self.service, endpoints, self._advertised(), 0, time.time(),
-                            cert=self._cert)
-        self._node = Node(cfg.mesh, record, timing=Timing.from_config(cfg), limits=self.limits,
-                          max_peers=cfg.max_peers, sign=self._sign_record, vouch=self._vouch)
-        self._state = "running"
-        self._apply(self._node.start(time.monotonic(), cfg.seeds))
+        try:
+            self._start_delivery(loop)
+            self._started_at = time.monotonic()
+            record = NodeRecord(self.node_id, self.service, endpoints, self._advertised(), 0, time.time(),
+                                cert=self._cert)
+            self._node = Node(cfg.mesh, record, timing=Timing.from_config(cfg), limits=self.limits,
+                              max_peers=cfg.max_peers, sign=self._sign_record, vouch=self._vouch)
+            self._state = "running"
+            self._apply(self._node.start(time.monotonic(), cfg.seeds))
+        except BaseException:  # nothing half-started is left behind (threads, sockets, the store lock)
+            self._state = "stopped"
+            transport.async_close(0)
+            self._close_store()
+            raise
         if cfg.discovery:
             self._discovery = Discovery(mesh=cfg.mesh, node=self.node_id, service=self.service,
                                         endpoints=endpoints, interfaces=interfaces, on_hint=self._on_hint)
@@ -803,8 +813,13 @@ class AsyncAgent:
             problem = "mismatch"
         elif not verify(cert.node_key, record.signing_bytes(), record.sig):
             problem = "forged"
+        elif any(split_endpoint(ep)[1] != b64(cert.node_key) for ep in record.endpoints):
+            problem = "mismatch"  # an endpoint that names another key would lead us elsewhere
         else:
             problem = None
+            if len(self._curve_nodes) >= 65536:
+                self._curve_nodes.clear()
+            self._curve_nodes[curve_public_of(cert.node_key).decode()] = record.node
         if problem is not None:
             quiet.warning(f"record:{record.node}", "record of %s (%s) refused: %s", record.node, record.service,
                           problem)
@@ -1352,11 +1367,16 @@ class AsyncAgent:
 
     # --- receiving ------------------------------------------------------------------
 
-    def _on_frame(self, frame: bytes) -> None:
+    def _on_frame(self, frame: bytes, peer: str) -> None:
+        """A frame from the network, and the CURVE key of the connection it came over: it is
+        acted on only if that key is the one certified for the node the frame says it is from."""
         assert self._node is not None
         try:
             if len(frame) > 2 and frame[1] == DATA and frame[0] == PROTOCOL_VERSION:  # the hot path
                 node, epoch, first_seq, floor, entries, resent = decode_data(frame, self.limits)
+                if self._curve_nodes.get(peer) != node:
+                    self._unauthenticated(node, peer)
+                    return
                 self._node.touch(node, time.monotonic())
                 self._on_data(node, epoch, first_seq, floor, entries, resent)
                 return
@@ -1366,6 +1386,18 @@ class AsyncAgent:
             quiet.warning("frame", "dropped a malformed frame (%d bytes): %s", len(frame), exc)
             return
         kind = type(decoded)
+        if kind is Hello:
+            node = decoded.entry.node
+            record = decoded.entry.record
+            if self._curve_nodes.get(peer) != node and record is not None:
+                problem = self._vouch(record)  # a stranger: its certificate must name this connection's key
+                if problem is not None:
+                    self.counters[f"rejected_record_{problem}"] += 1
+        else:
+            node = decoded.node
+        if self._curve_nodes.get(peer) != node:
+            self._unauthenticated(node, peer)
+            return
         if kind is Receipt:
             assert self._outbox is not None
             self._outbox.on_receipt(decoded.node, decoded.epoch, decoded.committed, decoded.received,
@@ -1398,6 +1430,11 @@ class AsyncAgent:
                 self._deliver_entry(entry, (sender, epoch, seq), seq, resent)
         if got.deliver or got.skipped:
             inbox.advance(sender)
+
+    def _unauthenticated(self, node: str, peer: str) -> None:
+        self.counters["frames_unauthenticated"] += 1
+        quiet.warning(f"unauth:{peer}", "dropped a frame that says it is from %s over a connection "
+                      "authenticated as another key (or none known yet)", node)
 
     def _message_finished(self, msg: Message, in_group: bool) -> None:
         """A subscription is done with ``msg`` (loop thread)."""

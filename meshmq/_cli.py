@@ -166,7 +166,7 @@ _PEERS_EPILOG = """\
   meshmq peers                       table of service, node id, endpoint, state, subscriptions, last seen
   meshmq peers --all                 also the peers that recently died or left
   meshmq peers --wait 3 --json       a JSON array of peers, after waiting up to 3 s
-  meshmq peers --mesh staging --seed tcp://10.0.0.5:7400
+  meshmq peers --mesh staging --seed tcp://10.0.0.5:7400#KEY
 
 STATE is alive, or suspect when a probe of the peer went unanswered (it is
 declared dead unless it refutes in time); with --all, departed peers show as
@@ -373,7 +373,7 @@ def _add_mesh_options(parser: argparse.ArgumentParser, top: bool = False) -> Non
     group.add_argument("--mesh", dest="mesh" + suffix, default=default, metavar="NAME",
                        help="mesh name (default: $MESHMQ_MESH or 'default')")
     group.add_argument("--seed", dest="seed" + suffix, action="append", default=default, metavar="ENDPOINT",
-                       help="static peer endpoint, e.g. tcp://127.0.0.1:7400 (repeatable)")
+                       help="static peer endpoint with its key, tcp://HOST:PORT#KEY as meshmq peers shows it (repeatable)")
     group.add_argument("--interface", dest="interface" + suffix, action="append", default=default, metavar="IP",
                        help="address to bind and announce on (repeatable; default: 127.0.0.1)")
     group.add_argument("--service", dest="service" + suffix, default="meshmq-cli" if top else default, metavar="NAME",
@@ -571,7 +571,7 @@ Each plain subscriber of a topic gets its own copy of a message; a queue group
 _DOCTOR_EPILOG = """\
   meshmq doctor                                  check this host with the default settings
   meshmq doctor --mesh shop --interface 10.0.0.5 the settings of the agents you run
-  meshmq doctor --seed tcp://10.0.0.7:7400       does that seed answer?
+  meshmq doctor --seed tcp://10.0.0.7:7400#KEY   does that seed answer?
 
 Checks, each with the fix when something is wrong: the configured interfaces
 exist on this host; this agent can bind; mDNS works (its own announcement is

@@ -38,7 +38,7 @@ class Config:
     bind: str | None = None
     """Explicit ZeroMQ endpoint(s) to bind, comma-separated (e.g. ``tcp://127.0.0.1:7400``); default: one OS-chosen port per interface."""
     seeds: tuple[str, ...] = ()
-    """Static peer endpoints (``tcp://host:port``) for networks where multicast does not reach."""
+    """Static peer endpoints (``tcp://host:port#KEY``, as ``meshmq peers`` shows them) for networks where multicast does not reach."""
     discovery: bool = True
     """Announce and browse with mDNS. Seeds work with it off."""
     data_dir: Path | None = None
@@ -162,7 +162,9 @@ class Config:
             for ep in self.bind.split(","):
                 _check(_is_endpoint(ep.strip()), "bind", f"{ep!r} is not a ZeroMQ endpoint like tcp://127.0.0.1:7400")
         for seed in self.seeds:
-            _check(_is_endpoint(seed), "seeds", f"{seed!r} is not an endpoint like tcp://127.0.0.1:7400")
+            _check(_is_endpoint(seed), "seeds", f"{seed!r} is not an endpoint like tcp://127.0.0.1:7400#KEY")
+            _check("#" in seed, "seeds", f"{seed!r} lacks the node's key: every hop is encrypted (CurveZMQ), so a "
+                   "seed is given as tcp://host:port#KEY, as 'meshmq peers' and agent.endpoints show it")
         _check(self.durability in ("fsync", "os", "memory"), "durability",
                f"{self.durability!r} must be fsync, os or memory")
         _positive(self, "probe_interval", "probe_timeout", "indirect_probes", "suspicion_mult", "gossip_interval",

@@ -56,11 +56,14 @@ class Discovery:
         self.azc = AsyncZeroconf(interfaces=self.interfaces, ip_version=version)
         self.browser = AsyncServiceBrowser(self.azc.zeroconf, SERVICE_TYPE, handlers=[self._on_change])
         addresses = [socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip) for ip in self.interfaces]
-        port = int(self.endpoints[0].rsplit(":", 1)[1])
+        plain = [ep.partition("#")[0] for ep in self.endpoints]
+        key = self.endpoints[0].partition("#")[2]
+        port = int(plain[0].rsplit(":", 1)[1])
+        # The node's key goes once (a TXT string holds at most 255 bytes), not with every endpoint.
         self.info = AsyncServiceInfo(
             SERVICE_TYPE, self.name, addresses=addresses, port=port,
             properties={"mesh": self.mesh, "node": self.node, "service": self.service,
-                        "ep": ",".join(self.endpoints), "v": "1"},
+                        "ep": ",".join(plain), "key": key, "v": "2"},
         )
         self._spawn(self._register())
 
@@ -88,7 +91,8 @@ class Discovery:
         mesh = props.get("mesh")
         if mesh != self.mesh:
             return
-        endpoints = tuple(ep for ep in (props.get("ep") or "").split(",") if ep)
+        key = props.get("key") or ""
+        endpoints = tuple(f"{ep}#{key}" if key else ep for ep in (props.get("ep") or "").split(",") if ep)
         if not endpoints:
             return
         self.on_hint(props.get("node"), endpoints, mesh)

@@ -474,7 +474,7 @@ class Node:
         if relay is not None:
             if not ack.nack and ack.node in self.peers:
                 self.touch(ack.node, now)
-            actions.append(Send(relay.endpoint, ack_frame(self.mesh, self.node_id, relay.seq, ack.nack)))
+            self._answer_relay(relay, ack.nack, actions)
             return
         probe = self.probe
         if probe is not None and ack.seq == probe.seq:
@@ -508,7 +508,15 @@ class Node:
                 break  # in order of creation, and all share one timeout
             del self.relays[seq]
             # Lifeguard's NACK: the requester learns we are alive, so its own slowness is not to blame.
-            actions.append(Send(relay.endpoint, ack_frame(self.mesh, self.node_id, relay.seq, True)))
+            self._answer_relay(relay, True, actions)
+
+    def _answer_relay(self, relay: Relay, nack: bool, actions: list[Action]) -> None:
+        """Forward the outcome of an indirect probe to its requester, if we are still linked to
+        it: it may have been dropped (and its link closed) while the probe was out."""
+        if relay.endpoint not in self.links:
+            self.counters["relay_answers_unlinked"] += 1
+            return
+        actions.append(Send(relay.endpoint, ack_frame(self.mesh, self.node_id, relay.seq, nack)))
 
     # --- suspicion ------------------------------------------------------------------
 

@@ -1,7 +1,12 @@
 """ZeroMQ transport: the shell that moves frames. No protocol decisions here.
 
 Each agent binds one PULL socket (one endpoint per interface) and opens one PUSH
-socket per peer endpoint (a :class:`Link`). What to send is not kept here: when a
+socket per peer endpoint (a :class:`Link`). Every hop runs CurveZMQ: the PULL socket
+is a CURVE server with the node's key, each PUSH socket a CURVE client that knows the
+peer's key from its endpoint (``tcp://host:port#KEY``). The connecting key reaches
+the agent with every frame (ZAP sets it as the frame's User-Id), so the agent acts on
+a frame only when it comes from the node it claims to be from; the ZAP handler
+refuses keys the agent has banned. What to send is not kept here: when a
 link may send, the transport asks ``produce(link)`` for frames (the outbox builds
 them from the destination's stream) and sends them without blocking until the
 socket is full; then it waits for the socket to become writable. A slow or
@@ -18,7 +23,11 @@ from typing import Any
 
 import zmq
 
+from ._security import curve_public_of, unb64
+from ._wire import split_endpoint
+
 log = logging.getLogger("meshmq.transport")
+ZAP_DOMAIN = "meshmq"
 
 
 class Wakeup:
@@ -63,12 +72,16 @@ class Link:
 class Transport:
     """Sockets of one agent. Runs on the agent's event loop thread (``async_`` methods)."""
 
-    def __init__(self, config: Any, node_id: str, on_frame: Callable[[bytes], None],
-                 produce: Callable[[Link], list[bytes]]) -> None:
+    def __init__(self, config: Any, node_id: str, on_frame: Callable[[bytes, str], None],
+                 produce: Callable[[Link], list[bytes]], curve_keys: tuple[bytes, bytes]) -> None:
         self.config = config
         self.node_id = node_id
         self.on_frame = on_frame
         self.produce = produce
+        self.curve_public, self.curve_secret = curve_keys
+        self.banned: set[str] = set()
+        """Connecting keys the ZAP handler refuses (read from its thread; replaced, never mutated)."""
+        self.authenticator: Any = None
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.pull: zmq.Socket[bytes] | None = None
         self.endpoints: tuple[str, ...] = ()
@@ -84,8 +97,17 @@ class Transport:
     def async_bind(self, loop: asyncio.AbstractEventLoop, endpoints: list[str]) -> tuple[str, ...]:
         self.loop = loop
         cfg = self.config
+        from zmq.auth.thread import ThreadAuthenticator
+
+        self.authenticator = ThreadAuthenticator(self.ctx, log=log)
+        self.authenticator.start()
+        self.authenticator.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self)
         pull = self.ctx.socket(zmq.PULL)
         pull.setsockopt(zmq.LINGER, 0)
+        pull.setsockopt(zmq.CURVE_SERVER, 1)
+        pull.setsockopt(zmq.CURVE_PUBLICKEY, self.curve_public)
+        pull.setsockopt(zmq.CURVE_SECRETKEY, self.curve_secret)
+        pull.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
         pull.setsockopt(zmq.RCVHWM, cfg.socket_hwm)
         pull.setsockopt(zmq.MAXMSGSIZE, cfg.max_frame_bytes)
         if any("[" in ep for ep in endpoints):
@@ -103,6 +125,15 @@ class Transport:
         self.async_resume()
         return self.endpoints
 
+    def callback(self, domain: str, key: bytes) -> bool:
+        """ZAP (on the authenticator's thread): admit a connecting CURVE key unless banned. Who
+        it is is settled per frame: a stranger gets no further than a HELLO whose certificate
+        names this very key."""
+        if key.decode() in self.banned:
+            self.counters["connections_refused"] += 1
+            return False
+        return True
+
     def async_close(self, linger: float) -> None:
         if self.pull is not None and self.loop is not None:
             self.async_pause()
@@ -111,6 +142,9 @@ class Transport:
         for link in list(self.links.values()):
             self._close_link(link, linger)
         self.links.clear()
+        if self.authenticator is not None:
+            self.authenticator.stop()
+            self.authenticator = None
         self.ctx.term()
 
     # --- receiving ------------------------------------------------------------------
@@ -136,10 +170,10 @@ class Transport:
         on_frame = self.on_frame
         for _ in range(self.read_budget):
             try:
-                frame = recv(zmq.NOBLOCK)
+                frame = recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            on_frame(frame)
+            on_frame(frame.bytes, frame.get("User-Id"))
             # Asking EVENTS re-arms the edge-triggered FD like a failed recv does, at a third of
             # the cost (no exception): it matters on few cores, where this work competes with
             # ZeroMQ's I/O thread carrying our reply.
@@ -151,19 +185,33 @@ class Transport:
 
     # --- sending --------------------------------------------------------------------
 
-    def async_connect(self, endpoint: str) -> Link:
+    def async_connect(self, endpoint: str) -> Link | None:
+        """The link to ``endpoint#KEY`` (opened now if new); None for an endpoint without the
+        node's key, which CurveZMQ cannot reach (counted)."""
         link = self.links.get(endpoint)
         if link is not None:
             return link
+        plain, key = split_endpoint(endpoint)
+        if key is None:
+            self.counters["endpoints_without_key"] += 1
+            return None
+        try:
+            server_key = curve_public_of(unb64(key))
+        except Exception:  # not a point on the curve: no node can hold its secret
+            self.counters["endpoints_bad_key"] += 1
+            return None
         cfg = self.config
         sock = self.ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, self.curve_public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, self.curve_secret)
         sock.setsockopt(zmq.SNDHWM, cfg.socket_hwm)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        if endpoint.startswith("tcp://["):
+        if plain.startswith("tcp://["):
             sock.setsockopt(zmq.IPV6, 1)
-        sock.connect(endpoint)
+        sock.connect(plain)
         link = Link(endpoint, sock)
         self.links[endpoint] = link
         return link

@@ -206,17 +206,26 @@ def decode_envelope(data: bytes, limits: Limits, seq: int = 0) -> Message:
 # --- endpoints -------------------------------------------------------------------------
 
 _ENDPOINT = re.compile(
-    r"^tcp://(?:\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)"
-    r":(?P<port>\d{1,5}|\*)$"
-    r"|^(?:ipc|inproc)://[A-Za-z0-9._/@-]{1,200}$"
+    r"^(?:tcp://(?:\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)"
+    r":(?P<port>\d{1,5}|\*)"
+    r"|(?:ipc|inproc)://[A-Za-z0-9._/@-]{1,200})"
+    r"(?:#(?P<key>[A-Za-z0-9_-]{43}))?$"
 )
+
+
+def split_endpoint(endpoint: str) -> tuple[str, str | None]:
+    """(the ZeroMQ endpoint, the node's public key in base64url or None) of ``endpoint#key``.
+    A node advertises its endpoints with its key: connecting needs it (CurveZMQ)."""
+    plain, _, key = endpoint.partition("#")
+    return plain, key or None
 
 
 def is_endpoint(endpoint: object, *, wildcard_port: bool = False) -> bool:
     """Whether ``endpoint`` is a ZeroMQ endpoint we will connect to: tcp://host:port (an
-    IPv4 address, [IPv6] or a host name), ipc:// or inproc://. Endpoints come from peers and
-    mDNS, so anything else is refused before it reaches a socket."""
-    if type(endpoint) is not str or len(endpoint) > 255:
+    IPv4 address, [IPv6] or a host name), ipc:// or inproc://, optionally followed by
+    ``#`` and the node's public key. Endpoints come from peers and mDNS, so anything else
+    is refused before it reaches a socket."""
+    if type(endpoint) is not str or len(endpoint) > 300:
         return False
     m = _ENDPOINT.match(endpoint)
     if m is None:

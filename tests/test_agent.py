@@ -9,8 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-import zmq
 from aio import agents, collect, eventually, run
+from certs import RawPeer
 
 import meshmq
 
@@ -187,10 +187,7 @@ def test_malformed_frames_are_counted_and_survived(mesh: str) -> None:
     async def main() -> None:
         async with agents(mesh, "target", "pub") as (target, pub):
             sub = target.subscribe("ok.>")
-            ctx = zmq.Context.instance()
-            raw = ctx.socket(zmq.PUSH)
-            raw.setsockopt(zmq.LINGER, 2000)
-            raw.connect(target.endpoints[0])
+            raw = RawPeer(mesh, target.endpoints[0])
             junk = [b"", b"\x01", b"\x09\x04garbage", b"\x01\x04\xc1", b"\x01\x04" + b"\x93\x01\x02\x03",
                     b"\x01\x63\x90", b"\x01\x04\x94\xa1n\x01\x01\x91\xc4\x03abc"]
             for frame in junk:
@@ -323,16 +320,13 @@ def test_a_stopped_peer_leaves_routing_at_once(mesh: str) -> None:
 def test_a_record_with_a_malformed_endpoint_is_rejected_without_harm(mesh: str) -> None:
     import time
 
-    from meshmq._records import claim
-    from meshmq._wire import NodeRecord, hello_frame
+    from meshmq._wire import NodeRecord
 
     async def main() -> None:
         async with agents(mesh, "victim", "friend") as (victim, friend):
-            raw = zmq.Context.instance().socket(zmq.PUSH)
-            raw.setsockopt(zmq.LINGER, 2000)
-            raw.connect(victim.endpoints[0])
+            raw = RawPeer(mesh, victim.endpoints[0])
             bogus = NodeRecord("evil", "evil", ("tcp://[not-an-endpoint",), (), 1, time.time())
-            raw.send(hello_frame(mesh, claim(bogus), True))
+            raw.introduce(bogus, want_reply=True)
             raw.close()
             # The frame travels on its own connection.
             await eventually(lambda: victim.stats().get("frames_rejected", 0), what="the frame rejected")

@@ -44,7 +44,7 @@ def test_environment_variables_are_parsed() -> None:
         "MESHMQ_MESH": "prod",
         "MESHMQ_INTERFACES": "127.0.0.1, ::1",
         "MESHMQ_BIND": "tcp://127.0.0.1:7400",
-        "MESHMQ_SEEDS": "tcp://10.0.0.5:7400,tcp://10.0.0.6:7400,",
+        "MESHMQ_SEEDS": "tcp://10.0.0.5:7400#kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk,tcp://10.0.0.6:7400#kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk,",
         "MESHMQ_DISCOVERY": "off",
         "MESHMQ_DATA_DIR": "/var/lib/meshmq",
         "MESHMQ_PROBE_INTERVAL": "0.25",
@@ -56,7 +56,7 @@ def test_environment_variables_are_parsed() -> None:
     assert cfg.mesh == "prod"
     assert cfg.interfaces == ("127.0.0.1", "::1")
     assert cfg.bind == "tcp://127.0.0.1:7400"
-    assert cfg.seeds == ("tcp://10.0.0.5:7400", "tcp://10.0.0.6:7400")
+    assert cfg.seeds == ("tcp://10.0.0.5:7400#kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk", "tcp://10.0.0.6:7400#kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk")
     assert cfg.discovery is False
     assert cfg.data_dir == Path("/var/lib/meshmq")
     assert cfg.probe_interval == 0.25
@@ -83,9 +83,9 @@ def test_load_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_keyword_overrides_win_over_the_environment() -> None:
     env = {"MESHMQ_TOMBSTONE_TTL": "5", "MESHMQ_MESH": "from-env"}
-    cfg = Config.load(env=env, tombstone_ttl=7, seeds=["tcp://127.0.0.1:7400"])
+    cfg = Config.load(env=env, tombstone_ttl=7, seeds=["tcp://127.0.0.1:7400#kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk"])
     assert cfg.tombstone_ttl == 7.0 and isinstance(cfg.tombstone_ttl, float)
-    assert cfg.seeds == ("tcp://127.0.0.1:7400",)
+    assert cfg.seeds == ("tcp://127.0.0.1:7400#kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk",)
     assert cfg.mesh == "from-env"
 
 
@@ -129,6 +129,8 @@ def test_unparsable_variables_name_the_variable(var: str, raw: str, field: str) 
     ({"MESHMQ_INTERFACES": ","}, "interfaces", "at least one"),
     ({"MESHMQ_BIND": "127.0.0.1:7400"}, "bind", "not a ZeroMQ endpoint"),
     ({"MESHMQ_SEEDS": "localhost"}, "seeds", "not an endpoint"),
+    ({"MESHMQ_SEEDS": "tcp://127.0.0.1:7400"}, "seeds", "lacks the node's key"),
+    ({"MESHMQ_SEEDS": "tcp://127.0.0.1:7400#short"}, "seeds", "not an endpoint"),
     ({"MESHMQ_PROBE_INTERVAL": "0"}, "probe_interval", "greater than zero"),
     ({"MESHMQ_PROBE_INTERVAL": "nan"}, "probe_interval", "greater than zero"),
     ({"MESHMQ_PROBE_TIMEOUT": "0.5"}, "probe_timeout", "less than probe_interval"),
@@ -149,8 +151,8 @@ def test_invalid_values_name_the_field(env: dict[str, str], field: str, problem:
 
 def test_valid_endpoints() -> None:
     cfg = Config.load(env={}, bind="tcp://127.0.0.1:*, ipc:///tmp/m.sock",
-                      seeds=["tcp://[::1]:7400", "tcp://host.example:7400", "inproc://x"])
-    assert cfg.seeds[0] == "tcp://[::1]:7400"
+                      seeds=["tcp://[::1]:7400#kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk", "tcp://host.example:7400#kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk", "inproc://x#kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk"])
+    assert cfg.seeds[0] == "tcp://[::1]:7400#kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk"
 
 
 @pytest.mark.parametrize(("overrides", "field"), [

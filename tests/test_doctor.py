@@ -10,13 +10,13 @@ import uuid
 import pytest
 import zmq
 from aio import wait_until
-from certs import signed_record
+from certs import RawPeer
 
 import meshmq
 from meshmq._agent import PeerInfo
 from meshmq._doctor import FAIL, OK, WARN, interface_findings, mesh_findings, skew_findings
-from meshmq._records import claim
-from meshmq._wire import hello_frame, ping_frame
+from meshmq._security import NodeKeys, b64
+from meshmq._wire import ping_frame
 
 
 def peer(offset: float | None, service: str = "svc") -> PeerInfo:
@@ -74,29 +74,22 @@ def test_doctor_names_a_missing_interface_and_a_silent_seed() -> None:
     closed = ctx.socket(zmq.PULL)
     port = closed.bind_to_random_port("tcp://127.0.0.1")
     closed.close(0)  # a port where nothing listens any more
-    silent = doctor("--mesh", "doc" + uuid.uuid4().hex[:8], "--seed", f"tcp://127.0.0.1:{port}")
-    assert silent.returncode == 1 and f"[FAIL] seeds      seed tcp://127.0.0.1:{port} does not answer" in silent.stdout
+    seed = f"tcp://127.0.0.1:{port}#{b64(NodeKeys.generate().public)}"
+    silent = doctor("--mesh", "doc" + uuid.uuid4().hex[:8], "--seed", seed)
+    assert silent.returncode == 1 and f"[FAIL] seeds      seed {seed} does not answer" in silent.stdout
 
 
 @pytest.mark.integration
 def test_a_peer_with_a_skewed_clock_is_measured() -> None:
     mesh = "doc" + uuid.uuid4().hex[:8]
     with meshmq.Agent("victim", mesh=mesh, discovery=False) as agent:
-        ctx = zmq.Context.instance()
-        pull = ctx.socket(zmq.PULL)
-        port = pull.bind_to_random_port("tcp://127.0.0.1")
-        me = f"tcp://127.0.0.1:{port}"
-        push = ctx.socket(zmq.PUSH)
-        push.setsockopt(zmq.LINGER, 1000)
-        push.connect(agent.endpoints[0])
-        record = signed_record(mesh, "skewed", (me,))
-        push.send(hello_frame(mesh, claim(record), False))
+        raw = RawPeer(mesh, agent.endpoints[0], "skewed")
+        raw.introduce()
         wait_until(agent.peers, what="the peer known")
-        push.send(ping_frame(mesh, record.node, me, 1, agent.node_id, time.time() + 10.0))
+        raw.send(ping_frame(mesh, raw.node, raw.endpoint, 1, agent.node_id, time.time() + 10.0))
         wait_until(lambda: agent.peers()[0].clock_offset is not None, what="the clock offset measured")
         offset = agent.peers()[0].clock_offset
-        push.close()
-        pull.close(0)
+        raw.close()
     assert offset is not None and 9.5 < offset < 10.5
-    [finding] = skew_findings([PeerInfo(record.node, "skewed", me, (), 0.0, offset)], 1.0)
+    [finding] = skew_findings([PeerInfo(raw.node, "skewed", raw.endpoint, (), 0.0, offset)], 1.0)
     assert finding.level == WARN and "10.0s ahead" in finding.what

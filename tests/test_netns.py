@@ -84,9 +84,10 @@ def test_seeds_plus_gossip_build_the_full_mesh_where_multicast_is_blocked(make_l
     first = member(lab, 0, mesh, bind=h1)
     members = [first]
     try:
-        first.expect("ready", timeout=20)
+        seed = first.expect("ready", timeout=20)["endpoint"]  # h1's endpoint, with its key
+        assert seed.startswith(h1 + "#")
         for i in (1, 2):
-            members.append(member(lab, i, mesh, seed=h1))
+            members.append(member(lab, i, mesh, seed=seed))
             members[-1].expect("ready", timeout=20)
         wait_peers(members[0], ["h2", "h3"])
         wait_peers(members[1], ["h1", "h3"])
@@ -106,7 +107,7 @@ def test_an_agent_binds_and_advertises_only_its_configured_interface(make_lab: C
         assert ready_h1["event"] == "ready" and ready_h1["endpoint"].startswith(f"tcp://{lab.hosts[0].address}:")
         wait_peers(members[1], ["h1"])
         listening = lab.run(lab.hosts[0], ["ss", "-ltnH"]).stdout
-        port = ready_h1["endpoint"].rsplit(":", 1)[1]
+        port = ready_h1["endpoint"].partition("#")[0].rsplit(":", 1)[1]
         bound = {line.split()[3] for line in listening.splitlines() if line.split()[3].endswith(f":{port}")}
         assert bound == {f"{lab.hosts[0].address}:{port}"}  # not eth1's address, not 0.0.0.0
         assert second not in listening
@@ -122,9 +123,9 @@ def test_doctor_says_multicast_is_blocked_between_hosts(make_lab: Callable[[int]
     mesh = "lab" + uuid.uuid4().hex[:8]
     second = member(lab, 1, mesh, bind=h2)
     try:
-        second.expect("ready", timeout=20)
+        seed = second.expect("ready", timeout=20)["endpoint"]  # h2's endpoint, with its key
         result = lab.run(lab.hosts[0], [sys.executable, "-m", "meshmq", "doctor", "--interface",
-                                        lab.hosts[0].address, "--mesh", mesh, "--seed", h2, "--wait", "2.5"],
+                                        lab.hosts[0].address, "--mesh", mesh, "--seed", seed, "--wait", "2.5"],
                          timeout=60)
     finally:
         second.close()

@@ -808,3 +808,28 @@ class MeshScenario(RuleBasedStateMachine):
 
 TestMeshScenario = MeshScenario.TestCase
 TestMeshScenario.settings = settings(max_examples=60, stateful_step_count=30)
+
+
+def test_an_indirect_probe_answer_is_not_sent_to_a_requester_dropped_meanwhile(net: MemoryNetwork) -> None:
+    """Found by MeshScenario: a helper relays a probe for a requester, drops the requester (its
+    link closed) before the target answers, and must then not send on that closed link."""
+    from meshmq._wire import ack_frame, ping_req_frame
+
+    r = net.add(make_node("r", endpoint=A))
+    h = net.add(make_node("h", endpoint=B), seeds=[A])
+    t = net.add(make_node("t", endpoint=C), seeds=[B])
+    net.run(2.0)
+    assert {"r", "t"} <= set(h.peers)
+    now = net.clock.now()
+    # r asks h to probe t; h pings t and keeps a relay pointing back at r.
+    h.receive(decode_frame(ping_req_frame("test", "r", A, 77, "t", C), h.limits), now)
+    [(relay_seq, relay)] = list(h.relays.items())
+    assert relay.endpoint == A
+    # r says goodbye: h drops it and closes the link to it.
+    net.execute(B, h.receive(decode_frame(bye_frame("test", "r", r.record.started, r.me.incarnation), h.limits), now))
+    assert A not in h.links
+    # t's answer arrives: nothing may go to r (the strict network would raise LinkError).
+    actions = h.receive(decode_frame(ack_frame("test", "t", relay_seq), h.limits), now)
+    assert not [a for a in actions if isinstance(a, Send) and a.endpoint == A]
+    net.execute(B, actions)
+    assert h.counters["relay_answers_unlinked"] == 1

@@ -14,10 +14,11 @@ from typing import Any
 
 import msgpack
 import pytest
-import zmq
+from aio import eventually, run
+from certs import RawPeer
 
 import meshmq
-from aio import eventually, run
+from meshmq._security import NodeKeys, b64, load_or_create_key
 from meshmq._wire import PROTOCOL_VERSION, RECEIPT, receipt_frame
 
 
@@ -33,15 +34,22 @@ class Pair:
     def __init__(self, mesh: str, **cfg: Any) -> None:
         self.mesh = mesh
         self.ports = {"pub": free_port(), "sub": free_port()}
+        # Each one's key made beforehand where its store will be, so each can name the other as
+        # a seed (an endpoint with its key) before the other ever ran.
+        root = Path(os.environ["MESHMQ_DATA_DIR"])
+        self.keys = {n: NodeKeys(load_or_create_key(root / n / "0" / "node.key", "node")) for n in self.ports}
         self.cfg = dict(discovery=False, durability="os", probe_interval=0.2, probe_timeout=0.1,
                         suspicion_mult=2.0, **cfg)
 
     def endpoint(self, name: str) -> str:
         return f"tcp://127.0.0.1:{self.ports[name]}"
 
+    def seed(self, name: str) -> str:
+        return f"{self.endpoint(name)}#{b64(self.keys[name].public)}"
+
     async def start(self, name: str, **more: Any) -> meshmq.AsyncAgent:
         other = "sub" if name == "pub" else "pub"
-        agent = meshmq.AsyncAgent(name, mesh=self.mesh, bind=self.endpoint(name), seeds=[self.endpoint(other)],
+        agent = meshmq.AsyncAgent(name, mesh=self.mesh, bind=self.endpoint(name), seeds=[self.seed(other)],
                                   **{**self.cfg, **more})
         return await agent.start()
 
@@ -225,23 +233,26 @@ def test_bad_and_replayed_receipts_are_counted_and_change_nothing(mesh: str) -> 
         await eventually(lambda: len(got) == 5 and pub.stats()["outbox_messages"] == 0)
         dest = pub._outbox.dests[sub.node_id]  # type: ignore[union-attr]
         epoch = dest.stream.epoch
-        ctx = zmq.Context()
-        push = ctx.socket(zmq.PUSH)
-        push.connect(pair.endpoint("pub"))
+        # From the subscriber itself (its authenticated connection): bad numbers.
+        for frame in (receipt_frame(sub.node_id, epoch, 99, 99),     # acks the future
+                      receipt_frame(sub.node_id, epoch + 7, 1, 1),   # another epoch
+                      receipt_frame(sub.node_id, epoch, 2, 2)):      # old: already acked
+            sub._send_to(pub.node_id, frame)
+        # From another node: a receipt for a stream it has none of, one forged in the
+        # subscriber's name, and a malformed one.
+        raw = RawPeer(mesh, pub.endpoints[0])
         try:
-            for frame in (receipt_frame("nobody", 1, 3, 3),             # unknown stream
-                          receipt_frame(sub.node_id, epoch, 99, 99),     # acks the future
-                          receipt_frame(sub.node_id, epoch + 7, 1, 1),   # another epoch
-                          receipt_frame(sub.node_id, epoch, 2, 2),       # old: already acked
-                          bytes((PROTOCOL_VERSION, RECEIPT)) + msgpack.packb(["x", 1, 5, 2])):  # malformed
-                push.send(frame)
+            raw.introduce()
+            raw.send(receipt_frame(raw.node, 1, 3, 3))
+            raw.send(receipt_frame(sub.node_id, epoch, 5, 5))
+            raw.send(bytes((PROTOCOL_VERSION, RECEIPT)) + msgpack.packb(["x", 1, 5, 2]))
             await eventually(lambda: pub.stats().get("frames_rejected", 0) == 1
+                             and pub.stats().get("frames_unauthenticated", 0) == 1
                              and pub.stats().get("receipts_for_unknown_streams", 0) == 1
                              and pub.stats().get("acks_from_the_future", 0) == 1
                              and pub.stats().get("acks_other_epoch", 0) == 1, what="each bad receipt counted")
         finally:
-            push.close(0)
-            ctx.term()
+            raw.close()
         assert dest.stream.acked == 5
         await pub.publish("jobs.x", 5)  # the stream goes on
         await eventually(lambda: got == list(range(6)) and pub.stats()["outbox_messages"] == 0)
@@ -322,35 +333,36 @@ def test_duplicated_replayed_stale_and_far_ahead_data_frames_reach_no_handler_tw
     from meshmq._message import FORMAT_BYTES
     from meshmq._wire import data_frame, encode_envelope
 
-    def env(i: int) -> bytes:
-        return encode_envelope(os.urandom(16), 1.0, "jobs.x", None, "ghost", "ghost-node", 1, None, None,
-                               FORMAT_BYTES, str(i).encode())
-
     async def main() -> None:
         pair = Pair(mesh, max_held_messages=16)
         got: list[bytes] = []
         sub = await pair.start("sub")
         sub.subscribe("jobs.*", lambda m: got.append(m.raw))
-        ctx = zmq.Context()
-        push = ctx.socket(zmq.PUSH)
-        push.connect(pair.endpoint("sub"))
+        raw = RawPeer(mesh, sub.endpoints[0], "ghost")
+
+        def env(i: int) -> bytes:
+            return encode_envelope(os.urandom(16), 1.0, "jobs.x", None, "ghost", raw.node, 1, None, None,
+                                   FORMAT_BYTES, str(i).encode())
+
         try:
-            first = data_frame("ghost-node", 5, 1, [env(1), env(2), env(3)])
-            push.send(first)
-            push.send(first)                                              # duplicated
-            push.send(data_frame("ghost-node", 5, 2, [env(2)]))           # replayed, other bytes
-            push.send(data_frame("ghost-node", 4, 4, [env(40)]))          # an older epoch: stale
-            push.send(data_frame("ghost-node", 5, 100, [env(100)]))       # far beyond the gap window
-            push.send(data_frame("ghost-node", 5, 5, [env(5)]))           # early: held for 4
-            push.send(data_frame("ghost-node", 5, 4, [env(4)]))           # fills the gap
+            raw.introduce()
+            ghost = raw.node
+            first = data_frame(ghost, 5, 1, [env(1), env(2), env(3)])
+            raw.send(first)
+            raw.send(first)                                           # duplicated
+            raw.send(data_frame(ghost, 5, 2, [env(2)]))               # replayed, other bytes
+            raw.send(data_frame(ghost, 4, 4, [env(40)]))              # an older epoch: stale
+            raw.send(data_frame(ghost, 5, 100, [env(100)]))           # far beyond the gap window
+            raw.send(data_frame(ghost, 5, 5, [env(5)]))               # early: held for 4
+            raw.send(data_frame(ghost, 5, 4, [env(4)]))               # fills the gap
+            raw.send(data_frame(sub.node_id, 1, 1, [env(99)]))        # in another node's name: dropped
             await eventually(lambda: len(got) == 5, what="1-5 handed over")
-            stats = sub.stats()
             await eventually(lambda: sub.stats().get("stale_epoch_frames", 0) == 1
-                             and sub.stats().get("dropped_beyond_window", 0) == 1, what="each bad frame counted")
-            assert stats["duplicates"] == 4
+                             and sub.stats().get("dropped_beyond_window", 0) == 1
+                             and sub.stats().get("frames_unauthenticated", 0) == 1, what="each bad frame counted")
+            assert sub.stats()["duplicates"] == 4
         finally:
-            push.close(0)
-            ctx.term()
+            raw.close()
         assert got == [b"1", b"2", b"3", b"4", b"5"]
         await sub.stop()
 

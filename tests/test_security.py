@@ -13,7 +13,7 @@ import pytest
 import meshmq
 from aio import eventually, run
 from meshmq._security import (
-    Authority, CertificateError, NodeKeys, armor, check_certificate, decode_certificate, load_or_create_key,
+    Authority, CertificateError, NodeKeys, armor, b64, check_certificate, decode_certificate, load_or_create_key,
     parse_duration, read_key, unarmor, write_key,
 )
 from meshmq._wire import NodeRecord
@@ -96,7 +96,8 @@ def test_an_agent_vouches_only_for_records_signed_by_their_certified_node(mesh: 
             cert = authority.issue(node_key=peer.public, service="billing", mesh=mesh, publish=(">",),
                                    subscribe=(">",), tap=False, not_before=time.time() - 5,
                                    not_after=time.time() + 60)
-            record = NodeRecord(peer.node_id, "billing", ("tcp://127.0.0.1:1",), (), 0, 1.0, cert=cert)
+            record = NodeRecord(peer.node_id, "billing", (f"tcp://127.0.0.1:1#{b64(peer.public)}",), (), 0, 1.0,
+                                cert=cert)
 
             def signed(r: NodeRecord, by: NodeKeys = peer) -> NodeRecord:
                 return dataclasses.replace(r, sig=by.sign(r.signing_bytes()))
@@ -106,6 +107,8 @@ def test_an_agent_vouches_only_for_records_signed_by_their_certified_node(mesh: 
             assert agent._vouch(signed(record, NodeKeys.generate())) == "forged"
             assert agent._vouch(signed(dataclasses.replace(record, service="payments"))) == "mismatch"
             assert agent._vouch(signed(dataclasses.replace(record, node="0123456789abcdef"))) == "mismatch"
+            elsewhere = f"tcp://127.0.0.1:1#{b64(NodeKeys.generate().public)}"  # an endpoint naming another key
+            assert agent._vouch(signed(dataclasses.replace(record, endpoints=(elsewhere,)))) == "mismatch"
             stranger = Authority(NodeKeys.generate().public, NodeKeys.generate().signing)
             foreign = stranger.issue(node_key=peer.public, service="billing", mesh=mesh, publish=(), subscribe=(),
                                      tap=False, not_before=time.time() - 5, not_after=time.time() + 60)

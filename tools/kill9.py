@@ -57,10 +57,19 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def node_keys(data_dir: Path, names: list[str]) -> dict[str, str]:
+    """Each process's node key, made beforehand beside its store-to-be, so that every one can
+    name the others as seeds (an endpoint with its key) before they ever ran."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from meshmq._security import NodeKeys, b64, load_or_create_key
+
+    return {n: b64(NodeKeys(load_or_create_key(data_dir / n / "0" / "node.key", "node")).public) for n in names}
+
+
 def agent_config(a: dict[str, Any], name: str) -> dict[str, Any]:
-    ports = a["ports"]
+    ports, keys = a["ports"], a["keys"]
     return {"mesh": a["mesh"], "discovery": False, "durability": "fsync", "bind": f"tcp://127.0.0.1:{ports[name]}",
-            "seeds": [f"tcp://127.0.0.1:{p}" for n, p in ports.items() if n != name],
+            "seeds": [f"tcp://127.0.0.1:{p}#{keys[n]}" for n, p in ports.items() if n != name],
             "probe_interval": 0.2, "probe_timeout": 0.1, "suspicion_mult": 2.0, "stop_timeout": 1.0}
 
 
@@ -244,9 +253,11 @@ def analyse(directory: Path, producers: int) -> dict[str, Any]:
 def run_kills(o: argparse.Namespace) -> dict[str, Any]:
     directory = Path(tempfile.mkdtemp(prefix="meshmq-kill9-"))
     names = [f"producer{i}" for i in range(o.producers)] + ["subscriber"]
-    args = {"mesh": f"kill{os.getpid()}", "dir": str(directory), "ports": dict(zip(names, free_ports(len(names)))),
-            "count": o.messages // o.producers, "rate": o.rate / o.producers, "window": o.window}
     os.environ["MESHMQ_DATA_DIR"] = str(directory / "data")
+    os.environ.setdefault("MESHMQ_HOME", str(directory / "home"))  # the development authority they share
+    args = {"mesh": f"kill{os.getpid()}", "dir": str(directory), "ports": dict(zip(names, free_ports(len(names)))),
+            "keys": node_keys(directory / "data", names),
+            "count": o.messages // o.producers, "rate": o.rate / o.producers, "window": o.window}
     sub = Proc("subscriber", "subscriber", args)
     producers = [Proc(f"producer{i}", "producer", {**args, "index": i}) for i in range(o.producers)]
     sub.start()
@@ -285,9 +296,10 @@ def run_outage(o: argparse.Namespace) -> dict[str, Any]:
     publishing and is itself restarted once; the consumer returns and gets everything."""
     directory = Path(tempfile.mkdtemp(prefix="meshmq-outage-"))
     names = ["producer0", "subscriber"]
-    args = {"mesh": f"outage{os.getpid()}", "dir": str(directory), "ports": dict(zip(names, free_ports(2))),
-            "count": o.messages, "rate": o.rate, "window": o.window}
     os.environ["MESHMQ_DATA_DIR"] = str(directory / "data")
+    os.environ.setdefault("MESHMQ_HOME", str(directory / "home"))
+    args = {"mesh": f"outage{os.getpid()}", "dir": str(directory), "ports": dict(zip(names, free_ports(2))),
+            "keys": node_keys(directory / "data", names), "count": o.messages, "rate": o.rate, "window": o.window}
     sub = Proc("subscriber", "subscriber", args)
     producer = Proc("producer0", "producer", {**args, "index": 0})
     sub.start()

@@ -49,11 +49,14 @@ import dataclasses
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 TOPIC = "soak.chatter"
@@ -87,8 +90,8 @@ async def agent_process(name: str, mesh: str, endpoint: str, seeds: list[str], s
         if msg.source != name:
             received += 1
 
-    # durability "memory" unless --set says otherwise: this measures membership, and leaves no state behind.
-    overrides: dict[str, Any] = {"durability": "memory", **settings, "mesh": mesh, "discovery": False,
+    # durability "os": the key made beforehand is the agent's identity (the store dir is removed after).
+    overrides: dict[str, Any] = {"durability": "os", **settings, "mesh": mesh, "discovery": False,
                                  "seeds": tuple(seeds), "bind": endpoint}
     agent = meshmq.AsyncAgent(name, **overrides)
     async with agent:
@@ -173,14 +176,23 @@ class Soak:
         self.mesh = "soak" + uuid.uuid4().hex[:8]
         self.tally = Tally()
         self.started = time.monotonic()
+        # Keys made beforehand beside each agent's store, so that every agent can name the others
+        # as seeds (endpoint#key) before they run.
+        self.data_dir = tempfile.mkdtemp(prefix="meshmq-soak-")
+        os.environ["MESHMQ_DATA_DIR"] = self.data_dir
+        os.environ.setdefault("MESHMQ_HOME", os.path.join(self.data_dir, "home"))
+        from meshmq._security import NodeKeys, b64, load_or_create_key
+
+        names = [f"a{i:02d}" for i in range(args.agents)]
+        keys = {n: b64(NodeKeys(load_or_create_key(Path(self.data_dir) / n / "0" / "node.key", "node")).public)
+                for n in names}
         endpoints = [f"tcp://127.0.0.1:{args.base_port + i}" for i in range(args.agents)]
         lifetime = STARTUP_S + args.duration + STOP_S
         self.agents: list[AgentView] = []
-        for i, endpoint in enumerate(endpoints):
-            name = f"a{i:02d}"
+        for name, endpoint in zip(names, endpoints):
             argv = [sys.executable, os.path.abspath(__file__), "--role", "agent", "--name", name,
                     "--mesh", self.mesh, "--endpoint", endpoint,
-                    "--seeds", ",".join(e for e in endpoints if e != endpoint),
+                    "--seeds", ",".join(f"{e}#{keys[n]}" for n, e in zip(names, endpoints) if e != endpoint),
                     "--settings", json.dumps(settings), "--lifetime", str(lifetime),
                     "--sample", str(args.sample), "--publish-every", str(args.publish_every)]
             proc = lab.popen(self.host, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -343,15 +355,18 @@ def soak(args: argparse.Namespace, settings: dict[str, str]) -> int:
         host = lab.hosts[0]
         lab.lose(host, args.loss, device="lo")
         experiment = Soak(lab, args, settings)
-        emit(event="start", host=host.name, mesh=experiment.mesh, agents=args.agents, loss_percent=args.loss,
-             duration_s=args.duration, settings=settings, meshmq=os.path.dirname(meshmq.__file__))
-        if not experiment.wait_ready():
-            print(f"loss_soak: the agents did not all start within {STARTUP_S:g} s", file=sys.stderr)
-            return 1
-        met = experiment.run()
-        summary = experiment.summary(met)  # before stopping: the agents' goodbyes would read as "left"
-        emit(event="summary", **summary)
-        experiment.stop()
+        try:
+            emit(event="start", host=host.name, mesh=experiment.mesh, agents=args.agents, loss_percent=args.loss,
+                 duration_s=args.duration, settings=settings, meshmq=os.path.dirname(meshmq.__file__))
+            if not experiment.wait_ready():
+                print(f"loss_soak: the agents did not all start within {STARTUP_S:g} s", file=sys.stderr)
+                return 1
+            met = experiment.run()
+            summary = experiment.summary(met)  # before stopping: the agents' goodbyes would read as "left"
+            emit(event="summary", **summary)
+            experiment.stop()
+        finally:
+            shutil.rmtree(experiment.data_dir, ignore_errors=True)
     print(f"loss_soak: {verdict(summary)}", file=sys.stderr)
     return 0 if summary["ok"] else 1
 
