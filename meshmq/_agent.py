@@ -36,16 +36,16 @@ from ._config import MAX_TTL, Config
 from ._discovery import Discovery
 from ._delivery import NEVER, Destination, Entry, GroupCommit, Inbox, Outbox, Remembered
 from ._errors import (
-    AgentClosed, ConfigError, MeshError, MeshTimeout, NoResponders, OutboxFull, PeerQueueFull, ProtocolError,
-    RemoteError, RequestTimeout, StoreError, UsageError,
+    AgentClosed, ConfigError, MeshError, MeshTimeout, NoResponders, NotPermitted, OutboxFull, PeerQueueFull,
+    ProtocolError, RemoteError, RequestTimeout, StoreError, UsageError,
 )
 from ._log import QuietLogger
 from ._message import FORMAT_BYTES, Message
 from ._node import Connect, Disconnect, Node, PeerDown, PeerUp, Send, Timing
 from ._routing import RouteIndex
 from ._security import (
-    Authority, Certificate, CertificateError, NodeKeys, b64, check_certificate, curve_public_of, load_or_create_key,
-    unarmor, verify,
+    Authority, Certificate, CertificateError, NodeKeys, Rights, b64, check_certificate, curve_public_of,
+    decode_certificate, load_or_create_key, unarmor, verify,
 )
 from ._store import Batch, Contents, Store, open_instance
 from ._topics import check_pattern, check_topic, check_user_topic, matches, reply_topic
@@ -630,6 +630,8 @@ class AsyncAgent:
         self._certs: dict[bytes, Certificate] = {}  # certificate bytes -> checked certificate
         self._vouched: dict[bytes, tuple[str | None, float]] = {}  # record signature -> verdict, until
         self._curve_nodes: dict[str, str] = {}  # CURVE key (Z85) of a certified node -> its node id
+        self._rights = Rights(None)  # ours: everything until the certificate is loaded at start
+        self._peer_rights: dict[str, Rights] = {}  # node -> what its certificate allows
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -761,6 +763,7 @@ class AsyncAgent:
                                          subscribe=(">",), tap=True, not_before=now - 300,
                                          not_after=now + DEV_CERT_VALIDITY)
             self._trusted = (authority.public,)
+            self._rights = Rights(decode_certificate(self._cert))
             return
         authority = Authority.from_text(cfg.authority)
         if cfg.certificate is None:
@@ -782,6 +785,9 @@ class AsyncAgent:
                                              f"not {self.service!r}")
         self._cert = data
         self._trusted = (authority.public,)
+        self._rights = Rights(cert)
+        for sub in self._subs:  # made before start: now the certificate is known
+            self._rights.check_subscribe(sub.pattern, sub._tokens)
 
     def _sign_record(self, record: NodeRecord) -> NodeRecord:
         unsigned = dataclasses.replace(record, sig=None)
@@ -815,8 +821,11 @@ class AsyncAgent:
             problem = "forged"
         elif any(split_endpoint(ep)[1] != b64(cert.node_key) for ep in record.endpoints):
             problem = "mismatch"  # an endpoint that names another key would lead us elsewhere
+        elif not Rights.of(cert).may_subscribe_all(record.subscriptions):
+            problem = "not_permitted"  # it would receive what its certificate does not allow
         else:
             problem = None
+            self._peer_rights[record.node] = Rights.of(cert)
             if len(self._curve_nodes) >= 65536:
                 self._curve_nodes.clear()
             self._curve_nodes[curve_public_of(cert.node_key).decode()] = record.node
@@ -1022,6 +1031,9 @@ class AsyncAgent:
     def _seal(self, topic: str, type_: str | None, schema_version: int, headers: dict[str, str] | None,
               key: str | None, fmt: int, raw: bytes) -> _Prepared:
         """A new message id and the envelope bytes, packed with this thread's packer."""
+        if not self._rights.may_publish(topic):
+            raise NotPermitted(f"this agent's certificate does not allow publishing on {topic!r} "
+                               f"(it allows: {', '.join(self._rights.cert.publish) or 'nothing'})")
         state = self._thread_state()
         mid = self._id_prefix + next(self._id_counter).to_bytes(8, "big")
         now = time.time()
@@ -1487,6 +1499,13 @@ class AsyncAgent:
             self.counters["messages_rejected"] += 1
             quiet.warning("envelope", "dropped a malformed message: %s", exc)
             return  # nobody works on it: handled
+        if rx is not None:
+            rights = self._peer_rights.get(msg.node)
+            if rights is None or not rights.may_publish(msg.topic):
+                self.counters["rejected_not_permitted"] += 1
+                quiet.warning(f"perm:{msg.node}", "dropped message %s on %s from %s: its certificate does not "
+                              "allow publishing there", msg.id, msg.topic, msg.node)
+                return
         self._received += 1
         if resent:
             msg.redelivered = True
@@ -1746,6 +1765,7 @@ class AsyncAgent:
         if len(self._subs) >= self.config.max_subscriptions:
             raise UsageError(f"this agent already has max_subscriptions={self.config.max_subscriptions}")
         sub = Subscription(self, pattern, queue, handler, threaded, blocking)
+        self._rights.check_subscribe(pattern, sub._tokens)
         sub.durable = durable
         self._subs.append(sub)
         self._subscriptions_changed()

@@ -59,6 +59,16 @@ class ProtocolError(MeshError):
     """A frame or envelope from the network is malformed, oversized or of an unknown version."""
 
 
+class NotPermitted(UsageError):
+    """This agent's certificate does not allow what was asked (publishing on a topic,
+    subscribing to a pattern); the message names the right that is missing."""
+
+
+class CertificateError(MeshError):
+    """A certificate (or a record's signature) is not valid: forged, expired, of another
+    authority, or malformed. The message says which."""
+
+
 # --- the mesh's present state ------------------------------------------------------
 
 
@@ -156,11 +166,13 @@ class SchemaError(MeshError, ValueError):
 __all__ = [
     "AgentClosed",
     "Backpressure",
+    "CertificateError",
     "ConfigError",
     "CorruptStore",
     "MeshError",
     "MeshTimeout",
     "NoResponders",
+    "NotPermitted",
     "OutboxFull",
     "PayloadError",
     "PeerQueueFull",

@@ -35,17 +35,13 @@ import msgpack
 import nacl.exceptions
 import nacl.signing
 
-from ._errors import MeshError, UsageError
-from ._topics import check_pattern
+from ._errors import CertificateError, MeshError, UsageError
+from ._errors import NotPermitted
+from ._topics import check_pattern, covers, matches
 
 CERT_VERSION = 1
 MAX_PATTERNS = 256
 _KEY_LINE = re.compile(r"^meshmq-(node|authority)-key: ([A-Za-z0-9_-]{43}=?)$")
-
-
-class CertificateError(MeshError):
-    """A certificate (or a record's signature) is not valid: forged, expired, of another
-    authority, or malformed. The message says which."""
 
 
 def b64(data: bytes) -> str:
@@ -331,3 +327,48 @@ def parse_duration(text: str) -> float:
     if m is None or float(m.group(1)) <= 0:
         raise UsageError(f"{text!r} is not a duration like 30d, 12h, 90m or 45s")
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+class Rights:
+    """What a certificate allows, with the answers cached (checked on every publish and every
+    received message). ``Rights(None)`` allows everything (an agent before its start)."""
+
+    _cache: dict[bytes, Rights] = {}
+
+    def __init__(self, cert: Certificate | None) -> None:
+        self.cert = cert
+        self._publish = None if cert is None else [tuple(p.split(".")) for p in cert.publish]
+        self._subscribe = None if cert is None else [tuple(p.split(".")) for p in cert.subscribe]
+        self._topics: dict[str, bool] = {}
+
+    @classmethod
+    def of(cls, cert: Certificate) -> Rights:
+        rights = cls._cache.get(cert.serial)
+        if rights is None or rights.cert != cert:
+            if len(cls._cache) >= 4096:
+                cls._cache.clear()
+            rights = cls._cache[cert.serial] = cls(cert)
+        return rights
+
+    def may_publish(self, topic: str) -> bool:
+        if self._publish is None or topic.startswith("_reply."):  # replies go only to their requester
+            return True
+        allowed = self._topics.get(topic)
+        if allowed is None:
+            allowed = any(matches(p, topic) for p in self._publish)
+            if len(self._topics) >= 4096:
+                self._topics.clear()
+            self._topics[topic] = allowed
+        return allowed
+
+    def may_subscribe(self, tokens: tuple[str, ...]) -> bool:
+        return self._subscribe is None or any(covers(p, tokens) for p in self._subscribe)
+
+    def may_subscribe_all(self, subscriptions: Any) -> bool:
+        return all(self.may_subscribe(tuple(s.pattern.split("."))) for s in subscriptions)
+
+    def check_subscribe(self, pattern: str, tokens: tuple[str, ...]) -> None:
+        if not self.may_subscribe(tokens):
+            assert self.cert is not None
+            raise NotPermitted(f"this agent's certificate does not allow subscribing to {pattern!r} "
+                               f"(it allows: {', '.join(self.cert.subscribe) or 'nothing'})")

@@ -94,3 +94,19 @@ def matches(pattern_tokens: tuple[str, ...], topic: str) -> bool:
         if ptok != "*" and ptok != topic_tokens[i]:
             return False
     return len(topic_tokens) == n
+
+
+def covers(allowed: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    """Whether every topic ``pattern`` matches is also matched by ``allowed`` (both as tokens):
+    how a certificate's rights are checked against a subscription."""
+    for i, want in enumerate(allowed):
+        if want == ">":
+            return i < len(pattern)  # the rest of the pattern: one or more tokens, anything
+        if i >= len(pattern):
+            return False
+        got = pattern[i]
+        if got == ">":
+            return False  # the pattern reaches further than a single token could
+        if want != "*" and got != want:
+            return False  # a literal: only the same literal ('*' in the pattern is wider)
+    return len(pattern) == len(allowed)

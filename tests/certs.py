@@ -11,12 +11,13 @@ from meshmq._wire import NodeRecord
 
 
 def signed_record(mesh: str, service: str, endpoints: tuple[str, ...], incarnation: int = 1,
-                  keys: NodeKeys | None = None) -> NodeRecord:
+                  keys: NodeKeys | None = None, publish: tuple[str, ...] = (">",),
+                  subscribe: tuple[str, ...] = (">",)) -> NodeRecord:
     """A record of a new node (its id derived from ``keys``), certified and signed."""
     keys = keys or NodeKeys.generate()
     now = time.time()
-    cert = Authority.development().issue(node_key=keys.public, service=service, mesh=mesh, publish=(">",),
-                                         subscribe=(">",), tap=False, not_before=now - 60, not_after=now + 3600)
+    cert = Authority.development().issue(node_key=keys.public, service=service, mesh=mesh, publish=publish,
+                                         subscribe=subscribe, tap=False, not_before=now - 60, not_after=now + 3600)
     record = NodeRecord(keys.node_id, service, endpoints, (), incarnation, now, cert=cert)
     return dataclasses.replace(record, sig=keys.sign(record.signing_bytes()))
 
@@ -26,7 +27,7 @@ class RawPeer:
     to ``endpoint`` (an agent's, with its key), and a PULL socket of its own that the agent
     can answer to. ``introduce()`` sends the HELLO that makes the agent act on its frames."""
 
-    def __init__(self, mesh: str, endpoint: str, service: str = "raw") -> None:
+    def __init__(self, mesh: str, endpoint: str, service: str = "raw", publish: tuple[str, ...] = (">",)) -> None:
         import zmq
 
         from meshmq._security import b64, curve_public_of, unb64
@@ -42,7 +43,7 @@ class RawPeer:
         self.pull.setsockopt(zmq.CURVE_SECRETKEY, secret)
         port = self.pull.bind_to_random_port("tcp://127.0.0.1")
         self.endpoint = f"tcp://127.0.0.1:{port}#{b64(self.keys.public)}"
-        self.record = signed_record(mesh, service, (self.endpoint,), keys=self.keys)
+        self.record = signed_record(mesh, service, (self.endpoint,), keys=self.keys, publish=publish)
         self.node = self.record.node
         plain, key = split_endpoint(endpoint)
         assert key is not None, "an agent's endpoint carries its key"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 import meshmq
 from aio import eventually, run
+from certs import RawPeer, signed_record
 from meshmq._security import (
     Authority, CertificateError, NodeKeys, armor, b64, check_certificate, decode_certificate, load_or_create_key,
     parse_duration, read_key, unarmor, write_key,
@@ -172,3 +174,71 @@ def test_a_misconfigured_certificate_stops_the_start_naming_the_problem(mesh: st
     with pytest.raises(meshmq.ConfigError, match="cannot read"):
         meshmq.Agent("orders", mesh=mesh, discovery=False, authority=authority.text,
                      certificate=tmp_path / "missing.cert").start()
+
+
+# --- rights ----------------------------------------------------------------------------------
+
+
+def test_an_agent_may_publish_and_subscribe_only_what_its_certificate_allows(mesh: str, tmp_path: Path) -> None:
+    authority = Authority.create(tmp_path)
+    keys = NodeKeys(load_or_create_key(tmp_path / "stores" / "orders" / "0" / "node.key", "node"))
+    cert = tmp_path / "orders.cert"
+    cert.write_text(armor(authority.issue(node_key=keys.public, service="orders", mesh=mesh, publish=("orders.>",),
+                                          subscribe=("payments.*",), tap=False, not_before=time.time() - 5,
+                                          not_after=time.time() + 600)))
+    with meshmq.Agent("orders", mesh=mesh, discovery=False, authority=authority.text, certificate=cert,
+                      data_dir=tmp_path / "stores") as agent:
+        agent.subscribe("payments.*")
+        agent.subscribe("payments.received")
+        with pytest.raises(meshmq.NotPermitted, match="subscribing to 'payments.>'"):
+            agent.subscribe("payments.>")
+        with pytest.raises(meshmq.NotPermitted, match="inventory"):
+            agent.subscribe("inventory.*")
+        agent.publish("orders.placed", {"ok": True})
+        with pytest.raises(meshmq.NotPermitted, match="publishing on 'payments.received'"):
+            agent.publish("payments.received", {})
+
+
+def test_a_message_from_a_node_not_allowed_to_publish_on_its_topic_is_dropped(mesh: str) -> None:
+    from meshmq._message import FORMAT_BYTES
+    from meshmq._wire import data_frame, encode_envelope
+
+    async def main() -> None:
+        agent = await meshmq.AsyncAgent("sink", mesh=mesh, discovery=False, durability="memory").start()
+        got: list[str] = []
+        agent.subscribe(">", lambda m: got.append(m.topic))
+        raw = RawPeer(mesh, agent.endpoints[0], "orders", publish=("orders.>",))
+        try:
+            raw.introduce()
+
+            def env(topic: str) -> bytes:
+                return encode_envelope(os.urandom(16), time.time(), topic, None, "orders", raw.node, 1, None,
+                                       None, FORMAT_BYTES, b"x")
+
+            raw.send(data_frame(raw.node, 1, 1, [env("payments.received"), env("orders.placed")]))
+            await eventually(lambda: got == ["orders.placed"], what="the allowed one delivered")
+            assert agent.stats()["rejected_not_permitted"] == 1
+        finally:
+            raw.close()
+            await agent.stop()
+
+    run(main())
+
+
+def test_a_record_subscribing_beyond_its_certificate_is_refused(mesh: str) -> None:
+    from meshmq._wire import Subscription
+
+    async def main() -> None:
+        agent = await meshmq.AsyncAgent("orders", mesh=mesh, discovery=False, durability="memory").start()
+        try:
+            peer = NodeKeys.generate()
+            record = signed_record(mesh, "billing", (f"tcp://127.0.0.1:1#{b64(peer.public)}",), keys=peer,
+                                   subscribe=("invoices.*",))
+            wider = dataclasses.replace(record, subscriptions=(Subscription("invoices.>"),), sig=None)
+            assert agent._vouch(dataclasses.replace(wider, sig=peer.sign(wider.signing_bytes()))) == "not_permitted"
+            inside = dataclasses.replace(record, subscriptions=(Subscription("invoices.new"),), sig=None)
+            assert agent._vouch(dataclasses.replace(inside, sig=peer.sign(inside.signing_bytes()))) is None
+        finally:
+            await agent.stop()
+
+    run(main())

@@ -27,6 +27,7 @@ def test_public_names_are_exactly_these() -> None:
         "AgentClosed",
         "AsyncAgent",
         "Backpressure",
+        "CertificateError",
         "Config",
         "ConfigError",
         "CorruptStore",
@@ -35,6 +36,7 @@ def test_public_names_are_exactly_these() -> None:
         "MeshTimeout",
         "Message",
         "NoResponders",
+        "NotPermitted",
         "OutboxFull",
         "PayloadError",
         "PeerInfo",
@@ -72,7 +74,7 @@ def test_public_classes_live_in_private_modules_but_say_they_are_public() -> Non
 def test_every_error_derives_from_mesh_error() -> None:
     errors = [getattr(meshmq, n) for n in meshmq.__all__ if inspect.isclass(getattr(meshmq, n))
               and issubclass(getattr(meshmq, n), BaseException)]
-    assert len(errors) == 17
+    assert len(errors) == 19
     for exc in errors:
         assert issubclass(exc, meshmq.MeshError), exc
     # and every error the package defines is public
@@ -93,6 +95,7 @@ def test_errors_are_split_by_whose_fault_it_is() -> None:
     assert issubclass(meshmq.RequestTimeout, meshmq.MeshTimeout)
     assert issubclass(meshmq.MeshTimeout, TimeoutError)
     assert issubclass(meshmq.CorruptStore, meshmq.StoreError) and not issubclass(meshmq.StoreError, meshmq.UsageError)
+    assert issubclass(meshmq.NotPermitted, meshmq.UsageError) and not issubclass(meshmq.CertificateError, meshmq.UsageError)
 
 
 def test_errors_carry_their_fields() -> None:

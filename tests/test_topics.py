@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshmq import TopicError, UsageError
-from meshmq._topics import check_pattern, check_topic, matches
+from meshmq._topics import check_pattern, check_topic, covers, matches
 
 # --- validation ----------------------------------------------------------------------
 
@@ -184,3 +184,14 @@ def test_matches_agrees_with_a_regex_reference(pattern_tokens: list[str], topic_
     pattern, topic = ".".join(pattern_tokens), ".".join(topic_tokens)
     expected = _reference_regex(pattern).fullmatch(topic) is not None
     assert matches(check_pattern(pattern), check_topic(topic)) is expected
+
+
+@pytest.mark.parametrize(("allowed", "pattern", "covered"), [
+    ("orders.>", "orders.placed", True), ("orders.>", "orders.*", True), ("orders.>", "orders.>", True),
+    ("orders.>", "orders", False), ("orders.*", "orders.placed", True), ("orders.*", "orders.*", True),
+    ("orders.*", "orders.>", False), ("orders.*", "orders.a.b", False), (">", "x", True), (">", ">", True),
+    ("orders.placed", "orders.*", False), ("a.*.c", "a.b.c", True), ("a.*.c", "a.*.d", False), ("*", ">", False),
+])
+def test_a_right_covers_a_pattern_only_if_it_matches_every_topic_the_pattern_does(
+        allowed: str, pattern: str, covered: bool) -> None:
+    assert covers(tuple(allowed.split(".")), tuple(pattern.split("."))) is covered
