@@ -40,7 +40,7 @@ from typing import Any
 
 import msgpack
 
-from ._errors import ProtocolError, StoreError
+from ._errors import ProtocolError
 from ._routing import QueueGroup, RouteIndex
 from ._stream import Backoff, ReceiveStream, SendStream
 from ._store import Batch, Contents, Store
@@ -544,8 +544,6 @@ class Inbox:
             self.send(sender.node, receipt_frame(self.node_id, s.epoch, s.committed, s.delivered))
 
 
-def store_error_text(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
 
 
 class Remembered:
