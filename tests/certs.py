@@ -27,14 +27,15 @@ class RawPeer:
     to ``endpoint`` (an agent's, with its key), and a PULL socket of its own that the agent
     can answer to. ``introduce()`` sends the HELLO that makes the agent act on its frames."""
 
-    def __init__(self, mesh: str, endpoint: str, service: str = "raw", publish: tuple[str, ...] = (">",)) -> None:
+    def __init__(self, mesh: str, endpoint: str, service: str = "raw", publish: tuple[str, ...] = (">",),
+                 keys: NodeKeys | None = None) -> None:
         import zmq
 
         from meshmq._security import b64, curve_public_of, unb64
         from meshmq._wire import split_endpoint
 
         self.mesh = mesh
-        self.keys = NodeKeys.generate()
+        self.keys = keys or NodeKeys.generate()
         public, secret = self.keys.curve_keys()
         self.ctx = zmq.Context()
         self.pull = self.ctx.socket(zmq.PULL)
