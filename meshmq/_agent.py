@@ -45,7 +45,7 @@ from ._node import Connect, Disconnect, Node, PeerDown, PeerUp, Send, Timing
 from ._routing import RouteIndex
 from ._security import (
     Authority, Certificate, CertificateError, NodeKeys, Rights, b64, check_certificate, curve_public_of,
-    decode_certificate, load_or_create_key, unarmor, verify,
+    decode_certificate, home, load_or_create_key, unarmor, verify,
 )
 from ._store import Batch, Contents, Store, open_instance
 from ._topics import check_pattern, check_topic, check_user_topic, matches, reply_topic
@@ -759,6 +759,10 @@ class AsyncAgent:
         now = time.time()
         if cfg.authority is None:
             authority = Authority.development()
+            quiet.log(logging.INFO, "dev-authority",
+                      "certified by this user's development authority (%s): agents of this user on this machine "
+                      "trust each other; for several hosts run 'meshmq authority init' and give every agent "
+                      "MESHMQ_AUTHORITY and its MESHMQ_CERTIFICATE ('meshmq cert issue')", home())
             self._cert = authority.issue(node_key=keys.public, service=self.service, mesh=cfg.mesh, publish=(">",),
                                          subscribe=(">",), tap=True, not_before=now - 300,
                                          not_after=now + DEV_CERT_VALIDITY)
