@@ -44,7 +44,7 @@ from ._message import FORMAT_BYTES, Message
 from ._node import Connect, Disconnect, Node, PeerDown, PeerUp, Send, Timing
 from ._routing import RouteIndex
 from ._security import (
-    Authority, Certificate, CertificateError, NodeKeys, Rights, b64, check_certificate, curve_public_of,
+    KEY_FILE, Authority, Certificate, CertificateError, NodeKeys, Rights, b64, check_certificate, curve_public_of,
     decode_certificate, home, load_or_create_key, unarmor, verify,
 )
 from ._store import Batch, Contents, Store, open_instance
@@ -727,7 +727,7 @@ class AsyncAgent:
         try:
             # The identity is the key beside the store (created with it); the store remembers
             # which node it belongs to, so a key swapped under it is caught.
-            keys = NodeKeys(load_or_create_key(self.store_dir / "node.key", "node"))
+            keys = NodeKeys(load_or_create_key(self.store_dir / KEY_FILE, "node"))
             self._contents = contents = await loop.run_in_executor(None, store.load)
             kept = contents.meta.get("node")
             if kept is None:
@@ -825,11 +825,11 @@ class AsyncAgent:
             problem = "forged"
         elif any(split_endpoint(ep)[1] != b64(cert.node_key) for ep in record.endpoints):
             problem = "mismatch"  # an endpoint that names another key would lead us elsewhere
-        elif not Rights.of(cert).may_subscribe_all(record.subscriptions):
+        elif not (rights := Rights.of(cert)).may_subscribe_all(record.subscriptions):
             problem = "not_permitted"  # it would receive what its certificate does not allow
         else:
             problem = None
-            self._peer_rights[record.node] = Rights.of(cert)
+            self._peer_rights[record.node] = rights
             if len(self._curve_nodes) >= 65536:
                 self._curve_nodes.clear()
             self._curve_nodes[curve_public_of(cert.node_key).decode()] = record.node

@@ -820,7 +820,7 @@ def _issue(args: argparse.Namespace) -> bytes:
     import time
     from pathlib import Path
 
-    from ._security import Authority, CertificateError, home, load_or_create_key, parse_duration, unb64
+    from ._security import KEY_FILE, Authority, CertificateError, home, instance_keys, parse_duration, unb64
 
     validity = parse_duration(args.valid)
     authority = Authority.load(Path(args.authority_key) if args.authority_key else home() / "authority.key")
@@ -834,9 +834,8 @@ def _issue(args: argparse.Namespace) -> bytes:
     else:
         cfg = Config.load()
         root = cfg.data_dir if cfg.data_dir is not None else Path.home() / ".meshmq"
-        key_file = root / args.service / str(args.instance) / "node.key"
-        node_key = bytes(load_or_create_key(key_file, "node").verify_key)
-        _note(f"for the node key in {key_file}")
+        node_key = instance_keys(root, args.service, args.instance).public
+        _note(f"for the node key in {root / args.service / str(args.instance) / KEY_FILE}")
     mesh = args.mesh or Config.load().mesh
     now = time.time()
     try:

@@ -97,7 +97,6 @@ class GroupCommit:
         """Called with the batch just before it is submitted (to add positions); may return a callback."""
         self._callbacks: list[Callable[[BaseException | None], None]] = []
         self._scheduled = False
-        self.in_flight = 0
 
     def add(self, callback: Callable[[BaseException | None], None] | None = None) -> Batch:
         """The batch of this turn, to add changes to; ``callback`` runs after its commit."""
@@ -118,7 +117,6 @@ class GroupCommit:
                 callbacks.append(after)
         if not batch and not callbacks:
             return
-        self.in_flight += 1
         future = self.store.submit(batch)
         future.add_done_callback(lambda f: self._threadsafe(self._done, f, callbacks))
 
@@ -129,7 +127,6 @@ class GroupCommit:
             pass
 
     def _done(self, future: concurrent.futures.Future[None], callbacks: list[Callable[[BaseException | None], None]]) -> None:
-        self.in_flight -= 1
         exc = future.exception()
         for callback in callbacks:
             callback(exc)

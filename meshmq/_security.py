@@ -113,6 +113,16 @@ def load_or_create_key(path: Path, kind: str) -> nacl.signing.SigningKey:
     return key
 
 
+KEY_FILE = "node.key"
+"""The node key's file, beside the agent's store (``<data_dir>/<service>/<instance>/``)."""
+
+
+def instance_keys(data_dir: Path, service: str, instance: int = 0) -> NodeKeys:
+    """The key of an agent instance, created if it never ran: so that a certificate can be
+    issued for it, or its endpoint given as a seed (with its key), before it starts."""
+    return NodeKeys(load_or_create_key(data_dir / service / str(instance) / KEY_FILE, "node"))
+
+
 class NodeKeys:
     """A node's key pair and what derives from it."""
 

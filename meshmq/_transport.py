@@ -276,10 +276,6 @@ class Transport:
             if not link.watching:
                 self.flush(link)
 
-    def unsent(self) -> int:
-        """Frames built but not yet taken by a socket."""
-        return sum(len(link.frames) for link in self.links.values())
-
     def _watch_writable(self, link: Link) -> None:
         if link.watching or self.loop is None or link.socket is None:
             return

@@ -18,7 +18,7 @@ from aio import eventually, run
 from certs import RawPeer
 
 import meshmq
-from meshmq._security import NodeKeys, b64, load_or_create_key
+from meshmq._security import b64, instance_keys
 from meshmq._wire import PROTOCOL_VERSION, RECEIPT, receipt_frame
 
 
@@ -37,7 +37,7 @@ class Pair:
         # Each one's key made beforehand where its store will be, so each can name the other as
         # a seed (an endpoint with its key) before the other ever ran.
         root = Path(os.environ["MESHMQ_DATA_DIR"])
-        self.keys = {n: NodeKeys(load_or_create_key(root / n / "0" / "node.key", "node")) for n in self.ports}
+        self.keys = {n: instance_keys(root, n) for n in self.ports}
         self.cfg = dict(discovery=False, durability="os", probe_interval=0.2, probe_timeout=0.1,
                         suspicion_mult=2.0, **cfg)
 

@@ -61,9 +61,9 @@ def node_keys(data_dir: Path, names: list[str]) -> dict[str, str]:
     """Each process's node key, made beforehand beside its store-to-be, so that every one can
     name the others as seeds (an endpoint with its key) before they ever ran."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from meshmq._security import NodeKeys, b64, load_or_create_key
+    from meshmq._security import b64, instance_keys
 
-    return {n: b64(NodeKeys(load_or_create_key(data_dir / n / "0" / "node.key", "node")).public) for n in names}
+    return {n: b64(instance_keys(data_dir, n).public) for n in names}
 
 
 def agent_config(a: dict[str, Any], name: str) -> dict[str, Any]:

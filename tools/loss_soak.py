@@ -181,11 +181,10 @@ class Soak:
         self.data_dir = tempfile.mkdtemp(prefix="meshmq-soak-")
         os.environ["MESHMQ_DATA_DIR"] = self.data_dir
         os.environ.setdefault("MESHMQ_HOME", os.path.join(self.data_dir, "home"))
-        from meshmq._security import NodeKeys, b64, load_or_create_key
+        from meshmq._security import b64, instance_keys
 
         names = [f"a{i:02d}" for i in range(args.agents)]
-        keys = {n: b64(NodeKeys(load_or_create_key(Path(self.data_dir) / n / "0" / "node.key", "node")).public)
-                for n in names}
+        keys = {n: b64(instance_keys(Path(self.data_dir), n).public) for n in names}
         endpoints = [f"tcp://127.0.0.1:{args.base_port + i}" for i in range(args.agents)]
         lifetime = STARTUP_S + args.duration + STOP_S
         self.agents: list[AgentView] = []
