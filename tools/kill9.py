@@ -103,8 +103,9 @@ def role_producer(a: dict[str, Any]) -> None:
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         try:
-            if lives == 1:
-                await agent.wait_for_subscribers(TOPIC.format(index), timeout=30)
+            # Every life: a life killed before it stored the subscriber's record would leave the
+            # next one publishing to no one (a publish with no subscriber known goes nowhere).
+            await agent.wait_for_subscribers(TOPIC.format(index), timeout=30)
             n = confirmed
             life = lives
             started = time.monotonic()
@@ -133,6 +134,8 @@ def role_producer(a: dict[str, Any]) -> None:
             if n >= total and not agent.stats()["outbox_messages"]:
                 append(fd, ["done"])
             await stop.wait()
+            counted = {k: v for k, v in sorted(agent.stats().items()) if v}
+            print(f"producer{index} life {lives} stats: {json.dumps(counted)}", file=sys.stderr, flush=True)
         finally:
             await agent.stop()
 
@@ -170,6 +173,9 @@ def role_subscriber(a: dict[str, Any]) -> None:
         try:
             await stop.wait()
         finally:
+            # What the agent counted (drops, rejections, resends), for whoever reads a failed run.
+            counted = {k: v for k, v in sorted(agent.stats().items()) if v}
+            print(f"subscriber stats: {json.dumps(counted)}", file=sys.stderr, flush=True)
             await agent.stop()
 
     asyncio.run(main())
