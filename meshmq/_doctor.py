@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import difflib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -72,7 +73,8 @@ def mesh_findings(mesh: str, announced: dict[str, dict[str, str]], own_name: str
             others[props.get("mesh", "?")] = others.get(props.get("mesh", "?"), 0) + 1
     if others and not ours:
         listing = ", ".join(f"{m!r} ({n} agent{'s' if n > 1 else ''})" for m, n in sorted(others.items()))
-        best = max(others, key=lambda m: others[m])
+        # The likeliest mix-up: the name closest to ours (a typo), then the busiest mesh.
+        best = max(others, key=lambda m: (difflib.SequenceMatcher(None, mesh, m).ratio() >= 0.6, others[m]))
         return [Finding(WARN, "mesh", f"no agents in mesh {mesh!r}, but found agents in {listing}",
                         f"if they are yours, use the same mesh name: MESHMQ_MESH={best} (or --mesh {best})")]
     return [Finding(OK, "mesh", f"{ours} other agent(s) announce mesh {mesh!r}")] if ours else []

@@ -44,6 +44,8 @@ def test_mesh_findings() -> None:
     [warn] = mesh_findings("shop", others, own)
     assert warn.level == WARN and "'prod' (2 agents)" in warn.what and "MESHMQ_MESH=prod" in warn.fix
     assert [f.level for f in mesh_findings("prod", others, own)] == [OK]
+    [typo] = mesh_findings("prdo", {"a": {"mesh": "prod"}, "b": {"mesh": "test"}, "c": {"mesh": "test"}}, own)
+    assert "MESHMQ_MESH=prod" in typo.fix  # the near name beats the busier one
     assert mesh_findings("shop", {own: {"mesh": "shop"}}, own) == []
 
 
@@ -62,7 +64,9 @@ def test_doctor_on_a_healthy_mesh_and_on_a_mistyped_mesh_name() -> None:
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
     assert "[ok  ] mdns" in healthy.stdout and "1 peer(s): inventory" in healthy.stdout
     assert mistyped.returncode == 1
-    assert f"found agents in '{mesh}'" in mistyped.stdout and f"MESHMQ_MESH={mesh}" in mistyped.stdout
+    # Agents of other meshes may be on this machine too (other test runs): ours is listed, and
+    # suggested as the near name.
+    assert f"'{mesh}' (1 agent)" in mistyped.stdout and f"MESHMQ_MESH={mesh}" in mistyped.stdout
 
 
 @pytest.mark.integration
