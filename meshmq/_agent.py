@@ -43,6 +43,7 @@ from ._log import QuietLogger
 from ._message import FORMAT_BYTES, Message
 from ._node import Connect, Disconnect, Node, PeerDown, PeerUp, Send, Timing
 from ._routing import RouteIndex
+from ._seal import ForgedFrame, Signer, StoreCipher, open_data, seal_data
 from ._security import (
     KEY_FILE, Authority, Certificate, CertificateError, NodeKeys, Rights, b64, check_certificate, curve_public_of,
     decode_certificate, home, load_or_create_key, unarmor, verify,
@@ -51,7 +52,7 @@ from ._store import Batch, Contents, Store, open_instance
 from ._topics import check_pattern, check_topic, check_user_topic, matches, reply_topic
 from ._transport import Link, Transport, Wakeup
 from ._wire import (
-    DATA, PROTOCOL_VERSION, Hello, Limits, NodeRecord, Ping, Receipt, Subscription as AdvertisedSubscription, Work,
+    DATA, PROTOCOL_VERSION, SEALED, Hello, Limits, NodeRecord, Ping, Receipt, Subscription as AdvertisedSubscription, Work,
     check_headers, decode_data, decode_envelope, decode_frame, encode_envelope, encode_payload, split_endpoint,
     split_entry, work_frame,
 )
@@ -632,6 +633,10 @@ class AsyncAgent:
         self._curve_nodes: dict[str, str] = {}  # CURVE key (Z85) of a certified node -> its node id
         self._rights = Rights(None)  # ours: everything until the certificate is loaded at start
         self._peer_rights: dict[str, Rights] = {}  # node -> what its certificate allows
+        self._secure = not self.config.insecure
+        self._signer: Signer | None = None
+        self._peer_keys: dict[str, tuple[bytes, bytes]] = {}  # node -> (its public key, the box key we share)
+        self._sealed_head = bytes((PROTOCOL_VERSION, SEALED))
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -657,7 +662,8 @@ class AsyncAgent:
             self._close_store()
             raise
         interfaces = _expand_interfaces(cfg.interfaces)
-        transport = Transport(cfg, self.node_id, self._on_frame, self._produce, self._keys.curve_keys())
+        transport = Transport(cfg, self.node_id, self._on_frame, self._produce,
+                              self._keys.curve_keys() if self._secure else None)
         try:
             bound = transport.async_bind(loop, _bind_endpoints(cfg, interfaces))
         except zmq.ZMQError as exc:
@@ -665,7 +671,7 @@ class AsyncAgent:
             self._close_store()
             raise MeshError(f"cannot bind {cfg.bind or interfaces}: {exc}") from exc
         # Advertised with our key: whoever connects needs it (CurveZMQ), and it names us.
-        endpoints = tuple(f"{ep}#{b64(self._keys.public)}" for ep in bound)
+        endpoints = tuple(f"{ep}#{b64(self._keys.public)}" for ep in bound) if self._secure else bound
         self._transport = transport
         try:
             self._start_delivery(loop)
@@ -673,7 +679,8 @@ class AsyncAgent:
             record = NodeRecord(self.node_id, self.service, endpoints, self._advertised(), 0, time.time(),
                                 cert=self._cert)
             self._node = Node(cfg.mesh, record, timing=Timing.from_config(cfg), limits=self.limits,
-                              max_peers=cfg.max_peers, sign=self._sign_record, vouch=self._vouch)
+                              max_peers=cfg.max_peers, sign=self._sign_record if self._secure else None,
+                              vouch=self._vouch if self._secure else _refuse_secure)
             self._state = "running"
             self._apply(self._node.start(time.monotonic(), cfg.seeds))
         except BaseException:  # nothing half-started is left behind (threads, sockets, the store lock)
@@ -700,7 +707,8 @@ class AsyncAgent:
         durable = self.config.durability != "memory"
         self._commit = GroupCommit(self._store, loop) if durable else None
         self._outbox = Outbox(self.node_id, self.config, self._commit, wake=self._wake,
-                              dead_letter=self._undeliverable, counters=self.counters)
+                              dead_letter=self._undeliverable, counters=self.counters,
+                              seal=self._seal_frame if self._secure else None)
         self._outbox.space.append(self._space_waiters.fire)
         self._inbox = Inbox(self.node_id, self.config, self._commit, loop, self._send_to, self.counters)
         if self._commit is not None:
@@ -720,14 +728,21 @@ class AsyncAgent:
         take the identity kept there, or keep ours there for the next start."""
         cfg = self.config
         root = cfg.data_dir if cfg.data_dir is not None else Path.home() / ".meshmq"
+        found: list[NodeKeys] = []
+
+        def cipher_for(directory: Path) -> StoreCipher:
+            # The identity is the key beside the store (created with it); it also encrypts and
+            # signs the messages the store keeps. The store remembers which node it belongs to,
+            # so a key swapped under it is caught.
+            found.append(NodeKeys(load_or_create_key(directory / KEY_FILE, "node")))
+            return StoreCipher(found[-1])
+
         store, self.store_dir = await loop.run_in_executor(None, functools.partial(
             open_instance, root, self.service, durability=cfg.durability, map_size=cfg.max_store_bytes,
-            quarantine=cfg.quarantine_store, meta={"service": self.service}))
+            quarantine=cfg.quarantine_store, meta={"service": self.service}, cipher_for=cipher_for))
         self._store = store
         try:
-            # The identity is the key beside the store (created with it); the store remembers
-            # which node it belongs to, so a key swapped under it is caught.
-            keys = NodeKeys(load_or_create_key(self.store_dir / KEY_FILE, "node"))
+            keys = found[-1]
             self._contents = contents = await loop.run_in_executor(None, store.load)
             kept = contents.meta.get("node")
             if kept is None:
@@ -748,6 +763,7 @@ class AsyncAgent:
     def _set_identity(self, keys: NodeKeys) -> None:
         self._keys = keys
         self.node_id = keys.node_id
+        self._signer = Signer(keys) if self._secure else None
         self._reply_topic = reply_topic(keys.node_id)
 
     def _load_certificate(self) -> None:
@@ -757,6 +773,11 @@ class AsyncAgent:
         cfg = self.config
         keys = self._keys
         now = time.time()
+        if not self._secure:
+            log.warning("agent %s runs INSECURE (insecure=True): no certificates, no encryption, no signatures, "
+                        "no access rights; any process that reaches its endpoint can read and inject messages. "
+                        "For experiments only; secure agents will not talk to it", self.service)
+            return
         if cfg.authority is None:
             authority = Authority.development()
             quiet.log(logging.INFO, "dev-authority",
@@ -803,7 +824,7 @@ class AsyncAgent:
         if record.sig is None or record.cert is None:
             return "unsigned"
         seen = self._vouched.get(record.sig)
-        if seen is not None and seen[1] >= time.time():
+        if seen is not None and seen[1] >= time.time() and (seen[0] is not None or record.node in self._peer_keys):
             return seen[0]
         now = time.time()
         cert = self._certs.get(record.cert)
@@ -830,6 +851,11 @@ class AsyncAgent:
         else:
             problem = None
             self._peer_rights[record.node] = rights
+            if self._peer_keys.get(record.node, (b"",))[0] != cert.node_key:
+                assert self._signer is not None
+                if len(self._peer_keys) >= 65536:
+                    self._peer_keys.clear()  # refilled as records are vouched again
+                self._peer_keys[record.node] = (cert.node_key, self._signer.shared_key(cert.node_key))
             if len(self._curve_nodes) >= 65536:
                 self._curve_nodes.clear()
             self._curve_nodes[curve_public_of(cert.node_key).decode()] = record.node
@@ -1388,15 +1414,15 @@ class AsyncAgent:
         acted on only if that key is the one certified for the node the frame says it is from."""
         assert self._node is not None
         try:
-            if len(frame) > 2 and frame[1] == DATA and frame[0] == PROTOCOL_VERSION:  # the hot path
-                node, epoch, first_seq, floor, entries, resent = decode_data(frame, self.limits)
-                if self._curve_nodes.get(peer) != node:
-                    self._unauthenticated(node, peer)
-                    return
-                self._node.touch(node, time.monotonic())
-                self._on_data(node, epoch, first_seq, floor, entries, resent)
+            if len(frame) > 2 and frame[0] == PROTOCOL_VERSION and (frame[1] == SEALED or frame[1] == DATA):
+                self._on_data_frame(frame, peer)  # the hot path
                 return
             decoded = decode_frame(frame, self.limits)
+        except ForgedFrame as exc:
+            self.counters["frames_forged"] += 1
+            quiet.warning("forged", "dropped a data frame that does not prove its sender (%d bytes): %s",
+                          len(frame), exc)
+            return
         except ProtocolError as exc:
             self.counters["frames_rejected"] += 1
             quiet.warning("frame", "dropped a malformed frame (%d bytes): %s", len(frame), exc)
@@ -1405,13 +1431,13 @@ class AsyncAgent:
         if kind is Hello:
             node = decoded.entry.node
             record = decoded.entry.record
-            if self._curve_nodes.get(peer) != node and record is not None:
+            if self._secure and self._curve_nodes.get(peer) != node and record is not None:
                 problem = self._vouch(record)  # a stranger: its certificate must name this connection's key
                 if problem is not None:
                     self.counters[f"rejected_record_{problem}"] += 1
         else:
             node = decoded.node
-        if self._curve_nodes.get(peer) != node:
+        if self._secure and self._curve_nodes.get(peer) != node:
             self._unauthenticated(node, peer)
             return
         if kind is Receipt:
@@ -1429,6 +1455,36 @@ class AsyncAgent:
             # One-way delay is well under a millisecond here; seconds of difference are skew.
             self._clock_offsets[decoded.node] = decoded.sent_at - time.time()
         self._apply(self._node.receive(decoded, time.monotonic()))
+
+    def _on_data_frame(self, frame: bytes, peer: str) -> None:
+        """A data frame: sealed (signed by the node of the connection's key, encrypted to us), or
+        plain between insecure agents; anything else is refused (ProtocolError, ForgedFrame)."""
+        assert self._node is not None
+        if frame[1] == SEALED:
+            if not self._secure:
+                raise ProtocolError("a sealed data frame reached an insecure agent")
+            node = self._curve_nodes.get(peer)
+            keys = self._peer_keys.get(node) if node is not None else None
+            if node is None or keys is None:
+                self._unauthenticated("?", peer)
+                return
+            epoch, first_seq, floor, entries, resent = open_data(frame, self.limits, node, keys[1], self.node_id)
+        elif self._secure:
+            raise ForgedFrame("an unsealed data frame reached a secure agent")
+        else:
+            node, epoch, first_seq, floor, entries, resent = decode_data(frame, self.limits)
+        self._node.touch(node, time.monotonic())
+        self._on_data(node, epoch, first_seq, floor, entries, resent)
+
+    def _seal_frame(self, node: str, epoch: int, first_seq: int, floor: int, resent: bool, entries: list[Any],
+                    packer: msgpack.Packer) -> bytes | None:
+        """A sealed data frame for ``node`` (None while its key is unknown)."""
+        keys = self._peer_keys.get(node)
+        if keys is None or self._signer is None:
+            self.counters["frames_unsealable"] += 1
+            return None
+        return seal_data(self._sealed_head, self._signer, keys[1], self.node_id, node, epoch, first_seq, floor,
+                         resent, entries, packer)
 
     def _on_data(self, node: str, epoch: int, first_seq: int, floor: int, entries: list[Any],
                  resent: bool) -> None:
@@ -1503,7 +1559,12 @@ class AsyncAgent:
             self.counters["messages_rejected"] += 1
             quiet.warning("envelope", "dropped a malformed message: %s", exc)
             return  # nobody works on it: handled
-        if rx is not None:
+        if rx is not None and self._secure:
+            if msg.node != rx[0].node:  # a node signs only for itself: nobody relays data
+                self.counters["rejected_wrong_sender"] += 1
+                quiet.warning(f"sender:{rx[0].node}", "dropped message %s: it names node %s but came from %s",
+                              msg.id, msg.node, rx[0].node)
+                return
             rights = self._peer_rights.get(msg.node)
             if rights is None or not rights.may_publish(msg.topic):
                 self.counters["rejected_not_permitted"] += 1
@@ -2081,6 +2142,12 @@ class AsyncAgent:
             fn(*args)
         else:
             self._loop.call_soon_threadsafe(fn, *args)
+
+
+def _refuse_secure(record: NodeRecord) -> str | None:
+    """An insecure agent's check of a peer's record: it refuses secure nodes' (signed) records,
+    so that insecure and secure agents never route to each other."""
+    return "secure" if record.sig is not None or record.cert is not None else None
 
 
 def _expand_interfaces(interfaces: tuple[str, ...]) -> list[str]:

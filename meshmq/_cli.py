@@ -14,11 +14,13 @@ import base64
 import datetime
 import json
 import logging
+import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, NoReturn
 
 from ._config import Config
@@ -56,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     _merge_mesh_options(args)
     _setup_logging(args.verbose)
+    if args.insecure:  # for this command's agents and the processes it starts (meshmq demo)
+        os.environ["MESHMQ_INSECURE"] = "1"
     try:
         with _sigterm_as_interrupt():
             return int(args.run(args))
@@ -380,6 +384,9 @@ def _add_mesh_options(parser: argparse.ArgumentParser, top: bool = False) -> Non
                        help="service name of this command's agent (default: meshmq-cli)")
     group.add_argument("-v", "--verbose", dest="verbose" + suffix, action="count", default=0 if top else default,
                        help="log more (-v info, -vv debug)")
+    group.add_argument("--insecure", dest="insecure" + suffix, action="store_true", default=False if top else default,
+                       help="for experiments only: no certificates, encryption or signatures (as MESHMQ_INSECURE=1); "
+                            "reaches only other insecure agents")
 
 
 def _merge_mesh_options(args: argparse.Namespace) -> None:
@@ -390,6 +397,7 @@ def _merge_mesh_options(args: argparse.Namespace) -> None:
         extra = getattr(args, name + "_sub", None) or []
         setattr(args, name, (getattr(args, name) or []) + extra)
     args.verbose += getattr(args, "verbose_sub", 0)
+    args.insecure = args.insecure or getattr(args, "insecure_sub", False)
 
 
 def _seconds(text: str) -> float:
@@ -677,9 +685,22 @@ def _agent_store(args: argparse.Namespace, what: str) -> tuple[Any, str]:
     return directory, cfg.durability if cfg.durability != "memory" else "fsync"
 
 
+def _open_store(directory: Path, durability: str) -> Any:
+    """An agent's store, opened beside the agent (which may be running), with the node key
+    kept there: it decrypts the messages the store holds."""
+    from ._seal import StoreCipher
+    from ._security import KEY_FILE, NodeKeys, read_key
+    from ._store import Store
+
+    def cipher_for(d: Path) -> StoreCipher:
+        return StoreCipher(NodeKeys(read_key(d / KEY_FILE, "node")))
+
+    return Store.open(directory, durability=durability, shared=True, cipher_for=cipher_for)
+
+
 def _cmd_dlq(args: argparse.Namespace) -> int:
     from ._agent import _dead_letter
-    from ._store import Batch, Store
+    from ._store import Batch
 
     if args.action == "show" and len(args.ids) != 1:
         raise _BadInput("dlq show takes exactly one ID")
@@ -688,7 +709,7 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
     if args.action == "ls" and (args.ids or args.all):
         raise _BadInput("dlq ls takes no ID and no --all")
     directory, durability = _agent_store(args, "dead letters")
-    with Store.open(directory, durability=durability, shared=True) as store:
+    with _open_store(directory, durability) as store:
         letters = sorted((_dead_letter(i, r) for i, r in store.dead_letters()), key=lambda d: (d.at, d.id))
         by_id = {d.id: d for d in letters}
         missing = [i for i in args.ids if i not in by_id]
@@ -850,11 +871,10 @@ def _issue(args: argparse.Namespace) -> bytes:
 
 
 def _cmd_outbox(args: argparse.Namespace) -> int:
-    from ._store import Store
     from ._wire import Limits, decode_envelope
 
     directory, durability = _agent_store(args, "outbox")
-    with Store.open(directory, durability=durability, shared=True) as store:
+    with _open_store(directory, durability) as store:
         contents = store.load()
     rows = []
     for node, (epoch, next_seq, acked, service) in sorted(contents.streams.items()):

@@ -55,6 +55,8 @@ class Config:
     """Public key of the mesh authority (``meshmq authority init`` prints it); agents trust certificates it signed. None: this user's development authority in MESHMQ_HOME (~/.meshmq), created on first use, which lets the user's agents on this machine trust each other with no set-up."""
     certificate: Path | None = None
     """This agent's certificate file (``meshmq cert issue``), required with ``authority``; with the development authority the agent issues its own."""
+    insecure: bool = False
+    """For experiments only: no certificates, no CurveZMQ, no signed or encrypted frames, no access rights (a warning is logged at start). Insecure and secure agents never talk: neither connects to the other's endpoints, and each refuses the other's records."""
 
     # --- membership and failure detection (SWIM with Lifeguard's refinements) ---
     probe_interval: float = 0.5
@@ -163,7 +165,7 @@ class Config:
                 _check(_is_endpoint(ep.strip()), "bind", f"{ep!r} is not a ZeroMQ endpoint like tcp://127.0.0.1:7400")
         for seed in self.seeds:
             _check(_is_endpoint(seed), "seeds", f"{seed!r} is not an endpoint like tcp://127.0.0.1:7400#KEY")
-            _check("#" in seed, "seeds", f"{seed!r} lacks the node's key: every hop is encrypted (CurveZMQ), so a "
+            _check("#" in seed or self.insecure, "seeds", f"{seed!r} lacks the node's key: every hop is encrypted (CurveZMQ), so a "
                    "seed is given as tcp://host:port#KEY, as 'meshmq peers' and agent.endpoints show it")
         _check(self.durability in ("fsync", "os", "memory"), "durability",
                f"{self.durability!r} must be fsync, os or memory")

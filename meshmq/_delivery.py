@@ -61,6 +61,10 @@ Entry = Any
 for queue-group members (nothing else: no object per message)."""
 
 
+Sealer = Callable[[str, int, int, int, bool, list[Any], msgpack.Packer], "bytes | None"]
+"""Makes a sealed data frame: (node, epoch, first seq, floor, resent, entries, packer)."""
+
+
 def entry_size(entry: Entry) -> int:
     return len(entry) if type(entry) is bytes else len(entry[0])
 
@@ -137,7 +141,7 @@ class Outbox:
 
     def __init__(self, node_id: str, config: Any, commit: GroupCommit | None, *,
                  wake: Callable[[Link], None], dead_letter: Callable[[Destination, Entry, str], None],
-                 counters: collections.Counter[str]) -> None:
+                 counters: collections.Counter[str], seal: Sealer | None = None) -> None:
         self.node_id = node_id
         self.config = config
         self.commit = commit
@@ -156,6 +160,7 @@ class Outbox:
         self.counters = counters
         self._wake = wake
         self._dead_letter = dead_letter
+        self._seal = seal
         self._touched: dict[str, Destination] = {}  # streams whose position the next commit writes
         self._expiry: list[tuple[float, str, int, int]] = []  # (expires, dest, epoch, seq)
         self._packer = msgpack.Packer(use_bin_type=True)
@@ -284,7 +289,8 @@ class Outbox:
         if first >= fresh and last - first + 1 == len(due):  # the common case: new, consecutive
             entries = [entry for _, entry in due]
             if all(type(e) is bytes for e in entries) and sum(map(len, entries)) <= cfg.max_batch_bytes:
-                return [data_frame(self.node_id, s.epoch, first, entries, self._packer, floor, False)]
+                frame = self._frame(dest, first, entries, floor, False)
+                return [frame] if frame is not None else []
         frames = []
         run: list[Any] = []
         resent = first < fresh
@@ -294,7 +300,7 @@ class Outbox:
             n = len(entry) if type(entry) is bytes else len(entry[0])
             again = seq < fresh
             if run and (seq != first + len(run) or size + n > limit or again != resent):
-                frames.append(data_frame(self.node_id, s.epoch, first, run, self._packer, floor, resent))
+                frames.append(self._frame(dest, first, run, floor, resent))
                 if resent:
                     self.counters["messages_resent"] += len(run)
                 run, first, size, resent = [], seq, 0, again
@@ -302,8 +308,15 @@ class Outbox:
             size += n
         if resent:
             self.counters["messages_resent"] += len(run)
-        frames.append(data_frame(self.node_id, s.epoch, first, run, self._packer, floor, resent))
-        return frames
+        frames.append(self._frame(dest, first, run, floor, resent))
+        return [f for f in frames if f is not None]
+
+    def _frame(self, dest: Destination, first: int, entries: list[Any], floor: int, resent: bool) -> bytes | None:
+        """One data frame: sealed for ``dest`` (None if that cannot be done now: the
+        retransmission timer tries again), or plain between insecure agents."""
+        if self._seal is not None:
+            return self._seal(dest.node, dest.stream.epoch, first, floor, resent, entries, self._packer)
+        return data_frame(self.node_id, dest.stream.epoch, first, entries, self._packer, floor, resent)
 
     def tick(self, now: float, wall: float) -> None:
         """Wake destinations whose retransmission timer expired; dead-letter what expired."""

@@ -20,7 +20,10 @@ Layout: one LMDB environment in ``<data_dir>/store`` with named databases
 
 Every value is ``crc32 (4 bytes, big-endian) + msgpack body``; the check runs on
 every read and over the whole store when it opens, so a damaged record is reported
-(database and key), never skipped. A store that is not a readable LMDB environment
+(database and key), never skipped. With a ``cipher`` (an agent's store always has
+one: :class:`meshmq._seal.StoreCipher`), the bodies of ``out`` and ``dlq`` are
+encrypted and signed with the node's keys, so no message rests on disk in plaintext
+and a record altered or moved on disk fails its check like a damaged one. A store that is not a readable LMDB environment
 at all is reported the same way. With ``quarantine=True`` damaged records are moved
 to ``quarantine`` (an unreadable environment is moved aside whole) and the agent
 goes on.
@@ -52,18 +55,27 @@ import queue
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 
 from ._errors import CorruptStore, StoreError
 
-FORMAT = 3
+FORMAT = 4
 DURABILITY = ("fsync", "os", "memory")
 _DBS = (b"meta", b"out", b"streams", b"inbox", b"dlq", b"replay", b"peers", b"quarantine")
 _SHOWN = 50  # damaged records named in a CorruptStore
+_SEALED_DBS = (b"out", b"dlq")  # message records: encrypted and signed when the store has a cipher
+
+
+class Cipher(Protocol):
+    """What the store needs of :class:`meshmq._seal.StoreCipher` (kept apart: no keys here)."""
+
+    def seal(self, db: bytes, key: bytes, plain: bytes) -> bytes: ...
+
+    def open(self, db: bytes, key: bytes, value: bytes) -> bytes: ...
 
 
 def seal(body: Any) -> bytes:
@@ -184,8 +196,9 @@ class Store:
     """An open store. Use :meth:`open`; close with :meth:`close`."""
 
     def __init__(self, path: Path | None, env: Any, dbs: dict[bytes, Any], durability: str,
-                 lock_fd: int | None) -> None:
+                 lock_fd: int | None, cipher: Cipher | None = None) -> None:
         self.path = path
+        self.cipher = cipher
         self.durability = durability
         self._env = env
         self._dbs = dbs
@@ -201,12 +214,14 @@ class Store:
 
     @classmethod
     def open(cls, path: Path | str | None, *, durability: str = "fsync", map_size: int = 1 << 30,
-             quarantine: bool = False, meta: dict[str, Any] | None = None, shared: bool = False) -> Store:
+             quarantine: bool = False, meta: dict[str, Any] | None = None, shared: bool = False,
+             cipher_for: Callable[[Path], Cipher] | None = None) -> Store:
         """Open (or create) the store in directory ``path``; ``durability="memory"`` needs none.
         ``meta`` values are written when the store is created (one commit with its format) and
         any missing ones when it is opened. ``shared`` skips the agent's lock: for tools that
         look at (or ask things of) the store of an agent that may be running; LMDB keeps
-        their transactions and the agent's apart.
+        their transactions and the agent's apart. ``cipher_for(directory)`` gives the cipher of
+        the node whose store it is (once the directory is locked: its key lives there).
 
         Raises:
             StoreError: another agent uses the directory, or it cannot be created.
@@ -229,9 +244,14 @@ class Store:
             raise StoreError(f"cannot create the store directory {directory}: {exc.strerror}") from None
         lock_fd = None if shared else _lock(directory)
         try:
+            cipher = cipher_for(directory) if cipher_for is not None else None
             env = _open_env(lmdb, directory, durability, map_size, quarantine)
-            dbs = {name: env.open_db(name) for name in _DBS}
-            store = cls(directory, env, dbs, durability, lock_fd)
+            try:
+                dbs = {name: env.open_db(name) for name in _DBS}
+            except BaseException:
+                env.close()
+                raise
+            store = cls(directory, env, dbs, durability, lock_fd, cipher)
         except BaseException:
             if lock_fd is not None:
                 os.close(lock_fd)
@@ -264,14 +284,15 @@ class Store:
                     continue
                 for key, value in txn.cursor(db=self._dbs[name]):
                     try:
-                        unseal(bytes(value))
+                        self._decode(name, bytes(key), bytes(value))
                     except Exception:
                         damaged.append((name, bytes(key), bytes(value)))
         if not damaged:
             return
         names = [f"{n.decode()}:{_show_key(k)}" for n, k, _ in damaged[:_SHOWN]]
         if not quarantine:
-            raise CorruptStore(str(self.path), f"{len(damaged)} record(s) fail their checksum", names, len(damaged))
+            raise CorruptStore(str(self.path), f"{len(damaged)} record(s) fail their checksum or signature", names,
+                               len(damaged))
         with self._env.begin(write=True) as txn:
             for name, key, value in damaged:
                 txn.put(name + b"\x00" + key, value, db=self._dbs[b"quarantine"])
@@ -309,7 +330,7 @@ class Store:
         if value is None:
             return None
         try:
-            return unseal(value)
+            return self._decode(b"dlq", key, value)
         except ValueError:
             raise CorruptStore(str(self.path), "a record failed its checksum while being read",
                                [f"dlq:{dlq_id}"]) from None
@@ -334,7 +355,7 @@ class Store:
                 rows = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=self._dbs[name])]
         for key, value in rows:
             try:
-                yield key, unseal(value)
+                yield key, self._decode(name, key, value)
             except ValueError:
                 raise CorruptStore(str(self.path), "a record failed its checksum while being read",
                                    [f"{name.decode()}:{_show_key(key)}"]) from None
@@ -396,7 +417,7 @@ class Store:
             with self._env.begin(write=True) as txn:
                 for batch in batches:
                     for name, key, body in batch.puts:
-                        txn.put(key, seal(body), db=self._dbs[name])
+                        txn.put(key, self._encode(name, key, body), db=self._dbs[name])
                     for name, key in batch.deletes:
                         txn.delete(key, db=self._dbs[name])
                     for dest, upto in batch.ranges:
@@ -449,16 +470,16 @@ class Store:
                 return
             if last < seq:
                 continue
-            kept = [(s, m) for s, m in chunk_messages(unseal(bytes(value))) if s != seq]
+            kept = [(s, m) for s, m in chunk_messages(self._decode(b"out", key, bytes(value))) if s != seq]
             if kept:
-                txn.put(key, seal([[s for s, _ in kept], [m for _, m in kept]]), db=db)
+                txn.put(key, self._encode(b"out", key, [[s for s, _ in kept], [m for _, m in kept]]), db=db)
             else:
                 txn.delete(key, db=db)
             return
 
     def _apply_memory(self, batch: Batch) -> None:
         for name, key, body in batch.puts:
-            self._memory[name][key] = seal(body)
+            self._memory[name][key] = self._encode(name, key, body)
         for name, key in batch.deletes:
             self._memory[name].pop(key, None)
         out = self._memory[b"out"]
@@ -471,11 +492,25 @@ class Store:
             for key in sorted(out):
                 d, first, last = split_out_key(key)
                 if d == dest and first <= seq <= last:
-                    kept = [(s, m) for s, m in chunk_messages(unseal(out[key])) if s != seq]
+                    kept = [(s, m) for s, m in chunk_messages(self._decode(b"out", key, out[key])) if s != seq]
                     if kept:
-                        out[key] = seal([[s for s, _ in kept], [m for _, m in kept]])
+                        out[key] = self._encode(b"out", key, [[s for s, _ in kept], [m for _, m in kept]])
                     else:
                         del out[key]
+
+    def _encode(self, name: bytes, key: bytes, body: Any) -> bytes:
+        if self.cipher is None or name not in _SEALED_DBS:
+            return seal(body)
+        sealed = self.cipher.seal(name, key, msgpack.packb(body, use_bin_type=True))
+        return zlib.crc32(sealed).to_bytes(4, "big") + sealed
+
+    def _decode(self, name: bytes, key: bytes, value: bytes) -> Any:
+        """The body of a stored value, or ValueError if it fails its checksum or signature."""
+        if self.cipher is None or name not in _SEALED_DBS:
+            return unseal(value)
+        if len(value) < 5 or zlib.crc32(value[4:]) != int.from_bytes(value[:4], "big"):
+            raise ValueError("checksum mismatch")
+        return msgpack.unpackb(self.cipher.open(name, key, value[4:]), raw=False, strict_map_key=False)
 
     # --- closing ----------------------------------------------------------------------
 
@@ -506,14 +541,16 @@ class StoreInUse(StoreError):
 MAX_INSTANCES = 64
 
 
-def open_instance(root: Path, service: str, *, durability: str, map_size: int,
-                  quarantine: bool, meta: dict[str, Any] | None = None) -> tuple[Store, Path]:
+def open_instance(root: Path, service: str, *, durability: str, map_size: int, quarantine: bool,
+                  meta: dict[str, Any] | None = None,
+                  cipher_for: Callable[[Path], Cipher] | None = None) -> tuple[Store, Path]:
     """The store of the first instance of ``service`` under ``root`` that no running agent
     holds: ``root/service/0``, ``root/service/1``, ... (at most :data:`MAX_INSTANCES`)."""
     for n in range(MAX_INSTANCES):
         directory = root / service / str(n)
         try:
-            store = Store.open(directory, durability=durability, map_size=map_size, quarantine=quarantine, meta=meta)
+            store = Store.open(directory, durability=durability, map_size=map_size, quarantine=quarantine, meta=meta,
+                               cipher_for=cipher_for)
             return store, directory
         except StoreInUse:
             continue

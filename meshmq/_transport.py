@@ -6,7 +6,9 @@ is a CURVE server with the node's key, each PUSH socket a CURVE client that know
 peer's key from its endpoint (``tcp://host:port#KEY``). The connecting key reaches
 the agent with every frame (ZAP sets it as the frame's User-Id), so the agent acts on
 a frame only when it comes from the node it claims to be from; the ZAP handler
-refuses keys the agent has banned. What to send is not kept here: when a
+refuses keys the agent has banned. (An agent run with ``insecure=True`` uses plain
+sockets and reaches only endpoints without a key, so it never talks to a secure one.)
+What to send is not kept here: when a
 link may send, the transport asks ``produce(link)`` for frames (the outbox builds
 them from the destination's stream) and sends them without blocking until the
 socket is full; then it waits for the socket to become writable. A slow or
@@ -73,12 +75,15 @@ class Transport:
     """Sockets of one agent. Runs on the agent's event loop thread (``async_`` methods)."""
 
     def __init__(self, config: Any, node_id: str, on_frame: Callable[[bytes, str], None],
-                 produce: Callable[[Link], list[bytes]], curve_keys: tuple[bytes, bytes]) -> None:
+                 produce: Callable[[Link], list[bytes]], curve_keys: tuple[bytes, bytes] | None) -> None:
         self.config = config
         self.node_id = node_id
         self.on_frame = on_frame
         self.produce = produce
-        self.curve_public, self.curve_secret = curve_keys
+        self.secure = curve_keys is not None
+        """False for an agent run with ``insecure=True``: plain ZeroMQ, and only to endpoints
+        without a key (a keyed endpoint is a secure node's, which must not be reached)."""
+        self.curve_public, self.curve_secret = curve_keys or (b"", b"")
         self.banned: set[str] = set()
         """Connecting keys the ZAP handler refuses (read from its thread; replaced, never mutated)."""
         self.authenticator: Any = None
@@ -97,17 +102,18 @@ class Transport:
     def async_bind(self, loop: asyncio.AbstractEventLoop, endpoints: list[str]) -> tuple[str, ...]:
         self.loop = loop
         cfg = self.config
-        from zmq.auth.thread import ThreadAuthenticator
-
-        self.authenticator = ThreadAuthenticator(self.ctx, log=log)
-        self.authenticator.start()
-        self.authenticator.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self)
         pull = self.ctx.socket(zmq.PULL)
         pull.setsockopt(zmq.LINGER, 0)
-        pull.setsockopt(zmq.CURVE_SERVER, 1)
-        pull.setsockopt(zmq.CURVE_PUBLICKEY, self.curve_public)
-        pull.setsockopt(zmq.CURVE_SECRETKEY, self.curve_secret)
-        pull.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
+        if self.secure:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            self.authenticator = ThreadAuthenticator(self.ctx, log=log)
+            self.authenticator.start()
+            self.authenticator.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self)
+            pull.setsockopt(zmq.CURVE_SERVER, 1)
+            pull.setsockopt(zmq.CURVE_PUBLICKEY, self.curve_public)
+            pull.setsockopt(zmq.CURVE_SECRETKEY, self.curve_secret)
+            pull.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
         pull.setsockopt(zmq.RCVHWM, cfg.socket_hwm)
         pull.setsockopt(zmq.MAXMSGSIZE, cfg.max_frame_bytes)
         if any("[" in ep for ep in endpoints):
@@ -168,12 +174,13 @@ class Transport:
             return
         recv = pull.recv
         on_frame = self.on_frame
+        secure = self.secure
         for _ in range(self.read_budget):
             try:
                 frame = recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            on_frame(frame.bytes, frame.get("User-Id"))
+            on_frame(frame.bytes, frame.get("User-Id") if secure else "")
             # Asking EVENTS re-arms the edge-triggered FD like a failed recv does, at a third of
             # the cost (no exception): it matters on few cores, where this work competes with
             # ZeroMQ's I/O thread carrying our reply.
@@ -192,19 +199,26 @@ class Transport:
         if link is not None:
             return link
         plain, key = split_endpoint(endpoint)
-        if key is None:
+        server_key = b""
+        if not self.secure:
+            if key is not None:
+                self.counters["endpoints_secure"] += 1  # a secure node: insecure ones never reach it
+                return None
+        elif key is None:
             self.counters["endpoints_without_key"] += 1
             return None
-        try:
-            server_key = curve_public_of(unb64(key))
-        except Exception:  # not a point on the curve: no node can hold its secret
-            self.counters["endpoints_bad_key"] += 1
-            return None
+        else:
+            try:
+                server_key = curve_public_of(unb64(key))
+            except Exception:  # not a point on the curve: no node can hold its secret
+                self.counters["endpoints_bad_key"] += 1
+                return None
         cfg = self.config
         sock = self.ctx.socket(zmq.PUSH)
-        sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
-        sock.setsockopt(zmq.CURVE_PUBLICKEY, self.curve_public)
-        sock.setsockopt(zmq.CURVE_SECRETKEY, self.curve_secret)
+        if self.secure:
+            sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, self.curve_public)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, self.curve_secret)
         sock.setsockopt(zmq.SNDHWM, cfg.socket_hwm)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)

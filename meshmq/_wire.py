@@ -26,7 +26,7 @@ from ._errors import PayloadError, ProtocolError, TopicError
 from ._message import FORMAT_BYTES, FORMAT_MSGPACK, Message
 from ._topics import check_topic
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 ENVELOPE_VERSION = 1
 
 HELLO = 1
@@ -38,8 +38,11 @@ ACK = 6
 PING_REQ = 7
 WORK = 8
 RECEIPT = 9
+SEALED = 10
+"""A data frame signed by its sender and encrypted to its recipient (:mod:`meshmq._seal`);
+DATA is the same unsealed, between agents that run with ``insecure=True``."""
 KINDS = {HELLO: "hello", PING: "ping", BYE: "bye", DATA: "data", SYNC: "sync", ACK: "ack", PING_REQ: "ping-req",
-         WORK: "work", RECEIPT: "receipt"}
+         WORK: "work", RECEIPT: "receipt", SEALED: "sealed"}
 MAX_SYNC_ENTRIES = 256
 """Most membership entries (and most wants) one sync frame may carry, however large the mesh."""
 
@@ -579,6 +582,8 @@ def decode_frame(frame: bytes | memoryview, limits: Limits) -> Frame:
         raise ProtocolError(f"unknown protocol version {version}")
     if kind == DATA:
         return Data(*decode_data(frame, limits))
+    if kind == SEALED:
+        raise ProtocolError("a sealed data frame is opened with its sender's keys (meshmq._seal.open_data)")
     body = _unpack(memoryview(frame)[2:], limits)
     if type(body) is not list:
         raise ProtocolError(f"{KINDS.get(kind, kind)} body is not an array")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Any
 
 from meshmq._security import Authority, NodeKeys
 from meshmq._wire import NodeRecord
@@ -48,6 +49,7 @@ class RawPeer:
         self.node = self.record.node
         plain, key = split_endpoint(endpoint)
         assert key is not None, "an agent's endpoint carries its key"
+        self.agent_key = unb64(key)
         self.push = self.ctx.socket(zmq.PUSH)
         self.push.setsockopt(zmq.LINGER, 2000)
         self.push.setsockopt(zmq.CURVE_SERVERKEY, curve_public_of(unb64(key)))
@@ -60,6 +62,21 @@ class RawPeer:
         from meshmq._wire import hello_frame
 
         self.send(hello_frame(self.mesh, claim(record or self.record), want_reply))
+
+    def data(self, epoch: int, first_seq: int, entries: list[Any], *, floor: int = 0, resent: bool = False,
+             sender: str | None = None) -> bytes:
+        """A data frame to the agent, sealed as an agent seals it: signed with our key, encrypted
+        to the agent's. ``sender`` names another node in it (still signed with our key)."""
+        import msgpack
+
+        from meshmq._seal import Signer, seal_data
+        from meshmq._security import node_id_of
+        from meshmq._wire import PROTOCOL_VERSION, SEALED
+
+        signer = Signer(self.keys)
+        return seal_data(bytes((PROTOCOL_VERSION, SEALED)), signer, signer.shared_key(self.agent_key),
+                         sender or self.node, node_id_of(self.agent_key), epoch, first_seq, floor, resent, entries,
+                         msgpack.Packer(use_bin_type=True))
 
     def send(self, frame: bytes) -> None:
         self.push.send(frame)

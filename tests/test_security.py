@@ -201,7 +201,7 @@ def test_an_agent_may_publish_and_subscribe_only_what_its_certificate_allows(mes
 
 def test_a_message_from_a_node_not_allowed_to_publish_on_its_topic_is_dropped(mesh: str) -> None:
     from meshmq._message import FORMAT_BYTES
-    from meshmq._wire import data_frame, encode_envelope
+    from meshmq._wire import encode_envelope
 
     async def main() -> None:
         agent = await meshmq.AsyncAgent("sink", mesh=mesh, discovery=False, durability="memory").start()
@@ -215,7 +215,7 @@ def test_a_message_from_a_node_not_allowed_to_publish_on_its_topic_is_dropped(me
                 return encode_envelope(os.urandom(16), time.time(), topic, None, "orders", raw.node, 1, None,
                                        None, FORMAT_BYTES, b"x")
 
-            raw.send(data_frame(raw.node, 1, 1, [env("payments.received"), env("orders.placed")]))
+            raw.send(raw.data(1, 1, [env("payments.received"), env("orders.placed")]))
             await eventually(lambda: got == ["orders.placed"], what="the allowed one delivered")
             assert agent.stats()["rejected_not_permitted"] == 1
         finally:
@@ -250,7 +250,7 @@ def test_replayed_and_stale_frames_are_dropped_also_after_the_receiver_restarts(
     connection) hand nothing over twice, across a restart of the receiver too. Frames in
     another node's name do not get that far (per-connection authentication, tested above)."""
     from meshmq._message import FORMAT_BYTES
-    from meshmq._wire import data_frame, encode_envelope
+    from meshmq._wire import encode_envelope
 
     async def main() -> None:
         got: list[bytes] = []
@@ -263,7 +263,7 @@ def test_replayed_and_stale_frames_are_dropped_also_after_the_receiver_restarts(
             return encode_envelope(os.urandom(16), time.time(), "jobs.x", None, "jobs", raw.node, 1, None, None,
                                    FORMAT_BYTES, str(i).encode())
 
-        frames = [data_frame(raw.node, 7, 1, [env(1), env(2)]), data_frame(raw.node, 7, 3, [env(3)])]
+        frames = [raw.data(7, 1, [env(1), env(2)]), raw.data(7, 3, [env(3)])]
         try:
             raw.introduce()
             for frame in frames:
@@ -284,8 +284,8 @@ def test_replayed_and_stale_frames_are_dropped_also_after_the_receiver_restarts(
             raw.introduce()
             for frame in frames:
                 raw.send(frame)  # replayed after the restart
-            raw.send(data_frame(raw.node, 6, 4, [env(99)]))  # an older epoch
-            raw.send(data_frame(raw.node, 7, 4, [env(4)]))  # what is new goes through
+            raw.send(raw.data(6, 4, [env(99)]))  # an older epoch
+            raw.send(raw.data(7, 4, [env(4)]))  # what is new goes through
             await eventually(lambda: got == [b"1", b"2", b"3", b"4"], what="only the new one delivered")
             await eventually(lambda: sink.stats().get("duplicates", 0) == 3
                              and sink.stats().get("stale_epoch_frames", 0) == 1, what="the replay counted")

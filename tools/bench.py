@@ -25,8 +25,15 @@ child by ``SIGALRM``); on any failure the children this script started are kille
     python tools/bench.py --profile /tmp/prof  # also write cProfile stats of the meshmq children
     python tools/bench.py --profile /tmp/prof --profiler py-spy  # sampled stacks instead
 
+    python tools/bench.py --security both      # also insecure agents, in the same rounds
+
 Bars (``--check``, on the medians): meshmq throughput >= 0.25x raw pyzmq (both
-publishers), meshmq p50 round trip <= 1.5x raw zmq.
+publishers), meshmq p50 round trip <= 1.5x raw zmq; with ``--security both``, security
+costs at most 30% of throughput (secure >= 0.70x insecure, both publishers).
+
+Agents are secure by default, as meshmq's are: CurveZMQ on every hop, data frames
+signed and encrypted end to end. ``--security insecure`` runs them with
+``insecure=True``; ``both`` measures the two side by side, rotated with the others.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ PING, PONG = "bench.ping", "bench.pong"
 HOST = "127.0.0.1"  # never another address
 THROUGHPUT_BAR = 0.25
 LATENCY_BAR = 1.5
+SECURITY_BAR = 0.70  # secure throughput / insecure throughput
 _MARK = "@bench "
 _CPUS: list[int] | None = None  # --cpus: pin every child process to these CPUs
 
@@ -211,7 +219,8 @@ def role_raw_ping(a: dict[str, Any]) -> None:
 
 def _agent_kwargs(a: dict[str, Any], **more: Any) -> dict[str, Any]:
     # durability "memory": the outbox in memory only (the non-durable path), no state left behind.
-    kw: dict[str, Any] = {"mesh": a["mesh"], "discovery": False, "interfaces": [HOST], "durability": "memory"}
+    kw: dict[str, Any] = {"mesh": a["mesh"], "discovery": False, "interfaces": [HOST], "durability": "memory",
+                          "insecure": bool(a.get("insecure"))}
     kw.update(more)
     return kw
 
@@ -633,9 +642,10 @@ def measure_raw_tp(o: argparse.Namespace) -> dict[str, Any]:
     return {"rate": got["rate"], "elapsed": got["elapsed"], "send_rate": sent["rate"]}
 
 
-def measure_mq_tp(o: argparse.Namespace, kind: str, tag: str) -> dict[str, Any]:
+def measure_mq_tp(o: argparse.Namespace, kind: str, tag: str, insecure: bool = False) -> dict[str, Any]:
     mesh = mesh_name()
-    common = {"n": o.messages, "size": o.size, "timeout": o.phase_timeout, "mesh": mesh, **profiling(o)}
+    common = {"n": o.messages, "size": o.size, "timeout": o.phase_timeout, "mesh": mesh, "insecure": insecure,
+              **profiling(o)}
     got, sent = run_pair(("mq-sub", {**common, "tag": f"{tag}-sub"}), f"mq-pub-{kind}",
                          {**common, "tag": f"{tag}-pub"}, o.phase_timeout, "sent")
     rx_stats, tx_stats = got.get("stats", {}), sent.get("stats", {})
@@ -653,9 +663,9 @@ def measure_raw_lat(o: argparse.Namespace) -> dict[str, Any]:
     return got
 
 
-def measure_mq_lat(o: argparse.Namespace, tag: str) -> dict[str, Any]:
+def measure_mq_lat(o: argparse.Namespace, tag: str, insecure: bool = False) -> dict[str, Any]:
     mesh = mesh_name()
-    common = {"size": o.size, "timeout": o.phase_timeout, "mesh": mesh, **profiling(o)}
+    common = {"size": o.size, "timeout": o.phase_timeout, "mesh": mesh, "insecure": insecure, **profiling(o)}
     got, _ = run_pair(("mq-echo", {**common, "tag": f"{tag}-echo"}), "mq-ping",
                       {**common, "tag": f"{tag}-ping", "rounds": o.roundtrips, "warmup": o.warmup},
                       o.phase_timeout, "result")
@@ -664,11 +674,12 @@ def measure_mq_lat(o: argparse.Namespace, tag: str) -> dict[str, Any]:
     return got
 
 
-def measure_interleaved_lat(o: argparse.Namespace, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def measure_interleaved_lat(o: argparse.Namespace, tag: str,
+                            insecure: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """(raw, meshmq) latency from one pinger alternating both kinds of round trip."""
     deadline = time.monotonic() + o.phase_timeout
     mesh = mesh_name()
-    common = {"size": o.size, "timeout": o.phase_timeout, "mesh": mesh, **profiling(o)}
+    common = {"size": o.size, "timeout": o.phase_timeout, "mesh": mesh, "insecure": insecure, **profiling(o)}
     children: list[Child] = []
     try:
         raw_echo = Child("raw-echo", {**common, "max": o.roundtrips + o.warmup + 1000})
@@ -717,36 +728,50 @@ def run_all(o: argparse.Namespace) -> dict[str, Any]:
             print(text, file=sys.stderr, flush=True)
 
     runs: dict[str, list[dict[str, Any]]] = {"raw_tp": [], "mq_async_tp": [], "mq_sync_tp": [],
-                                               "raw_lat": [], "mq_lat": []}
+                                               "raw_lat": [], "mq_lat": [], "mq_async_tp_insecure": [],
+                                               "mq_sync_tp_insecure": [], "raw_lat_insecure": [],
+                                               "mq_lat_insecure": []}
+    secure, insecure = o.security in ("secure", "both"), o.security in ("insecure", "both")
     for r in range(o.repeat):
-        tp_steps = [
-            ("raw_tp", lambda: measure_raw_tp(o)),
-            ("mq_async_tp", lambda: measure_mq_tp(o, "async", f"tp-async-{r}")),
-            ("mq_sync_tp", lambda: measure_mq_tp(o, "sync", f"tp-sync-{r}")),
-        ]
-        lat_steps: list[tuple[str, Any]] = [
-            ("raw_lat", lambda: measure_raw_lat(o)),
-            ("mq_lat", lambda: measure_mq_lat(o, f"lat-{r}")),
-        ]
+        # The default agents are secure; with --security insecure they run insecure under the same names.
+        plain = o.security == "insecure"
+        tp_steps = [("raw_tp", lambda: measure_raw_tp(o))]
+        lat_steps: list[tuple[str, Any]] = [("raw_lat", lambda: measure_raw_lat(o))]
+        if secure or plain:
+            tp_steps += [
+                ("mq_async_tp", lambda: measure_mq_tp(o, "async", f"tp-async-{r}", plain)),
+                ("mq_sync_tp", lambda: measure_mq_tp(o, "sync", f"tp-sync-{r}", plain)),
+            ]
+            lat_steps += [("mq_lat", lambda: measure_mq_lat(o, f"lat-{r}", plain))]
+        if secure and insecure:
+            tp_steps += [
+                ("mq_async_tp_insecure", lambda: measure_mq_tp(o, "async", f"tp-async-plain-{r}", True)),
+                ("mq_sync_tp_insecure", lambda: measure_mq_tp(o, "sync", f"tp-sync-plain-{r}", True)),
+            ]
         if not o.separate_latency:
-            lat_steps = [("pair_lat", lambda: measure_interleaved_lat(o, f"lat-{r}"))]
+            lat_steps = [("pair_lat", lambda: measure_interleaved_lat(o, f"lat-{r}", plain))]
+            if secure and insecure:
+                lat_steps.append(("pair_lat_insecure", lambda: measure_interleaved_lat(o, f"lat-plain-{r}", True)))
+        elif secure and insecure:
+            lat_steps.append(("mq_lat_insecure", lambda: measure_mq_lat(o, f"lat-plain-{r}", True)))
         # Rotate the order every round so that no measurement always runs first (or last).
         k = r % len(tp_steps)
         steps = tp_steps[k:] + tp_steps[:k] + (lat_steps if r % 2 == 0 else lat_steps[::-1])
         for name, fn in steps:
-            if name.endswith("_tp") and o.skip_throughput or name.endswith("_lat") and o.skip_latency:
+            if "_tp" in name and o.skip_throughput or "_lat" in name and o.skip_latency:
                 continue
             t = time.monotonic()
             res = fn()
-            if name == "pair_lat":
+            if name.startswith("pair_lat"):
                 raw, mq = res
-                runs["raw_lat"].append(raw)
-                runs["mq_lat"].append(mq)
-                log(f"  round {r + 1}/{o.repeat} interleaved  raw p50 {raw['p50_us']:8.1f} us  meshmq p50 "
+                suffix = name[len("pair_lat"):]
+                runs["raw_lat" + suffix].append(raw)
+                runs["mq_lat" + suffix].append(mq)
+                log(f"  round {r + 1}/{o.repeat} interleaved{suffix}  raw p50 {raw['p50_us']:8.1f} us  meshmq p50 "
                     f"{mq['p50_us']:8.1f} us  ({time.monotonic() - t:.1f}s)")
                 continue
             runs[name].append(res)
-            if name.endswith("_tp"):
+            if "_tp" in name:
                 log(f"  round {r + 1}/{o.repeat} {name:12s} {res['rate']:>12,.0f} msg/s received"
                     f"  (sender's loop {res['send_rate']:>10,.0f} msg/s; {time.monotonic() - t:.1f}s)")
             else:
@@ -754,10 +779,10 @@ def run_all(o: argparse.Namespace) -> dict[str, Any]:
                     f"  ({time.monotonic() - t:.1f}s)")
 
     summary: dict[str, Any] = {}
-    for name in ("raw_tp", "mq_async_tp", "mq_sync_tp"):
+    for name in ("raw_tp", "mq_async_tp", "mq_sync_tp", "mq_async_tp_insecure", "mq_sync_tp_insecure"):
         if runs[name]:
             summary[name] = summarize([x["rate"] for x in runs[name]], True)
-    for name in ("raw_lat", "mq_lat"):
+    for name in ("raw_lat", "mq_lat", "raw_lat_insecure", "mq_lat_insecure"):
         if runs[name]:
             summary[name] = {
                 "p50_us": summarize([x["p50_us"] for x in runs[name]], False),
@@ -778,10 +803,20 @@ def run_all(o: argparse.Namespace) -> dict[str, Any]:
                                           for s in ("best", "median")}
         bars["latency_p50"] = {"ratio": ratios["latency_p50"]["median"], "bar": f"<= {LATENCY_BAR}",
                                "ok": ratios["latency_p50"]["median"] <= LATENCY_BAR}
+    for kind in ("async", "sync"):
+        name = f"mq_{kind}_tp"
+        if name in summary and name + "_insecure" in summary:
+            label = f"secure_vs_insecure_{kind}"
+            ratios[label] = {s: summary[name][s] / summary[name + "_insecure"][s] for s in ("best", "median")}
+            bars[label] = {"ratio": ratios[label]["median"], "bar": f">= {SECURITY_BAR}",
+                           "ok": ratios[label]["median"] >= SECURITY_BAR, "what": "secure/insecure"}
+    if "mq_lat" in summary and "mq_lat_insecure" in summary:
+        ratios["secure_vs_insecure_latency_p50"] = {
+            s: summary["mq_lat"]["p50_us"][s] / summary["mq_lat_insecure"]["p50_us"][s] for s in ("best", "median")}
     return {
         "machine": machine(),
         "settings": {"messages": o.messages, "size": o.size, "roundtrips": o.roundtrips, "warmup": o.warmup,
-                     "repeat": o.repeat, "cpus": _CPUS},
+                     "repeat": o.repeat, "cpus": _CPUS, "security": o.security},
         "runs": runs, "summary": summary, "ratios": ratios, "bars": bars,
     }
 
@@ -815,6 +850,12 @@ def table(res: dict[str, Any]) -> str:
     if "mq_sync_tp" in s:
         row("meshmq Agent (blocking) publish", s["mq_sync_tp"]["best"], s["mq_sync_tp"]["median"], "msg/s",
             ratios.get("throughput_sync"))
+    if "mq_async_tp_insecure" in s:
+        row("insecure AsyncAgent publish", s["mq_async_tp_insecure"]["best"], s["mq_async_tp_insecure"]["median"],
+            "msg/s", None)
+    if "mq_sync_tp_insecure" in s:
+        row("insecure Agent (blocking) publish", s["mq_sync_tp_insecure"]["best"], s["mq_sync_tp_insecure"]["median"],
+            "msg/s", None)
     if "raw_lat" in s:
         row_us("raw zmq round trip p50", s["raw_lat"]["p50_us"]["best"], s["raw_lat"]["p50_us"]["median"], None)
         row_us("raw zmq round trip p99", s["raw_lat"]["p99_us"]["best"], s["raw_lat"]["p99_us"]["median"], None)
@@ -823,10 +864,16 @@ def table(res: dict[str, Any]) -> str:
                ratios.get("latency_p50"))
         row_us("meshmq round trip p99", s["mq_lat"]["p99_us"]["best"], s["mq_lat"]["p99_us"]["median"],
                ratios.get("latency_p99"))
+    if "mq_lat_insecure" in s:
+        row_us("insecure meshmq round trip p50", s["mq_lat_insecure"]["p50_us"]["best"],
+               s["mq_lat_insecure"]["p50_us"]["median"], None)
+        row_us("insecure meshmq round trip p99", s["mq_lat_insecure"]["p99_us"]["best"],
+               s["mq_lat_insecure"]["p99_us"]["median"], None)
     lines.append("")
     lines.append("bars (on the medians):")
     for name, b in res["bars"].items():
-        lines.append(f"  {name:18s} meshmq/raw = {b['ratio']:.3f}  (bar {b['bar']})  {'ok' if b['ok'] else 'MISSED'}")
+        lines.append(f"  {name:26s} {b.get('what', 'meshmq/raw')} = {b['ratio']:.3f}  (bar {b['bar']})  "
+                     f"{'ok' if b['ok'] else 'MISSED'}")
     return "\n".join(lines)
 
 
@@ -844,6 +891,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--separate-latency", action="store_true",
                    help="measure raw and meshmq latency in separate runs (default: one pinger alternates "
                    "raw and meshmq round trips one by one, so both see the same machine conditions)")
+    p.add_argument("--security", choices=("secure", "insecure", "both"), default="secure",
+                   help="agents as meshmq runs them (secure, the default), insecure=True, or both side by side")
     p.add_argument("--check", action="store_true", help="exit 1 if a bar is missed")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     p.add_argument("--profile", metavar="DIR", help="profile the meshmq children, writing into DIR")
