@@ -45,7 +45,7 @@ from ._node import Connect, Disconnect, Node, PeerDown, PeerUp, Send, Timing
 from ._routing import RouteIndex
 from ._security import (
     KEY_FILE, Authority, Certificate, CertificateError, NodeKeys, Rights, b64, check_certificate, curve_public_of,
-    decode_certificate, home, load_or_create_key, unarmor, verify,
+    decode_certificate, home, load_or_create_key, node_id_of, unarmor, unb64, verify,
 )
 from ._store import Batch, Contents, Store, open_instance
 from ._topics import check_pattern, check_topic, check_user_topic, matches, reply_topic
@@ -2025,8 +2025,16 @@ class AsyncAgent:
         return self._commit.add() if self._commit is not None else None
 
     def _on_hint(self, node: str | None, endpoints: tuple[str, ...], mesh: str | None) -> None:
-        if self._node is not None and self._state == "running":
-            self._apply(self._node.discovered(time.monotonic(), node, endpoints, mesh))
+        """An mDNS hint that ``node`` is at ``endpoints``: greeted, and believed only once the
+        answer proves a certificate. A hint whose node id is not the one its endpoints' key
+        derives is a lie told for free: refused before we greet it (and so hand it our record)."""
+        if self._node is None or self._state != "running":
+            return
+        if node is not None and any(_node_of_endpoint(ep) != node for ep in endpoints):
+            self.counters["rejected_hint_mismatch"] += 1
+            quiet.warning("hint", "ignored an mDNS hint for node %s at an endpoint of another key", node)
+            return
+        self._apply(self._node.discovered(time.monotonic(), node, endpoints, mesh))
 
     def _schedule_tick(self) -> None:
         assert self._loop is not None and self._node is not None
@@ -2081,6 +2089,15 @@ class AsyncAgent:
             fn(*args)
         else:
             self._loop.call_soon_threadsafe(fn, *args)
+
+
+def _node_of_endpoint(endpoint: str) -> str | None:
+    """The node id that the key named in ``endpoint#KEY`` belongs to (None: no usable key)."""
+    key = split_endpoint(endpoint)[1]
+    try:
+        return node_id_of(unb64(key)) if key else None
+    except ValueError:  # not base64
+        return None
 
 
 def _expand_interfaces(interfaces: tuple[str, ...]) -> list[str]:

@@ -187,7 +187,7 @@ def test_an_unanswered_hint_is_given_up_after_join_timeout(net: MemoryNetwork) -
     net.run(2.875)
     assert D in a.pending
     net.run(0.125)  # exactly join_timeout after the hello
-    assert D not in a.pending and not a.links
+    assert D not in a.pending and not a.links and a.counters["greetings_unanswered"] == 1
     assert net.actions(A, Disconnect) == [Disconnect(D)]
     check_invariants(net)
 
