@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -266,3 +267,32 @@ def test_a_rogue_mdns_announcement_of_the_attackers_own_key_gets_in_nowhere(mesh
                 attacker.close()
 
     run(main(), timeout=60)
+
+
+def test_an_envelope_with_a_topic_of_the_wrong_type_is_dropped_and_the_rest_delivered(mesh: str) -> None:
+    """Found by atheris (tools/fuzz_decoder.py): an envelope whose topic is a map or a list
+    raised TypeError out of the decoder, through the receive path, ahead of the rest of its
+    batch. From a certified peer, it is now dropped and counted like any malformed message."""
+    from meshmq._message import FORMAT_BYTES
+    from meshmq._wire import data_frame, encode_envelope
+
+    async def main() -> None:
+        async with agents(mesh, "sink", durability="memory", discovery=False) as (sink,):
+            got: list[bytes] = []
+            sink.subscribe("jobs.*", lambda m: got.append(m.raw))
+            raw = RawPeer(mesh, sink.endpoints[0], "jobs")
+            try:
+                raw.introduce()
+
+                def env(topic: Any, body: bytes) -> bytes:
+                    return encode_envelope(os.urandom(16), time.time(), topic, None, "jobs", raw.node, 1, None, None,
+                                           FORMAT_BYTES, body)
+
+                raw.send(data_frame(raw.node, 1, 1, [env({"a": 1}, b"map"), env(["jobs", "x"], b"list"),
+                                                     env(7, b"int"), env("jobs.x", b"ok")]))
+                await eventually(lambda: got == [b"ok"], what="the well-formed one delivered")
+                assert sink.stats()["messages_rejected"] == 3
+            finally:
+                raw.close()
+
+    run(main())
