@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.util
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +21,7 @@ import msgpack
 import zmq
 from aio import agents, eventually, run
 from certs import RawPeer
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from zeroconf import IPVersion
@@ -93,6 +97,61 @@ def test_gossip_merge_of_arbitrary_claims_stays_a_lattice(x: Entry, y: Entry, z:
     assert merge(merge(x, y), z) == merge(x, merge(y, z))
     assert merge(x, x) == x
 
+
+
+# --- the fuzz targets of tools/fuzz_decoder.py (coverage-guided with atheris, where it installs) ---
+
+_TOOLS = Path(__file__).resolve().parent.parent / "tools"
+
+
+def _fuzz_targets() -> Any:
+    spec = importlib.util.spec_from_file_location("meshmq_tools_fuzz_decoder", _TOOLS / "fuzz_decoder.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+FUZZ = _fuzz_targets()
+
+
+def test_the_fuzz_targets_hold_on_valid_frames_of_every_kind() -> None:
+    for seed in FUZZ.decoder_seeds():
+        FUZZ.decoder_one(seed)
+        for cut in (1, 2, len(seed) // 2, len(seed) - 1):
+            FUZZ.decoder_one(seed[:cut])
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=4096))
+def test_the_decoder_target_holds_on_random_input(data: bytes) -> None:
+    """The atheris harness's decoder target, driven by Hypothesis (runs where atheris does not)."""
+    FUZZ.decoder_one(data)
+
+
+@settings(max_examples=300)
+@given(st.binary(min_size=16, max_size=1024))
+def test_the_gossip_target_holds_on_random_input(data: bytes) -> None:
+    """The harness's gossip target (arbitrary SYNC, HELLO, PING, ... into a pure Node, up to
+    MAX_SYNC_ENTRIES claims a frame), driven by Hypothesis: invariants and bounds hold."""
+    FUZZ.gossip_one(data)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("atheris") is None,
+                    reason="atheris not installed (optional: pip install atheris); "
+                           "the same fuzz targets ran above under Hypothesis")
+@pytest.mark.parametrize("target", ["decoder", "gossip"])
+def test_atheris_finds_nothing_in_a_few_seconds(target: str, tmp_path: Path) -> None:
+    """Coverage-guided fuzzing for 5 s per target; memory is bounded (libFuzzer's rss limit).
+    Longer runs: see docs/security.md."""
+    out = subprocess.run(
+        [sys.executable, str(_TOOLS / "fuzz_decoder.py"), target, "-max_total_time=5", "-rss_limit_mb=512",
+         f"-artifact_prefix={tmp_path}/"],
+        capture_output=True, text=True, timeout=90, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_TOOLS.parent),
+                                                                      os.environ.get("PYTHONPATH")]))})
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "Done " in out.stderr and not list(tmp_path.glob("crash-*")), out.stderr[-2000:]
 
 # --- attacks on a running agent ------------------------------------------------------------
 
