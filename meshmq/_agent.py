@@ -46,7 +46,7 @@ from ._routing import RouteIndex
 from ._seal import ForgedFrame, Signer, StoreCipher, open_data, seal_data
 from ._security import (
     KEY_FILE, Authority, Certificate, CertificateError, NodeKeys, Rights, b64, check_certificate, curve_public_of,
-    decode_certificate, home, load_or_create_key, unarmor, verify,
+    decode_certificate, home, load_or_create_key, node_id_of, unarmor, unb64, verify,
 )
 from ._store import Batch, Contents, Store, open_instance
 from ._topics import check_pattern, check_topic, check_user_topic, matches, reply_topic
@@ -2086,8 +2086,19 @@ class AsyncAgent:
         return self._commit.add() if self._commit is not None else None
 
     def _on_hint(self, node: str | None, endpoints: tuple[str, ...], mesh: str | None) -> None:
-        if self._node is not None and self._state == "running":
-            self._apply(self._node.discovered(time.monotonic(), node, endpoints, mesh))
+        """An mDNS hint that ``node`` is at ``endpoints``: greeted, and believed only once the
+        answer proves a certificate. A hint whose node id is not the one its endpoints' key
+        derives is a lie told for free: refused before we greet it (and so hand it our record)."""
+        if self._node is None or self._state != "running":
+            return
+        if self._secure and node is not None and any(_node_of_endpoint(ep) != node for ep in endpoints):
+            if any(split_endpoint(ep)[1] is None for ep in endpoints):
+                self.counters["rejected_hint_without_key"] += 1  # an insecure agent: never talked to
+                return
+            self.counters["rejected_hint_mismatch"] += 1
+            quiet.warning("hint", "ignored an mDNS hint for node %s at an endpoint of another key", node)
+            return
+        self._apply(self._node.discovered(time.monotonic(), node, endpoints, mesh))
 
     def _schedule_tick(self) -> None:
         assert self._loop is not None and self._node is not None
@@ -2148,6 +2159,15 @@ def _refuse_secure(record: NodeRecord) -> str | None:
     """An insecure agent's check of a peer's record: it refuses secure nodes' (signed) records,
     so that insecure and secure agents never route to each other."""
     return "secure" if record.sig is not None or record.cert is not None else None
+
+
+def _node_of_endpoint(endpoint: str) -> str | None:
+    """The node id that the key named in ``endpoint#KEY`` belongs to (None: no usable key)."""
+    key = split_endpoint(endpoint)[1]
+    try:
+        return node_id_of(unb64(key)) if key else None
+    except ValueError:  # not base64
+        return None
 
 
 def _expand_interfaces(interfaces: tuple[str, ...]) -> list[str]:

@@ -808,6 +808,7 @@ class Node:
                     self._greet(ep, now, actions)  # it may come back: keep asking, slowly
                 else:
                     del self.pending[ep]
+                    self.counters["greetings_unanswered"] += 1  # nobody there, or nobody who could prove it
                     self._unlink(ep, actions)
 
     def _expire_members(self, now: float, actions: list[Action]) -> None:

@@ -18,6 +18,7 @@ import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from ._records import newer_record
 from ._topics import matches
 from ._wire import NodeRecord
 
@@ -160,9 +161,12 @@ class RoutingTable:
         self._dirty = True
 
     def update(self, record: NodeRecord) -> bool:
-        """Take a peer's record if it is new or newer; return whether it was taken."""
+        """Take a peer's record if it is new or newer; return whether it was taken. Of two
+        different records of one version (a node that equivocates) the one the membership
+        merge keeps wins here too (:func:`~meshmq._records.newer_record`), so that routes
+        follow the merge whatever order they came in."""
         known = self.records.get(record.node)
-        if known is not None and known.key >= record.key:
+        if known is not None and (known == record or newer_record(known, record) is known):
             return False
         self.records[record.node] = record
         if (known.subscriptions if known is not None else ()) != record.subscriptions:

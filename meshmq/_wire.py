@@ -173,6 +173,8 @@ def decode_envelope(data: bytes, limits: Limits, seq: int = 0) -> Message:
         raise ProtocolError("bad message id")
     if type(ts) is not float and type(ts) is not int:
         raise ProtocolError("bad timestamp")
+    if type(topic) is not str:
+        raise ProtocolError("bad topic")  # checked before the cache lookup: a list or map is unhashable
     if topic not in limits.checked_topics:
         try:
             check_topic(topic, limits.max_topic_length, limits.max_topic_tokens)

@@ -4,20 +4,37 @@ nothing changed."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import zmq
 from aio import agents, eventually, run
 from certs import RawPeer
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from zeroconf import IPVersion
+from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
+import meshmq
 from meshmq import ProtocolError
-from meshmq._records import merge
+from meshmq._discovery import SERVICE_TYPE
+from meshmq._records import claim, merge
+from meshmq._security import Authority, NodeKeys
 from meshmq._wire import (
-    KINDS, PROTOCOL_VERSION, Entry, Limits, decode_data, decode_envelope, decode_frame, ping_frame, split_entry,
+    KINDS, PROTOCOL_VERSION, Entry, Hello, Limits, NodeRecord, decode_data, decode_envelope, decode_frame,
+    Subscription, hello_frame, ping_frame, split_endpoint, split_entry,
 )
 
 LIMITS = Limits()
@@ -81,6 +98,61 @@ def test_gossip_merge_of_arbitrary_claims_stays_a_lattice(x: Entry, y: Entry, z:
     assert merge(x, x) == x
 
 
+
+# --- the fuzz targets of tools/fuzz_decoder.py (coverage-guided with atheris, where it installs) ---
+
+_TOOLS = Path(__file__).resolve().parent.parent / "tools"
+
+
+def _fuzz_targets() -> Any:
+    spec = importlib.util.spec_from_file_location("meshmq_tools_fuzz_decoder", _TOOLS / "fuzz_decoder.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+FUZZ = _fuzz_targets()
+
+
+def test_the_fuzz_targets_hold_on_valid_frames_of_every_kind() -> None:
+    for seed in FUZZ.decoder_seeds():
+        FUZZ.decoder_one(seed)
+        for cut in (1, 2, len(seed) // 2, len(seed) - 1):
+            FUZZ.decoder_one(seed[:cut])
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=4096))
+def test_the_decoder_target_holds_on_random_input(data: bytes) -> None:
+    """The atheris harness's decoder target, driven by Hypothesis (runs where atheris does not)."""
+    FUZZ.decoder_one(data)
+
+
+@settings(max_examples=300)
+@given(st.binary(min_size=16, max_size=1024))
+def test_the_gossip_target_holds_on_random_input(data: bytes) -> None:
+    """The harness's gossip target (arbitrary SYNC, HELLO, PING, ... into a pure Node, up to
+    MAX_SYNC_ENTRIES claims a frame), driven by Hypothesis: invariants and bounds hold."""
+    FUZZ.gossip_one(data)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("atheris") is None,
+                    reason="atheris not installed (optional: pip install atheris); "
+                           "the same fuzz targets ran above under Hypothesis")
+@pytest.mark.parametrize("target", ["decoder", "gossip"])
+def test_atheris_finds_nothing_in_a_few_seconds(target: str, tmp_path: Path) -> None:
+    """Coverage-guided fuzzing for 5 s per target; memory is bounded (libFuzzer's rss limit).
+    Longer runs: see docs/security.md."""
+    out = subprocess.run(
+        [sys.executable, str(_TOOLS / "fuzz_decoder.py"), target, "-max_total_time=5", "-rss_limit_mb=512",
+         f"-artifact_prefix={tmp_path}/"],
+        capture_output=True, text=True, timeout=90, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_TOOLS.parent),
+                                                                      os.environ.get("PYTHONPATH")]))})
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "Done " in out.stderr and not list(tmp_path.glob("crash-*")), out.stderr[-2000:]
+
 # --- attacks on a running agent ------------------------------------------------------------
 
 
@@ -124,5 +196,162 @@ def test_an_unknown_curve_key_gets_no_frame_acted_on(mesh: str) -> None:
                 assert {p.service for p in target.peers()} == {"friend"}
             finally:
                 stranger.close()
+
+    run(main())
+
+
+# --- rogue mDNS announcements --------------------------------------------------------------
+
+
+@asynccontextmanager
+async def announcing(mesh: str, *claims: tuple[str, str | None, str]) -> AsyncIterator[None]:
+    """What anyone on the link can do: announce ``_meshmq._tcp`` services over real mDNS, on
+    loopback only, each ``(instance name, node id or None, endpoint#KEY)``. The TXT properties
+    are the ones meshmq's own announcements carry."""
+    azc = AsyncZeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
+    try:
+        for name, node, endpoint in claims:
+            plain, key = split_endpoint(endpoint)
+            props = {"mesh": mesh, "service": "rogue", "ep": plain, "key": key or "", "v": "2"}
+            if node is not None:
+                props["node"] = node
+            info = AsyncServiceInfo(SERVICE_TYPE, f"{name}.{SERVICE_TYPE}", addresses=[socket.inet_aton("127.0.0.1")],
+                                    port=int(plain.rsplit(":", 1)[1]), properties=props)
+            await (await azc.async_register_service(info, cooperating_responders=True))
+        yield
+    finally:
+        await azc.async_close()
+
+
+def drain(sock: zmq.Socket[bytes]) -> list[Any]:
+    """Every frame waiting on ``sock``, decoded (without blocking the agent's loop)."""
+    out = []
+    while sock.poll(0):
+        out.append(decode_frame(sock.recv(zmq.NOBLOCK), Limits()))
+    return out
+
+
+def assert_routes_only(agent: meshmq.AsyncAgent, *peers: meshmq.AsyncAgent) -> None:
+    """The agent's routing state holds these peers, at their real endpoints, and nobody else."""
+    assert {p.node for p in agent.peers()} == {p.node_id for p in peers}
+    assert {p.endpoint for p in agent.peers()} == {p.endpoints[0] for p in peers}
+    assert {r.node for r in agent.routes()} <= {agent.node_id} | {p.node_id for p in peers}
+    assert agent._node is not None
+    assert set(agent._node.members) == {p.node_id for p in peers}
+
+
+def test_a_rogue_mdns_announcement_in_a_real_nodes_name_is_refused(mesh: str) -> None:
+    """Real mDNS on loopback: an announcement that says it is the friend but names the
+    attacker's endpoint and key is refused before it is greeted (``rejected_hint_mismatch``);
+    one that names a real node's key (a node the target does not know yet) at the attacker's
+    address is greeted, but the CurveZMQ handshake fails, nothing reaches the attacker, and
+    the greeting is given up (``greetings_unanswered``). The friend stays routed and gets its
+    message; the real node, announced for real, is found at its real endpoint."""
+    async def main() -> None:
+        late = await meshmq.AsyncAgent("late", mesh=mesh, discovery=False, durability="memory").start()
+        async with agents(mesh, "target", "friend", durability="memory", join_timeout=1.0) as (target, friend):
+            got: asyncio.Queue[meshmq.Message] = asyncio.Queue()
+            friend.subscribe("orders.*", got.put_nowait)
+            await eventually(lambda: len(target.routes("orders.x")) == 1, what="the friend routed")
+            attacker = RawPeer(mesh, target.endpoints[0], "attacker")  # its PULL socket is the trap
+            trap = split_endpoint(attacker.endpoint)[0]
+            late_key = split_endpoint(late.endpoints[0])[1]
+            try:
+                before = target.stats()
+                async with announcing(mesh, ("impostor", friend.node_id, attacker.endpoint),
+                                      ("stolen-key", late.node_id, f"{trap}#{late_key}")):
+                    await eventually(lambda: target.stats().get("rejected_hint_mismatch", 0) >= 1,
+                                     what="the impostor's hint refused")
+                    await eventually(lambda: target.stats().get("greetings_unanswered", 0)
+                                     > before.get("greetings_unanswered", 0), what="the stolen key's greeting given up")
+                assert drain(attacker.pull) == []  # not even our record: refused, or the handshake failed
+                assert_routes_only(target, friend)
+                await target.publish("orders.x", {"n": 1})
+                assert (await asyncio.wait_for(got.get(), 10)).data == {"n": 1}
+                # The real node, announced for real, is met where it really is.
+                async with announcing(mesh, ("late-real", late.node_id, late.endpoints[0])):
+                    await eventually(lambda: late.node_id in {p.node for p in target.peers()}, what="late found")
+                assert_routes_only(target, friend, late)
+                assert drain(attacker.pull) == []
+            finally:
+                attacker.close()
+        await late.stop()
+
+    run(main(), timeout=60)
+
+
+def test_a_rogue_mdns_announcement_of_the_attackers_own_key_gets_in_nowhere(mesh: str, tmp_path: Path) -> None:
+    """Real mDNS on loopback: the attacker announces its own endpoint and key, consistently.
+    The agents greet it (a greeting carries the greeter's record: the known leak, see
+    docs/security.md) and send it nothing else: no gossip, no data. The attacker's answer, a record
+    certified by an authority of its own, is refused and counted, and changes nothing."""
+    async def main() -> None:
+        async with agents(mesh, "target", "friend", durability="memory", join_timeout=1.0) as (target, friend):
+            got: asyncio.Queue[meshmq.Message] = asyncio.Queue()
+            friend.subscribe("orders.*", got.put_nowait)
+            await eventually(lambda: len(target.routes("orders.x")) == 1, what="the friend routed")
+            keys = NodeKeys.generate()
+            attacker = RawPeer(mesh, target.endpoints[0], "attacker", keys=keys)
+            own = Authority.create(tmp_path, "rogue")
+            now = time.time()
+            cert = own.issue(node_key=keys.public, service="orders", mesh=mesh, publish=(">",), subscribe=(">",),
+                             tap=True, not_before=now - 60, not_after=now + 3600)
+            record = NodeRecord(keys.node_id, "orders", (attacker.endpoint,), (Subscription(">"),), 1,
+                                now, cert=cert)
+            record = dataclasses.replace(record, sig=keys.sign(record.signing_bytes()))
+            heard: list[Any] = []
+            try:
+                before = target.stats()
+                async with announcing(mesh, ("rogue", keys.node_id, attacker.endpoint)):
+                    await eventually(lambda: bool(heard.extend(drain(attacker.pull)) or heard),
+                                     what="the target's greeting")
+                    attacker.send(hello_frame(mesh, claim(record), True))
+                    await eventually(lambda: target.stats().get("rejected_record_untrusted", 0) >= 1,
+                                     what="the attacker's record refused")
+                    await target.publish("orders.x", {"n": 1})
+                    assert (await asyncio.wait_for(got.get(), 10)).data == {"n": 1}
+                    await eventually(lambda: target.stats().get("greetings_unanswered", 0)
+                                     > before.get("greetings_unanswered", 0), what="the greeting given up")
+                heard += drain(attacker.pull)
+                after = target.stats()
+                assert after["frames_unauthenticated"] > before.get("frames_unauthenticated", 0)
+                # Only greetings (the friend, browsing the same mDNS, greets it too): no gossip, no data.
+                assert heard and all(type(f) is Hello and f.entry.node in (target.node_id, friend.node_id)
+                                     for f in heard), heard
+                assert_routes_only(target, friend)
+                assert {r.service for r in target.routes("orders.x")} == {"friend"}
+                assert keys.node_id not in target._curve_nodes.values()  # its key names no node to us
+                assert after.get("received", 0) == before.get("received", 0)
+            finally:
+                attacker.close()
+
+    run(main(), timeout=60)
+
+
+def test_an_envelope_with_a_topic_of_the_wrong_type_is_dropped_and_the_rest_delivered(mesh: str) -> None:
+    """Found by atheris (tools/fuzz_decoder.py): an envelope whose topic is a map or a list
+    raised TypeError out of the decoder, through the receive path, ahead of the rest of its
+    batch. From a certified peer, it is now dropped and counted like any malformed message."""
+    from meshmq._message import FORMAT_BYTES
+    from meshmq._wire import encode_envelope
+
+    async def main() -> None:
+        async with agents(mesh, "sink", durability="memory", discovery=False) as (sink,):
+            got: list[bytes] = []
+            sink.subscribe("jobs.*", lambda m: got.append(m.raw))
+            raw = RawPeer(mesh, sink.endpoints[0], "jobs")
+            try:
+                raw.introduce()
+
+                def env(topic: Any, body: bytes) -> bytes:
+                    return encode_envelope(os.urandom(16), time.time(), topic, None, "jobs", raw.node, 1, None, None,
+                                           FORMAT_BYTES, body)
+
+                raw.send(raw.data(1, 1, [env({"a": 1}, b"map"), env(["jobs", "x"], b"list"),
+                                                     env(7, b"int"), env("jobs.x", b"ok")]))
+                await eventually(lambda: got == [b"ok"], what="the well-formed one delivered")
+                assert sink.stats()["messages_rejected"] == 3
+            finally:
+                raw.close()
 
     run(main())

@@ -187,7 +187,7 @@ def test_an_unanswered_hint_is_given_up_after_join_timeout(net: MemoryNetwork) -
     net.run(2.875)
     assert D in a.pending
     net.run(0.125)  # exactly join_timeout after the hello
-    assert D not in a.pending and not a.links
+    assert D not in a.pending and not a.links and a.counters["greetings_unanswered"] == 1
     assert net.actions(A, Disconnect) == [Disconnect(D)]
     check_invariants(net)
 
@@ -833,3 +833,21 @@ def test_an_indirect_probe_answer_is_not_sent_to_a_requester_dropped_meanwhile(n
     assert not [a for a in actions if isinstance(a, Send) and a.endpoint == A]
     net.execute(B, actions)
     assert h.counters["relay_answers_unlinked"] == 1
+
+
+def test_routes_follow_the_merge_when_a_node_equivocates() -> None:
+    """Two different records of one version (only a buggy or forging owner makes them): the
+    merge picks one by its bytes on every node, and the routing table takes the same one.
+    Found by tools/fuzz_decoder.py (gossip): the table kept the first it heard."""
+    from meshmq._records import newer_record
+
+    a = make_node("a")
+    one = NodeRecord("b", "svc", ("inproc://b",), (Subscription("x.*"),), 1, 1.0)
+    two = NodeRecord("b", "svc", ("inproc://b",), (Subscription("y.*"),), 1, 1.0)
+    winner = newer_record(one, two)
+    for first, second in ((one, two), (two, one)):
+        a = make_node("a")
+        a.receive(Hello("test", claim(first), False), 0.0)
+        a.receive(Hello("test", claim(second), False), 0.1)
+        assert a.peers["b"].record == winner
+        assert a.routes.records["b"] == winner

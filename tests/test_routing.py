@@ -184,13 +184,23 @@ def test_round_robin_is_per_group(case: str) -> None:
 def test_a_newer_record_changes_routing_and_an_older_one_is_ignored() -> None:
     t = table(record("me"), record("a", "orders.*", incarnation=2))
     assert t.index.resolve("orders.x").plain == ("a",)  # now cached in this index
-    assert not t.update(record("a", "billing.*", incarnation=2))  # same incarnation: ignored
+    assert not t.update(record("a", "orders.*", incarnation=2))  # the same record again: ignored
     assert not t.update(record("a", "billing.*", incarnation=1))  # older: ignored
     assert t.index.resolve("orders.x").plain == ("a",)
     assert t.update(record("a", "billing.*", incarnation=3))
     assert t.index.resolve("orders.x").empty  # the cached route did not survive
     assert t.index.resolve("billing.due").plain == ("a",)
     assert t.records["a"].incarnation == 3
+
+
+def test_of_two_records_of_one_version_the_one_the_merge_keeps_wins_in_either_order() -> None:
+    from meshmq._records import newer_record
+
+    one, two = record("a", "orders.*", incarnation=2), record("a", "billing.*", incarnation=2)
+    for first, second in ((one, two), (two, one)):
+        t = table(record("me"), first)
+        assert t.update(second) == (newer_record(first, second) is second)
+        assert t.records["a"] == newer_record(one, two)
 
 
 def test_index_is_rebuilt_only_when_subscriptions_change() -> None:
