@@ -40,9 +40,11 @@ from ._errors import (
     UsageError,
 )
 from ._message import Message
+from ._tap import TapEvent
 
 if TYPE_CHECKING:
     from ._agent import AsyncAgent, DeadLetter, PeerInfo, RouteEntry, Subscription
+    from ._mirror import Tap
     from ._sync import Agent
 
 __version__ = "0.1.0"
@@ -50,7 +52,7 @@ __version__ = "0.1.0"
 # The agents pull in zmq, zeroconf and asyncio; load them on first use so that
 # `import meshmq.testing` (and the pure core) stays free of I/O libraries.
 _LAZY = {"Agent": "_sync", "AsyncAgent": "_agent", "DeadLetter": "_agent", "PeerInfo": "_agent",
-         "RouteEntry": "_agent", "Subscription": "_agent"}
+         "RouteEntry": "_agent", "Subscription": "_agent", "Tap": "_mirror"}
 
 
 def __getattr__(name: str) -> Any:
@@ -90,6 +92,8 @@ __all__ = [
     "SchemaError",
     "StoreError",
     "Subscription",
+    "Tap",
+    "TapEvent",
     "TopicError",
     "UsageError",
     "__version__",

@@ -43,16 +43,18 @@ from ._log import QuietLogger
 from ._message import FORMAT_BYTES, Message
 from ._node import Connect, Disconnect, Node, PeerDown, PeerUp, Send, Timing
 from ._routing import RouteIndex
-from ._seal import ForgedFrame, Signer, StoreCipher, open_data, seal_data
+from ._mirror import Mirror, Tap
+from ._seal import ForgedFrame, Signer, StoreCipher, open_data, open_tap, seal_data, seal_fields
 from ._security import (
     KEY_FILE, Authority, Certificate, CertificateError, NodeKeys, Rights, b64, check_certificate, curve_public_of,
     decode_certificate, home, load_or_create_key, node_id_of, unarmor, unb64, verify,
 )
 from ._store import Batch, Contents, Store, open_instance
+from ._tap import ACKED, DEAD_LETTERED, EXPIRED, LOST, REJECTED, RETRIED, SENT, TapEvent, decode_items, envelope_head
 from ._topics import check_pattern, check_topic, check_user_topic, matches, reply_topic
 from ._transport import Link, Transport, Wakeup
 from ._wire import (
-    DATA, PROTOCOL_VERSION, SEALED, Hello, Limits, NodeRecord, Ping, Receipt, Subscription as AdvertisedSubscription, Work,
+    DATA, PROTOCOL_VERSION, SEALED, TAP, Hello, Limits, NodeRecord, Ping, Receipt, Subscription as AdvertisedSubscription, Work,
     check_headers, decode_data, decode_envelope, decode_frame, encode_envelope, encode_payload, split_endpoint,
     split_entry, work_frame,
 )
@@ -637,6 +639,11 @@ class AsyncAgent:
         self._signer: Signer | None = None
         self._peer_keys: dict[str, tuple[bytes, bytes]] = {}  # node -> (its public key, the box key we share)
         self._sealed_head = bytes((PROTOCOL_VERSION, SEALED))
+        self._mirror: Mirror | None = None  # what this agent mirrors to the taps of the mesh
+        self._taps: list[Tap] = []  # this node's own taps (it is a tap while it has one)
+        self._tap_packer = msgpack.Packer(use_bin_type=True)
+        self._tapped = False  # some tap of the mesh watches this agent
+        self._tap_version = -1  # of the routing table's taps, when they were last read
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -675,9 +682,10 @@ class AsyncAgent:
         self._transport = transport
         try:
             self._start_delivery(loop)
+            self._mirror = Mirror(loop, cfg, self._send_tap)
             self._started_at = time.monotonic()
             record = NodeRecord(self.node_id, self.service, endpoints, self._advertised(), 0, time.time(),
-                                cert=self._cert)
+                                cert=self._cert, taps=self._tap_patterns())
             self._node = Node(cfg.mesh, record, timing=Timing.from_config(cfg), limits=self.limits,
                               max_peers=cfg.max_peers, sign=self._sign_record if self._secure else None,
                               vouch=self._vouch if self._secure else _refuse_secure)
@@ -848,6 +856,8 @@ class AsyncAgent:
             problem = "mismatch"  # an endpoint that names another key would lead us elsewhere
         elif not (rights := Rights.of(cert)).may_subscribe_all(record.subscriptions):
             problem = "not_permitted"  # it would receive what its certificate does not allow
+        elif record.taps and not cert.tap:
+            problem = "not_permitted"  # a tap without the tap right: nothing is mirrored to it
         else:
             problem = None
             self._peer_rights[record.node] = rights
@@ -893,6 +903,10 @@ class AsyncAgent:
             await self._discovery.async_close()
         for sub in list(self._subs):
             sub._closed()
+        if self._mirror is not None:
+            self._mirror.close()
+        for tap in list(self._taps):
+            tap.close()
         self._transport.async_close(linger=max(0.0, min(0.5, deadline - time.monotonic())))
         if self._store is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._close_store)
@@ -1088,6 +1102,8 @@ class AsyncAgent:
                     and dest.bytes + size <= outbox.max_dest_bytes):
                 outbox.put(dest, env, size, expires, 0.0)
                 state.published += 1
+                if self._tapped:
+                    self._mirror.message(topic, env, [dest.node])  # type: ignore[union-attr]
                 if outbox.durable:
                     return True
                 if dest.link is not None:
@@ -1100,6 +1116,8 @@ class AsyncAgent:
             targets = self._targets(topic, key, env)
         if not targets:
             state.unrouted += 1
+            if self._tapped:
+                self._mirror.message(topic, env, [])  # type: ignore[union-attr]
             return False
         size = len(env)
         dests = []
@@ -1130,6 +1148,9 @@ class AsyncAgent:
                 assert self._loop is not None
                 self._loop.call_soon(self._flush_local)
         state.published += 1
+        if self._tapped:
+            self._mirror.message(topic, env, [d.node for d, _ in dests]  # type: ignore[union-attr]
+                                 + ([self.node_id] if local is not None else []))
         return bool(dests) and outbox.durable
 
     def _send_soon(self, link: Link, stream: Any) -> None:
@@ -1235,9 +1256,10 @@ class AsyncAgent:
         except ProtocolError:
             return
         groups = None if type(entry) is bytes else entry[1]
-        self._store_dead_letter(msg, reason, f"not acknowledged by {dest.service or '?'} ({dest.node}) in time",
-                                f"outbox:{dest.node}", ",".join(groups) if groups else None, msg.attempts,
-                                dest.node)
+        why = f"not acknowledged by {dest.service or '?'} ({dest.node}) in time"
+        self._tap_event(EXPIRED, [(msg.topic, msg._id)], dest.node, why)
+        self._store_dead_letter(msg, reason, why, f"outbox:{dest.node}", ",".join(groups) if groups else None,
+                                msg.attempts, dest.node)
 
     def _take_intake(self) -> None:
         """Publishes handed over by the blocking Agent's threads, in their order. One that finds
@@ -1417,6 +1439,9 @@ class AsyncAgent:
             if len(frame) > 2 and frame[0] == PROTOCOL_VERSION and (frame[1] == SEALED or frame[1] == DATA):
                 self._on_data_frame(frame, peer)  # the hot path
                 return
+            if len(frame) > 2 and frame[0] == PROTOCOL_VERSION and frame[1] == TAP:
+                self._on_tap_frame(frame, peer)
+                return
             decoded = decode_frame(frame, self.limits)
         except ForgedFrame as exc:
             self.counters["frames_forged"] += 1
@@ -1564,12 +1589,15 @@ class AsyncAgent:
                 self.counters["rejected_wrong_sender"] += 1
                 quiet.warning(f"sender:{rx[0].node}", "dropped message %s: it names node %s but came from %s",
                               msg.id, msg.node, rx[0].node)
+                self._tap_event(REJECTED, [(msg.topic, msg._id)], rx[0].node, f"names node {msg.node}")
                 return
             rights = self._peer_rights.get(msg.node)
             if rights is None or not rights.may_publish(msg.topic):
                 self.counters["rejected_not_permitted"] += 1
                 quiet.warning(f"perm:{msg.node}", "dropped message %s on %s from %s: its certificate does not "
                               "allow publishing there", msg.id, msg.topic, msg.node)
+                self._tap_event(REJECTED, [(msg.topic, msg._id)], msg.node, "its certificate does not allow "
+                                "publishing on this topic")
                 return
         self._received += 1
         if resent:
@@ -1680,6 +1708,7 @@ class AsyncAgent:
         acknowledges the message, so the sender never forgets a message we did not keep."""
         self.counters["dead_lettered"] += 1
         letter_id = f"{msg.id}-{os.urandom(3).hex()}"
+        self._tap_event(DEAD_LETTERED, [(msg.topic, msg._id)], destination, f"{reason}: {error}" if error else reason)
         quiet.warning(f"dlq:{pattern}", "message %s (topic %s) dead-lettered as %s after %d attempts: %s",
                       msg.id, msg.topic, letter_id, attempts, error or reason)
         record = {
@@ -2019,6 +2048,160 @@ class AsyncAgent:
     async def _routes_changed(self, timeout: float) -> None:
         await self._route_waiters.wait(timeout)
 
+    # --- taps -------------------------------------------------------------------------
+
+    def tap(self, *patterns: str, events: bool = True) -> Tap:
+        """Watch the mesh's traffic on ``patterns`` (default ``>``: everything): every agent
+        mirrors to this one what it publishes there, and, with ``events``, what happens to it
+        (sent, acknowledged, sent again, expired, dead-lettered, rejected). Iterate the
+        returned :class:`Tap` for :class:`TapEvent` objects. Needs the tap right in this
+        agent's certificate (the development authority gives it); payloads come only for
+        topics the certificate allows subscribing to. Agents started after the tap, or
+        before it, mirror alike: the tap is in the routing table."""
+        return self._tap(patterns, events, threaded=False)
+
+    def _tap(self, patterns: tuple[str, ...], events: bool, threaded: bool) -> Tap:
+        self._check_running()
+        cert = self._rights.cert
+        if self._secure and (cert is None or not cert.tap):
+            raise NotPermitted("this agent's certificate has no tap right (meshmq cert issue ... --tap)")
+        patterns = patterns or (">",)
+        for pattern in patterns:
+            check_pattern(pattern, self.config.max_topic_length, self.config.max_topic_tokens)
+        tap = Tap(tuple(patterns), self.config.tap_buffer_messages, self._tap_closed, threaded, events)
+        self._taps.append(tap)
+        self._taps_changed()
+        return tap
+
+    def _tap_closed(self, tap: Tap) -> None:
+        def closed() -> None:
+            if tap in self._taps:
+                self._taps.remove(tap)
+                self._taps_changed()
+
+        self._call_on_loop(closed)
+
+    def _tap_patterns(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(p for tap in self._taps for p in tap.patterns))
+
+    def _taps_changed(self) -> None:
+        if self._node is not None and self._state == "running":
+            self._apply(self._node.set_taps(self._tap_patterns(), time.monotonic()))
+            self._rebuild_taps()
+
+    def _rebuild_taps(self) -> None:
+        """Which taps of the mesh this agent mirrors to, from the routing table (and itself)."""
+        assert self._node is not None and self._mirror is not None and self._outbox is not None
+        table = self._node.routes
+        self._tap_version = table.tap_version
+        records = dict(table.records)
+        if self._taps:
+            records[self.node_id] = table.local
+        routes = {}
+        for node, record in records.items():
+            if not record.taps:
+                continue
+            rights = self._rights if node == self.node_id else self._peer_rights.get(node)
+            if self._secure and (rights is None or rights.cert is None or not rights.cert.tap):
+                continue  # its record was refused already; this is the last guard
+            patterns = []
+            for pattern in record.taps:
+                try:
+                    patterns.append(check_pattern(pattern, self.config.max_topic_length,
+                                                  self.config.max_topic_tokens))
+                except UsageError:
+                    continue
+            reader = rights if rights is not None else Rights(None)
+            routes[node] = (tuple(patterns), lambda topic, r=reader: r.may_subscribe(tuple(topic.split("."))))
+        self._mirror.set_routes(routes)
+        self._tapped = bool(routes)
+        self._outbox.observe = self._observe if routes else None
+
+    def _observe(self, kind: str, dest: Destination, entries: list[Any]) -> None:
+        """The outbox sent, sent again or was acknowledged ``entries`` (a tap watches)."""
+        messages = []
+        for entry in entries:
+            env = entry if type(entry) is bytes else entry[0]
+            head = envelope_head(env)
+            if head is None:
+                try:
+                    msg = decode_envelope(env, self.limits)
+                except ProtocolError:
+                    continue
+                head = (msg.topic, msg._id)
+            messages.append(head)
+        self._mirror.event({"sent": SENT, "retried": RETRIED, "acked": ACKED}[kind],  # type: ignore[union-attr]
+                           messages, dest.node)
+
+    def _tap_event(self, kind: str, messages: list[tuple[str, bytes]], peer: str | None,
+                   detail: str | None = None) -> None:
+        if self._tapped:
+            self._mirror.event(kind, messages, peer, detail)  # type: ignore[union-attr]
+
+    def _send_tap(self, node: str, lost: int, items: list[Any]) -> bool:
+        """One frame of mirrored items to the tap ``node``; False if it cannot leave now."""
+        if node == self.node_id:
+            self._tap_items(self.node_id, lost, items)
+            return True
+        link = self._node_links.get(node)
+        if link is None or self._transport is None:
+            return False
+        fields = [self.node_id, node, lost, items]
+        if self._secure:
+            keys = self._peer_keys.get(node)
+            if keys is None:
+                return False
+            frame = seal_fields(bytes((PROTOCOL_VERSION, TAP)), keys[1], fields, self._tap_packer)
+        else:
+            frame = bytes((PROTOCOL_VERSION, TAP)) + self._tap_packer.pack(fields)
+        if len(frame) > self.config.max_frame_bytes:
+            self.counters["tap_frames_too_large"] += 1
+            return False
+        return self._transport.async_send_now(link.endpoint, frame)
+
+    def _on_tap_frame(self, frame: bytes, peer: str) -> None:
+        """Mirrored items from an agent, for this node's taps."""
+        if self._secure:
+            node = self._curve_nodes.get(peer)
+            keys = self._peer_keys.get(node) if node is not None else None
+            if node is None or keys is None:
+                self._unauthenticated("?", peer)
+                return
+            lost, items = open_tap(frame, self.limits, node, keys[1], self.node_id)
+        else:
+            try:
+                fields = msgpack.unpackb(memoryview(frame)[2:], **self.limits.unpack_options)
+            except Exception as exc:
+                raise ProtocolError(f"undecodable tap frame: {type(exc).__name__}") from None
+            if type(fields) is not list or len(fields) != 4 or fields[1] != self.node_id or type(fields[0]) is not str:
+                raise ProtocolError("bad tap frame")
+            node, _, lost, items = fields
+            if type(lost) is not int or lost < 0 or type(items) is not list:
+                raise ProtocolError("bad tap frame")
+        if not self._taps:
+            self.counters["tap_frames_unwanted"] += 1  # it learns we stopped with our next record
+            return
+        self._tap_items(node, lost, items)
+
+    def _tap_items(self, node: str, lost: int, items: list[Any]) -> None:
+        assert self._node is not None
+        services = {n: m.record.service for n, m in self._node.peers.items()}
+        services[self.node_id] = self.service
+        service = services.get(node, "?")
+        events = list(decode_items(items, node, service, services, self.limits))  # all or none: ProtocolError
+        self.counters["tap_events"] += len(events)
+        if lost:
+            self.counters["tap_items_lost"] += lost
+            notice = TapEvent(LOST, time.time(), node, service, count=lost,
+                              detail=f"this tap fell behind {service}'s mirror")
+            for tap in self._taps:
+                tap._push(notice)
+        for event in events:
+            topic = event.topic or ""
+            for tap in self._taps:
+                if (event.kind == "message" or tap.events) and tap.wants(topic):
+                    tap._push(event)
+
     # --- carrying out the core's decisions ------------------------------------------------
 
     def _apply(self, actions: list[Any]) -> None:
@@ -2066,6 +2249,8 @@ class AsyncAgent:
             self._remembered.sync({n: p.record for n, p in self._node.peers.items()}, self._store_batch,
                                   time.time())
             changed = True
+        if changed or self._node.routes.tap_version != self._tap_version:
+            self._rebuild_taps()
         if changed:
             self._last_route_change = time.monotonic()
             self._route_waiters.fire()

@@ -145,6 +145,12 @@ class Config:
     """ZeroMQ high-water mark, in frames, of every socket."""
     stop_timeout: float = 2.0
     """Seconds ``stop`` spends flushing queued messages before closing."""
+    tap_queue_messages: int = 10_000
+    """Items (mirrored messages and delivery events) each tap may have waiting at this agent; beyond it the oldest give way, counted and reported to the tap as not shown. Taps never slow publishing."""
+    tap_buffer_messages: int = 10_000
+    """Events a tap (``agent.tap()``, ``meshmq tap``) keeps that its reader has not taken yet; beyond it the newest are dropped and reported as not shown."""
+    tap_flush_interval: float = 0.05
+    """Seconds between two flushes of the mirror to the taps (their events arrive batched, this late at most)."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -172,6 +178,7 @@ class Config:
         _positive(self, "probe_interval", "probe_timeout", "indirect_probes", "suspicion_mult", "gossip_interval",
                   "gossip_fanout", "gossip_entries", "gossip_max_bytes", "tombstone_ttl", "join_timeout",
                   "rejoin_window", "work_report_interval", "publish_timeout", "stop_timeout", "max_attempts",
+                  "tap_flush_interval",
                   "retry_backoff", "retry_backoff_max", "retransmit_initial", "retransmit_max", "durable_forget_after")
         _check(self.gossip_entries <= 256, "gossip_entries", f"{self.gossip_entries} is above the wire limit of 256")
         _check(
@@ -187,7 +194,7 @@ class Config:
             "max_header_count", "max_header_bytes", "max_batch_messages", "max_batch_bytes",
             "max_subscriptions", "max_peers", "peer_queue_messages", "peer_queue_bytes",
             "subscription_queue_messages", "socket_hwm", "max_store_bytes", "max_outbox_messages",
-            "max_outbox_bytes", "max_held_messages",
+            "max_outbox_bytes", "max_held_messages", "tap_queue_messages", "tap_buffer_messages",
         )
         _check(
             self.max_frame_bytes >= self.max_payload_bytes + self.max_header_bytes + 4 * _KiB,

@@ -161,6 +161,9 @@ class Outbox:
         self._wake = wake
         self._dead_letter = dead_letter
         self._seal = seal
+        self.observe: Callable[[str, Destination, list[Entry]], None] | None = None
+        """Told of messages sent, sent again and acknowledged (``sent``/``retried``/``acked``),
+        while some tap watches this agent; None otherwise (nothing is done per message)."""
         self._touched: dict[str, Destination] = {}  # streams whose position the next commit writes
         self._expiry: list[tuple[float, str, int, int]] = []  # (expires, dest, epoch, seq)
         self._packer = msgpack.Packer(use_bin_type=True)
@@ -290,6 +293,8 @@ class Outbox:
             entries = [entry for _, entry in due]
             if all(type(e) is bytes for e in entries) and sum(map(len, entries)) <= cfg.max_batch_bytes:
                 frame = self._frame(dest, first, entries, floor, False)
+                if self.observe is not None and frame is not None:
+                    self.observe("sent", dest, entries)
                 return [frame] if frame is not None else []
         frames = []
         run: list[Any] = []
@@ -303,12 +308,16 @@ class Outbox:
                 frames.append(self._frame(dest, first, run, floor, resent))
                 if resent:
                     self.counters["messages_resent"] += len(run)
+                if self.observe is not None:
+                    self.observe("retried" if resent else "sent", dest, run)
                 run, first, size, resent = [], seq, 0, again
             run.append(entry)
             size += n
         if resent:
             self.counters["messages_resent"] += len(run)
         frames.append(self._frame(dest, first, run, floor, resent))
+        if self.observe is not None:
+            self.observe("retried" if resent else "sent", dest, run)
         return [f for f in frames if f is not None]
 
     def _frame(self, dest: Destination, first: int, entries: list[Any], floor: int, resent: bool) -> bytes | None:
@@ -362,6 +371,8 @@ class Outbox:
         acked = s.acked
         released = s.on_ack(epoch, committed, now, received)
         if released:
+            if self.observe is not None:
+                self.observe("acked", dest, released)
             size = 0
             for entry in released:
                 size += len(entry) if type(entry) is bytes else len(entry[0])

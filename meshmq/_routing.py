@@ -149,6 +149,8 @@ class RoutingTable:
         self.records: dict[str, NodeRecord] = {}
         self._index = RouteIndex(())
         self._dirty = True
+        self.tap_version = 0
+        """Grows whenever a node's tap patterns change (taps are not in the index)."""
 
     @property
     def index(self) -> RouteIndex:
@@ -171,12 +173,16 @@ class RoutingTable:
         self.records[record.node] = record
         if (known.subscriptions if known is not None else ()) != record.subscriptions:
             self._dirty = True
+        if (known.taps if known is not None else ()) != record.taps:
+            self.tap_version += 1
         return True
 
     def remove(self, node: str) -> NodeRecord | None:
         record = self.records.pop(node, None)
         if record is not None and record.subscriptions:
             self._dirty = True
+        if record is not None and record.taps:
+            self.tap_version += 1
         return record
 
     def _rebuild(self) -> None:

@@ -83,23 +83,21 @@ def check_signature(public: bytes, message: bytes, signature: bytes) -> bool:
 # --- data frames ----------------------------------------------------------------------------
 
 
-def seal_data(head: bytes, signer: Signer, shared: bytes, sender: str, recipient: str, epoch: int,
-              first_seq: int, floor: int, resent: bool, entries: list[Any], packer: msgpack.Packer) -> bytes:
-    """A sealed data frame (``head`` is the version and kind bytes) carrying ``entries``."""
+def seal_fields(head: bytes, shared: bytes, fields: list[Any], packer: msgpack.Packer) -> bytes:
+    """A sealed frame (``head``: version and kind bytes) whose body is ``fields``, which
+    start with the sender's and the recipient's node ids."""
     nonce = os.urandom(NONCE_BYTES)
-    body = packer.pack([sender, recipient, epoch, first_seq, floor, resent, entries])
-    return head + nonce + sodium.crypto_box_afternm(body, nonce, shared)
+    return head + nonce + sodium.crypto_box_afternm(packer.pack(fields), nonce, shared)
 
 
-def open_data(frame: bytes, limits: Any, sender: str, shared: bytes,
-              recipient: str) -> tuple[int, int, int, list[Any], bool]:
-    """(epoch, first seq, floor, entries, resent) of a sealed data frame from ``sender`` to
-    ``recipient``; :class:`ProtocolError` if it is malformed, :class:`ForgedFrame` if it was
-    not sealed by ``sender`` for ``recipient`` (or was altered on the way)."""
+def open_fields(frame: bytes, limits: Any, shared: bytes, sender: str, recipient: str, count: int) -> list[Any]:
+    """The ``count`` fields of a sealed frame from ``sender`` to ``recipient``;
+    :class:`ProtocolError` if it is malformed, :class:`ForgedFrame` if it was not sealed by
+    ``sender`` for ``recipient`` (or was altered on the way)."""
     if len(frame) > limits.max_frame_bytes:
         raise ProtocolError("frame larger than max_frame_bytes")
     if len(frame) < 2 + NONCE_BYTES + _MAC_BYTES:
-        raise ProtocolError("sealed data frame too short")
+        raise ProtocolError("sealed frame too short")
     try:
         body = sodium.crypto_box_open_afternm(frame[2 + NONCE_BYTES:], frame[2:2 + NONCE_BYTES], shared)
     except nacl.exceptions.CryptoError:
@@ -109,17 +107,39 @@ def open_data(frame: bytes, limits: Any, sender: str, shared: bytes,
         fields = msgpack.unpackb(body, **limits.unpack_options)
     except Exception as exc:  # sealed garbage: the sender is broken, not an attacker
         raise ProtocolError(f"undecodable sealed frame: {type(exc).__name__}") from None
-    if type(fields) is not list or len(fields) != 7:
-        raise ProtocolError("sealed data frame is not a 7-field array")
-    node, to, epoch, first_seq, floor, resent, entries = fields
-    if node != sender or to != recipient:
-        raise ForgedFrame(f"frame of {node!r} for {to!r} came from {sender} to {recipient}")
+    if type(fields) is not list or len(fields) != count:
+        raise ProtocolError(f"sealed frame is not a {count}-field array")
+    if fields[0] != sender or fields[1] != recipient:
+        raise ForgedFrame(f"frame of {fields[0]!r} for {fields[1]!r} came from {sender} to {recipient}")
+    return fields  # type: ignore[no-any-return]
+
+
+def seal_data(head: bytes, signer: Signer, shared: bytes, sender: str, recipient: str, epoch: int,
+              first_seq: int, floor: int, resent: bool, entries: list[Any], packer: msgpack.Packer) -> bytes:
+    """A sealed data frame (``head`` is the version and kind bytes) carrying ``entries``."""
+    return seal_fields(head, shared, [sender, recipient, epoch, first_seq, floor, resent, entries], packer)
+
+
+def open_data(frame: bytes, limits: Any, sender: str, shared: bytes,
+              recipient: str) -> tuple[int, int, int, list[Any], bool]:
+    """(epoch, first seq, floor, entries, resent) of a sealed data frame from ``sender`` to
+    ``recipient``; :class:`ProtocolError` if it is malformed, :class:`ForgedFrame` if it was
+    not sealed by ``sender`` for ``recipient`` (or was altered on the way)."""
+    _, _, epoch, first_seq, floor, resent, entries = open_fields(frame, limits, shared, sender, recipient, 7)
     if (type(epoch) is not int or type(first_seq) is not int or type(floor) is not int or type(resent) is not bool
             or not 0 < epoch < 2**63 or not 0 < first_seq < 2**63 or not 0 <= floor < 2**63):
         raise ProtocolError("bad sealed data frame header")
     if type(entries) is not list or len(entries) > limits.max_batch_messages:
         raise ProtocolError("bad or oversized batch")
     return epoch, first_seq, floor, entries, resent
+
+
+def open_tap(frame: bytes, limits: Any, sender: str, shared: bytes, recipient: str) -> tuple[int, list[Any]]:
+    """(items lost before these, items) of a sealed tap frame (see :mod:`meshmq._tap`)."""
+    _, _, lost, items = open_fields(frame, limits, shared, sender, recipient, 4)
+    if type(lost) is not int or not 0 <= lost < 2**63 or type(items) is not list:
+        raise ProtocolError("bad tap frame")
+    return lost, items
 
 
 class ForgedFrame(ProtocolError):

@@ -22,6 +22,7 @@ from ._agent import (
 )
 from ._config import Config
 from ._message import Message
+from ._mirror import Tap
 from ._errors import AgentClosed, MeshTimeout
 
 T = TypeVar("T")
@@ -190,6 +191,11 @@ class Agent:
         """See :meth:`AsyncAgent.subscribe`. Without a handler, iterate the subscription
         (``for msg in sub``) or call ``sub.get(timeout)``."""
         return self._call(self._agent._subscribe, pattern, handler, queue, handler is None, True, durable)
+
+    def tap(self, *patterns: str, events: bool = True) -> Tap:
+        """See :meth:`AsyncAgent.tap`. Iterate the tap (``for event in tap``) or call
+        ``tap.get(timeout)``."""
+        return self._call(self._agent._tap, patterns, events, True)
 
     def on(self, type: str) -> Callable[[Handler], Handler]:
         """See :meth:`AsyncAgent.on`."""

@@ -255,6 +255,18 @@ class Transport:
         except zmq.Again:
             self.counters["control_frames_deferred"] += 1
 
+    def async_send_now(self, endpoint: str, frame: bytes) -> bool:
+        """Send ``frame`` if the socket takes it at once; False if it is full (or gone): for
+        traffic that is dropped, counted, rather than waited for (a tap's mirror)."""
+        link = self.links.get(endpoint)
+        if link is None or link.socket is None:
+            return False
+        try:
+            link.socket.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
+
     def wake(self, link: Link) -> None:
         """Have ``link`` flushed soon (once, however often it is woken meanwhile)."""
         if not link.scheduled and not link.watching:

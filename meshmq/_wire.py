@@ -39,10 +39,12 @@ PING_REQ = 7
 WORK = 8
 RECEIPT = 9
 SEALED = 10
-"""A data frame signed by its sender and encrypted to its recipient (:mod:`meshmq._seal`);
-DATA is the same unsealed, between agents that run with ``insecure=True``."""
+"""A data frame sealed by its sender for its recipient (:mod:`meshmq._seal`); DATA is the
+same unsealed, between agents that run with ``insecure=True``."""
+TAP = 11
+"""Mirrored traffic and delivery events for a tap (:mod:`meshmq._tap`), sealed like data."""
 KINDS = {HELLO: "hello", PING: "ping", BYE: "bye", DATA: "data", SYNC: "sync", ACK: "ack", PING_REQ: "ping-req",
-         WORK: "work", RECEIPT: "receipt", SEALED: "sealed"}
+         WORK: "work", RECEIPT: "receipt", SEALED: "sealed", TAP: "tap"}
 MAX_SYNC_ENTRIES = 256
 """Most membership entries (and most wants) one sync frame may carry, however large the mesh."""
 
@@ -250,6 +252,7 @@ MAX_INCARNATION = 2**53
 MAX_RECORD_ENDPOINTS = 16
 MAX_RECORD_SCHEMAS = 1024
 MAX_CERT_BYTES = 16 * 1024
+MAX_RECORD_TAPS = 64
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -283,11 +286,14 @@ class NodeRecord:
     cert: bytes | None = None
     """The node's certificate, from the mesh authority (see :mod:`meshmq._security`)."""
     sig: bytes | None = None
-    """The node's Ed25519 signature over everything above (:meth:`signing_bytes`)."""
+    """The node's Ed25519 signature over everything else (:meth:`signing_bytes`)."""
+    taps: tuple[str, ...] = ()
+    """Topic patterns the node watches as a tap (``meshmq tap``): agents mirror to it what
+    they publish on them. Needs the tap right in its certificate."""
 
     def signing_bytes(self) -> bytes:
         """What the node signs: the record without its signature."""
-        return msgpack.packb(self.to_wire()[:8], use_bin_type=True)
+        return msgpack.packb(self.to_wire()[:9], use_bin_type=True)
 
     @property
     def key(self) -> tuple[float, int]:
@@ -298,14 +304,14 @@ class NodeRecord:
             self.node, self.service, list(self.endpoints),
             [[s.pattern, s.group, True] if s.durable else [s.pattern, s.group] for s in self.subscriptions],
             self.incarnation, self.started,
-            [list(s) for s in self.schemas], self.cert, self.sig,
+            [list(s) for s in self.schemas], list(self.taps), self.cert, self.sig,
         ]
 
     @classmethod
     def from_wire(cls, obj: Any, limits: Limits) -> NodeRecord:
-        if type(obj) is not list or len(obj) != 9:
-            raise ProtocolError("node record is not a 9-field array")
-        node, service, endpoints, subs, incarnation, started, schemas, cert, sig = obj
+        if type(obj) is not list or len(obj) != 10:
+            raise ProtocolError("node record is not a 10-field array")
+        node, service, endpoints, subs, incarnation, started, schemas, taps, cert, sig = obj
         _check_node_id(node, "node id in record")
         if type(service) is not str or not 0 < len(service) <= _MAX_NAME:
             raise ProtocolError("bad service in record")
@@ -334,12 +340,17 @@ class NodeRecord:
             if (type(sc) is not list or len(sc) != 2 or type(sc[0]) is not str or not 0 < len(sc[0]) <= _MAX_NAME
                     or type(sc[1]) is not int or sc[1] < 0):
                 raise ProtocolError("bad schema in record")
+        if type(taps) is not list or len(taps) > MAX_RECORD_TAPS:
+            raise ProtocolError("bad or too many tap patterns in record")
+        for pattern in taps:
+            if type(pattern) is not str or not pattern or len(pattern) > limits.max_topic_length:
+                raise ProtocolError("bad tap pattern in record")
         if cert is not None and (type(cert) is not bytes or len(cert) > MAX_CERT_BYTES):
             raise ProtocolError("bad certificate in record")
         if sig is not None and (type(sig) is not bytes or len(sig) != 64):
             raise ProtocolError("bad signature in record")
         return cls(node, service, tuple(endpoints), tuple(parsed), incarnation, float(started),
-                   tuple((sc[0], sc[1]) for sc in schemas), cert, sig)
+                   tuple((sc[0], sc[1]) for sc in schemas), cert, sig, tuple(taps))
 
 
 def _check_node_id(node: Any, what: str) -> None:
@@ -584,8 +595,8 @@ def decode_frame(frame: bytes | memoryview, limits: Limits) -> Frame:
         raise ProtocolError(f"unknown protocol version {version}")
     if kind == DATA:
         return Data(*decode_data(frame, limits))
-    if kind == SEALED:
-        raise ProtocolError("a sealed data frame is opened with its sender's keys (meshmq._seal.open_data)")
+    if kind == SEALED or kind == TAP:
+        raise ProtocolError(f"a {KINDS[kind]} frame is opened with its sender's keys (meshmq._seal)")
     body = _unpack(memoryview(frame)[2:], limits)
     if type(body) is not list:
         raise ProtocolError(f"{KINDS.get(kind, kind)} body is not an array")

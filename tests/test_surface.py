@@ -48,6 +48,8 @@ def test_public_names_are_exactly_these() -> None:
         "SchemaError",
         "StoreError",
         "Subscription",
+        "Tap",
+        "TapEvent",
         "TopicError",
         "UsageError",
         "__version__",

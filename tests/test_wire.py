@@ -315,7 +315,7 @@ def test_valid_envelope_with_random_fields_only_raises_protocol_error(body: tupl
 RECORD = NodeRecord(
     "node-1", "orders", ("tcp://127.0.0.1:7400", "ipc:///tmp/n1"),
     (Subscription("orders.*"), Subscription("jobs.>", "workers")), 4, 1700000000.5,
-    (("OrderPlaced", 2),), b"cert",
+    (("OrderPlaced", 2),), b"cert", taps=("payments.>",),
 )
 EP = "tcp://127.0.0.1:7401"
 
@@ -465,7 +465,7 @@ def test_oversized_frame_is_rejected() -> None:
 
 def _record_wire(**changes: Any) -> list[Any]:
     wire = RECORD.to_wire()
-    names = ["node", "service", "endpoints", "subs", "incarnation", "started", "schemas", "cert", "sig"]
+    names = ["node", "service", "endpoints", "subs", "incarnation", "started", "schemas", "taps", "cert", "sig"]
     for name, value in changes.items():
         wire[names.index(name)] = value
     return wire
@@ -480,8 +480,12 @@ def _entry_wire(**changes: Any) -> list[Any]:
 
 
 @pytest.mark.parametrize(("record", "problem"), [
-    ("record", "9-field array"),
-    (_record_wire()[:8], "9-field array"),
+    ("record", "10-field array"),
+    (_record_wire()[:9], "10-field array"),
+    (_record_wire(taps="orders.>"), "bad or too many tap patterns"),
+    (_record_wire(taps=["x"] * 65), "bad or too many tap patterns"),
+    (_record_wire(taps=[""]), "bad tap pattern"),
+    (_record_wire(taps=[3]), "bad tap pattern"),
     (_record_wire(node=""), "bad node id"),
     (_record_wire(node="n" * 256), "bad node id"),
     (_record_wire(service=3), "bad service"),

@@ -1,0 +1,255 @@
+"""What a tap sees: the mirror of the traffic and of delivery events. Pure: no I/O, no
+clock (times are arguments).
+
+A tap is a node whose record names the topic patterns it watches. Every agent
+mirrors to it, off the data path: what it publishes on those topics, and what
+happens to those messages (sent, acknowledged, sent again, expired, dead-lettered,
+rejected). Mirroring never waits: items go into a bounded queue per tap
+(:class:`MirrorQueue`), flushed on the agent's timer; when a tap falls behind, the
+oldest items give way and the tap is told how many it did not get.
+
+Items travel as msgpack lists, sealed to the tap like data frames. Whether the
+payload travels too is decided per item by the sender, from the tap's certificate:
+only for topics the tap may subscribe to.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from ._errors import ProtocolError
+
+MESSAGE = "message"
+SENT = "sent"
+ACKED = "acked"
+RETRIED = "retried"
+EXPIRED = "expired"
+DEAD_LETTERED = "dead-lettered"
+REJECTED = "rejected"
+LOST = "lost"
+DELIVERY_EVENTS = (SENT, ACKED, RETRIED, EXPIRED, DEAD_LETTERED, REJECTED)
+KINDS = (MESSAGE, *DELIVERY_EVENTS, LOST)
+MAX_IDS_PER_EVENT = 4096
+MAX_DESTINATIONS = 4096
+_ID_BYTES = 16
+
+
+def envelope_head(env: bytes) -> tuple[str, bytes] | None:
+    """(topic, message id) of envelope bytes without decoding them all: an envelope is a
+    msgpack array of 12 starting version 1, the 16-byte id, a float timestamp and the
+    topic (``9c 01 c4 10 <id> cb <8 bytes> <str>``). None if it is not laid out so."""
+    if env[:4] != b"\x9c\x01\xc4\x10" or len(env) < 31 or env[20] != 0xCB:
+        return None
+    head = env[29]
+    if 0xA0 <= head <= 0xBF:
+        start, length = 30, head - 0xA0
+    elif head == 0xD9:
+        start, length = 31, env[30]
+    else:
+        return None
+    try:
+        return env[start:start + length].decode(), env[4:20]
+    except UnicodeDecodeError:
+        return None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TapEvent:
+    """One thing a tap saw.
+
+    ``kind`` is ``message`` (a message was published: its header, its destinations, and
+    its payload if the tap may read it) or a delivery event naming the messages it is
+    about: ``sent``, ``acked``, ``retried``, ``expired``, ``dead-lettered``,
+    ``rejected``; or ``lost``: ``count`` items the tap fell too far behind to be shown.
+    ``node`` and ``service`` say which agent reported it; ``peer`` is the other end (the
+    destination, or for ``rejected`` the sender).
+    """
+
+    kind: str
+    at: float
+    """When it happened (seconds since the epoch, the reporting agent's clock)."""
+    node: str
+    service: str
+    ids: tuple[str, ...] = ()
+    """Message ids (hex) the event is about (one for ``message``)."""
+    peer: str | None = None
+    peer_service: str | None = None
+    topic: str | None = None
+    type: str | None = None
+    source: str | None = None
+    destinations: tuple[str, ...] = ()
+    """For ``message``: the services it was sent to (node ids where unknown)."""
+    size: int | None = None
+    headers: dict[str, str] | None = None
+    raw: bytes | None = None
+    """The payload, when the tap's certificate lets it read this topic (else None)."""
+    format: int | None = None
+    detail: str | None = None
+    """Why, for ``expired``, ``dead-lettered`` and ``rejected``."""
+    count: int | None = None
+    """For ``lost``: how many items were not shown."""
+
+    @property
+    def data(self) -> Any:
+        """The payload decoded as its publisher sent it (bytes stay bytes); None if not shown."""
+        if self.raw is None:
+            return None
+        if self.format == 1:
+            import msgpack
+
+            return msgpack.unpackb(self.raw, raw=False, strict_map_key=False)
+        return self.raw
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (the ``--json`` line and the ``--record`` file format)."""
+        out: dict[str, Any] = {"kind": self.kind, "at": self.at, "node": self.node, "service": self.service}
+        for name in ("ids", "peer", "peer_service", "topic", "type", "source", "destinations", "size", "headers",
+                     "format", "detail", "count"):
+            value = getattr(self, name)
+            if value is not None and value != ():
+                out[name] = list(value) if isinstance(value, tuple) else value
+        if self.raw is not None:
+            if self.format == 1:
+                try:
+                    out["data"] = _jsonable(self.data)
+                except (ValueError, TypeError):
+                    pass
+            out["raw_hex"] = self.raw.hex()
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> TapEvent:
+        """The event of a :meth:`to_json` dict; ValueError naming what is wrong."""
+        if not isinstance(obj, dict):
+            raise ValueError("a tap event is a JSON object")
+        try:
+            kind, at, node, service = obj["kind"], obj["at"], obj["node"], obj["service"]
+        except KeyError as exc:
+            raise ValueError(f"missing field {exc.args[0]!r}") from None
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}")
+        if not isinstance(at, (int, float)) or not isinstance(node, str) or not isinstance(service, str):
+            raise ValueError("at must be a number, node and service strings")
+        raw = obj.get("raw_hex")
+        try:
+            payload = bytes.fromhex(raw) if isinstance(raw, str) else None
+        except ValueError:
+            raise ValueError("raw_hex is not hex") from None
+        headers = obj.get("headers")
+        if headers is not None and not (isinstance(headers, dict)
+                                        and all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items())):
+            raise ValueError("headers must map strings to strings")
+        fields: dict[str, Any] = {}
+        for name, kinds in (("peer", str), ("peer_service", str), ("topic", str), ("type", str), ("source", str),
+                            ("size", int), ("format", int), ("detail", str), ("count", int)):
+            value = obj.get(name)
+            if value is not None and not isinstance(value, kinds):
+                raise ValueError(f"{name} has the wrong type")
+            fields[name] = value
+        lists = {}
+        for name in ("ids", "destinations"):
+            value = obj.get(name, [])
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{name} must be a list of strings")
+            lists[name] = tuple(value)
+        return cls(kind, float(at), node, service, headers=headers, raw=payload, **lists, **fields)
+
+
+def _jsonable(value: Any) -> Any:
+    """msgpack values as JSON can carry them: bytes as hex strings, keys as strings."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return value.hex()
+    json.dumps(value)  # raises for what JSON cannot hold (nan is allowed by Python's json)
+    return value
+
+
+# --- the sender's side ---------------------------------------------------------------------
+
+
+class MirrorQueue:
+    """Items waiting to be mirrored to one tap, at most ``limit``: when full, the oldest
+    give way and are counted (:attr:`lost`), so a tap that falls behind never slows
+    the agent down and is told what it missed."""
+
+    __slots__ = ("items", "limit", "lost")
+
+    def __init__(self, limit: int) -> None:
+        self.items: collections.deque[list[Any]] = collections.deque()
+        self.limit = limit
+        self.lost = 0
+
+    def push(self, item: list[Any]) -> None:
+        if len(self.items) >= self.limit:
+            self.items.popleft()
+            self.lost += 1
+        self.items.append(item)
+
+    def take(self, most: int) -> tuple[list[list[Any]], int]:
+        """Up to ``most`` items, oldest first, and how many were lost since the last take."""
+        n = min(most, len(self.items))
+        taken = [self.items.popleft() for _ in range(n)]
+        lost, self.lost = self.lost, 0
+        return taken, lost
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def message_item(at: float, topic: str, env: bytes, destinations: list[str]) -> list[Any]:
+    """A published message, as the sender queues it (whether its payload goes to a tap is
+    decided per tap when it is flushed)."""
+    return [MESSAGE, at, topic, env, destinations]
+
+
+def event_item(kind: str, at: float, topic: str, ids: Iterable[bytes], peer: str | None,
+               detail: str | None = None) -> list[Any]:
+    return [kind, at, topic, list(ids)[:MAX_IDS_PER_EVENT], peer, detail]
+
+
+# --- the tap's side ------------------------------------------------------------------------
+
+
+def decode_items(items: Any, node: str, service: str, services: dict[str, str], limits: Any) -> Iterator[TapEvent]:
+    """The events of a batch of mirrored items from ``node``; ProtocolError for a malformed one."""
+    from ._wire import decode_envelope
+
+    if type(items) is not list:
+        raise ProtocolError("tap items are not a list")
+    for item in items:
+        if type(item) is not list or not item or item[0] not in KINDS:
+            raise ProtocolError("bad tap item")
+        kind = item[0]
+        if kind == MESSAGE:
+            if len(item) != 6:
+                raise ProtocolError("bad tap message item")
+            _, at, env, dests, shown, size = item  # size: of the payload not shown
+            if (type(env) is not bytes or type(dests) is not list or len(dests) > MAX_DESTINATIONS
+                    or not all(type(d) is str for d in dests) or type(shown) is not bool or type(at) is not float
+                    or type(size) is not int or size < 0):
+                raise ProtocolError("bad tap message item")
+            msg = decode_envelope(env, limits)
+            yield TapEvent(MESSAGE, at, node, service, ids=(msg.id,), topic=msg.topic, type=msg.type,
+                           source=msg.source, destinations=tuple(services.get(d, d) for d in dests),
+                           size=len(msg.raw) if shown else size,
+                           headers=msg.headers or None, raw=msg.raw if shown else None,
+                           format=msg._format if shown else None)
+        else:
+            if len(item) != 6:
+                raise ProtocolError("bad tap event item")
+            _, at, topic, ids, peer, detail = item
+            if (type(at) is not float or type(topic) is not str or len(topic) > limits.max_topic_length
+                    or type(ids) is not list or len(ids) > MAX_IDS_PER_EVENT
+                    or not all(type(i) is bytes and len(i) == _ID_BYTES for i in ids)
+                    or (peer is not None and type(peer) is not str) or (detail is not None and type(detail) is not str)):
+                raise ProtocolError("bad tap event item")
+            yield TapEvent(kind, at, node, service, ids=tuple(i.hex() for i in ids), peer=peer,
+                           peer_service=services.get(peer) if peer is not None else None, topic=topic,
+                           detail=detail)

@@ -1,0 +1,235 @@
+"""Taps (issue 6, and issue 5's tap right): a tap sees exactly what is published on its
+patterns, with delivery events, payloads only where its certificate allows; a node
+without the tap right sees nothing; a tap that falls behind is told what it missed."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aio import eventually, run
+
+import meshmq
+from meshmq._mirror import Tap
+from meshmq._security import Authority, NodeKeys, b64
+from meshmq._tap import DEAD_LETTERED, LOST, MESSAGE, MirrorQueue, TapEvent, envelope_head
+from meshmq._wire import encode_envelope
+
+
+async def _events(tap: Tap, done: Any, timeout: float = 10.0) -> list[TapEvent]:
+    """Events from ``tap`` until ``done(events)`` holds (bounded)."""
+    seen: list[TapEvent] = []
+
+    async def read() -> None:
+        async for event in tap:
+            seen.append(event)
+            if done(seen):
+                return
+
+    await asyncio.wait_for(read(), timeout)
+    return seen
+
+
+def test_a_tap_sees_exactly_the_messages_published_on_its_patterns(mesh: str) -> None:
+    async def main() -> None:
+        watcher = await meshmq.AsyncAgent("watcher", mesh=mesh, durability="memory").start()
+        tap = watcher.tap("orders.>")
+        orders = await meshmq.AsyncAgent("orders", mesh=mesh, durability="memory").start()
+        billing = await meshmq.AsyncAgent("billing", mesh=mesh, durability="memory").start()
+        billing.subscribe("orders.*", lambda m: None)
+        try:
+            await orders.wait_for_subscribers("orders.placed", timeout=10)
+            await eventually(lambda: orders._tapped, what="the publisher to know the tap")
+            published = [await orders.publish("orders.placed", {"n": i}, type="OrderPlaced") for i in range(20)]
+            other = [await orders.publish("payments.received", {"n": i}) for i in range(5)]
+            messages = await _events(tap, lambda seen: sum(e.kind == MESSAGE for e in seen) >= 20)
+            got = [e for e in messages if e.kind == MESSAGE]
+            assert [e.ids[0] for e in got] == published
+            assert not set(other) & {i for e in messages for i in e.ids}
+            first = got[0]
+            assert (first.topic, first.type, first.source, first.service) == ("orders.placed", "OrderPlaced",
+                                                                             "orders", "orders")
+            assert first.destinations == ("billing",) and first.data == {"n": 0} and first.size == len(first.raw)
+            # The journey: every message is acknowledged by billing in the end.
+            acked: set[str] = {i for e in messages if e.kind == "acked" for i in e.ids}
+            more = await _events(tap, lambda seen: acked | {i for e in seen if e.kind == "acked" for i in e.ids}
+                                 >= set(published))
+            acked |= {i for e in more if e.kind == "acked" for i in e.ids}
+            assert set(published) <= acked
+            assert all(e.peer_service == "billing" for e in more if e.kind == "acked")
+        finally:
+            for agent in (orders, billing, watcher):
+                await agent.stop()
+
+    run(main(), timeout=60)
+
+
+def test_a_tap_started_after_the_publisher_sees_it_too(mesh: str) -> None:
+    async def main() -> None:
+        orders = await meshmq.AsyncAgent("orders", mesh=mesh, durability="memory").start()
+        watcher = await meshmq.AsyncAgent("watcher", mesh=mesh, durability="memory").start()
+        try:
+            await eventually(lambda: any(p.service == "watcher" for p in orders.peers()), what="the peers met")
+            tap = watcher.tap()
+            await eventually(lambda: orders._tapped, what="the tap in the publisher's routing table")
+            mid = await orders.publish("anything.at.all", b"x")  # no subscriber: still published, still seen
+            [event] = await _events(tap, lambda seen: any(e.kind == MESSAGE for e in seen))
+            assert event.ids == (mid,) and event.destinations == () and event.raw == b"x"
+            tap.close()
+            await eventually(lambda: not orders._tapped, what="the publisher to stop mirroring")
+        finally:
+            await orders.stop()
+            await watcher.stop()
+
+    run(main(), timeout=60)
+
+
+def _certified(mesh: str, service: str, *, tap: bool, subscribe: tuple[str, ...], home: Path) -> dict[str, Any]:
+    """Config overrides for an agent with a certificate of a fresh authority (keys made first)."""
+    authority = Authority.create(home, "authority") if not (home / "authority.key").exists() else \
+        Authority.load(home / "authority.key")
+    from meshmq._security import armor, instance_keys
+
+    keys = instance_keys(Path(os.environ["MESHMQ_DATA_DIR"]), service)
+    now = time.time()
+    cert = authority.issue(node_key=keys.public, service=service, mesh=mesh, publish=(">",), subscribe=subscribe,
+                           tap=tap, not_before=now - 60, not_after=now + 3600)
+    path = home / f"{service}.cert"
+    path.write_text(armor(cert))
+    return {"authority": authority.text, "certificate": path}
+
+
+def test_the_tap_right_and_payloads_only_where_the_tap_may_subscribe(mesh: str, tmp_path: Path) -> None:
+    """A tap reads payloads only of topics its certificate allows it to subscribe to; a node
+    without the tap right cannot tap, and a record claiming taps without it is refused."""
+    auditor = _certified(mesh, "auditor", tap=True, subscribe=("orders.>",), home=tmp_path)
+    nosy = _certified(mesh, "nosy", tap=False, subscribe=(">",), home=tmp_path)
+    shop = _certified(mesh, "shop", tap=False, subscribe=(">",), home=tmp_path)
+
+    async def main() -> None:
+        shop_agent = await meshmq.AsyncAgent("shop", mesh=mesh, durability="os", **shop).start()
+        audit = await meshmq.AsyncAgent("auditor", mesh=mesh, durability="os", **auditor).start()
+        snoop = await meshmq.AsyncAgent("nosy", mesh=mesh, durability="os", **nosy).start()
+        try:
+            with pytest.raises(meshmq.NotPermitted, match="tap right"):
+                snoop.tap()
+            tap = audit.tap(">")
+            await eventually(lambda: shop_agent._tapped, what="the shop to know the auditor's tap")
+            readable = await shop_agent.publish("orders.placed", {"total": 10})
+            secret = await shop_agent.publish("payments.card", {"pan": "4111"})
+            got = await _events(tap, lambda seen: sum(e.kind == MESSAGE for e in seen) >= 2)
+            by_id = {e.ids[0]: e for e in got if e.kind == MESSAGE}
+            assert by_id[readable].data == {"total": 10}
+            assert by_id[secret].raw is None and by_id[secret].data is None  # the header only
+            assert by_id[secret].topic == "payments.card" and by_id[secret].size == len(
+                meshmq._wire.encode_payload({"pan": "4111"}, meshmq._wire.Limits())[1])  # type: ignore[attr-defined]
+
+            # nosy forges a record that says it taps: it is refused, and nothing is mirrored to it.
+            record = snoop._node.me.record  # type: ignore[union-attr]
+            forged = dataclasses.replace(record, taps=(">",), incarnation=record.incarnation + 1, sig=None)
+            forged = dataclasses.replace(forged, sig=snoop._keys.sign(forged.signing_bytes()))
+            assert shop_agent._vouch(forged) == "not_permitted"
+            assert snoop.node_id not in shop_agent._mirror.routes  # type: ignore[union-attr]
+        finally:
+            for agent in (shop_agent, audit, snoop):
+                await agent.stop()
+
+    run(main(), timeout=60)
+
+
+def test_a_dead_lettered_message_shows_up_as_an_event(mesh: str) -> None:
+    async def main() -> None:
+        watcher = await meshmq.AsyncAgent("watcher", mesh=mesh, durability="memory").start()
+        tap = watcher.tap("jobs.>")
+        worker = await meshmq.AsyncAgent("worker", mesh=mesh, durability="os", max_attempts=1).start()
+
+        def refuse(msg: meshmq.Message) -> None:
+            raise ValueError("no")
+
+        worker.subscribe("jobs.*", refuse)
+        boss = await meshmq.AsyncAgent("boss", mesh=mesh, durability="memory").start()
+        try:
+            await boss.wait_for_subscribers("jobs.x", timeout=10)
+            await eventually(lambda: worker._tapped and boss._tapped, what="both to know the tap")
+            mid = await boss.publish("jobs.x", b"job")
+            got = await _events(tap, lambda seen: any(e.kind == DEAD_LETTERED for e in seen))
+            [dead] = [e for e in got if e.kind == DEAD_LETTERED]
+            assert dead.ids == (mid,) and dead.service == "worker" and "ValueError" in (dead.detail or "")
+        finally:
+            for agent in (boss, worker, watcher):
+                await agent.stop()
+
+    run(main(), timeout=60)
+
+
+def test_a_tap_that_falls_behind_is_told_how_much_it_missed(mesh: str) -> None:
+    """The reader of a tap does not read: beyond its buffer, events are dropped and a
+    ``lost`` event counts them; the publisher is not slowed (it never waits for taps)."""
+
+    async def main() -> None:
+        watcher = await meshmq.AsyncAgent("watcher", mesh=mesh, durability="memory", tap_buffer_messages=50).start()
+        tap = watcher.tap("flood.>", events=False)
+        pub = await meshmq.AsyncAgent("pub", mesh=mesh, durability="memory").start()
+        try:
+            await eventually(lambda: pub._tapped, what="the publisher to know the tap")
+            for i in range(300):
+                await pub.publish("flood.x", i)
+            await eventually(lambda: watcher.counters["tap_events"] >= 300, what="the mirror to arrive")
+            got = await _events(tap, lambda seen: any(e.kind == LOST for e in seen))
+            shown = [e for e in got if e.kind == MESSAGE]
+            [lost] = [e for e in got if e.kind == LOST]
+            assert len(shown) == 50 and lost.count == 250  # the buffer's worth, then what did not fit
+            assert [e.data for e in shown] == list(range(50))
+            mid = await pub.publish("flood.x", "last")  # the reader caught up: shown again
+            [last] = await _events(tap, lambda seen: any(e.ids == (mid,) for e in seen))
+            assert last.data == "last"
+        finally:
+            await pub.stop()
+            await watcher.stop()
+
+    run(main(), timeout=60)
+
+
+# --- pure parts -----------------------------------------------------------------------------
+
+
+def test_the_mirror_queue_keeps_the_newest_and_counts_the_rest() -> None:
+    q = MirrorQueue(3)
+    for i in range(5):
+        q.push([i])
+    items, lost = q.take(10)
+    assert items == [[2], [3], [4]] and lost == 2
+    assert q.take(10) == ([], 0)
+
+
+def test_envelope_head_reads_topic_and_id_without_decoding() -> None:
+    mid = os.urandom(16)
+    for topic in ("a", "orders.placed", "t" * 200):
+        env = encode_envelope(mid, time.time(), topic, None, "s", "n", 1, None, None, 0, b"")
+        assert envelope_head(env) == (topic, mid)
+    assert envelope_head(b"\x93\x01\x02\x03") is None
+
+
+def test_tap_events_round_trip_through_json() -> None:
+    events = [
+        TapEvent(MESSAGE, 1.5, "n1", "orders", ids=("ab" * 16,), topic="orders.placed", type="OrderPlaced",
+                 source="orders", destinations=("billing",), size=3, headers={"h": "v"}, raw=b"\x81\xa1k\x01",
+                 format=1),
+        TapEvent("acked", 2.0, "n1", "orders", ids=("cd" * 16,), peer="n2", peer_service="billing", topic="x"),
+        TapEvent(LOST, 3.0, "n1", "orders", count=7, detail="fell behind"),
+    ]
+    for event in events:
+        line = json.dumps(event.to_json())
+        assert TapEvent.from_json(json.loads(line)) == event
+    assert events[0].to_json()["data"] == {"k": 1}
+    for bad in ({}, {"kind": "nope", "at": 1, "node": "n", "service": "s"},
+                {"kind": "acked", "at": "x", "node": "n", "service": "s"},
+                {"kind": "acked", "at": 1, "node": "n", "service": "s", "ids": "x"}):
+        with pytest.raises(ValueError):
+            TapEvent.from_json(bad)
