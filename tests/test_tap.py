@@ -17,7 +17,7 @@ from aio import eventually, run
 
 import meshmq
 from meshmq._mirror import Tap
-from meshmq._security import Authority, NodeKeys, b64
+from meshmq._security import Authority
 from meshmq._tap import DEAD_LETTERED, LOST, MESSAGE, MirrorQueue, TapEvent, envelope_head
 from meshmq._wire import encode_envelope
 
