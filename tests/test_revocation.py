@@ -390,3 +390,79 @@ def test_a_late_joiner_learns_the_revocations_from_its_peers(mesh: str) -> None:
 
     run(main())
 
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+def test_meshmq_cert_revoke_cuts_a_running_node_off_with_no_set_up(mesh: str, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Under the development authority (no configuration): ``meshmq cert revoke NODE`` writes
+    the revocation and hands it to the running agents; they drop the node."""
+    from meshmq._cli import main
+
+    with meshmq.Agent("witness", mesh=mesh, durability="memory") as witness, \
+            meshmq.Agent("victim", mesh=mesh, durability="memory") as victim:
+        wait_peers = time.monotonic() + 20
+        while {p.node for p in witness.peers()} != {victim.node_id}:
+            assert time.monotonic() < wait_peers, "the two agents did not meet"
+            time.sleep(0.02)
+        out = tmp_path / "revoked.txt"
+        code = main(["cert", "revoke", victim.node_id, "--mesh", mesh, "-o", str(out), "--wait", "15"])
+        err = capsys.readouterr().err
+        assert code == 0, err
+        assert "taken by all" in err and "development authority" in err
+        assert victim.node_id not in {p.node for p in witness.peers()}
+        assert witness.stats()["revocations"] == 1
+        assert out.read_text().startswith("-----BEGIN MESHMQ REVOCATION-----")
+    assert main(["cert", "show", str(out), "--json"]) == 0
+    shown = capsys.readouterr().out
+    assert f'"node": "{victim.node_id}"' in shown and '"forget_after": "never"' in shown
+    # A second one appends; an agent started with the file knows both.
+    assert main(["cert", "revoke", "ab" * 16, "--mesh", mesh, "-o", str(out), "--offline"]) == 0
+    assert len(unarmor_revocations(out.read_text())) == 2
+    with meshmq.Agent("late", mesh=mesh, durability="memory", discovery=False, revocations=out) as late:
+        assert late.stats()["revocations"] == 2
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["cert", "revoke"], "takes what to revoke"),
+    (["cert", "revoke", "no-such-file"], "is not a SERIAL"),
+    (["cert", "revoke", "ab" * 16, "--authority-key", "/nonexistent/authority.key", "--offline"],
+     "cannot read the authority key"),
+])
+def test_meshmq_cert_revoke_bad_input_exits_2(argv: list[str], expected: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from meshmq._cli import main
+
+    assert main(argv) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_meshmq_cert_revoke_with_a_real_authority_revokes_a_certificate_file(
+        mesh: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """With MESHMQ_AUTHORITY set, the command signs with the authority key and joins the mesh
+    with a short-lived certificate it issues itself; revoking by certificate file."""
+    from meshmq._cli import main
+
+    authority = Authority.create(tmp_path / "authority")
+    monkeypatch.setenv("MESHMQ_AUTHORITY", authority.text)
+    base = dict(mesh=mesh, durability="os", data_dir=tmp_path / "stores", authority=authority.text)
+    victim_cert = _certified(authority, tmp_path, "victim", mesh)
+    with meshmq.Agent("witness", certificate=_certified(authority, tmp_path, "witness", mesh), **base) as witness, \
+            meshmq.Agent("victim", certificate=victim_cert, **base) as victim:  # type: ignore[arg-type]
+        deadline = time.monotonic() + 20
+        while {p.node for p in witness.peers()} != {victim.node_id}:
+            assert time.monotonic() < deadline, "the two agents did not meet"
+            time.sleep(0.02)
+        code = main(["cert", "revoke", str(victim_cert), "--mesh", mesh, "--wait", "15",
+                     "--authority-key", str(tmp_path / "authority" / "authority.key")])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        assert "-----BEGIN MESHMQ REVOCATION-----" in captured.out
+        assert victim.node_id not in {p.node for p in witness.peers()}
+        other = Authority.create(tmp_path / "other")
+        assert main(["cert", "revoke", "ab" * 16, "--mesh", mesh,
+                     "--authority-key", str(tmp_path / "other" / "authority.key")]) == 2
+        assert "agents would refuse its revocation" in capsys.readouterr().err
+        assert other.public != authority.public
