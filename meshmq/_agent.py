@@ -107,7 +107,8 @@ class PeerInfo:
     """The peer's wall clock minus ours, in seconds, from its last ping (None before one arrived)."""
     state: str = "alive"
     """``alive``; ``suspect`` (a probe went unanswered: declared dead unless it refutes in time);
-    or, for departed peers, ``dead``, ``left`` or ``replaced``."""
+    or, for departed peers, ``dead``, ``left``, ``replaced``, ``revoked`` (by the mesh authority)
+    or ``untrusted`` (its certificate expired, or its authority is no longer trusted)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -1005,7 +1006,8 @@ class AsyncAgent:
                 record = member.entry.record
                 if record is not None and record.cert is not None and self._cert_revoked(record.cert):
                     nodes.add(node)
-        self._cut_off(nodes, "revoked", ban=revocation.kind == NODE)
+        self._cut_off(nodes, "revoked", ban=revocation.kind == NODE,
+                      tell=self._revocations.entries[revocation.key][1])
 
     def _cert_revoked(self, data: bytes) -> bool:
         cert = self._certs.get(data)
@@ -1016,11 +1018,11 @@ class AsyncAgent:
                 return False
         return self._revocations.revoked(cert)
 
-    def _cut_off(self, nodes: set[str], reason: str, ban: bool) -> None:
+    def _cut_off(self, nodes: set[str], reason: str, ban: bool, tell: bytes | None = None) -> None:
         """Take ``nodes`` out of the mesh as this agent sees it: no frame of theirs is acted on
         from now on (their CURVE keys are forgotten; with ``ban`` the ZAP handler refuses them
-        too), they leave routing, their links close (after telling them, if they were peers),
-        and what waits for them in the outbox is dropped and counted."""
+        too), they leave routing, their links close (after sending peers the revocation
+        ``tell``), and what waits for them in the outbox is dropped and counted."""
         if not nodes:
             return
         keys = {key for key, node in self._curve_nodes.items() if node in nodes}
@@ -1041,11 +1043,10 @@ class AsyncAgent:
             if self._node is None:
                 continue
             member = self._node.peers.get(node)
-            if member is not None and transport is not None and reason == "revoked":
+            if member is not None and transport is not None and tell is not None:
                 # Tell it why (it logs it), on a link that then closes: the core unlinks it next.
-                blobs = self._revocations.blobs()[-MAX_FRAME_REVOCATIONS:]
                 transport.async_send_and_close(member.endpoint, revoke_frame(
-                    self.config.mesh, self.node_id, REVOKE_PUSH, self._revocations.digest, blobs), REVOKED_LINGER)
+                    self.config.mesh, self.node_id, REVOKE_PUSH, self._revocations.digest, [tell]), REVOKED_LINGER)
             if member is not None:
                 self.counters[f"peers_cut_off_{reason}"] += 1
             self._apply(self._node.revoke(node, time.monotonic(), reason))

@@ -5,8 +5,8 @@ the time is a parameter.
   the public key (the first 8 bytes of its BLAKE2b hash, in hex), so an id cannot be
   claimed without the key. Its Curve25519 keys (for CurveZMQ and for sealing
   payloads) are derived from the same key pair.
-- **Authority.** One Ed25519 key pair per mesh signs certificates (and, later,
-  revocations and policies). With no authority configured, a *development
+- **Authority.** One Ed25519 key pair per mesh signs certificates and revocations (and,
+  later, policies). With no authority configured, a *development
   authority* is created once per user in ``MESHMQ_HOME`` (default ``~/.meshmq``), as
   mkcert's local CA: every agent of that user on this machine issues itself a
   certificate from it and the agents trust each other with no set-up, while agents of
