@@ -46,16 +46,18 @@ from ._routing import RouteIndex
 from ._mirror import Mirror, Tap
 from ._seal import ForgedFrame, Signer, StoreCipher, open_data, open_tap, seal_data, seal_fields
 from ._security import (
-    KEY_FILE, Authority, Certificate, CertificateError, NodeKeys, Rights, b64, check_certificate, curve_public_of,
-    decode_certificate, home, load_or_create_key, node_id_of, unarmor, unb64, verify,
+    KEY_FILE, NODE, Authority, Certificate, CertificateError, NodeKeys, Revocation, RevocationList, Rights, b64,
+    check_certificate, curve_public_of, decode_certificate, home, load_or_create_key, node_id_of,
+    parse_authorities, unarmor, unarmor_revocations, unb64, verify,
 )
 from ._store import Batch, Contents, Store, open_instance
 from ._tap import ACKED, DEAD_LETTERED, EXPIRED, LOST, REJECTED, RETRIED, SENT, TapEvent, decode_items, envelope_head
 from ._topics import check_pattern, check_topic, check_user_topic, matches, reply_topic
 from ._transport import Link, Transport, Wakeup
 from ._wire import (
-    DATA, PROTOCOL_VERSION, SEALED, TAP, Hello, Limits, NodeRecord, Ping, Receipt, Subscription as AdvertisedSubscription, Work,
-    check_headers, decode_data, decode_envelope, decode_frame, encode_envelope, encode_payload, split_endpoint,
+    DATA, MAX_FRAME_REVOCATIONS, PROTOCOL_VERSION, REVOKE_OPEN, REVOKE_PUSH, REVOKE_REPLY, SEALED, TAP, Hello,
+    Limits, NodeRecord, Ping, Receipt, Revocations, Subscription as AdvertisedSubscription, Work, check_headers,
+    decode_data, decode_envelope, decode_frame, encode_envelope, encode_payload, revoke_frame, split_endpoint,
     split_entry, work_frame,
 )
 
@@ -68,6 +70,14 @@ DEV_CERT_VALIDITY = 30 * 86400.0
 """Seconds a certificate an agent issues itself from the development authority is valid."""
 OUTBOX_TICK = 0.05
 """Seconds between two checks of the outbox for retransmissions and expired messages."""
+SECURITY_TICK = 1.0
+"""Seconds between two looks at the certificate, authority and revocation files (renewal and
+rollover without a restart) and at the peers' certificates (expired or no longer trusted)."""
+REVOCATION_SYNC_ROUNDS = 5
+"""Gossip intervals between two comparisons of revocation lists with a random peer (new
+revocations are pushed at once; this repairs what was lost)."""
+REVOKED_LINGER = 0.5
+"""Seconds a revoked peer's link stays open for the frame that tells it why it is cut off."""
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 Handler = Callable[[Message], Any]
@@ -100,7 +110,8 @@ class PeerInfo:
     """The peer's wall clock minus ours, in seconds, from its last ping (None before one arrived)."""
     state: str = "alive"
     """``alive``; ``suspect`` (a probe went unanswered: declared dead unless it refutes in time);
-    or, for departed peers, ``dead``, ``left`` or ``replaced``."""
+    or, for departed peers, ``dead``, ``left``, ``replaced``, ``revoked`` (by the mesh authority)
+    or ``untrusted`` (its certificate expired, or its authority is no longer trusted)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -644,6 +655,15 @@ class AsyncAgent:
         self._tap_packer = msgpack.Packer(use_bin_type=True)
         self._tapped = False  # some tap of the mesh watches this agent
         self._tap_version = -1  # of the routing table's taps, when they were last read
+        self._revocations = RevocationList(self.config.mesh, (), self.config.max_revocations)
+        self._revocation_digests: dict[str, bytes] = {}  # peer -> digest of its revocation list, last heard
+        self._revoked_keys: set[str] = set()  # CURVE keys of nodes cut off: their frames are counted apart
+        self._revoked_self = False
+        self._dev_authority: Authority | None = None
+        self._own_certificate: bytes | None = None  # set by `meshmq cert revoke` for its short-lived agent
+        self._watched: dict[str, object] = {}  # file setting -> what stat said when it was last read
+        self._next_security_check = 0.0
+        self._next_revocation_sync = 0.0
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -683,6 +703,7 @@ class AsyncAgent:
         try:
             self._start_delivery(loop)
             self._mirror = Mirror(loop, cfg, self._send_tap)
+            self._forget_revoked()
             self._started_at = time.monotonic()
             record = NodeRecord(self.node_id, self.service, endpoints, self._advertised(), 0, time.time(),
                                 cert=self._cert, taps=self._tap_patterns())
@@ -776,8 +797,8 @@ class AsyncAgent:
 
     def _load_certificate(self) -> None:
         """This node's certificate, and the authorities whose certificates it trusts: the
-        configured authority and ``certificate``, or this user's development authority,
-        from which the agent issues itself one."""
+        configured authority keys and ``certificate``, or this user's development authority,
+        from which the agent issues itself one. Then the revocations it knows."""
         cfg = self.config
         keys = self._keys
         now = time.time()
@@ -792,22 +813,28 @@ class AsyncAgent:
                       "certified by this user's development authority (%s): agents of this user on this machine "
                       "trust each other; for several hosts run 'meshmq authority init' and give every agent "
                       "MESHMQ_AUTHORITY and its MESHMQ_CERTIFICATE ('meshmq cert issue')", home())
-            self._cert = authority.issue(node_key=keys.public, service=self.service, mesh=cfg.mesh, publish=(">",),
-                                         subscribe=(">",), tap=True, not_before=now - 300,
-                                         not_after=now + DEV_CERT_VALIDITY)
+            self._dev_authority = authority
+            self._cert = self._own_certificate or self._dev_certificate(now)
             self._trusted = (authority.public,)
             self._rights = Rights(decode_certificate(self._cert))
+            self._load_revocations()
             return
-        authority = Authority.from_text(cfg.authority)
-        if cfg.certificate is None:
-            raise ConfigError("certificate", "an agent of a mesh with an authority needs its certificate file "
-                                             "(meshmq cert issue ... -o FILE; MESHMQ_CERTIFICATE=FILE)")
+        trusted = self._read_authorities()
+        if self._own_certificate is not None:
+            data = self._own_certificate
+        else:
+            if cfg.certificate is None:
+                raise ConfigError("certificate", "an agent of a mesh with an authority needs its certificate file "
+                                                 "(meshmq cert issue ... -o FILE; MESHMQ_CERTIFICATE=FILE)")
+            self._watched["certificate"] = _stat(cfg.certificate)
+            try:
+                data = unarmor(Path(cfg.certificate).read_text())
+            except OSError as exc:
+                raise ConfigError("certificate", f"cannot read {cfg.certificate}: {exc.strerror}") from None
+            except CertificateError as exc:
+                raise ConfigError("certificate", f"{cfg.certificate}: {exc}") from None
         try:
-            data = unarmor(Path(cfg.certificate).read_text())
-        except OSError as exc:
-            raise ConfigError("certificate", f"cannot read {cfg.certificate}: {exc.strerror}") from None
-        try:
-            cert = check_certificate(data, (authority.public,), cfg.mesh, now)
+            cert = check_certificate(data, trusted, cfg.mesh, now)
         except CertificateError as exc:
             raise ConfigError("certificate", f"{cfg.certificate}: {exc}") from None
         if cert.node_key != keys.public:
@@ -817,10 +844,11 @@ class AsyncAgent:
             raise ConfigError("certificate", f"{cfg.certificate} is for service {cert.service!r}, "
                                              f"not {self.service!r}")
         self._cert = data
-        self._trusted = (authority.public,)
+        self._trusted = trusted
         self._rights = Rights(cert)
         for sub in self._subs:  # made before start: now the certificate is known
             self._rights.check_subscribe(sub.pattern, sub._tokens)
+        self._load_revocations()
 
     def _sign_record(self, record: NodeRecord) -> NodeRecord:
         unsigned = dataclasses.replace(record, sig=None)
@@ -831,6 +859,8 @@ class AsyncAgent:
         certificate of a trusted authority for that node, service and mesh, valid now."""
         if record.sig is None or record.cert is None:
             return "unsigned"
+        if self._revocations.node_revoked(record.node):
+            return "revoked"
         seen = self._vouched.get(record.sig)
         if seen is not None and seen[1] >= time.time() and (seen[0] is not None or record.node in self._peer_keys):
             return seen[0]
@@ -848,7 +878,9 @@ class AsyncAgent:
             self._certs[record.cert] = cert
         elif not cert.valid_at(now):
             return "untrusted"
-        if cert.node_id != record.node or cert.service != record.service:
+        if self._revocations.revoked(cert):
+            problem = "revoked"
+        elif cert.node_id != record.node or cert.service != record.service:
             problem = "mismatch"
         elif not verify(cert.node_key, record.signing_bytes(), record.sig):
             problem = "forged"
@@ -876,6 +908,385 @@ class AsyncAgent:
             self._vouched.clear()
         self._vouched[record.sig] = (problem, cert.not_after)
         return problem
+
+    # --- revocation, renewal and authority keys ------------------------------------------
+
+    def _dev_certificate(self, now: float) -> bytes:
+        """A certificate from this user's development authority, with every right."""
+        assert self._dev_authority is not None
+        return self._dev_authority.issue(node_key=self._keys.public, service=self.service, mesh=self.config.mesh,
+                                         publish=(">",), subscribe=(">",), tap=True, not_before=now - 300,
+                                         not_after=now + DEV_CERT_VALIDITY)
+
+    def _read_authorities(self) -> tuple[bytes, ...]:
+        """The authority keys of ``Config.authority`` (keys, and files of keys)."""
+        assert self.config.authority is not None
+        self._watched["authority"] = _stat_all(self.config.authority)
+        try:
+            return parse_authorities(self.config.authority, read=_read_authority_file)
+        except UsageError as exc:
+            raise ConfigError("authority", str(exc)) from None
+
+    def _load_revocations(self) -> None:
+        """The revocations kept in the store and those of ``Config.revocations`` (at start, off
+        the loop). An agent whose own certificate is revoked does not start."""
+        cfg = self.config
+        self._revocations = RevocationList(cfg.mesh, self._trusted, cfg.max_revocations)
+        now = time.time()
+        contents = self._contents
+        kept = contents.meta.get("revocations") if contents is not None else None
+        if isinstance(kept, list):
+            for data in kept:
+                if type(data) is bytes:
+                    self._take_revocation(data, now, "the store")
+        if cfg.revocations is not None:
+            self._watched["revocations"] = _stat(cfg.revocations)
+            try:
+                blobs = unarmor_revocations(Path(cfg.revocations).read_text(), cfg.max_revocations)
+            except OSError as exc:
+                raise ConfigError("revocations", f"cannot read {cfg.revocations}: {exc.strerror}") from None
+            except CertificateError as exc:
+                raise ConfigError("revocations", f"{cfg.revocations}: {exc}") from None
+            for data in blobs:
+                self._take_revocation(data, now, str(cfg.revocations))
+        assert self._cert is not None
+        own = decode_certificate(self._cert)
+        if self._revocations.revoked(own):
+            fix = ("a node revoked for good needs a new node key" if self._revocations.node_revoked(own.node_id)
+                   else "issue it a new certificate (meshmq cert issue)")
+            raise ConfigError("certificate", f"this agent's certificate (serial {own.serial.hex()}) or its node "
+                                             f"{own.node_id} is revoked by the mesh authority; {fix}")
+
+    def _take_revocation(self, data: bytes, now: float, source: str,
+                         strict: bool = False) -> tuple[str, Revocation | None]:
+        """Add one revocation to the list, counting and logging what is refused (raising
+        instead with ``strict``). Returns (verdict, revocation): see :class:`RevocationList`,
+        plus ``rejected``."""
+        try:
+            verdict, revocation = self._revocations.add(data, now)
+        except CertificateError as exc:
+            self.counters["revocations_rejected"] += 1
+            if strict:
+                raise
+            quiet.warning(f"revocation:{source}", "a revocation from %s was refused: %s", source, exc)
+            return "rejected", None
+        if verdict == "full":
+            self.counters["revocations_refused_full"] += 1
+            problem = (f"this agent keeps at most max_revocations={self.config.max_revocations} revocations: "
+                       f"a revocation from {source} was refused; raise max_revocations")
+            if strict:
+                raise UsageError(problem)
+            quiet.log(logging.ERROR, "revocations-full", "%s", problem)
+        elif verdict == "new":
+            self.counters["revocations"] += 1
+        return verdict, revocation
+
+    def add_revocation(self, revocation: bytes | str) -> bool:
+        """Take revocations signed by the mesh authority (what ``meshmq cert revoke`` writes: a
+        revocation file's text, or one revocation's bytes): cut off at once what they name, keep
+        them in the store, and spread them to every peer, which does the same. Returns whether
+        any was new to this agent.
+
+        Raises:
+            CertificateError: not a revocation, or not of a trusted authority for this mesh.
+            UsageError: this agent keeps ``max_revocations`` revocations already.
+        """
+        self._check_running()
+        if isinstance(revocation, (bytes, bytearray)) and not bytes(revocation).lstrip().startswith(b"-----"):
+            blobs = [bytes(revocation)]
+        else:
+            text = revocation if isinstance(revocation, str) else bytes(revocation).decode(errors="replace")
+            blobs = unarmor_revocations(text, self.config.max_revocations)
+        return self._learn_revocations(blobs, "this process", None, strict=True)
+
+    def _learn_revocations(self, blobs: list[bytes] | tuple[bytes, ...], source: str, sender: str | None,
+                           strict: bool = False) -> bool:
+        """Revocations from ``source``: enforce the new ones, keep and forward what changed.
+
+        Taken from this process (``sender`` None: the API, a file, the store), they go to every
+        peer: in a full mesh that is one hop to everyone. Taken from a peer, they go on to
+        ``gossip_fanout`` random peers only, in case the first agent did not reach everyone;
+        so one revocation costs about (1 + fanout) frames per agent, not one per pair."""
+        changed = []
+        now = time.time()
+        for data in blobs:
+            verdict, revocation = self._take_revocation(data, now, source, strict)
+            if verdict == "new":
+                assert revocation is not None
+                self._enforce(revocation)
+            if verdict in ("new", "replaced"):
+                changed.append(data)
+        if changed:
+            if self._commit is not None and self._store is not None:
+                # Queued now, not in this turn's group commit: a stop right after still keeps it.
+                batch = Batch()
+                batch.put_meta("revocations", self._revocations.blobs())
+                self._store.submit(batch).add_done_callback(_revocations_stored)
+            if not self._revoked_self and self._node is not None:  # peers drop what a revoked node sends
+                peers = [n for n in self._node.peers if n != sender]
+                if sender is not None:
+                    peers = random.sample(peers, min(len(peers), self.config.gossip_fanout))
+                for node in peers:
+                    self._send_revocations(self._node.peers[node].endpoint, REVOKE_PUSH, changed)
+        return bool(changed)
+
+    def _enforce(self, revocation: Revocation) -> None:
+        """Cut off at once every node the revocation names (and note if it names us)."""
+        subject = revocation.node or revocation.subject.hex()
+        log.warning("the mesh authority revoked %s %s", revocation.kind, subject)
+        self._vouched.clear()  # verdicts were given before the revocation
+        assert self._cert is not None
+        if self._revocations.revoked(decode_certificate(self._cert)) and not self._revoked_self:
+            self._revoked_self = True
+            self.counters["revoked_self"] += 1
+            log.error("this agent's %s is revoked by the mesh authority: its peers refuse it from now on. %s",
+                      "node" if revocation.kind == NODE else f"certificate (serial {subject})",
+                      "A node revoked for good needs a new node key." if revocation.kind == NODE else
+                      "Give it a new certificate (renew_certificate, or replace its MESHMQ_CERTIFICATE file).")
+        nodes = set()
+        if revocation.node is not None and revocation.node != self.node_id:
+            nodes.add(revocation.node)
+        if self._node is not None:
+            for node, member in self._node.members.items():
+                record = member.entry.record
+                if record is not None and record.cert is not None and self._cert_revoked(record.cert):
+                    nodes.add(node)
+        self._cut_off(nodes, "revoked", ban=revocation.kind == NODE,
+                      tell=self._revocations.entries[revocation.key][1])
+
+    def _cert_revoked(self, data: bytes) -> bool:
+        cert = self._certs.get(data)
+        if cert is None:
+            try:
+                cert = decode_certificate(data)
+            except CertificateError:
+                return False
+        return self._revocations.revoked(cert)
+
+    def _cut_off(self, nodes: set[str], reason: str, ban: bool, tell: bytes | None = None) -> None:
+        """Take ``nodes`` out of the mesh as this agent sees it: no frame of theirs is acted on
+        from now on (their CURVE keys are forgotten; with ``ban`` the ZAP handler refuses them
+        too), they leave routing, their links close (after sending peers the revocation
+        ``tell``), and what waits for them in the outbox is dropped and counted."""
+        if not nodes:
+            return
+        keys = {key for key, node in self._curve_nodes.items() if node in nodes}
+        for key in keys:
+            del self._curve_nodes[key]
+        if len(self._revoked_keys) + len(keys) > 65536:
+            self._revoked_keys.clear()  # bounded; these only pick the counter of dropped frames
+        if reason == "revoked":
+            self._revoked_keys |= keys
+        transport = self._transport
+        if ban and transport is not None:
+            transport.banned = transport.banned | keys  # replaced, never mutated: the ZAP thread reads it
+        for node in nodes:
+            self._peer_rights.pop(node, None)
+            self._peer_keys.pop(node, None)
+            self._revocation_digests.pop(node, None)
+            if self._remembered.forget(node, self._store_batch):
+                self._fanout, self._single = {}, {}
+            if self._node is None:
+                continue
+            member = self._node.peers.get(node)
+            if member is not None and transport is not None and tell is not None:
+                # Tell it why (it logs it), on a link that then closes: the core unlinks it next.
+                transport.async_send_and_close(member.endpoint, revoke_frame(
+                    self.config.mesh, self.node_id, REVOKE_PUSH, self._revocations.digest, [tell]), REVOKED_LINGER)
+            if member is not None:
+                self.counters[f"peers_cut_off_{reason}"] += 1
+            self._apply(self._node.revoke(node, time.monotonic(), reason))
+            if self._outbox is not None and node in self._outbox.dests:
+                self._peer_down(node)  # remembered while down: its messages go now
+
+    def _forget_revoked(self) -> None:
+        """At start: durable subscribers remembered from the last run that are revoked now."""
+        for node, record in list(self._remembered.records.items()):
+            if self._revocations.node_revoked(node) or (record.cert is not None and self._cert_revoked(record.cert)):
+                self._remembered.forget(node, self._store_batch)
+                assert self._outbox is not None
+                dropped = self._outbox.peer_down(node, False)
+                if dropped:
+                    self.counters["dropped_peer_gone"] += dropped
+
+    # revocation lists compared between peers (frames REVOKE; see _wire)
+
+    def _send_revocations(self, endpoint: str, phase: int, blobs: list[bytes]) -> None:
+        """Send revocations (and our list's digest) to a peer, in frames of at most
+        MAX_FRAME_REVOCATIONS; all but the last one are pushes."""
+        assert self._transport is not None
+        mesh, digest = self.config.mesh, self._revocations.digest
+        pages = [blobs[i:i + MAX_FRAME_REVOCATIONS] for i in range(0, len(blobs), MAX_FRAME_REVOCATIONS)] or [[]]
+        for i, page in enumerate(pages):
+            last = i == len(pages) - 1
+            self._transport.async_send_control(endpoint, revoke_frame(
+                mesh, self.node_id, phase if last else REVOKE_PUSH, digest, page))
+
+    def _compare_revocations(self, endpoint: str) -> None:
+        """Open a comparison of revocation lists with the peer at ``endpoint`` (after this loop
+        turn: a new peer must first have our hello, sent in this turn)."""
+        if self._loop is not None:
+            self._loop.call_soon(self._send_revocations_open, endpoint)
+
+    def _send_revocations_open(self, endpoint: str) -> None:
+        if self._state == "running" and self._transport is not None and endpoint in self._transport.links:
+            self._send_revocations(endpoint, REVOKE_OPEN, [])
+
+    def _on_revocations(self, frame: Revocations) -> None:
+        """A peer's revocations (authenticated as from ``frame.node``): take what is new, then
+        answer an open with our digest (and our list if the digests differ), and a reply
+        that still differs from ours with our list."""
+        assert self._node is not None
+        if frame.mesh != self.config.mesh:
+            self.counters["rejected_other_mesh"] += 1
+            return
+        member = self._node.peers.get(frame.node)
+        if member is not None:
+            self._node.touch(frame.node, time.monotonic())
+            if len(self._revocation_digests) >= 2 * self.config.max_peers:
+                self._revocation_digests.clear()
+            self._revocation_digests[frame.node] = frame.digest
+        if frame.revocations:
+            self._learn_revocations(frame.revocations, f"peer {frame.node}", frame.node)
+        if member is None or frame.node not in self._node.peers:
+            return
+        differs = frame.digest != self._revocations.digest
+        if frame.phase == REVOKE_OPEN:
+            self._send_revocations(member.endpoint, REVOKE_REPLY, self._revocations.blobs() if differs else [])
+        elif frame.phase == REVOKE_REPLY and differs:
+            self._send_revocations(member.endpoint, REVOKE_PUSH, self._revocations.blobs())
+
+    async def _wait_revocations_spread(self, timeout: float) -> tuple[int, int]:
+        """Wait (up to ``timeout``) until every peer's revocation list has our digest; returns
+        (peers that have it, peers). Used by ``meshmq cert revoke``."""
+        assert self._node is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            digest = self._revocations.digest
+            peers = dict(self._node.peers)
+            behind = [m.endpoint for n, m in peers.items() if self._revocation_digests.get(n) != digest]
+            if not behind or time.monotonic() >= deadline:
+                return len(peers) - len(behind), len(peers)
+            for endpoint in behind:
+                self._send_revocations(endpoint, REVOKE_OPEN, [])
+            await self._routes_changed(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    # run-time changes: renewal, authority keys, expiry
+
+    def renew_certificate(self, certificate: bytes | str | os.PathLike[str]) -> None:
+        """Take a new certificate while running (a renewal, new rights, or one from a new
+        authority key): peers get the agent's record with it at once, re-signed at a higher
+        incarnation; nothing is interrupted. ``certificate``: a file's path, its text, or the
+        certificate's bytes. Replacing the file of ``Config.certificate`` does the same.
+
+        Raises:
+            CertificateError: it is not valid now, not of a trusted authority and this mesh,
+                not for this node and service, or revoked.
+            NotPermitted: it does not allow a subscription this agent has.
+        """
+        self._check_running()
+        if isinstance(certificate, os.PathLike) or (isinstance(certificate, str)
+                                                   and not certificate.lstrip().startswith("-----")):
+            try:
+                certificate = Path(certificate).read_text()
+            except OSError as exc:
+                raise UsageError(f"cannot read the certificate {certificate}: {exc.strerror}") from None
+        if isinstance(certificate, str):
+            data = unarmor(certificate)
+        elif bytes(certificate).lstrip().startswith(b"-----"):
+            data = unarmor(bytes(certificate).decode(errors="replace"))
+        else:
+            data = bytes(certificate)
+        self._renew(data)
+
+    def _renew(self, data: bytes) -> bool:
+        """Adopt ``data`` as our certificate (checked); returns whether it changed."""
+        cert = check_certificate(data, self._trusted, self.config.mesh, time.time())
+        if cert.node_key != self._keys.public:
+            raise CertificateError(f"the certificate is for node {cert.node_id}, not this agent's node "
+                                   f"{self.node_id}")
+        if cert.service != self.service:
+            raise CertificateError(f"the certificate is for service {cert.service!r}, not {self.service!r}")
+        if self._revocations.revoked(cert):
+            raise CertificateError(f"the certificate (serial {cert.serial.hex()}) is revoked")
+        rights = Rights(cert)
+        for sub in self._subs:
+            rights.check_subscribe(sub.pattern, sub._tokens)
+        if data == self._cert:
+            return False
+        self._cert = data
+        self._rights = rights
+        self._revoked_self = False
+        self.counters["certificate_renewals"] += 1
+        log.info("certificate renewed: serial %s, valid until %s", cert.serial.hex(), cert.describe()["not_after"])
+        if self._node is not None:
+            self._apply(self._node.set_certificate(data, time.monotonic()))
+        return True
+
+    def _security_tick(self, now: float) -> None:
+        """Run-time changes, from the agent's timer: compare revocation lists with a random
+        peer now and then; every SECURITY_TICK look at the files (renewal, rollover) and the
+        peers' certificates (expired or no longer trusted ones are cut off)."""
+        node = self._node
+        assert node is not None
+        if not self._secure:
+            return  # nothing to check: no certificates, no revocations
+        if now >= self._next_revocation_sync:
+            self._next_revocation_sync = now + REVOCATION_SYNC_ROUNDS * self.config.gossip_interval
+            if node.peers:
+                peer = node.peers[random.choice(list(node.peers))]
+                self._send_revocations(peer.endpoint, REVOKE_OPEN, [])
+        if now < self._next_security_check:
+            return
+        self._next_security_check = now + SECURITY_TICK
+        wall = time.time()
+        for gone in self._revocations.expire(wall):
+            log.info("forgot the revocation of %s %s: the certificate has expired", gone.kind, gone.subject.hex())
+        try:
+            self._reload_files(wall)
+        except MeshError as exc:
+            self.counters["reload_failed"] += 1
+            quiet.warning("reload", "a changed security file was not taken: %s", exc)
+        self._check_peers()
+
+    def _reload_files(self, wall: float) -> None:
+        cfg = self.config
+        if cfg.authority is not None and _stat_all(cfg.authority) != self._watched.get("authority"):
+            trusted = self._read_authorities()
+            if trusted != self._trusted:
+                log.info("authority keys changed: trusting %s", ", ".join(b64(k)[:12] + "…" for k in trusted))
+                self._trusted = trusted
+                self._revocations.authorities = trusted
+                self._certs.clear()
+                self._vouched.clear()
+        if self._own_certificate is None:
+            if cfg.certificate is not None and _stat(cfg.certificate) != self._watched.get("certificate"):
+                self._watched["certificate"] = _stat(cfg.certificate)
+                self.renew_certificate(cfg.certificate)
+            elif self._dev_authority is not None:
+                assert self._cert is not None
+                cert = decode_certificate(self._cert)
+                if cert.not_after - wall < DEV_CERT_VALIDITY / 2:  # renewed long before it runs out
+                    self._renew(self._dev_certificate(wall))
+        if cfg.revocations is not None and _stat(cfg.revocations) != self._watched.get("revocations"):
+            self._watched["revocations"] = _stat(cfg.revocations)
+            try:
+                blobs = unarmor_revocations(Path(cfg.revocations).read_text(), cfg.max_revocations)
+            except OSError as exc:
+                raise UsageError(f"cannot read {cfg.revocations}: {exc.strerror}") from None
+            self._learn_revocations(blobs, str(cfg.revocations), None)
+
+    def _check_peers(self) -> None:
+        """Cut off peers whose record this agent no longer vouches for: the certificate expired,
+        or its authority is no longer trusted (verdicts are cached until a certificate expires)."""
+        assert self._node is not None
+        failed: dict[str, set[str]] = {}
+        for node, member in self._node.peers.items():
+            problem = self._vouch(member.record)
+            if problem is not None:
+                failed.setdefault(problem, set()).add(node)
+        for problem, nodes in failed.items():
+            self._cut_off(nodes, problem, ban=False)
 
     def _close_store(self) -> None:
         if self._store is not None:
@@ -1465,6 +1876,9 @@ class AsyncAgent:
         if self._secure and self._curve_nodes.get(peer) != node:
             self._unauthenticated(node, peer)
             return
+        if isinstance(decoded, Revocations):
+            self._on_revocations(decoded)
+            return
         if kind is Receipt:
             assert self._outbox is not None
             self._outbox.on_receipt(decoded.node, decoded.epoch, decoded.committed, decoded.received,
@@ -1529,6 +1943,10 @@ class AsyncAgent:
             inbox.advance(sender)
 
     def _unauthenticated(self, node: str, peer: str) -> None:
+        if peer in self._revoked_keys or self._revocations.node_revoked(node):
+            self.counters["frames_revoked"] += 1
+            quiet.warning(f"revoked:{node}", "dropped a frame from %s, whose certificate is revoked", node)
+            return
         self.counters["frames_unauthenticated"] += 1
         quiet.warning(f"unauth:{peer}", "dropped a frame that says it is from %s over a connection "
                       "authenticated as another key (or none known yet)", node)
@@ -2225,6 +2643,7 @@ class AsyncAgent:
                     link.node, link.service = rec.node, rec.service
                     if rec.node not in self._node_links:
                         log.info("peer up: %s (%s) at %s", rec.service, rec.node, rec.endpoints[0])
+                        self._compare_revocations(rec.endpoints[0])  # a newcomer may lack some (or have more)
                     self._node_links[rec.node] = link
                     assert self._outbox is not None
                     self._outbox.peer_up(rec.node, rec.service, link, time.monotonic())
@@ -2305,6 +2724,7 @@ class AsyncAgent:
             if self._store.count(b"replay"):  # asked for by `meshmq dlq replay`, maybe from another process
                 self._replaying = True
                 asyncio.ensure_future(self._replay_requested())
+        self._security_tick(now)
         self._schedule_tick()
 
     def _outbox_tick(self) -> None:
@@ -2353,6 +2773,39 @@ def _node_of_endpoint(endpoint: str) -> str | None:
         return node_id_of(unb64(key)) if key else None
     except ValueError:  # not base64
         return None
+
+
+def _revocations_stored(future: concurrent.futures.Future[None]) -> None:
+    """(The store's writer thread.) A revocation list that could not be stored is still
+    enforced; it is lost at a restart unless a peer or ``Config.revocations`` has it."""
+    exc = future.exception()
+    if exc is not None:
+        log.error("the revocation list could not be stored: %s", exc)
+
+
+def _stat(path: Path) -> tuple[int, int, int] | None:
+    """What tells that a file changed: (inode, size, mtime in ns); None if it is not there."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _stat_all(authority: str) -> tuple[tuple[int, int, int] | None, ...]:
+    """:func:`_stat` of every file named in ``Config.authority`` (keys are not files)."""
+    items = [item.strip() for item in authority.split(",")]
+    return tuple(_stat(Path(item).expanduser()) for item in items if item and not _KEY.match(item))
+
+
+_KEY = re.compile(r"^[A-Za-z0-9_-]{43}=?$")
+
+
+def _read_authority_file(path: str) -> str:
+    try:
+        return Path(path).expanduser().read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read the authority key file {path}: {exc.strerror}") from None
 
 
 def _expand_interfaces(interfaces: tuple[str, ...]) -> list[str]:

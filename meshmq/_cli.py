@@ -225,23 +225,43 @@ durability=memory has no store to look at: use agent.outbox() in Python.
 
 _AUTHORITY_EPILOG = """\
 A mesh authority is an Ed25519 key pair that signs the certificates of the mesh's
-agents (and, later, revocations and policies). Keep its key file on one machine,
-mode 0600; give every agent its public key (MESHMQ_AUTHORITY) and a certificate.
+agents and their revocations. Keep its key file on one machine, mode 0600; give every
+agent its public key (MESHMQ_AUTHORITY) and a certificate.
   meshmq authority init                       create MESHMQ_HOME/authority.key (0600) and .pub
   meshmq authority init --dir /secure/place   elsewhere
 Without an authority, each user's agents on one machine use a development authority
 created on first use in MESHMQ_HOME (default ~/.meshmq); several hosts need this one.
+
+Rolling over to a new authority key, with no downtime:
+  meshmq authority init --dir /secure/new     the new key pair
+  MESHMQ_AUTHORITY=OLD_KEY,NEW_KEY            every agent trusts both (a key file named
+                                              there, e.g. authority.pub, is re-read when it changes)
+  meshmq cert issue --authority-key /secure/new/authority.key ...   new certificates; agents
+                                              take them while running (replace their certificate file)
+  MESHMQ_AUTHORITY=NEW_KEY                    once no certificate of the old key is in use
 """
 
 _CERT_EPILOG = """\
   meshmq cert issue --service orders --publish 'orders.>' --subscribe 'payments.*' -o orders.cert
   meshmq cert issue --service audit --subscribe '>' --tap --valid 7d -o audit.cert
   meshmq cert show orders.cert [--json]
+  meshmq cert revoke orders.cert -o revoked.txt     revoke a certificate (also: its SERIAL)
+  meshmq cert revoke 3f2a9c0d1e4b5a69 -o revoked.txt  revoke a NODE for good (its id or key)
 
 issue signs with the authority key (--authority-key, default MESHMQ_HOME/authority.key)
 a certificate for the node key of the service's agent: --key PUBLIC_KEY, or by
 default the key beside that agent's store (<data_dir>/<service>/<instance>/node.key,
 created if the agent never ran). Give the agent the file: MESHMQ_CERTIFICATE=orders.cert.
+Replacing that file while the agent runs renews its certificate without a restart.
+
+revoke signs a revocation with the authority key (--authority-key; default: the
+development authority when MESHMQ_AUTHORITY is not set, else MESHMQ_HOME/authority.key),
+appends it to -o FILE (or prints it), and hands it to the running agents of the mesh it
+finds within --wait seconds; they pass it on by gossip and cut the node off at once,
+with no restart. A certificate revoked by its SERIAL (32 hex digits) or FILE may be
+replaced by a new one; a NODE (16 hex digits, as 'meshmq peers' shows, or its public
+key) is revoked for good. Agents started later learn revocations from their peers, or
+from the file: MESHMQ_REVOCATIONS=revoked.txt. --offline only writes the revocation.
 """
 
 _CONFIG_EPILOG = """\
@@ -337,9 +357,12 @@ def _build_parser() -> _Parser:
     authority.add_argument("action", choices=("init",), help="init: create the key pair")
     authority.add_argument("--dir", metavar="DIR", help="where to write it (default: MESHMQ_HOME, ~/.meshmq)")
 
-    cert = command("cert", "Issue or show an agent's certificate.", _CERT_EPILOG, _cmd_cert)
-    cert.add_argument("action", choices=("issue", "show"), help="issue a certificate, or show one")
-    cert.add_argument("file", nargs="?", metavar="FILE", help="show: the certificate file")
+    cert = command("cert", "Issue, show or revoke an agent's certificate.", _CERT_EPILOG, _cmd_cert)
+    cert.add_argument("action", choices=("issue", "show", "revoke"),
+                      help="issue a certificate, show one (or a revocation file), or revoke one")
+    cert.add_argument("file", nargs="?", metavar="FILE",
+                      help="show: the certificate or revocation file; revoke: a certificate FILE, its SERIAL, "
+                           "or a NODE (id or public key)")
     cert.add_argument("--publish", action="append", default=[], metavar="PATTERN",
                       help="issue: topics the agent may publish on (repeatable)")
     cert.add_argument("--subscribe", action="append", default=[], metavar="PATTERN",
@@ -350,8 +373,13 @@ def _build_parser() -> _Parser:
     cert.add_argument("--key", metavar="PUBLIC_KEY", help="issue: the agent's node public key")
     cert.add_argument("--instance", type=int, default=0, metavar="N",
                       help="issue: which instance's key, without --key (default: 0)")
-    cert.add_argument("--authority-key", metavar="FILE", help="issue: the authority key file")
-    cert.add_argument("-o", "--output", metavar="FILE", help="issue: write here instead of stdout")
+    cert.add_argument("--authority-key", metavar="FILE", help="issue, revoke: the authority key file")
+    cert.add_argument("-o", "--output", metavar="FILE",
+                      help="issue: write here instead of stdout; revoke: append the revocation to this file")
+    cert.add_argument("--offline", action="store_true",
+                      help="revoke: only write the revocation, do not hand it to running agents")
+    cert.add_argument("--wait", type=_seconds, default=5.0, metavar="S",
+                      help="revoke: seconds to find the running agents and see each take it (default: 5)")
     cert.add_argument("--json", action="store_true", help="show: a JSON object")
     _add_mesh_options(cert)
 
@@ -802,21 +830,33 @@ def _cmd_authority(args: argparse.Namespace) -> int:
 def _cmd_cert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ._security import CertificateError, armor, decode_certificate, unarmor
+    from ._security import (
+        REVOCATION_ARMOR, CertificateError, armor, decode_certificate, decode_revocation, unarmor,
+        unarmor_revocations,
+    )
 
+    if args.action == "revoke":
+        return _revoke(args)
     if args.action == "show":
         if not args.file:
             raise _BadInput("cert show takes the certificate FILE")
         try:
-            cert = decode_certificate(unarmor(Path(args.file).read_text()))
+            content = Path(args.file).read_text()
+            revocations = REVOCATION_ARMOR[0] in content
+            if revocations:
+                shown_all = [decode_revocation(data).describe() for data in unarmor_revocations(content)]
+            else:
+                shown_all = [decode_certificate(unarmor(content)).describe()]
         except OSError as exc:
             raise _BadInput(f"cannot read {args.file}: {exc.strerror}") from None
         except CertificateError as exc:
             raise _BadInput(f"{args.file}: {exc}") from None
-        shown = cert.describe()
         if args.json:
-            print(json.dumps(shown, indent=2))
-        else:
+            print(json.dumps(shown_all if revocations else shown_all[0], indent=2))
+            return EXIT_OK
+        for i, shown in enumerate(shown_all):
+            if i:
+                print()
             width = max(map(len, shown))
             for key, value in shown.items():
                 text = ", ".join(value) if isinstance(value, list) else str(value).lower() if isinstance(
@@ -865,6 +905,103 @@ def _issue(args: argparse.Namespace) -> bytes:
                                not_after=now + validity)
     except CertificateError as exc:
         raise _BadInput(str(exc)) from None
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    """``meshmq cert revoke TARGET``: sign, write, and hand to the running agents."""
+    import re
+    import time
+    from pathlib import Path
+
+    from ._security import (
+        Authority, CertificateError, armor_revocation, decode_certificate, home, node_id_of, parse_authorities,
+        unarmor, unb64,
+    )
+
+    target = args.file
+    if not target:
+        raise _BadInput("cert revoke takes what to revoke: a certificate FILE, its SERIAL, or a NODE id or key")
+    cfg = Config.load()
+    mesh = args.mesh or cfg.mesh
+    serial: bytes | None = None
+    node: str | None = None
+    forget_after = 0.0
+    if re.fullmatch(r"[0-9a-fA-F]{32}", target):
+        serial = bytes.fromhex(target)
+    elif re.fullmatch(r"[0-9a-fA-F]{16}", target):
+        node = target.lower()
+    elif re.fullmatch(r"[A-Za-z0-9_-]{43}=?", target) and not Path(target).exists():
+        node = node_id_of(unb64(target))
+    else:
+        try:
+            cert = decode_certificate(unarmor(Path(target).read_text()))
+        except OSError as exc:
+            raise _BadInput(f"{target!r} is not a SERIAL (32 hex digits), a NODE (16 hex digits or a node "
+                            f"public key) or a readable certificate file: {exc.strerror}") from None
+        except CertificateError as exc:
+            raise _BadInput(f"{target}: {exc}") from None
+        if cert.mesh != mesh:
+            raise _BadInput(f"{target} is a certificate of mesh {cert.mesh!r}, not {mesh!r} (use --mesh)")
+        serial, forget_after = cert.serial, cert.not_after
+        _note(f"revoking certificate {cert.serial.hex()} of {cert.service} (node {cert.node_id})")
+    if args.authority_key:
+        authority = Authority.load(Path(args.authority_key))
+    elif cfg.authority is None:
+        authority = Authority.development()
+        _note(f"signing with this user's development authority ({home()}): MESHMQ_AUTHORITY is not set")
+    else:
+        authority = Authority.load(home() / "authority.key")
+    if cfg.authority is not None:
+        try:
+            trusted = parse_authorities(cfg.authority, read=lambda path: Path(path).expanduser().read_text())
+        except OSError as exc:
+            raise _BadInput(f"MESHMQ_AUTHORITY names a file that cannot be read: {exc.strerror}") from None
+        if authority.public not in trusted and not args.offline:
+            raise _BadInput(f"the authority key {authority.text[:12]}… is not one MESHMQ_AUTHORITY names: the "
+                            "agents would refuse its revocation")
+    data = authority.revoke(mesh=mesh, serial=serial, node=node, at=time.time(), forget_after=forget_after)
+    if args.output:
+        out = Path(args.output)
+        with out.open("a") as f:
+            f.write(armor_revocation(data))
+        _note(f"appended the revocation to {out}; agents that start later can read it: MESHMQ_REVOCATIONS={out}")
+    else:
+        sys.stdout.write(armor_revocation(data))
+        sys.stdout.flush()
+    if args.offline:
+        return EXIT_OK
+    return _spread_revocation(args, authority, data, cfg)
+
+
+def _spread_revocation(args: argparse.Namespace, authority: Any, data: bytes, cfg: Config) -> int:
+    """Join the mesh briefly with a certificate of our own (no rights: it only gossips), hand
+    the revocation to the agents found, and wait until each has it."""
+    import time
+
+    agent = Agent(args.service, durability="memory", **_overrides(args))
+    inner = agent._agent
+    if cfg.authority is not None:  # a real authority: certify this short-lived agent's key ourselves
+        now = time.time()
+        inner._own_certificate = authority.issue(node_key=inner._keys.public, service=args.service,
+                                                 mesh=inner.config.mesh, publish=(), subscribe=(), tap=False,
+                                                 not_before=now - 60, not_after=now + 600)
+    deadline = time.monotonic() + args.wait
+    with agent:
+        agent.wait_settled(timeout=max(0.0, min(args.wait, 2.0)))
+        agent.add_revocation(data)
+        have, peers = agent._run(inner._wait_revocations_spread(max(0.0, deadline - time.monotonic())),
+                                 timeout=args.wait + 5)
+    if peers == 0:
+        _warn(f"no running agent of mesh {inner.config.mesh!r} was found: none has the revocation yet. Agents "
+              "learn it from one another, so hand it to one (run this again, or give it the file: "
+              "MESHMQ_REVOCATIONS=FILE)")
+        return EXIT_OK
+    if have < peers:
+        _warn(f"{have} of {peers} agents confirmed the revocation within {args.wait:g}s; the others learn it by "
+              "gossip from those that have it")
+        return EXIT_FAILED
+    _note(f"the revocation was taken by all {peers} agents found; they cut the node off")
+    return EXIT_OK
 
 
 # --- outbox -----------------------------------------------------------------------------

@@ -52,9 +52,13 @@ class Config:
 
     # --- security ---
     authority: str | None = None
-    """Public key of the mesh authority (``meshmq authority init`` prints it); agents trust certificates it signed. None: this user's development authority in MESHMQ_HOME (~/.meshmq), created on first use, which lets the user's agents on this machine trust each other with no set-up."""
+    """Public key of the mesh authority (``meshmq authority init`` prints it); agents trust certificates and revocations it signed. Several, comma-separated, to roll over to a new authority key; an item that is not a key is a file of keys, one per line (``authority.pub``), re-read while the agent runs when it changes. None: this user's development authority in MESHMQ_HOME (~/.meshmq), created on first use, which lets the user's agents on this machine trust each other with no set-up."""
     certificate: Path | None = None
-    """This agent's certificate file (``meshmq cert issue``), required with ``authority``; with the development authority the agent issues its own."""
+    """This agent's certificate file (``meshmq cert issue``), required with ``authority``; with the development authority the agent issues its own. Re-read while the agent runs when it changes: replacing the file renews the certificate without a restart."""
+    revocations: Path | None = None
+    """A file of revocations (``meshmq cert revoke -o FILE``) to load at start and whenever it changes. Revocations also arrive by gossip and are kept in the agent's store; this file is for agents that start while no peer holding them runs."""
+    max_revocations: int = 10_000
+    """Most revocations an agent keeps (each about 200 bytes); one beyond it is refused, logged and counted (revocations_refused_full). A revoked certificate's revocation is forgotten once the certificate has expired."""
     insecure: bool = False
     """For experiments only: no certificates, no CurveZMQ, no signed or encrypted frames, no access rights (a warning is logged at start). Insecure and secure agents never talk: neither connects to the other's endpoints, and each refuses the other's records."""
 
@@ -194,7 +198,7 @@ class Config:
             "max_header_count", "max_header_bytes", "max_batch_messages", "max_batch_bytes",
             "max_subscriptions", "max_peers", "peer_queue_messages", "peer_queue_bytes",
             "subscription_queue_messages", "socket_hwm", "max_store_bytes", "max_outbox_messages",
-            "max_outbox_bytes", "max_held_messages", "tap_queue_messages", "tap_buffer_messages",
+            "max_outbox_bytes", "max_held_messages", "tap_queue_messages", "tap_buffer_messages", "max_revocations",
         )
         _check(
             self.max_frame_bytes >= self.max_payload_bytes + self.max_header_bytes + 4 * _KiB,

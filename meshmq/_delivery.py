@@ -629,6 +629,14 @@ class Remembered:
             self._reindex()
         return gone
 
+    def forget(self, node: str, batch: Callable[[], Batch | None]) -> bool:
+        """Forget a node at once (its certificate was revoked); returns whether it was known."""
+        if node not in self.records:
+            return False
+        self._forget(node, batch)
+        self._reindex()
+        return True
+
     def _forget(self, node: str, batch: Callable[[], Batch | None]) -> None:
         self.records.pop(node, None)
         self.down_since.pop(node, None)

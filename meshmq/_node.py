@@ -27,6 +27,12 @@ confirmed at once while a lone false suspicion has time to be refuted. A node
 whose own probes go unanswered, helpers included (it is the slow one),
 stretches its probe interval and timeout (Lifeguard's local health). Any frame from a peer counts as an ack to a probe of it.
 
+**Revocation.** When the authority revokes a node's certificate (or the node), the shell
+calls :meth:`Node.revoke`: the node leaves routing at once (``PeerDown``, reason
+``revoked``) and its claims are forgotten; from then on claims about it without a record
+are ignored, and its records reach the shell's ``vouch``, which refuses them. A record
+that passes (a renewed certificate) lifts the bar.
+
 **Joining.** An endpoint learnt from mDNS or a seed is greeted with HELLO
 (our record); the node there answers with its own and a full digest. Endpoints
 of peers declared dead are greeted again for ``rejoin_window``, as mDNS
@@ -105,7 +111,7 @@ class PeerUp:
 
 @dataclass(frozen=True, slots=True)
 class PeerDown:
-    """A node left routing: ``reason`` is ``left``, ``dead`` or ``replaced``."""
+    """A node left routing: ``reason`` is ``left``, ``dead``, ``replaced`` or ``revoked``."""
 
     node: str
     service: str
@@ -154,7 +160,7 @@ class Departed:
     service: str
     endpoint: str
     reason: str
-    """``dead``, ``left`` or ``replaced``."""
+    """``dead``, ``left``, ``replaced`` or ``revoked``."""
     last_seen: float
     at: float
 
@@ -263,6 +269,8 @@ class Node:
         self.relays: dict[int, Relay] = {}
         self.suspects: set[str] = set()
         self.next_expiry = 0.0
+        self.barred: set[str] = set()
+        """Revoked nodes: their claims are ignored unless they carry a record ``vouch`` accepts."""
         self._stopped = False
 
     @property
@@ -301,7 +309,7 @@ class Node:
             return actions
         if node == self.node_id or set(endpoints) & set(self.record.endpoints):
             return actions
-        if node is not None and node in self.peers:
+        if node is not None and (node in self.peers or node in self.barred):
             return actions
         ep = endpoints[0]
         last = self.pending.get(ep)
@@ -359,6 +367,42 @@ class Node:
         actions: list[Action] = []
         self.next_gossip = now
         self._gossip_round(now, actions)
+        return actions
+
+    def set_certificate(self, cert: bytes, now: float) -> list[Action]:
+        """Advertise a renewed certificate: a new incarnation of our record, gossiped at once
+        (peers take the record with the higher incarnation, and with it the certificate)."""
+        self._claim(dataclasses.replace(self.record, cert=cert, incarnation=self.me.incarnation + 1))
+        actions: list[Action] = []
+        self.next_gossip = now
+        self._gossip_round(now, actions)
+        return actions
+
+    def revoke(self, node: str, now: float, reason: str = "revoked", max_barred: int = 65536) -> list[Action]:
+        """The authority revoked ``node``'s certificate (or the node), or no longer vouches for
+        it (``reason``): take it out of routing and forget what we know of it; ignore claims
+        about it that carry no record. Its endpoints are no longer greeted. The shell refuses
+        its records from now on."""
+        actions: list[Action] = []
+        if node == self.node_id:
+            return actions
+        if len(self.barred) >= max_barred:
+            self.barred.clear()  # bounded; vouch still refuses its records
+        self.barred.add(node)
+        member = self.members.pop(node, None)
+        if member is None:
+            return actions
+        self.digest_hash ^= entry_hash(member.entry)
+        if node in self.peers:
+            self._drop(member, reason, now, actions)
+        if member.entry.record is not None:
+            for ep in member.entry.record.endpoints:
+                self.lost.pop(ep, None)
+                if self.pending.pop(ep, None) is not None:
+                    self._unlink(ep, actions)
+        self.fresh.pop(node, None)
+        self.wanted.pop(node, None)
+        self.suspects.discard(node)
         return actions
 
     def tick(self, now: float, wall: float = 0.0) -> list[Action]:
@@ -570,7 +614,14 @@ class Node:
             self._about_me(entry, source, now)
             return
         member = self.members.get(node)
-        if entry.record is not None and not self._record_ok(entry.record, member):
+        if node in self.barred:
+            if entry.record is None:
+                self.counters["rejected_revoked_claims"] += 1
+                return
+            if not self._record_ok(entry.record, member):
+                return
+            self.barred.discard(node)  # a record vouched for: a renewed certificate
+        elif entry.record is not None and not self._record_ok(entry.record, member):
             return
         if member is None:
             if len(self.members) >= self.max_peers:

@@ -5,8 +5,8 @@ the time is a parameter.
   the public key (the first 8 bytes of its BLAKE2b hash, in hex), so an id cannot be
   claimed without the key. Its Curve25519 keys (for CurveZMQ and for sealing
   payloads) are derived from the same key pair.
-- **Authority.** One Ed25519 key pair per mesh signs certificates (and, later,
-  revocations and policies). With no authority configured, a *development
+- **Authority.** One Ed25519 key pair per mesh signs certificates and revocations (and,
+  later, policies). With no authority configured, a *development
   authority* is created once per user in ``MESHMQ_HOME`` (default ``~/.meshmq``), as
   mkcert's local CA: every agent of that user on this machine issues itself a
   certificate from it and the agents trust each other with no set-up, while agents of
@@ -16,6 +16,11 @@ the time is a parameter.
   key, service, the topic patterns it may publish and subscribe to, the tap right,
   and the validity window. Decoding checks the signature, the issuer, the window and
   every field's type and size; anything else raises :class:`CertificateError`.
+- **Revocation.** The authority's signature over: mesh, what is revoked (one
+  certificate serial, or one node for good), when, and when it may be forgotten
+  (the revoked certificate's end of validity, or never). A :class:`RevocationList`
+  holds the checked revocations of a mesh, bounded in number, and merges those that
+  peers send (a set union: order and repetition do not matter).
 
 Key files hold a key's 32-byte seed in base64 behind a ``kind:`` line, and are
 created with mode 0600 (never readable by others).
@@ -38,8 +43,10 @@ import nacl.signing
 from ._errors import CertificateError, MeshError, UsageError
 from ._errors import NotPermitted
 from ._topics import check_pattern, covers, matches
+from ._wire import MAX_REVOCATION_BYTES
 
 CERT_VERSION = 1
+REVOCATION_VERSION = 1
 MAX_PATTERNS = 256
 _KEY_LINE = re.compile(r"^meshmq-(node|authority)-key: ([A-Za-z0-9_-]{43}=?)$")
 
@@ -212,6 +219,24 @@ class Authority:
             aside.replace(public_path)  # whole, whoever writes it
         return cls(bytes(key.verify_key), key)
 
+    def revoke(self, *, mesh: str, serial: bytes | None = None, node: str | None = None, at: float,
+               forget_after: float = 0.0) -> bytes:
+        """A signed revocation (its wire bytes) of one certificate (``serial``) or, for good, of
+        one node (``node``: its id). ``forget_after``: when peers may forget it (the revoked
+        certificate's ``not_after``; 0: never)."""
+        if self.key is None:
+            raise UsageError("this authority has only its public key: it cannot sign revocations")
+        if (serial is None) == (node is None):
+            raise UsageError("a revocation names one certificate serial or one node")
+        if serial is not None:
+            revocation = Revocation(mesh, SERIAL, serial, float(at), float(forget_after), self.public)
+        else:
+            assert node is not None
+            revocation = Revocation(mesh, NODE, node.encode(), float(at), float(forget_after), self.public)
+        revocation.check_fields()
+        body = revocation.body()
+        return msgpack.packb([body, bytes(self.key.sign(body).signature)], use_bin_type=True)
+
     def issue(self, *, node_key: bytes, service: str, mesh: str, publish: tuple[str, ...],
               subscribe: tuple[str, ...], tap: bool, not_before: float, not_after: float,
               serial: bytes | None = None) -> bytes:
@@ -311,6 +336,259 @@ def check_certificate(data: bytes, authorities: tuple[bytes, ...], mesh: str, no
     if not cert.valid_at(now):
         raise CertificateError("expired" if now > cert.not_after else "not valid yet")
     return cert
+
+
+# --- revocations ---------------------------------------------------------------------
+
+SERIAL = "serial"
+NODE = "node"
+_NODE_ID = re.compile(rb"^[0-9a-f]{16}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Revocation:
+    """What the authority revoked: one certificate (``kind`` ``serial``: ``subject`` is its
+    serial) or one node for good (``kind`` ``node``: ``subject`` is its node id, ASCII),
+    whatever certificates it holds now or later."""
+
+    mesh: str
+    kind: str
+    subject: bytes
+    at: float
+    """When it was revoked (seconds since the epoch; for display)."""
+    forget_after: float
+    """When it may be forgotten: the revoked certificate's ``not_after``, after which the
+    certificate is refused anyway (0: never)."""
+    issuer: bytes
+
+    @property
+    def key(self) -> tuple[str, bytes]:
+        return (self.kind, self.subject)
+
+    @property
+    def node(self) -> str | None:
+        """The revoked node's id (node revocations only)."""
+        return self.subject.decode() if self.kind == NODE else None
+
+    def body(self) -> bytes:
+        return msgpack.packb([REVOCATION_VERSION, self.mesh, self.kind, self.subject, self.at, self.forget_after,
+                              self.issuer], use_bin_type=True)
+
+    def check_fields(self) -> None:
+        if not self.mesh or len(self.mesh) > 63 or len(self.issuer) != 32:
+            raise CertificateError("bad mesh name or issuer in revocation")
+        if self.kind == SERIAL:
+            if len(self.subject) != 16:
+                raise CertificateError("a revoked serial is 16 bytes (32 hex digits)")
+        elif self.kind == NODE:
+            if not _NODE_ID.match(self.subject):
+                raise CertificateError("a revoked node id is 16 hex digits")
+        else:
+            raise CertificateError(f"unknown revocation kind {self.kind!r}")
+        if not (0 <= self.at < float("inf") and 0 <= self.forget_after < float("inf")):
+            raise CertificateError("bad time in revocation")
+
+    def revokes(self, cert: Certificate) -> bool:
+        return self.subject == (cert.serial if self.kind == SERIAL else cert.node_id.encode())
+
+    def describe(self) -> dict[str, Any]:
+        import datetime
+
+        def iso(t: float) -> str:
+            return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
+
+        return {"mesh": self.mesh, "revokes": self.kind,
+                self.kind: self.subject.hex() if self.kind == SERIAL else self.subject.decode(),
+                "revoked_at": iso(self.at), "forget_after": iso(self.forget_after) if self.forget_after else "never",
+                "issuer": b64(self.issuer)}
+
+
+def decode_revocation(data: bytes) -> Revocation:
+    """Parse a revocation and check its own signature (not yet whom it is from)."""
+    if type(data) is not bytes or len(data) > MAX_REVOCATION_BYTES:
+        raise CertificateError(f"not a meshmq revocation (more than {MAX_REVOCATION_BYTES} bytes)")
+    try:
+        body, signature = msgpack.unpackb(data, raw=False, max_bin_len=MAX_REVOCATION_BYTES, max_str_len=64,
+                                          max_array_len=2, max_map_len=0)
+        version, mesh, kind, subject, at, forget_after, issuer = msgpack.unpackb(
+            body, raw=False, max_bin_len=64, max_str_len=64, max_array_len=7, max_map_len=0)
+    except Exception:
+        raise CertificateError("not a meshmq revocation") from None
+    if version != REVOCATION_VERSION:
+        raise CertificateError(f"revocation version {version!r} is not {REVOCATION_VERSION}")
+    if not (type(mesh) is str and type(kind) is str and type(subject) is bytes and type(at) is float
+            and type(forget_after) is float and type(issuer) is bytes and type(signature) is bytes):
+        raise CertificateError("a revocation field has the wrong type")
+    revocation = Revocation(mesh, kind, subject, at, forget_after, issuer)
+    revocation.check_fields()
+    if not verify(issuer, body, signature):
+        raise CertificateError("the revocation's signature does not match its content")
+    return revocation
+
+
+def check_revocation(data: bytes, authorities: tuple[bytes, ...], mesh: str) -> Revocation:
+    """A revocation that a trusted authority signed for this mesh."""
+    revocation = decode_revocation(data)
+    if revocation.issuer not in authorities:
+        raise CertificateError(f"revocation signed by {b64(revocation.issuer)[:12]}…, an authority this node "
+                               "does not trust")
+    if revocation.mesh != mesh:
+        raise CertificateError(f"revocation for mesh {revocation.mesh!r}, not {mesh!r}")
+    return revocation
+
+
+def _entry_hash(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+class RevocationList:
+    """The checked revocations of one mesh that a node holds: one per subject, at most
+    ``limit``. Merging is a set union (the same revocations in any order and any number of
+    times give the same list), and ``digest`` (order-free) lets two nodes see cheaply whether
+    their lists differ. Pure: the time is a parameter.
+
+    Verdicts of :meth:`add`: ``new`` (cut off what it names), ``replaced`` (a better copy of a
+    known subject: one that is kept longer), ``known``, ``stale`` (it may be forgotten already),
+    ``full`` (``limit`` reached: refused)."""
+
+    def __init__(self, mesh: str, authorities: tuple[bytes, ...], limit: int) -> None:
+        self.mesh = mesh
+        self.authorities = authorities
+        self.limit = limit
+        self.entries: dict[tuple[str, bytes], tuple[Revocation, bytes]] = {}
+        self._hash = 0
+        self._serials: set[bytes] = set()
+        self._nodes: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def digest(self) -> bytes:
+        return self._hash.to_bytes(8, "big")
+
+    def add(self, data: bytes, now: float) -> tuple[str, Revocation]:
+        """Take one revocation (raises :class:`CertificateError` if it is not valid here)."""
+        revocation = check_revocation(data, self.authorities, self.mesh)
+        if 0 < revocation.forget_after < now:
+            return "stale", revocation
+        known = self.entries.get(revocation.key)
+        if known is not None:
+            if not _better(revocation, data, *known):
+                return "known", revocation
+            self._hash ^= _entry_hash(known[1])
+            verdict = "replaced"
+        elif len(self.entries) >= self.limit:
+            return "full", revocation
+        else:
+            verdict = "new"
+        self.entries[revocation.key] = (revocation, data)
+        self._hash ^= _entry_hash(data)
+        if revocation.kind == SERIAL:
+            self._serials.add(revocation.subject)
+        else:
+            self._nodes.add(revocation.subject.decode())
+        return verdict, revocation
+
+    def expire(self, now: float) -> list[Revocation]:
+        """Forget revocations whose certificate has expired (refused as expired anyway)."""
+        gone = [r for r, _ in self.entries.values() if 0 < r.forget_after < now]
+        for revocation in gone:
+            _, data = self.entries.pop(revocation.key)
+            self._hash ^= _entry_hash(data)
+            if revocation.kind == SERIAL:
+                self._serials.discard(revocation.subject)
+            else:
+                self._nodes.discard(revocation.subject.decode())
+        return gone
+
+    def revoked(self, cert: Certificate) -> bool:
+        return cert.serial in self._serials or cert.node_id in self._nodes
+
+    def node_revoked(self, node: str) -> bool:
+        return node in self._nodes
+
+    def blobs(self) -> list[bytes]:
+        """Every revocation's bytes, in a stable order."""
+        return sorted(data for _, data in self.entries.values())
+
+
+def _better(new: Revocation, new_data: bytes, old: Revocation, old_data: bytes) -> bool:
+    """Of two revocations of one subject, the one every node keeps: kept longest (0 is
+    forever), then the smaller bytes, so that all nodes settle on the same copy."""
+    def rank(r: Revocation) -> float:
+        return float("inf") if r.forget_after == 0 else r.forget_after
+
+    if rank(new) != rank(old):
+        return rank(new) > rank(old)
+    return new_data < old_data
+
+
+def parse_authorities(text: str, read: Any = None) -> tuple[bytes, ...]:
+    """The public keys of ``Config.authority``: keys (43 base64url characters) and files holding
+    keys one per line (``authority.pub``; ``#`` starts a comment), separated by commas.
+    ``read(path) -> str`` reads a file (injected: this module does no I/O of its own)."""
+    keys: list[bytes] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if _AUTHORITY_KEY.match(item):
+            keys.append(Authority.from_text(item).public)
+            continue
+        if read is None:
+            raise UsageError(f"{item[:60]!r} is not an authority public key (43 base64url characters)")
+        content = read(item)
+        found = [line.split("#", 1)[0].strip() for line in content.splitlines()]
+        found = [line for line in found if line]
+        if not found:
+            raise UsageError(f"{item} holds no authority public key")
+        for line in found:
+            if not _AUTHORITY_KEY.match(line):
+                raise UsageError(f"{item}: {line[:60]!r} is not an authority public key (43 base64url characters)")
+            keys.append(Authority.from_text(line).public)
+    if not keys:
+        raise UsageError("no authority public key given")
+    return tuple(dict.fromkeys(keys))
+
+
+_AUTHORITY_KEY = re.compile(r"^[A-Za-z0-9_-]{43}=?$")
+
+REVOCATION_ARMOR = ("-----BEGIN MESHMQ REVOCATION-----", "-----END MESHMQ REVOCATION-----")
+
+
+def armor_revocation(data: bytes) -> str:
+    text = base64.b64encode(data).decode()
+    return "\n".join([REVOCATION_ARMOR[0], *(text[i:i + 64] for i in range(0, len(text), 64)),
+                      REVOCATION_ARMOR[1]]) + "\n"
+
+
+def unarmor_revocations(text: str, limit: int = 1 << 20) -> list[bytes]:
+    """Every revocation in a revocation file (blocks as :func:`armor_revocation` writes them,
+    one after another), at most ``limit``."""
+    out: list[bytes] = []
+    block: list[str] | None = None
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line:
+            continue
+        if line == REVOCATION_ARMOR[0] and block is None:
+            block = []
+        elif line == REVOCATION_ARMOR[1] and block is not None:
+            try:
+                out.append(base64.b64decode("".join(block), validate=True))
+            except ValueError:
+                raise CertificateError(f"the revocation ending on line {number} has damaged base64") from None
+            if len(out) > limit:
+                raise CertificateError(f"more than {limit} revocations")
+            block = None
+        elif block is not None and len(block) < 64:
+            block.append(line)
+        else:
+            raise CertificateError(f"line {number} is not part of a revocation (BEGIN/END MESHMQ REVOCATION "
+                                   "lines missing or misplaced)")
+    if block is not None:
+        raise CertificateError("the last revocation has no END line")
+    return out
 
 
 ARMOR = ("-----BEGIN MESHMQ CERTIFICATE-----", "-----END MESHMQ CERTIFICATE-----")

@@ -15,6 +15,7 @@ import asyncio
 import concurrent.futures
 import threading
 from collections.abc import Callable, Coroutine
+import os
 from typing import Any, TypeVar
 
 from ._agent import (
@@ -243,6 +244,14 @@ class Agent:
         """See :meth:`AsyncAgent.wait_settled`."""
         wait = _check_seconds("timeout", timeout, zero=True)
         return self._run(self._agent.wait_settled(wait, quiet_period), timeout=wait + 5)
+
+    def add_revocation(self, revocation: bytes | str) -> bool:
+        """See :meth:`AsyncAgent.add_revocation`."""
+        return self._call(self._agent.add_revocation, revocation)
+
+    def renew_certificate(self, certificate: bytes | str | os.PathLike[str]) -> None:
+        """See :meth:`AsyncAgent.renew_certificate`."""
+        self._call(self._agent.renew_certificate, certificate)
 
     def __repr__(self) -> str:
         return f"Agent({self.service!r}, node={self.node_id!r}, running={self.running})"

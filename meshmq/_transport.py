@@ -237,6 +237,20 @@ class Transport:
             link.frames.clear()
             self._close_link(link, 0.0)
 
+    def async_send_and_close(self, endpoint: str, frame: bytes, linger: float) -> None:
+        """Send one last frame on a link and close it, leaving the frame up to ``linger``
+        seconds to go out (a revoked peer is told why it is cut off)."""
+        link = self.links.pop(endpoint, None)
+        if link is None:
+            return
+        link.frames.clear()
+        if link.socket is not None:
+            try:
+                link.socket.send(frame, zmq.NOBLOCK)
+            except zmq.Again:
+                self.counters["control_frames_deferred"] += 1
+        self._close_link(link, linger)
+
     def _close_link(self, link: Link, linger: float) -> None:
         link.closed = True
         if link.socket is not None:

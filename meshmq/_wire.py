@@ -3,7 +3,8 @@
 Pure functions, no I/O. Every frame is one ZeroMQ message::
 
     byte 0   protocol version (PROTOCOL_VERSION)
-    byte 1   frame kind (DATA, RECEIPT; membership: HELLO, PING, ACK, PING_REQ, SYNC, BYE; WORK)
+    byte 1   frame kind (SEALED or DATA, RECEIPT, TAP; membership: HELLO, PING, ACK, PING_REQ, SYNC, BYE; WORK;
+             REVOKE)
     rest     msgpack body, positional arrays (compact, and fast to decode)
 
 An envelope is encoded once by its publisher and travels as opaque bytes inside
@@ -43,10 +44,16 @@ SEALED = 10
 same unsealed, between agents that run with ``insecure=True``."""
 TAP = 11
 """Mirrored traffic and delivery events for a tap (:mod:`meshmq._tap`), sealed like data."""
+REVOKE = 12
+"""Authority-signed revocations, compared by digest and pushed (see :mod:`meshmq._security`)."""
 KINDS = {HELLO: "hello", PING: "ping", BYE: "bye", DATA: "data", SYNC: "sync", ACK: "ack", PING_REQ: "ping-req",
-         WORK: "work", RECEIPT: "receipt", SEALED: "sealed", TAP: "tap"}
+         WORK: "work", RECEIPT: "receipt", SEALED: "sealed", TAP: "tap", REVOKE: "revoke"}
 MAX_SYNC_ENTRIES = 256
 """Most membership entries (and most wants) one sync frame may carry, however large the mesh."""
+MAX_REVOCATION_BYTES = 512
+"""Largest encoded revocation (one is about 200 bytes)."""
+MAX_FRAME_REVOCATIONS = 64
+"""Most revocations one revoke frame carries (a longer list travels in several)."""
 
 _ID_BYTES = 16
 _TOPIC_CACHE = 4096
@@ -462,6 +469,17 @@ def sync_frame(mesh: str, node: str, endpoint: str, phase: int, digest_hash: byt
     return _pack(SYNC, [mesh, node, endpoint, phase, digest_hash, count, entries, wants])
 
 
+REVOKE_OPEN, REVOKE_REPLY, REVOKE_PUSH = 0, 1, 2
+"""Revocation lists are compared by digest: an open (digest only) is answered by a reply (the
+answerer's digest, and its whole list when the digests differ); whoever then still differs
+pushes its whole list. A push is also how a new revocation is forwarded. Pushes are not answered."""
+
+
+def revoke_frame(mesh: str, node: str, phase: int, digest: bytes, revocations: list[bytes]) -> bytes:
+    """Revocations (each authority-signed, opaque here) and the digest of the sender's list."""
+    return _pack(REVOKE, [mesh, node, phase, digest, revocations])
+
+
 def work_frame(mesh: str, node: str, done: int) -> bytes:
     """How many queue-group messages from the receiver this node has finished (cumulative):
     the receiver's measure of the work it has outstanding here, for load balancing."""
@@ -552,6 +570,15 @@ class Work:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Revocations:
+    mesh: str
+    node: str
+    phase: int
+    digest: bytes
+    revocations: tuple[bytes, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Data:
     node: str
     epoch: int
@@ -569,7 +596,7 @@ class Receipt:
     received: int
 
 
-Frame = Hello | Ping | Ack | PingReq | Bye | Sync | Work | Data | Receipt
+Frame = Hello | Ping | Ack | PingReq | Bye | Sync | Work | Data | Receipt | Revocations
 
 
 def _fields(body: Any, n: int, what: str) -> list[Any]:
@@ -650,6 +677,16 @@ def decode_frame(frame: bytes | memoryview, limits: Limits) -> Frame:
             _check_node_id(w, "wanted node id")
         return Sync(mesh, node, endpoint, phase, digest_hash, count,
                     tuple(Entry.from_wire(e, limits) for e in entries), tuple(wants))
+    if kind == REVOKE:
+        mesh, node, phase, digest, revocations = _fields(body, 5, "revoke")
+        if (type(phase) is not int or phase not in (REVOKE_OPEN, REVOKE_REPLY, REVOKE_PUSH)
+                or type(digest) is not bytes or len(digest) != 8 or type(revocations) is not list
+                or len(revocations) > MAX_FRAME_REVOCATIONS):
+            raise ProtocolError("bad revoke frame")
+        for r in revocations:
+            if type(r) is not bytes or not 0 < len(r) <= MAX_REVOCATION_BYTES:
+                raise ProtocolError("bad revocation in revoke frame")
+        return Revocations(mesh, node, phase, digest, tuple(revocations))
     raise ProtocolError(f"unknown frame kind {kind}")
 
 

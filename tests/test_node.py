@@ -851,3 +851,42 @@ def test_routes_follow_the_merge_when_a_node_equivocates() -> None:
         a.receive(Hello("test", claim(second), False), 0.1)
         assert a.peers["b"].record == winner
         assert a.routes.records["b"] == winner
+
+
+def test_a_revoked_node_leaves_routing_and_third_party_gossip_does_not_bring_it_back(net: MemoryNetwork) -> None:
+    """The shell revokes n3 at n0 first: n3 leaves n0's routing at once (PeerDown ``revoked``)
+    and stays out although n1 and n2, which do not know yet, keep gossiping about it. Once all
+    know (and the shell drops n3's frames), nobody holds it; a record with a renewed
+    certificate that the shell vouches for lifts the bar."""
+    nodes = mesh_of(net, 4)
+    n0, n1, n2, n3 = nodes
+
+    def vouch(record: NodeRecord) -> str | None:
+        return "revoked" if record.node == "n3" and record.cert != b"renewed" else None
+
+    n0.vouch = vouch
+    actions = n0.revoke("n3", net.clock.now())
+    net.execute(n0.endpoint, actions)
+    assert [(a.node, a.reason) for a in actions if isinstance(a, PeerDown)] == [("n3", "revoked")]
+    assert "n3" not in n0.members and "n3" not in n0.peers and n0.counters["peers_revoked"] == 1
+    assert "n3" in n0.barred and n0.revoke("n0", net.clock.now()) == []  # never ourselves
+    check_invariants(net)
+    net.execute(n3.endpoint, n3.set_subscriptions((Subscription("secrets.*"),), net.clock.now()))
+    net.run(2.0, step=0.05)  # n1 and n2 still hold n3, and gossip about it
+    assert "n3" not in n0.peers and n0.routes.index.resolve("secrets.x").plain == ()
+    assert n0.counters["rejected_revoked_claims"] + n0.counters["rejected_record_revoked"] > 0
+    for node in (n1, n2):
+        node.vouch = vouch
+        net.execute(node.endpoint, node.revoke("n3", net.clock.now()))
+    net.isolate(n3.endpoint)  # the shell drops its frames and no longer sends to it
+    net.run(2.0, step=0.05)
+    for node in (n0, n1, n2):
+        assert "n3" not in node.members and node.routes.index.resolve("secrets.x").plain == ()
+    check_invariants(net)
+    for node in (n0, n1, n2):
+        net.heal(n3.endpoint, node.endpoint)
+    net.execute(n3.endpoint, n3.set_certificate(b"renewed", net.clock.now()))
+    net.execute(n3.endpoint, n3.discovered(net.clock.now(), None, (n0.endpoint,), n3.mesh))
+    run_until(net, lambda: all("n3" in node.peers for node in (n0, n1, n2)), 20.0)
+    assert all("n3" not in node.barred for node in (n0, n1, n2))
+    assert n0.routes.records["n3"].cert == b"renewed"

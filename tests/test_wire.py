@@ -568,3 +568,28 @@ def test_records_and_probes_with_a_malformed_endpoint_are_rejected(endpoint: str
                   sync_frame("m", "n", endpoint, SYNC_OPEN, b"", 0, [], [])):
         with pytest.raises(ProtocolError):
             decode_frame(frame, LIMITS)
+
+
+def test_revoke_frames_round_trip_and_hostile_ones_are_rejected() -> None:
+    from meshmq._wire import (
+        MAX_FRAME_REVOCATIONS, MAX_REVOCATION_BYTES, REVOKE, REVOKE_OPEN, REVOKE_REPLY, Revocations, revoke_frame,
+    )
+
+    digest = bytes(range(8))
+    assert decode_frame(revoke_frame("m", "n", REVOKE_REPLY, digest, [b"r1", b"r2"]), LIMITS) == Revocations(
+        "m", "n", REVOKE_REPLY, digest, (b"r1", b"r2"))
+    assert decode_frame(revoke_frame("m", "n", REVOKE_OPEN, digest, []), LIMITS).revocations == ()  # type: ignore[union-attr]
+    for body, problem in [
+        (["m", "n", 3, digest, []], "bad revoke frame"),                          # unknown phase
+        (["m", "n", True, digest, []], "bad revoke frame"),                       # a bool is not a phase
+        (["m", "n", 0, b"short", []], "bad revoke frame"),                        # digest of another size
+        (["m", "n", 0, digest, "x"], "bad revoke frame"),                         # not a list
+        (["m", "n", 0, digest, [b"r"] * (MAX_FRAME_REVOCATIONS + 1)], "bad revoke frame"),  # too many
+        (["m", "n", 0, digest, [b"x" * (MAX_REVOCATION_BYTES + 1)]], "bad revocation"),  # oversized
+        (["m", "n", 0, digest, [b""]], "bad revocation"),                         # empty
+        (["m", "n", 0, digest, ["text"]], "bad revocation"),                      # not bytes
+        (["m", "", 0, digest, []], "bad revoke"),                                 # no sender
+        (["m", "n", 0, digest], "bad revoke"),                                    # a field missing
+    ]:
+        with pytest.raises(ProtocolError, match=problem):
+            decode_frame(_head(REVOKE) + packed(body), LIMITS)
