@@ -123,6 +123,7 @@ def _setup_logging(verbosity: int) -> None:
 _MAIN_EPILOG = """\
 examples:
   meshmq sub 'orders.>'                          watch every order event
+  meshmq tap --events all                        every message and delivery event in the mesh, live
   meshmq pub orders.placed '{"orderId": "ORD-1"}' --type OrderPlaced
   meshmq peers                                   who is in the mesh, subscribed to what
   meshmq routes --topic orders.placed            who would receive a message on orders.placed
@@ -310,6 +311,10 @@ def _build_parser() -> _Parser:
     sub.add_argument("--json", action="store_true", help="one JSON object per message (see below)")
     _add_mesh_options(sub)
 
+    from ._tapcli import add_commands as add_tap_commands
+
+    add_tap_commands(command, _add_mesh_options, _positive_int, _seconds)
+
     peers = command("peers", "List the nodes of the mesh and what they subscribe to.", _PEERS_EPILOG, _cmd_peers)
     peers.add_argument("--wait", type=_seconds, default=1.5, metavar="S",
                        help="seconds to wait for discovery, at most (default: 1.5)")
@@ -396,7 +401,7 @@ def _build_parser() -> _Parser:
     return parser
 
 
-def _add_mesh_options(parser: argparse.ArgumentParser, top: bool = False) -> None:
+def _add_mesh_options(parser: argparse.ArgumentParser, top: bool = False, service: bool = True) -> None:
     """The options every command shares. They are accepted before and after the command
     name; the subcommand's copies write to their own names (see :func:`_merge_mesh_options`)."""
     group = parser.add_argument_group("mesh options")
@@ -408,8 +413,9 @@ def _add_mesh_options(parser: argparse.ArgumentParser, top: bool = False) -> Non
                        help="static peer endpoint with its key, tcp://HOST:PORT#KEY as meshmq peers shows it (repeatable)")
     group.add_argument("--interface", dest="interface" + suffix, action="append", default=default, metavar="IP",
                        help="address to bind and announce on (repeatable; default: 127.0.0.1)")
-    group.add_argument("--service", dest="service" + suffix, default="meshmq-cli" if top else default, metavar="NAME",
-                       help="service name of this command's agent (default: meshmq-cli)")
+    if service:  # (tap and replay use --service as a filter; their agent is named before the command)
+        group.add_argument("--service", dest="service" + suffix, default="meshmq-cli" if top else default,
+                           metavar="NAME", help="service name of this command's agent (default: meshmq-cli)")
     group.add_argument("-v", "--verbose", dest="verbose" + suffix, action="count", default=0 if top else default,
                        help="log more (-v info, -vv debug)")
     group.add_argument("--insecure", dest="insecure" + suffix, action="store_true", default=False if top else default,

@@ -21,7 +21,7 @@ from typing import Any
 
 from ._errors import UsageError
 from ._tap import (
-    DELIVERY_EVENTS, LOST, MESSAGE, MirrorQueue, TapEvent, event_item, message_item,
+    DELIVERY_EVENTS, LOST, MAX_IDS_PER_EVENT, MESSAGE, MirrorQueue, TapEvent, event_item, message_item,
 )
 from ._topics import matches
 from ._wire import Limits, decode_envelope, encode_envelope
@@ -106,9 +106,10 @@ class Mirror:
         for topic, ids in by_topic.items():
             routes = self._for_topic(topic)
             if routes:
-                item = event_item(kind, at, topic, ids, peer, detail)
-                for route in routes:
-                    route.queue.push(item)
+                for start in range(0, len(ids), MAX_IDS_PER_EVENT):
+                    item = event_item(kind, at, topic, ids[start:start + MAX_IDS_PER_EVENT], peer, detail)
+                    for route in routes:
+                        route.queue.push(item)
                 pushed = True
         if pushed:
             self._schedule()

@@ -211,7 +211,9 @@ def message_item(at: float, topic: str, env: bytes, destinations: list[str]) -> 
 
 def event_item(kind: str, at: float, topic: str, ids: Iterable[bytes], peer: str | None,
                detail: str | None = None) -> list[Any]:
-    return [kind, at, topic, list(ids)[:MAX_IDS_PER_EVENT], peer, detail]
+    ids = list(ids)
+    assert len(ids) <= MAX_IDS_PER_EVENT  # the mirror splits longer lists
+    return [kind, at, topic, ids, peer, detail]
 
 
 # --- the tap's side ------------------------------------------------------------------------

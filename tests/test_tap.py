@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -233,3 +234,87 @@ def test_tap_events_round_trip_through_json() -> None:
                 {"kind": "acked", "at": 1, "node": "n", "service": "s", "ids": "x"}):
         with pytest.raises(ValueError):
             TapEvent.from_json(bad)
+
+
+# --- meshmq tap and meshmq replay -----------------------------------------------------------
+
+def _cli() -> Any:
+    """tests/test_cli.py's helpers for running meshmq in its own process."""
+    import importlib
+
+    return importlib.import_module("test_cli")
+
+
+def test_meshmq_tap_json_records_and_replays(mesh: str, tmp_path: Path) -> None:
+    """`meshmq tap --json --record` in its own process: the ids it prints are the ids
+    published; the recording replays to the same lines; --to-mesh publishes them again."""
+    cli = _cli()
+    record = tmp_path / "seen.tap"
+    tap = cli.Spawned([sys.executable, "-m", "meshmq", "tap", "shop.>", "--json", "--count", "6",
+                       "--duration", "60", "--record", str(record), "--mesh", mesh], cli.cli_env(tmp_path))
+    try:
+        tap.wait_for(lambda: any("tapping" in line for line in tap.stderr), 30, "the tap did not start")
+
+        async def main() -> list[str]:
+            agent = await meshmq.AsyncAgent("shop", mesh=mesh, durability="memory").start()
+            try:
+                await eventually(lambda: agent._tapped, timeout=20, what="the shop to know the tap")
+                ids = [await agent.publish("shop.sold", {"n": i}, type="Sold") for i in range(5)]
+                await agent.publish("other.thing", b"not tapped")
+                ids.append(await agent.publish("shop.closed", b"bye"))
+                return ids
+            finally:
+                await agent.stop()
+
+        ids = run(main(), timeout=60)
+        assert tap.finish(60) == 0, tap.stderr
+    finally:
+        tap.end()
+    lines = [json.loads(line) for line in tap.stdout]
+    assert [line["ids"][0] for line in lines] == ids
+    assert lines[0]["topic"] == "shop.sold" and lines[0]["data"] == {"n": 0} and lines[0]["type"] == "Sold"
+    assert lines[-1]["raw_hex"] == b"bye".hex()
+
+    replayed = cli.run_cli(tmp_path, "replay", str(record), "--json", "--mesh", mesh)
+    assert replayed.returncode == 0, replayed.stderr
+    assert [json.loads(line) for line in replayed.stdout.splitlines()] == lines
+    table = cli.run_cli(tmp_path, "replay", str(record), "--type", "Sold", "--headers-only", "--no-color")
+    assert table.returncode == 0 and len(table.stdout.splitlines()) == 5
+    assert "shop.sold" in table.stdout and "Sold" in table.stdout and '{"n": 0}' not in table.stdout
+
+    async def listen() -> list[Any]:
+        got: list[Any] = []
+        sink = await meshmq.AsyncAgent("sink", mesh=mesh, durability="memory").start()
+        sink.subscribe("shop.*", lambda m: got.append(m.data))
+        try:
+            again = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "meshmq", "replay", str(record), "--to-mesh", "--mesh", mesh,
+                env=cli.cli_env(tmp_path), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            _, err = await asyncio.wait_for(again.communicate(), 60)
+            assert again.returncode == 0, err
+            await eventually(lambda: len(got) == 6, what="the replayed messages")
+        finally:
+            await sink.stop()
+        return got
+
+    assert run(listen(), timeout=90) == [{"n": i} for i in range(5)] + [b"bye"]
+
+
+def test_meshmq_tap_and_replay_refuse_bad_input(tmp_path: Path) -> None:
+    cli = _cli()
+    bad = cli.run_cli(tmp_path, "tap", "--events", "sent,bogus", "--duration", "1")
+    assert bad.returncode == 2 and "unknown kind bogus" in bad.stderr
+    pattern = cli.run_cli(tmp_path, "tap", "orders.>.x", "--duration", "1")
+    assert pattern.returncode == 2 and "orders.>.x" in pattern.stderr
+    missing = cli.run_cli(tmp_path, "replay", str(tmp_path / "nope.tap"))
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
+    (tmp_path / "junk.tap").write_text("hello\n")
+    junk = cli.run_cli(tmp_path, "replay", str(tmp_path / "junk.tap"))
+    assert junk.returncode == 2 and "not a recording of meshmq tap" in junk.stderr
+    good = '{"format": "meshmq-tap-record/1", "patterns": [">"], "mesh": "m", "started": 1}\n'
+    (tmp_path / "broken.tap").write_text(good + '{"kind": "acked", "at": 1, "node": "n", "service": "s"}\n{oops\n')
+    broken = cli.run_cli(tmp_path, "replay", str(tmp_path / "broken.tap"))
+    assert broken.returncode == 2 and "line 3" in broken.stderr
+    (tmp_path / "taken.tap").write_text("")
+    taken = cli.run_cli(tmp_path, "tap", "--record", str(tmp_path / "taken.tap"), "--duration", "1")
+    assert taken.returncode == 2 and "never overwritten" in taken.stderr
