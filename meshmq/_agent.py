@@ -25,7 +25,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,9 @@ from ._security import (
     parse_authorities, unarmor, unarmor_revocations, unb64, verify,
 )
 from ._store import Batch, Contents, Store, open_instance
-from ._tap import ACKED, DEAD_LETTERED, EXPIRED, LOST, REJECTED, RETRIED, SENT, TapEvent, decode_items, envelope_head
+from ._tap import (
+    ACKED, DEAD_LETTERED, DELIVERY_EVENTS, EXPIRED, LOST, REJECTED, RETRIED, SENT, TapEvent, decode_items, envelope_head,
+)
 from ._topics import check_pattern, check_topic, check_user_topic, matches, reply_topic
 from ._transport import Link, Transport, Wakeup
 from ._wire import (
@@ -706,7 +708,7 @@ class AsyncAgent:
             self._forget_revoked()
             self._started_at = time.monotonic()
             record = NodeRecord(self.node_id, self.service, endpoints, self._advertised(), 0, time.time(),
-                                cert=self._cert, taps=self._tap_patterns())
+                                cert=self._cert, taps=self._tap_patterns(), tap_events=self._tap_event_kinds())
             self._node = Node(cfg.mesh, record, timing=Timing.from_config(cfg), limits=self.limits,
                               max_peers=cfg.max_peers, sign=self._sign_record if self._secure else None,
                               vouch=self._vouch if self._secure else _refuse_secure)
@@ -2468,17 +2470,18 @@ class AsyncAgent:
 
     # --- taps -------------------------------------------------------------------------
 
-    def tap(self, *patterns: str, events: bool = True) -> Tap:
+    def tap(self, *patterns: str, events: bool | Iterable[str] = True) -> Tap:
         """Watch the mesh's traffic on ``patterns`` (default ``>``: everything): every agent
-        mirrors to this one what it publishes there, and, with ``events``, what happens to it
-        (sent, acknowledged, sent again, expired, dead-lettered, rejected). Iterate the
+        mirrors to this one what it publishes there, and what happens to it: ``events`` is
+        True (every delivery event: sent, acked, retried, expired, dead-lettered, rejected),
+        False (messages only) or the kinds wanted (agents report only those). Iterate the
         returned :class:`Tap` for :class:`TapEvent` objects. Needs the tap right in this
         agent's certificate (the development authority gives it); payloads come only for
         topics the certificate allows subscribing to. Agents started after the tap, or
         before it, mirror alike: the tap is in the routing table."""
         return self._tap(patterns, events, threaded=False)
 
-    def _tap(self, patterns: tuple[str, ...], events: bool, threaded: bool) -> Tap:
+    def _tap(self, patterns: tuple[str, ...], events: bool | Iterable[str], threaded: bool) -> Tap:
         self._check_running()
         cert = self._rights.cert
         if self._secure and (cert is None or not cert.tap):
@@ -2486,7 +2489,15 @@ class AsyncAgent:
         patterns = patterns or (">",)
         for pattern in patterns:
             check_pattern(pattern, self.config.max_topic_length, self.config.max_topic_tokens)
-        tap = Tap(tuple(patterns), self.config.tap_buffer_messages, self._tap_closed, threaded, events)
+        if events is True or events is False:
+            kinds = frozenset(DELIVERY_EVENTS) if events else frozenset()
+        else:
+            kinds = frozenset(events)
+            unknown = kinds - set(DELIVERY_EVENTS)
+            if unknown:
+                raise UsageError(f"unknown tap event kind {', '.join(sorted(unknown))}; "
+                                 f"the kinds are {', '.join(DELIVERY_EVENTS)}")
+        tap = Tap(tuple(patterns), self.config.tap_buffer_messages, self._tap_closed, threaded, kinds)
         self._taps.append(tap)
         self._taps_changed()
         return tap
@@ -2502,9 +2513,13 @@ class AsyncAgent:
     def _tap_patterns(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(p for tap in self._taps for p in tap.patterns))
 
+    def _tap_event_kinds(self) -> tuple[str, ...]:
+        wanted = set().union(*(tap.events for tap in self._taps)) if self._taps else set()
+        return tuple(k for k in DELIVERY_EVENTS if k in wanted)
+
     def _taps_changed(self) -> None:
         if self._node is not None and self._state == "running":
-            self._apply(self._node.set_taps(self._tap_patterns(), time.monotonic()))
+            self._apply(self._node.set_taps(self._tap_patterns(), self._tap_event_kinds(), time.monotonic()))
             self._rebuild_taps()
 
     def _rebuild_taps(self) -> None:
@@ -2530,10 +2545,12 @@ class AsyncAgent:
                 except UsageError:
                     continue
             reader = rights if rights is not None else Rights(None)
-            routes[node] = (tuple(patterns), lambda topic, r=reader: r.may_subscribe(tuple(topic.split("."))))
+            routes[node] = (tuple(patterns), frozenset(record.tap_events),
+                            lambda topic, r=reader: r.may_subscribe(tuple(topic.split("."))))
         self._mirror.set_routes(routes)
         self._tapped = bool(routes)
-        self._outbox.observe = self._observe if routes else None
+        # Per-message work for sent / acked / retried only while some tap wants them.
+        self._outbox.observe = self._observe if self._mirror.wants((SENT, ACKED, RETRIED)) else None
 
     def _observe(self, kind: str, dest: Destination, entries: list[Any]) -> None:
         """The outbox sent, sent again or was acknowledged ``entries`` (a tap watches)."""
@@ -2617,7 +2634,7 @@ class AsyncAgent:
         for event in events:
             topic = event.topic or ""
             for tap in self._taps:
-                if (event.kind == "message" or tap.events) and tap.wants(topic):
+                if (event.kind == "message" or event.kind in tap.events) and tap.wants(topic):
                     tap._push(event)
 
     # --- carrying out the core's decisions ------------------------------------------------

@@ -16,7 +16,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 from ._errors import UsageError
@@ -36,12 +36,13 @@ class TapRoute:
     """A tap of the mesh this agent mirrors to: its patterns, what its certificate lets it
     read, and the items waiting for it."""
 
-    __slots__ = ("node", "patterns", "may_read", "queue")
+    __slots__ = ("node", "patterns", "events", "may_read", "queue")
 
-    def __init__(self, node: str, patterns: tuple[tuple[str, ...], ...], may_read: Callable[[str], bool],
-                 limit: int) -> None:
+    def __init__(self, node: str, patterns: tuple[tuple[str, ...], ...], events: frozenset[str],
+                 may_read: Callable[[str], bool], limit: int) -> None:
         self.node = node
         self.patterns = patterns
+        self.events = events
         self.may_read = may_read
         self.queue = MirrorQueue(limit)
 
@@ -65,17 +66,24 @@ class Mirror:
     def __bool__(self) -> bool:
         return bool(self.routes)
 
-    def set_routes(self, taps: dict[str, tuple[tuple[tuple[str, ...], ...], Callable[[str], bool]]]) -> None:
-        """The taps of the mesh now: node -> (patterns as tokens, may it read a topic)."""
+    def set_routes(self, taps: dict[str, tuple[tuple[tuple[str, ...], ...], frozenset[str],
+                                                Callable[[str], bool]]]) -> None:
+        """The taps of the mesh now: node -> (patterns as tokens, delivery events it wants,
+        may it read a topic)."""
         kept = {}
-        for node, (patterns, may_read) in taps.items():
+        for node, (patterns, events, may_read) in taps.items():
             route = self.routes.get(node)
             if route is None or route.patterns != patterns:
-                route = TapRoute(node, patterns, may_read, self.config.tap_queue_messages)
+                route = TapRoute(node, patterns, events, may_read, self.config.tap_queue_messages)
+            route.events = events
             route.may_read = may_read
             kept[node] = route
         self.routes = kept
         self._by_topic = {}
+
+    def wants(self, kinds: Iterable[str]) -> bool:
+        """Whether some tap wants any of these delivery events."""
+        return any(not route.events.isdisjoint(kinds) for route in self.routes.values())
 
     def _for_topic(self, topic: str) -> tuple[TapRoute, ...]:
         routes = self._by_topic.get(topic)
@@ -104,7 +112,7 @@ class Mirror:
         at = time.time()
         pushed = False
         for topic, ids in by_topic.items():
-            routes = self._for_topic(topic)
+            routes = tuple(r for r in self._for_topic(topic) if kind in r.events)
             if routes:
                 for start in range(0, len(ids), MAX_IDS_PER_EVENT):
                     item = event_item(kind, at, topic, ids[start:start + MAX_IDS_PER_EVENT], peer, detail)
@@ -165,10 +173,10 @@ class Tap:
     how many, as do the agents that mirror to it when it falls behind them."""
 
     def __init__(self, patterns: tuple[str, ...], limit: int, on_close: Callable[[Tap], None],
-                 threaded: bool, events: bool = True) -> None:
+                 threaded: bool, events: frozenset[str] = frozenset(DELIVERY_EVENTS)) -> None:
         self.patterns = patterns
         self.events = events
-        """Whether delivery events are wanted, or only the messages."""
+        """The delivery events wanted besides the messages."""
         self._tokens = tuple(tuple(p.split(".")) for p in patterns)
         self.closed = False
         self._limit = limit

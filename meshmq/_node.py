@@ -361,9 +361,11 @@ class Node:
         self._gossip_round(now, actions)
         return actions
 
-    def set_taps(self, taps: tuple[str, ...], now: float) -> list[Action]:
-        """Advertise the topic patterns this node watches as a tap (empty: it is no tap)."""
-        self._claim(dataclasses.replace(self.record, taps=taps, incarnation=self.me.incarnation + 1))
+    def set_taps(self, taps: tuple[str, ...], events: tuple[str, ...], now: float) -> list[Action]:
+        """Advertise the topic patterns this node watches as a tap (empty: it is no tap) and
+        the delivery events it wants reported."""
+        self._claim(dataclasses.replace(self.record, taps=taps, tap_events=events,
+                                        incarnation=self.me.incarnation + 1))
         actions: list[Action] = []
         self.next_gossip = now
         self._gossip_round(now, actions)

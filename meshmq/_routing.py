@@ -150,7 +150,7 @@ class RoutingTable:
         self._index = RouteIndex(())
         self._dirty = True
         self.tap_version = 0
-        """Grows whenever a node's tap patterns change (taps are not in the index)."""
+        """Grows whenever a node's tap patterns or tap events change (taps are not in the index)."""
 
     @property
     def index(self) -> RouteIndex:
@@ -173,7 +173,7 @@ class RoutingTable:
         self.records[record.node] = record
         if (known.subscriptions if known is not None else ()) != record.subscriptions:
             self._dirty = True
-        if (known.taps if known is not None else ()) != record.taps:
+        if known is None or (known.taps, known.tap_events) != (record.taps, record.tap_events):
             self.tap_version += 1
         return True
 

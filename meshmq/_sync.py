@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 import os
 from typing import Any, TypeVar
 
@@ -193,7 +193,7 @@ class Agent:
         (``for msg in sub``) or call ``sub.get(timeout)``."""
         return self._call(self._agent._subscribe, pattern, handler, queue, handler is None, True, durable)
 
-    def tap(self, *patterns: str, events: bool = True) -> Tap:
+    def tap(self, *patterns: str, events: bool | Iterable[str] = True) -> Tap:
         """See :meth:`AsyncAgent.tap`. Iterate the tap (``for event in tap``) or call
         ``tap.get(timeout)``."""
         return self._call(self._agent._tap, patterns, events, True)

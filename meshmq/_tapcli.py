@@ -108,10 +108,6 @@ class Filter:
         self.nodes = tuple(args.nodes)
         self._shown: collections.OrderedDict[str, None] = collections.OrderedDict()
 
-    def wanted_kinds(self) -> bool:
-        """Whether any delivery event is wanted (else the tap asks for messages only)."""
-        return bool(self.events)
-
     def __call__(self, event: TapEvent) -> bool:
         if event.kind == LOST:
             return True
@@ -272,7 +268,7 @@ def cmd_tap(args: argparse.Namespace) -> int:
     with Agent(_service(args, "meshmq-tap"), **_overrides(args)) as agent:
         recorder = Recorder(args.record, patterns, agent.config.mesh) if args.record else None
         try:
-            tap = agent.tap(*patterns, events=shown_filter.wanted_kinds())
+            tap = agent.tap(*patterns, events=shown_filter.events)
             until = []
             if args.count:
                 until.append(f"{args.count} lines")

@@ -297,10 +297,13 @@ class NodeRecord:
     taps: tuple[str, ...] = ()
     """Topic patterns the node watches as a tap (``meshmq tap``): agents mirror to it what
     they publish on them. Needs the tap right in its certificate."""
+    tap_events: tuple[str, ...] = ()
+    """The delivery events its taps want besides the messages (``sent``, ``acked``, ...):
+    agents report only those, so a tap that wants few costs little."""
 
     def signing_bytes(self) -> bytes:
         """What the node signs: the record without its signature."""
-        return msgpack.packb(self.to_wire()[:9], use_bin_type=True)
+        return msgpack.packb(self.to_wire()[:10], use_bin_type=True)
 
     @property
     def key(self) -> tuple[float, int]:
@@ -311,14 +314,14 @@ class NodeRecord:
             self.node, self.service, list(self.endpoints),
             [[s.pattern, s.group, True] if s.durable else [s.pattern, s.group] for s in self.subscriptions],
             self.incarnation, self.started,
-            [list(s) for s in self.schemas], list(self.taps), self.cert, self.sig,
+            [list(s) for s in self.schemas], list(self.taps), list(self.tap_events), self.cert, self.sig,
         ]
 
     @classmethod
     def from_wire(cls, obj: Any, limits: Limits) -> NodeRecord:
-        if type(obj) is not list or len(obj) != 10:
-            raise ProtocolError("node record is not a 10-field array")
-        node, service, endpoints, subs, incarnation, started, schemas, taps, cert, sig = obj
+        if type(obj) is not list or len(obj) != 11:
+            raise ProtocolError("node record is not an 11-field array")
+        node, service, endpoints, subs, incarnation, started, schemas, taps, tap_events, cert, sig = obj
         _check_node_id(node, "node id in record")
         if type(service) is not str or not 0 < len(service) <= _MAX_NAME:
             raise ProtocolError("bad service in record")
@@ -352,12 +355,15 @@ class NodeRecord:
         for pattern in taps:
             if type(pattern) is not str or not pattern or len(pattern) > limits.max_topic_length:
                 raise ProtocolError("bad tap pattern in record")
+        if type(tap_events) is not list or len(tap_events) > 16 or not all(
+                type(e) is str and 0 < len(e) <= 32 for e in tap_events):
+            raise ProtocolError("bad tap events in record")
         if cert is not None and (type(cert) is not bytes or len(cert) > MAX_CERT_BYTES):
             raise ProtocolError("bad certificate in record")
         if sig is not None and (type(sig) is not bytes or len(sig) != 64):
             raise ProtocolError("bad signature in record")
         return cls(node, service, tuple(endpoints), tuple(parsed), incarnation, float(started),
-                   tuple((sc[0], sc[1]) for sc in schemas), cert, sig, tuple(taps))
+                   tuple((sc[0], sc[1]) for sc in schemas), cert, sig, tuple(taps), tuple(tap_events))
 
 
 def _check_node_id(node: Any, what: str) -> None:

@@ -315,7 +315,7 @@ def test_valid_envelope_with_random_fields_only_raises_protocol_error(body: tupl
 RECORD = NodeRecord(
     "node-1", "orders", ("tcp://127.0.0.1:7400", "ipc:///tmp/n1"),
     (Subscription("orders.*"), Subscription("jobs.>", "workers")), 4, 1700000000.5,
-    (("OrderPlaced", 2),), b"cert", taps=("payments.>",),
+    (("OrderPlaced", 2),), b"cert", taps=("payments.>",), tap_events=("acked", "retried"),
 )
 EP = "tcp://127.0.0.1:7401"
 
@@ -465,7 +465,8 @@ def test_oversized_frame_is_rejected() -> None:
 
 def _record_wire(**changes: Any) -> list[Any]:
     wire = RECORD.to_wire()
-    names = ["node", "service", "endpoints", "subs", "incarnation", "started", "schemas", "taps", "cert", "sig"]
+    names = ["node", "service", "endpoints", "subs", "incarnation", "started", "schemas", "taps", "tap_events", "cert",
+             "sig"]
     for name, value in changes.items():
         wire[names.index(name)] = value
     return wire
@@ -480,8 +481,10 @@ def _entry_wire(**changes: Any) -> list[Any]:
 
 
 @pytest.mark.parametrize(("record", "problem"), [
-    ("record", "10-field array"),
-    (_record_wire()[:9], "10-field array"),
+    ("record", "11-field array"),
+    (_record_wire()[:10], "11-field array"),
+    (_record_wire(tap_events="sent"), "bad tap events"),
+    (_record_wire(tap_events=[""]), "bad tap events"),
     (_record_wire(taps="orders.>"), "bad or too many tap patterns"),
     (_record_wire(taps=["x"] * 65), "bad or too many tap patterns"),
     (_record_wire(taps=[""]), "bad tap pattern"),
