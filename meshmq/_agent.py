@@ -1513,10 +1513,10 @@ class AsyncAgent:
             if (outbox.count < outbox.max_count and outbox.bytes + size <= outbox.max_bytes
                     and len(dest.stream.pending) < outbox.max_dest_count
                     and dest.bytes + size <= outbox.max_dest_bytes):
+                if self._tapped:
+                    self._mirror.message(topic, env, dest.node)  # type: ignore[union-attr]
                 outbox.put(dest, env, size, expires, 0.0)
                 state.published += 1
-                if self._tapped:
-                    self._mirror.message(topic, env, [dest.node])  # type: ignore[union-attr]
                 if outbox.durable:
                     return True
                 if dest.link is not None:
@@ -1547,6 +1547,10 @@ class AsyncAgent:
             full = outbox.full([d for d, _ in dests], size)
             if full is not None:
                 raise _Full(None if full is True else full)  # type: ignore[arg-type]
+        if self._tapped:  # before it is sent: a tap sees a message before what happens to it
+            self._mirror.message(topic, env, [d.node for d, _ in dests]  # type: ignore[union-attr]
+                                 + ([self.node_id] if local is not None else []))
+        if dests:
             now = time.monotonic()
             durable = outbox.durable
             for dest, entry in dests:
@@ -1561,9 +1565,6 @@ class AsyncAgent:
                 assert self._loop is not None
                 self._loop.call_soon(self._flush_local)
         state.published += 1
-        if self._tapped:
-            self._mirror.message(topic, env, [d.node for d, _ in dests]  # type: ignore[union-attr]
-                                 + ([self.node_id] if local is not None else []))
         return bool(dests) and outbox.durable
 
     def _send_soon(self, link: Link, stream: Any) -> None:

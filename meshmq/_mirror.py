@@ -60,6 +60,10 @@ class Mirror:
         self._send = send  # (tap node, lost, items) -> whether it left
         self.routes: dict[str, TapRoute] = {}
         self._by_topic: dict[str, tuple[TapRoute, ...]] = {}
+        # What was published since the last flush: (topic, envelope, destinations), sorted out
+        # per tap when flushed, so that a publish pays one append and nothing more.
+        self._published: collections.deque[tuple[str, bytes, Any]] = collections.deque()
+        self._unsorted_lost = 0
         self._timer: asyncio.TimerHandle | None = None
         self.counters: collections.Counter[str] = collections.Counter()
 
@@ -94,18 +98,35 @@ class Mirror:
             self._by_topic[topic] = routes
         return routes
 
-    def message(self, topic: str, env: bytes, destinations: list[str]) -> None:
-        """A message this agent published (or sent again from its dead letters)."""
-        routes = self._for_topic(topic)
-        if not routes:
-            return
-        item = message_item(time.time(), topic, env, destinations)
-        for route in routes:
-            route.queue.push(item)
-        self._schedule()
+    def message(self, topic: str, env: bytes, destinations: str | list[str]) -> None:
+        """A message this agent published, to ``destinations`` (a node, or a list): the hot
+        path, one bounded append; :meth:`flush` sorts it out per tap."""
+        published = self._published
+        if len(published) >= self.config.tap_queue_messages:
+            published.popleft()
+            self._unsorted_lost += 1
+        published.append((topic, env, destinations))
+        if self._timer is None:
+            self._timer = self.loop.call_later(self.config.tap_flush_interval, self.flush)
+
+    def _sort(self) -> None:
+        """Hand what was published since the last flush to the queues of the taps that watch it."""
+        published, self._published = self._published, collections.deque()
+        lost, self._unsorted_lost = self._unsorted_lost, 0
+        if lost:
+            for route in self.routes.values():  # which taps would have wanted them is not known
+                route.queue.lost += lost
+        for topic, env, destinations in published:
+            routes = self._for_topic(topic)
+            if routes:
+                item = message_item(0.0, topic, env, [destinations] if type(destinations) is str else destinations)
+                for route in routes:
+                    route.queue.push(item)
 
     def event(self, kind: str, messages: list[tuple[str, bytes]], peer: str | None, detail: str | None = None) -> None:
         """A delivery event about ``messages`` ((topic, id) pairs), for the taps of each topic."""
+        if self._published:
+            self._sort()  # a tap sees a message before what happened to it
         by_topic: dict[str, list[bytes]] = {}
         for topic, mid in messages:
             by_topic.setdefault(topic, []).append(mid)
@@ -129,6 +150,7 @@ class Mirror:
     def flush(self) -> None:
         """Send what waits for every tap, a frame's worth at a time."""
         self._timer = None
+        self._sort()
         for route in self.routes.values():
             while route.queue:
                 items, lost = route.queue.take(FLUSH_ITEMS)
@@ -140,6 +162,7 @@ class Mirror:
                 self.counters["tap_items_sent"] += len(items)
 
     def close(self) -> None:
+        self._published.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

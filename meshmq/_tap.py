@@ -205,7 +205,7 @@ class MirrorQueue:
 
 def message_item(at: float, topic: str, env: bytes, destinations: list[str]) -> list[Any]:
     """A published message, as the sender queues it (whether its payload goes to a tap is
-    decided per tap when it is flushed)."""
+    decided per tap when it is flushed). ``at`` 0.0: when it was published (its timestamp)."""
     return [MESSAGE, at, topic, env, destinations]
 
 
@@ -238,7 +238,7 @@ def decode_items(items: Any, node: str, service: str, services: dict[str, str], 
                     or type(size) is not int or size < 0):
                 raise ProtocolError("bad tap message item")
             msg = decode_envelope(env, limits)
-            yield TapEvent(MESSAGE, at, node, service, ids=(msg.id,), topic=msg.topic, type=msg.type,
+            yield TapEvent(MESSAGE, at or msg.timestamp, node, service, ids=(msg.id,), topic=msg.topic, type=msg.type,
                            source=msg.source, destinations=tuple(services.get(d, d) for d in dests),
                            size=len(msg.raw) if shown else size,
                            headers=msg.headers or None, raw=msg.raw if shown else None,
