@@ -657,6 +657,7 @@ class AsyncAgent:
         self._tap_packer = msgpack.Packer(use_bin_type=True)
         self._tapped = False  # some tap of the mesh watches this agent
         self._tap_version = -1  # of the routing table's taps, when they were last read
+        self._observed: frozenset[str] = frozenset()  # outbox events (sent, acked, retried) some tap wants
         self._revocations = RevocationList(self.config.mesh, (), self.config.max_revocations)
         self._revocation_digests: dict[str, bytes] = {}  # peer -> digest of its revocation list, last heard
         self._revoked_keys: set[str] = set()  # CURVE keys of nodes cut off: their frames are counted apart
@@ -2551,10 +2552,14 @@ class AsyncAgent:
         self._mirror.set_routes(routes)
         self._tapped = bool(routes)
         # Per-message work for sent / acked / retried only while some tap wants them.
-        self._outbox.observe = self._observe if self._mirror.wants((SENT, ACKED, RETRIED)) else None
+        self._observed = frozenset(k for k in (SENT, ACKED, RETRIED) if self._mirror.wants((k,)))
+        self._outbox.observe = self._observe if self._observed else None
 
     def _observe(self, kind: str, dest: Destination, entries: list[Any]) -> None:
         """The outbox sent, sent again or was acknowledged ``entries`` (a tap watches)."""
+        kind = {"sent": SENT, "retried": RETRIED, "acked": ACKED}[kind]
+        if kind not in self._observed:
+            return
         messages = []
         for entry in entries:
             env = entry if type(entry) is bytes else entry[0]
@@ -2566,8 +2571,7 @@ class AsyncAgent:
                     continue
                 head = (msg.topic, msg._id)
             messages.append(head)
-        self._mirror.event({"sent": SENT, "retried": RETRIED, "acked": ACKED}[kind],  # type: ignore[union-attr]
-                           messages, dest.node)
+        self._mirror.event(kind, messages, dest.node)  # type: ignore[union-attr]
 
     def _tap_event(self, kind: str, messages: list[tuple[str, bytes]], peer: str | None,
                    detail: str | None = None) -> None:
