@@ -2420,6 +2420,9 @@ class AsyncAgent:
                 out.update(sender.stream.counters)
         if self._store is not None:
             out.update({f"store_{k}": v for k, v in self._store.counters.items()})
+        if self._mirror is not None:
+            out.update(self._mirror.counters)
+            out["taps_watching"] = len(self._mirror.routes)
         return dict(out)
 
     def outbox(self) -> list[OutboxEntry]:

@@ -325,3 +325,19 @@ def test_meshmq_tap_and_replay_refuse_bad_input(tmp_path: Path) -> None:
     (tmp_path / "taken.tap").write_text("")
     taken = cli.run_cli(tmp_path, "tap", "--record", str(tmp_path / "taken.tap"), "--duration", "1")
     assert taken.returncode == 2 and "never overwritten" in taken.stderr
+
+
+def test_the_blocking_agent_taps_too_and_bad_event_kinds_are_refused(mesh: str) -> None:
+    from aio import wait_until
+
+    with meshmq.Agent("watcher", mesh=mesh, durability="memory") as watcher, \
+            meshmq.Agent("pub", mesh=mesh, durability="memory") as pub:
+        with pytest.raises(meshmq.UsageError, match="unknown tap event kind bogus"):
+            watcher.tap(events=["acked", "bogus"])
+        tap = watcher.tap("news.*", events=False)
+        wait_until(lambda: pub._agent._tapped, what="the publisher to know the tap")
+        mid = pub.publish("news.today", "hello")
+        event = tap.get(timeout=10)
+        assert event is not None and event.ids == (mid,) and event.data == "hello"
+        tap.close()
+        assert tap.get(timeout=1) is None and tap.closed
