@@ -52,7 +52,8 @@ from ._security import (
 )
 from ._store import Batch, Contents, Store, open_instance
 from ._tap import (
-    ACKED, DEAD_LETTERED, DELIVERY_EVENTS, EXPIRED, LOST, REJECTED, RETRIED, SENT, TapEvent, decode_items, envelope_head,
+    ACKED, CONTROL_EVENTS, DEAD_LETTERED, DELIVERY_EVENTS, EXPIRED, JOINED, LEFT, LOST, REJECTED, RETRIED, ROUTES, SENT,
+    TapEvent, decode_items, envelope_head,
 )
 from ._topics import check_pattern, check_topic, check_user_topic, matches, reply_topic
 from ._transport import Link, Transport, Wakeup
@@ -2495,13 +2496,13 @@ class AsyncAgent:
         for pattern in patterns:
             check_pattern(pattern, self.config.max_topic_length, self.config.max_topic_tokens)
         if events is True or events is False:
-            kinds = frozenset(DELIVERY_EVENTS) if events else frozenset()
+            kinds = frozenset(DELIVERY_EVENTS + CONTROL_EVENTS) if events else frozenset()
         else:
             kinds = frozenset(events)
-            unknown = kinds - set(DELIVERY_EVENTS)
+            unknown = kinds - set(DELIVERY_EVENTS + CONTROL_EVENTS)
             if unknown:
                 raise UsageError(f"unknown tap event kind {', '.join(sorted(unknown))}; "
-                                 f"the kinds are {', '.join(DELIVERY_EVENTS)}")
+                                 f"the kinds are {', '.join(DELIVERY_EVENTS + CONTROL_EVENTS)}")
         tap = Tap(tuple(patterns), self.config.tap_buffer_messages, self._tap_closed, threaded, kinds)
         self._taps.append(tap)
         self._taps_changed()
@@ -2580,6 +2581,16 @@ class AsyncAgent:
                    detail: str | None = None) -> None:
         if self._tapped:
             self._mirror.event(kind, messages, peer, detail)  # type: ignore[union-attr]
+
+    def _control(self, kind: str, node: str | None, service: str | None, detail: str | None) -> None:
+        """A change of the mesh this agent saw, for its own taps."""
+        if not self._taps:
+            return
+        event = TapEvent(kind, time.time(), self.node_id, self.service, peer=node, peer_service=service,
+                         detail=detail)
+        for tap in self._taps:
+            if kind in tap.events:
+                tap._push(event)
 
     def _send_tap(self, node: str, lost: int, items: list[Any]) -> bool:
         """One frame of mirrored items to the tap ``node``; False if it cannot leave now."""
@@ -2668,6 +2679,7 @@ class AsyncAgent:
                     link.node, link.service = rec.node, rec.service
                     if rec.node not in self._node_links:
                         log.info("peer up: %s (%s) at %s", rec.service, rec.node, rec.endpoints[0])
+                        self._control(JOINED, rec.node, rec.service, rec.endpoints[0])
                         self._compare_revocations(rec.endpoints[0])  # a newcomer may lack some (or have more)
                     self._node_links[rec.node] = link
                     assert self._outbox is not None
@@ -2683,6 +2695,8 @@ class AsyncAgent:
                 if self._requests:
                     self._responder_left(action.node)
                 log.info("peer %s: %s (%s)", action.reason, action.service, action.node)
+                self._control(action.reason if action.reason in CONTROL_EVENTS else LEFT, action.node,
+                              action.service, action.reason)
                 changed = True
             elif kind is Disconnect:
                 transport.async_disconnect(action.endpoint)
@@ -2690,6 +2704,10 @@ class AsyncAgent:
             self._fanout, self._single = {}, {}
         if self._node.routes.index is not self._index:
             self._index = self._node.routes.index
+            if self._taps:
+                records = self._node.routes.records
+                self._control(ROUTES, None, None, f"{sum(len(r.subscriptions) for r in records.values())} "
+                                                  f"subscriptions of {len(records)} peers")
             self._remembered.sync({n: p.record for n, p in self._node.peers.items()}, self._store_batch,
                                   time.time())
             changed = True

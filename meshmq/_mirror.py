@@ -21,7 +21,7 @@ from typing import Any
 
 from ._errors import UsageError
 from ._tap import (
-    DELIVERY_EVENTS, LOST, MAX_IDS_PER_EVENT, MESSAGE, MirrorQueue, TapEvent, event_item, message_item,
+    CONTROL_EVENTS, DELIVERY_EVENTS, LOST, MAX_IDS_PER_EVENT, MESSAGE, MirrorQueue, TapEvent, event_item, message_item,
 )
 from ._topics import matches
 from ._wire import Limits, decode_envelope, encode_envelope
@@ -196,7 +196,7 @@ class Tap:
     how many, as do the agents that mirror to it when it falls behind them."""
 
     def __init__(self, patterns: tuple[str, ...], limit: int, on_close: Callable[[Tap], None],
-                 threaded: bool, events: frozenset[str] = frozenset(DELIVERY_EVENTS)) -> None:
+                 threaded: bool, events: frozenset[str] = frozenset(DELIVERY_EVENTS + CONTROL_EVENTS)) -> None:
         self.patterns = patterns
         self.events = events
         """The delivery events wanted besides the messages."""

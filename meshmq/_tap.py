@@ -32,7 +32,11 @@ DEAD_LETTERED = "dead-lettered"
 REJECTED = "rejected"
 LOST = "lost"
 DELIVERY_EVENTS = (SENT, ACKED, RETRIED, EXPIRED, DEAD_LETTERED, REJECTED)
-KINDS = (MESSAGE, *DELIVERY_EVENTS, LOST)
+JOINED, LEFT, DEAD, REPLACED, REVOKED, ROUTES = "joined", "left", "dead", "replaced", "revoked", "routes"
+CONTROL_EVENTS = (JOINED, LEFT, DEAD, REPLACED, REVOKED, ROUTES)
+"""What the tap's own agent sees of the mesh: a node joined, left, was declared dead, was
+replaced by a new life, was revoked; the routes changed."""
+KINDS = (MESSAGE, *DELIVERY_EVENTS, *CONTROL_EVENTS, LOST)
 MAX_IDS_PER_EVENT = 4096
 MAX_DESTINATIONS = 4096
 _ID_BYTES = 16
@@ -64,7 +68,9 @@ class TapEvent:
     ``kind`` is ``message`` (a message was published: its header, its destinations, and
     its payload if the tap may read it) or a delivery event naming the messages it is
     about: ``sent``, ``acked``, ``retried``, ``expired``, ``dead-lettered``,
-    ``rejected``; or ``lost``: ``count`` items the tap fell too far behind to be shown.
+    ``rejected``; or a control event the tap's own agent saw (``joined``, ``left``,
+    ``dead``, ``replaced``, ``revoked``, ``routes``: ``peer`` is the node concerned); or
+    ``lost``: ``count`` items the tap fell too far behind to be shown.
     ``node`` and ``service`` say which agent reported it; ``peer`` is the other end (the
     destination, or for ``rejected`` the sender).
     """

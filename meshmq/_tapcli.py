@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
 from ._errors import UsageError
-from ._tap import DELIVERY_EVENTS, LOST, MESSAGE, TapEvent
+from ._tap import CONTROL_EVENTS, DELIVERY_EVENTS, LOST, MESSAGE, TapEvent
 from ._topics import check_pattern, matches
 
 RECORD_FORMAT = "meshmq-tap-record/1"
@@ -30,10 +30,11 @@ TAP_EPILOG = """\
   meshmq tap --json | jq .topic                 one JSON object per line
   meshmq tap --duration 60 --record today.tap   a minute of traffic, saved (meshmq replay today.tap)
 
-Each line is a message (time, topic, type, source -> destinations, size, id, payload)
-or a delivery event about messages (sent, acked, retried, expired, dead-lettered,
-rejected; --events picks which: 'all', 'none' or a comma list; default: the ones
-that mean trouble). Payloads are shown only for topics this tap's certificate lets it
+Each line is a message (time, topic, type, source -> destinations, size, id, payload),
+a delivery event about messages (sent, acked, retried, expired, dead-lettered,
+rejected), or a control event the tap saw (joined, left, dead, replaced, revoked,
+routes). --events picks which events: 'all', 'none', 'control' or a comma list;
+default: the delivery events that mean trouble. Payloads are shown only for topics this tap's certificate lets it
 subscribe to; the header alone otherwise. A tap that falls behind says how many
 items it did not show; it never slows the mesh down. The tap joins the mesh as an
 agent (service meshmq-tap) whose certificate needs the tap right: nothing to set up
@@ -80,8 +81,9 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node", dest="nodes", action="append", default=[], metavar="N",
                         help="only what node N (an id or its first digits) published or reported (repeatable)")
     parser.add_argument("--events", default=",".join(DEFAULT_EVENTS), metavar="KINDS",
-                        help="delivery events to show: 'all', 'none', or a comma list of "
-                             f"{', '.join(DELIVERY_EVENTS)} (default: {','.join(DEFAULT_EVENTS)})")
+                        help="events to show: 'all', 'none', 'control', or a comma list of delivery events "
+                             f"({', '.join(DELIVERY_EVENTS)}) and control events ({', '.join(CONTROL_EVENTS)}); "
+                             f"default: {','.join(DEFAULT_EVENTS)}")
     parser.add_argument("--json", action="store_true", help="one JSON object per line (for jq and pipes)")
     parser.add_argument("--headers-only", action="store_true", help="never show payloads")
     parser.add_argument("--no-color", action="store_true", help="no colors, even in a terminal (also NO_COLOR=1)")
@@ -92,17 +94,17 @@ class Filter:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.patterns = tuple(check_pattern(p) for p in (args.patterns or [">"]))  # TopicError names the fault
-        events = args.events.strip()
-        if events == "all":
-            self.events = set(DELIVERY_EVENTS)
-        elif events == "none":
-            self.events = set()
-        else:
-            self.events = {e.strip() for e in events.split(",") if e.strip()}
-            unknown = self.events - set(DELIVERY_EVENTS)
-            if unknown:
-                raise UsageError(f"--events: unknown kind {', '.join(sorted(unknown))}; choose from all, none, "
-                               f"{', '.join(DELIVERY_EVENTS)}")
+        self.events: set[str] = set()
+        for word in (e.strip() for e in args.events.split(",")):
+            if word == "all":
+                self.events |= set(DELIVERY_EVENTS + CONTROL_EVENTS)
+            elif word == "control":
+                self.events |= set(CONTROL_EVENTS)
+            elif word in DELIVERY_EVENTS or word in CONTROL_EVENTS:
+                self.events.add(word)
+            elif word not in ("none", ""):
+                raise UsageError(f"--events: unknown kind {word}; choose from all, none, control, "
+                                 f"{', '.join(DELIVERY_EVENTS + CONTROL_EVENTS)}")
         self.services = set(args.services)
         self.types = set(args.types)
         self.nodes = tuple(args.nodes)
@@ -125,6 +127,10 @@ class Filter:
             return True
         if event.kind not in self.events:
             return False
+        if event.kind in CONTROL_EVENTS:
+            if self.services and event.peer_service not in self.services:
+                return False
+            return not self.nodes or any((event.peer or "").startswith(n) for n in self.nodes)
         if self.types or self.services or self.nodes:
             # An event passes with the messages it is about, or by its own reporter / peer.
             if any(i in self._shown for i in event.ids):
@@ -148,7 +154,9 @@ class Printer:
     """Lines on ``out``: a readable, colored table in a terminal, or JSON lines."""
 
     COLORS = {MESSAGE: "", "sent": "\033[2m", "acked": "\033[32m", "retried": "\033[33m", "expired": "\033[31m",
-              "dead-lettered": "\033[1;31m", "rejected": "\033[1;31m", LOST: "\033[1;33m"}
+              "dead-lettered": "\033[1;31m", "rejected": "\033[1;31m", LOST: "\033[1;33m", "joined": "\033[36m",
+              "left": "\033[36m", "dead": "\033[1;35m", "replaced": "\033[36m", "revoked": "\033[1;35m",
+              "routes": "\033[36m"}
 
     def __init__(self, out: TextIO, as_json: bool, headers_only: bool, color: bool) -> None:
         self.out = out
@@ -176,6 +184,9 @@ class Printer:
                 fields.append(_payload(event))
         elif event.kind == LOST:
             fields = [when, "LOST", f"{event.count} items not shown", f"({event.detail})" if event.detail else ""]
+        elif event.kind in CONTROL_EVENTS:
+            who = f"{event.peer_service} ({event.peer})" if event.peer else ""
+            fields = [when, event.kind, who, event.detail or ""]
         else:
             n = len(event.ids)
             about = event.ids[0][:12] if n == 1 else f"{n} messages"

@@ -87,7 +87,8 @@ def test_a_tap_started_after_the_publisher_sees_it_too(mesh: str) -> None:
             tap = watcher.tap()
             await eventually(lambda: orders._tapped, what="the tap in the publisher's routing table")
             mid = await orders.publish("anything.at.all", b"x")  # no subscriber: still published, still seen
-            [event] = await _events(tap, lambda seen: any(e.kind == MESSAGE for e in seen))
+            seen = await _events(tap, lambda seen: any(e.kind == MESSAGE for e in seen))
+            [event] = [e for e in seen if e.kind == MESSAGE]
             assert event.ids == (mid,) and event.destinations == () and event.raw == b"x"
             tap.close()
             await eventually(lambda: not orders._tapped, what="the publisher to stop mirroring")
@@ -341,3 +342,29 @@ def test_the_blocking_agent_taps_too_and_bad_event_kinds_are_refused(mesh: str) 
         assert event is not None and event.ids == (mid,) and event.data == "hello"
         tap.close()
         assert tap.get(timeout=1) is None and tap.closed
+
+
+def test_control_events_show_a_node_joining_and_dying(mesh: str) -> None:
+    """`--events control`: what the tap's own agent sees of the mesh; a node killed without
+    goodbye (its transport closed under it) is declared dead."""
+
+    async def main() -> None:
+        watcher = await meshmq.AsyncAgent("watcher", mesh=mesh, durability="memory", probe_interval=0.2,
+                                          probe_timeout=0.1, suspicion_mult=2.0).start()
+        tap = watcher.tap(events=["joined", "dead", "left", "routes"])
+        worker = await meshmq.AsyncAgent("worker", mesh=mesh, durability="memory").start()
+        worker.subscribe("jobs.*", lambda m: None)
+        try:
+            joined = await _events(tap, lambda seen: any(e.kind == "joined" and e.peer == worker.node_id
+                                                         for e in seen))
+            assert any(e.peer_service == "worker" for e in joined if e.kind == "joined")
+            worker._transport.async_close(0)  # type: ignore[union-attr]  # gone without a word
+            worker._state = "stopped"
+            dead = await _events(tap, lambda seen: any(e.kind == "dead" for e in seen), timeout=20)
+            [gone] = [e for e in dead if e.kind == "dead"]
+            assert gone.peer == worker.node_id and gone.service == "watcher"
+            assert any(e.kind == "routes" for e in joined + dead)
+        finally:
+            await watcher.stop()
+
+    run(main(), timeout=60)
