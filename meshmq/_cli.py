@@ -124,6 +124,7 @@ _MAIN_EPILOG = """\
 examples:
   meshmq sub 'orders.>'                          watch every order event
   meshmq tap --events all                        every message and delivery event in the mesh, live
+  meshmq graph --mermaid                         the mesh's services, subscriptions and traffic as a picture
   meshmq pub orders.placed '{"orderId": "ORD-1"}' --type OrderPlaced
   meshmq peers                                   who is in the mesh, subscribed to what
   meshmq routes --topic orders.placed            who would receive a message on orders.placed
@@ -314,6 +315,17 @@ def _build_parser() -> _Parser:
     from ._tapcli import add_commands as add_tap_commands
 
     add_tap_commands(command, _add_mesh_options, _positive_int, _seconds)
+
+    from ._graph import GRAPH_EPILOG, cmd_graph
+
+    graph = command("graph", "Print the mesh's topology (services, subscriptions, traffic) as DOT or Mermaid.",
+                    GRAPH_EPILOG, cmd_graph)
+    graph.add_argument("--mermaid", action="store_true", help="Mermaid instead of Graphviz DOT")
+    graph.add_argument("--wait", type=_seconds, default=1.5, metavar="S",
+                       help="seconds to wait for discovery, at most (default: 1.5)")
+    graph.add_argument("--observe", type=_seconds, default=0.0, metavar="S",
+                       help="also watch the traffic for S seconds (a tap) to show who publishes what")
+    _add_mesh_options(graph)
 
     peers = command("peers", "List the nodes of the mesh and what they subscribe to.", _PEERS_EPILOG, _cmd_peers)
     peers.add_argument("--wait", type=_seconds, default=1.5, metavar="S",
