@@ -39,6 +39,7 @@ from ._errors import (
     TopicError,
     UsageError,
 )
+from ._health import Health, HealthCheck
 from ._message import Message
 from ._tap import TapEvent
 
@@ -76,6 +77,8 @@ __all__ = [
     "ConfigError",
     "CorruptStore",
     "DeadLetter",
+    "Health",
+    "HealthCheck",
     "MeshError",
     "MeshTimeout",
     "Message",

@@ -39,6 +39,7 @@ from ._errors import (
     AgentClosed, ConfigError, MeshError, MeshTimeout, NoResponders, NotPermitted, OutboxFull, PeerQueueFull,
     ProtocolError, RemoteError, RequestTimeout, StoreError, UsageError,
 )
+from ._health import Health, WaitingFor, assess, envelope_time
 from ._log import QuietLogger
 from ._message import FORMAT_BYTES, Message
 from ._node import Connect, Disconnect, Node, PeerDown, PeerUp, Send, Timing
@@ -2425,6 +2426,33 @@ class AsyncAgent:
             out.update(self._mirror.counters)
             out["taps_watching"] = len(self._mirror.routes)
         return dict(out)
+
+    def health(self) -> Health:
+        """Is this agent all right: peers up, the outbox's backlog and age and whether its
+        destinations are up, dead letters of late, the certificate's time left, the store.
+        ``health().status`` is ``ok``, ``warn`` or ``fail``; ``str()`` shows every check."""
+        self._check_running()
+        assert self._outbox is not None
+        live = self._node_links
+        waiting = []
+        for node, dest in self._outbox.dests.items():
+            if not dest.pending:
+                continue
+            first = next(iter(dest.stream.pending.values()))
+            waiting.append(WaitingFor(node, dest.service, dest.pending, dest.bytes, node in live,
+                                      envelope_time(first if type(first) is bytes else first[0])))
+        peers = self.peers()
+        cfg = self.config
+        cert = self._rights.cert if self._secure else None
+        store = self._store
+        return assess(
+            now=time.time(), peers=sum(p.state == "alive" for p in peers),
+            suspects=sum(p.state == "suspect" for p in peers), waiting=waiting,
+            max_messages=cfg.max_outbox_messages, max_bytes=cfg.max_outbox_bytes, max_age=cfg.health_max_outbox_age,
+            dead_letter_times=[r["at"] for _, r in store.dead_letters()] if store is not None else [],
+            dead_letter_window=cfg.health_dead_letter_window,
+            cert_not_after=cert.not_after if cert is not None else None, cert_warning=cfg.health_certificate_warning,
+            quarantined=store.counters["quarantined"] if store is not None else 0, revoked=self._revoked_self)
 
     def outbox(self) -> list[OutboxEntry]:
         """What waits in the outbox, per destination (``meshmq outbox`` shows the same)."""

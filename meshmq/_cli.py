@@ -133,6 +133,7 @@ examples:
   meshmq config                                  every setting and its MESHMQ_* variable
   meshmq dlq ls --service billing                messages billing's handlers could not take
   meshmq outbox --service orders                 what orders published that is not acknowledged yet
+  meshmq health --service orders                 is orders all right? (exit code for scripts)
   meshmq authority init; meshmq cert issue ...    a mesh authority and its agents' certificates
 
 Agents find each other by mDNS on loopback (127.0.0.1) by default; use --seed
@@ -406,6 +407,18 @@ def _build_parser() -> _Parser:
                         help="which instance of the service, when several ran on this host (default: 0)")
     outbox.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
     _add_mesh_options(outbox)
+
+    from ._health import HEALTH_EPILOG, cmd_health
+
+    health = command("health", "Check an agent of this host: peers, outbox backlog and age, dead letters, "
+                               "certificate.", HEALTH_EPILOG, cmd_health)
+    health.add_argument("--instance", type=int, default=0, metavar="N",
+                        help="which instance of the service, when several ran on this host (default: 0)")
+    health.add_argument("--wait", type=_seconds, default=1.5, metavar="S",
+                        help="seconds to watch the mesh for its peers (default: 1.5)")
+    health.add_argument("--json", action="store_true", help="print JSON instead of text")
+    health.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    _add_mesh_options(health)
 
     config = command("config", "List every setting with its MESHMQ_* variable, default and meaning.",
                      _CONFIG_EPILOG, _cmd_config)

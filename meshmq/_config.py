@@ -155,6 +155,12 @@ class Config:
     """Events a tap (``agent.tap()``, ``meshmq tap``) keeps that its reader has not taken yet; beyond it the newest are dropped and reported as not shown."""
     tap_flush_interval: float = 0.05
     """Seconds between two flushes of the mirror to the taps (their events arrive batched, this late at most)."""
+    health_max_outbox_age: float = 60.0
+    """Seconds the oldest message may wait in the outbox before ``health()`` warns."""
+    health_dead_letter_window: float = 300.0
+    """``health()`` warns when a message was dead-lettered within this many seconds."""
+    health_certificate_warning: float = 7 * 86_400.0
+    """``health()`` warns when the certificate expires within this many seconds."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -182,7 +188,8 @@ class Config:
         _positive(self, "probe_interval", "probe_timeout", "indirect_probes", "suspicion_mult", "gossip_interval",
                   "gossip_fanout", "gossip_entries", "gossip_max_bytes", "tombstone_ttl", "join_timeout",
                   "rejoin_window", "work_report_interval", "publish_timeout", "stop_timeout", "max_attempts",
-                  "tap_flush_interval",
+                  "tap_flush_interval", "health_max_outbox_age", "health_dead_letter_window",
+                  "health_certificate_warning",
                   "retry_backoff", "retry_backoff_max", "retransmit_initial", "retransmit_max", "durable_forget_after")
         _check(self.gossip_entries <= 256, "gossip_entries", f"{self.gossip_entries} is above the wire limit of 256")
         _check(

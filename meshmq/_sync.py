@@ -23,6 +23,7 @@ from ._agent import (
 )
 from ._config import Config
 from ._message import Message
+from ._health import Health
 from ._mirror import Tap
 from ._errors import AgentClosed, MeshTimeout
 
@@ -219,6 +220,10 @@ class Agent:
     def routes(self, topic: str | None = None) -> list[RouteEntry]:
         """See :meth:`AsyncAgent.routes`."""
         return self._call(self._agent.routes, topic)
+
+    def health(self) -> Health:
+        """See :meth:`AsyncAgent.health`."""
+        return self._call(self._agent.health)
 
     def stats(self) -> dict[str, int]:
         return self._call(self._agent.stats)

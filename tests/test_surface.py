@@ -32,6 +32,8 @@ def test_public_names_are_exactly_these() -> None:
         "ConfigError",
         "CorruptStore",
         "DeadLetter",
+        "Health",
+        "HealthCheck",
         "MeshError",
         "MeshTimeout",
         "Message",
