@@ -41,6 +41,7 @@ from ._errors import (
 )
 from ._health import Health, WaitingFor, assess, envelope_time
 from ._log import QuietLogger
+from ._metrics import LatencyHistogram, MetricsServer, exposition, gauges_of
 from ._message import FORMAT_BYTES, Message
 from ._node import Connect, Disconnect, Node, PeerDown, PeerUp, Send, Timing
 from ._routing import RouteIndex
@@ -660,6 +661,10 @@ class AsyncAgent:
         self._tapped = False  # some tap of the mesh watches this agent
         self._tap_version = -1  # of the routing table's taps, when they were last read
         self._observed: frozenset[str] = frozenset()  # outbox events (sent, acked, retried) some tap wants
+        self._latency: LatencyHistogram | None = None  # while the metrics endpoint is on
+        self._metrics: MetricsServer | None = None
+        self.metrics_port = 0
+        """The port of this agent's metrics endpoint (``Config.metrics_port``), 0 when off."""
         self._revocations = RevocationList(self.config.mesh, (), self.config.max_revocations)
         self._revocation_digests: dict[str, bytes] = {}  # peer -> digest of its revocation list, last heard
         self._revoked_keys: set[str] = set()  # CURVE keys of nodes cut off: their frames are counted apart
@@ -722,6 +727,8 @@ class AsyncAgent:
             transport.async_close(0)
             self._close_store()
             raise
+        if cfg.metrics_port:
+            await self._start_metrics()
         if cfg.discovery:
             self._discovery = Discovery(mesh=cfg.mesh, node=self.node_id, service=self.service,
                                         endpoints=endpoints, interfaces=interfaces, on_hint=self._on_hint)
@@ -734,6 +741,25 @@ class AsyncAgent:
         self._outbox_tick()
         log.info("agent %s (%s) started on %s, mesh %r", self.service, self.node_id, ", ".join(endpoints), cfg.mesh)
         return self
+
+    async def _start_metrics(self) -> None:
+        cfg = self.config
+        server = MetricsServer(self._render_metrics)
+        try:
+            self.metrics_port = await server.start(cfg.metrics_host, cfg.metrics_port)
+        except OSError as exc:
+            await self.stop()
+            raise ConfigError("metrics_port", f"cannot listen on {cfg.metrics_host}:{cfg.metrics_port}: "
+                                              f"{exc.strerror}") from None
+        self._metrics = server
+        self._latency = LatencyHistogram()
+        log.info("metrics at http://%s:%d/metrics", cfg.metrics_host, self.metrics_port)
+
+    def _render_metrics(self) -> str:
+        stats = self.stats()
+        assert self._latency is not None
+        return exposition(stats, gauges_of(stats, self.peers()), self._latency,
+                          {"service": self.service, "node": self.node_id, "mesh": self.config.mesh})
 
     def _start_delivery(self, loop: asyncio.AbstractEventLoop) -> None:
         """The outbox and inbox, with what the store kept from the last run."""
@@ -1319,6 +1345,9 @@ class AsyncAgent:
             await self._discovery.async_close()
         for sub in list(self._subs):
             sub._closed()
+        if self._metrics is not None:
+            await self._metrics.stop()
+            self._metrics = None
         if self._mirror is not None:
             self._mirror.close()
         for tap in list(self._taps):
@@ -2024,6 +2053,8 @@ class AsyncAgent:
                                 "publishing on this topic")
                 return
         self._received += 1
+        if self._latency is not None:
+            self._latency.observe(time.time() - msg.timestamp)
         if resent:
             msg.redelivered = True
             self.counters["received_resent"] += 1

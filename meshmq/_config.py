@@ -155,6 +155,10 @@ class Config:
     """Events a tap (``agent.tap()``, ``meshmq tap``) keeps that its reader has not taken yet; beyond it the newest are dropped and reported as not shown."""
     tap_flush_interval: float = 0.05
     """Seconds between two flushes of the mirror to the taps (their events arrive batched, this late at most)."""
+    metrics_port: int = 0
+    """Serve Prometheus metrics of this agent at http://metrics_host:PORT/metrics (counters, outbox and peer gauges, a delivery-latency histogram); 0: off."""
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics endpoint listens on (loopback by default; a scraper elsewhere needs another)."""
     health_max_outbox_age: float = 60.0
     """Seconds the oldest message may wait in the outbox before ``health()`` warns."""
     health_dead_letter_window: float = 300.0
@@ -200,6 +204,7 @@ class Config:
         _check(0 <= self.default_ttl <= MAX_TTL, "default_ttl",
                f"{self.default_ttl:g} must be 0 (no limit) up to {MAX_TTL:g} seconds")
         _check(self.suspicion_max_mult >= 1, "suspicion_max_mult", f"{self.suspicion_max_mult:g} must be at least 1")
+        _check(0 <= self.metrics_port <= 65535, "metrics_port", f"{self.metrics_port} must be 0 (off) or a TCP port")
         _positive(
             self, "max_frame_bytes", "max_payload_bytes", "max_topic_length", "max_topic_tokens",
             "max_header_count", "max_header_bytes", "max_batch_messages", "max_batch_bytes",

@@ -371,6 +371,7 @@ class Outbox:
         acked = s.acked
         released = s.on_ack(epoch, committed, now, received)
         if released:
+            self.counters["messages_acked"] += len(released)
             if self.observe is not None:
                 self.observe("acked", dest, released)
             size = 0
