@@ -42,6 +42,7 @@ from ._errors import (
 from ._health import Health, WaitingFor, assess, envelope_time
 from ._log import QuietLogger
 from ._metrics import LatencyHistogram, MetricsServer, exposition, gauges_of
+from . import _trace
 from ._message import FORMAT_BYTES, Message
 from ._node import Connect, Disconnect, Node, PeerDown, PeerUp, Send, Timing
 from ._routing import RouteIndex
@@ -283,12 +284,15 @@ class _HandlerThread:
     def _run(self, loop: asyncio.AbstractEventLoop) -> None:
         while (job := self._jobs.get()) is not None:
             msg, done = job
+            token = _trace.handling(msg.headers)
             try:
                 self.__wrapped__(msg)
             except Exception as exc:
                 loop.call_soon_threadsafe(_settle, done, exc)
             else:
                 loop.call_soon_threadsafe(_settle, done, None)
+            finally:
+                _trace.done(token)
 
     def close(self) -> None:
         self._jobs.put(None)  # the thread ends after the message in hand (a daemon: never blocks exit)
@@ -418,12 +422,15 @@ class Subscription:
         if self._expired(msg):
             return
         self._attempt(msg)
+        token = _trace.handling(msg.headers)
         try:
             self.handler(msg)  # type: ignore[misc]
         except Exception as exc:
             retry = self._outcome(msg, exc)
         else:
             retry = self._outcome(msg, None)
+        finally:
+            _trace.done(token)
         if retry is None:
             self._finished(msg)
             return
@@ -450,6 +457,7 @@ class Subscription:
                     if self._expired(msg):
                         break
                     self._attempt(msg)
+                    token = _trace.handling(msg.headers)
                     try:
                         await self.handler(msg)  # type: ignore[misc]
                     except asyncio.CancelledError:
@@ -458,6 +466,8 @@ class Subscription:
                         retry = self._outcome(msg, exc)
                     else:
                         retry = self._outcome(msg, None)
+                    finally:
+                        _trace.done(token)
                     if retry is None:
                         self._finished(msg)
                         break
@@ -661,6 +671,7 @@ class AsyncAgent:
         self._tapped = False  # some tap of the mesh watches this agent
         self._tap_version = -1  # of the routing table's taps, when they were last read
         self._observed: frozenset[str] = frozenset()  # outbox events (sent, acked, retried) some tap wants
+        self._tracing = self.config.tracing
         self._latency: LatencyHistogram | None = None  # while the metrics endpoint is on
         self._metrics: MetricsServer | None = None
         self.metrics_port = 0
@@ -1484,6 +1495,9 @@ class AsyncAgent:
             self._check_running()
         if ttl is not None or self.config.default_ttl:
             headers = self._with_ttl(headers, ttl)
+        if self._tracing or _trace.current.get() is not None:
+            if headers is None or isinstance(headers, dict):
+                headers = _trace.for_publish(headers, self._tracing)
         if (type_ is None and key is None and headers is None and schema_version == 1
                 and type(data) is bytes and len(data) <= self.limits.max_payload_bytes
                 and topic in self._checked_topics):

@@ -155,6 +155,8 @@ class Config:
     """Events a tap (``agent.tap()``, ``meshmq tap``) keeps that its reader has not taken yet; beyond it the newest are dropped and reported as not shown."""
     tap_flush_interval: float = 0.05
     """Seconds between two flushes of the mirror to the taps (their events arrive batched, this late at most)."""
+    tracing: bool = False
+    """Start a W3C trace (a ``traceparent`` header) on every publish that is not already part of one. Without it, traces are only carried on: what a handler publishes continues the trace of the message it handles."""
     metrics_port: int = 0
     """Serve Prometheus metrics of this agent at http://metrics_host:PORT/metrics (counters, outbox and peer gauges, a delivery-latency histogram); 0: off."""
     metrics_host: str = "127.0.0.1"
