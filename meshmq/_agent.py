@@ -56,7 +56,7 @@ from ._security import (
 from ._store import Batch, Contents, Store, open_instance
 from ._tap import (
     ACKED, CONTROL_EVENTS, DEAD_LETTERED, DELIVERY_EVENTS, EXPIRED, JOINED, LEFT, LOST, REJECTED, RETRIED, ROUTES, SENT,
-    TapEvent, decode_items, envelope_head,
+    STATS, TapEvent, decode_items, envelope_head,
 )
 from ._topics import check_pattern, check_topic, check_user_topic, matches, reply_topic
 from ._transport import Link, Transport, Wakeup
@@ -672,6 +672,8 @@ class AsyncAgent:
         self._tap_version = -1  # of the routing table's taps, when they were last read
         self._observed: frozenset[str] = frozenset()  # outbox events (sent, acked, retried) some tap wants
         self._tracing = self.config.tracing
+        self._window_latency: LatencyHistogram | None = None  # delivery latency since the last stats report
+        self._stats_timer: asyncio.TimerHandle | None = None
         self._latency: LatencyHistogram | None = None  # while the metrics endpoint is on
         self._metrics: MetricsServer | None = None
         self.metrics_port = 0
@@ -1349,7 +1351,7 @@ class AsyncAgent:
             await self._space_waiters.wait(min(0.05, deadline - time.monotonic()))
         self._apply(self._node.stop(time.monotonic()))
         self._transport.flush_all()
-        for handle in (self._tick_handle, self._work_timer, self._outbox_timer):
+        for handle in (self._tick_handle, self._work_timer, self._outbox_timer, self._stats_timer):
             if handle is not None:
                 handle.cancel()
         if self._discovery is not None:
@@ -2067,8 +2069,12 @@ class AsyncAgent:
                                 "publishing on this topic")
                 return
         self._received += 1
-        if self._latency is not None:
-            self._latency.observe(time.time() - msg.timestamp)
+        if self._latency is not None or self._window_latency is not None:
+            late = time.time() - msg.timestamp
+            if self._latency is not None:
+                self._latency.observe(late)
+            if self._window_latency is not None:
+                self._window_latency.observe(late)
         if resent:
             msg.redelivered = True
             self.counters["received_resent"] += 1
@@ -2572,10 +2578,10 @@ class AsyncAgent:
             kinds = frozenset(DELIVERY_EVENTS + CONTROL_EVENTS) if events else frozenset()
         else:
             kinds = frozenset(events)
-            unknown = kinds - set(DELIVERY_EVENTS + CONTROL_EVENTS)
+            unknown = kinds - set(DELIVERY_EVENTS + CONTROL_EVENTS + (STATS,))
             if unknown:
                 raise UsageError(f"unknown tap event kind {', '.join(sorted(unknown))}; "
-                                 f"the kinds are {', '.join(DELIVERY_EVENTS + CONTROL_EVENTS)}")
+                                 f"the kinds are {', '.join(DELIVERY_EVENTS + CONTROL_EVENTS + (STATS,))}")
         tap = Tap(tuple(patterns), self.config.tap_buffer_messages, self._tap_closed, threaded, kinds)
         self._taps.append(tap)
         self._taps_changed()
@@ -2594,7 +2600,7 @@ class AsyncAgent:
 
     def _tap_event_kinds(self) -> tuple[str, ...]:
         wanted = set().union(*(tap.events for tap in self._taps)) if self._taps else set()
-        return tuple(k for k in DELIVERY_EVENTS if k in wanted)
+        return tuple(k for k in DELIVERY_EVENTS + (STATS,) if k in wanted)
 
     def _taps_changed(self) -> None:
         if self._node is not None and self._state == "running":
@@ -2631,6 +2637,13 @@ class AsyncAgent:
         # Per-message work for sent / acked / retried only while some tap wants them.
         self._observed = frozenset(k for k in (SENT, ACKED, RETRIED) if self._mirror.wants((k,)))
         self._outbox.observe = self._observe if self._observed else None
+        if self._mirror.wants((STATS,)):
+            if self._window_latency is None:
+                self._window_latency = LatencyHistogram()
+            if self._stats_timer is None and self._loop is not None:
+                self._stats_timer = self._loop.call_later(self.config.tap_stats_interval, self._report_stats)
+        else:
+            self._window_latency = None
 
     def _observe(self, kind: str, dest: Destination, entries: list[Any]) -> None:
         """The outbox sent, sent again or was acknowledged ``entries`` (a tap watches)."""
@@ -2654,6 +2667,27 @@ class AsyncAgent:
                    detail: str | None = None) -> None:
         if self._tapped:
             self._mirror.event(kind, messages, peer, detail)  # type: ignore[union-attr]
+
+    def _report_stats(self) -> None:
+        """This agent's figures to the taps that asked (``meshmq top``), every tap_stats_interval."""
+        self._stats_timer = None
+        window, mirror = self._window_latency, self._mirror
+        if window is None or mirror is None or self._state != "running":
+            return
+        stats = self.stats()
+        figures: dict[str, float] = {
+            "published": stats.get("published", 0), "received": stats.get("received", 0),
+            "outbox_messages": stats.get("outbox_messages", 0), "outbox_bytes": stats.get("outbox_bytes", 0),
+            "dead_letters": self._store.count(b"dlq") if self._store is not None else 0,
+            "retried": stats.get("messages_resent", 0)}
+        for name, q in (("latency_p50", 0.5), ("latency_p99", 0.99)):
+            value = window.percentile(q)
+            if value is not None:
+                figures[name] = value
+        self._window_latency = LatencyHistogram()
+        mirror.stats(figures)
+        assert self._loop is not None
+        self._stats_timer = self._loop.call_later(self.config.tap_stats_interval, self._report_stats)
 
     def _control(self, kind: str, node: str | None, service: str | None, detail: str | None) -> None:
         """A change of the mesh this agent saw, for its own taps."""
@@ -2724,9 +2758,11 @@ class AsyncAgent:
             for tap in self._taps:
                 tap._push(notice)
         for event in events:
-            topic = event.topic or ""
+            topic = event.topic
             for tap in self._taps:
-                if (event.kind == "message" or event.kind in tap.events) and tap.wants(topic):
+                if event.kind != "message" and event.kind not in tap.events:
+                    continue
+                if topic is None or tap.wants(topic):  # stats have no topic
                     tap._push(event)
 
     # --- carrying out the core's decisions ------------------------------------------------

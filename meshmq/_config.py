@@ -153,6 +153,8 @@ class Config:
     """Items (mirrored messages and delivery events) each tap may have waiting at this agent; beyond it the oldest give way, counted and reported to the tap as not shown. Taps never slow publishing."""
     tap_buffer_messages: int = 10_000
     """Events a tap (``agent.tap()``, ``meshmq tap``) keeps that its reader has not taken yet; beyond it the newest are dropped and reported as not shown."""
+    tap_stats_interval: float = 1.0
+    """Seconds between two reports of an agent's figures (rates, outbox, dead letters, latency) to the taps that ask for them (``meshmq top``)."""
     tap_flush_interval: float = 0.05
     """Seconds between two flushes of the mirror to the taps (their events arrive batched, this late at most)."""
     tracing: bool = False
@@ -194,7 +196,7 @@ class Config:
         _positive(self, "probe_interval", "probe_timeout", "indirect_probes", "suspicion_mult", "gossip_interval",
                   "gossip_fanout", "gossip_entries", "gossip_max_bytes", "tombstone_ttl", "join_timeout",
                   "rejoin_window", "work_report_interval", "publish_timeout", "stop_timeout", "max_attempts",
-                  "tap_flush_interval", "health_max_outbox_age", "health_dead_letter_window",
+                  "tap_flush_interval", "tap_stats_interval", "health_max_outbox_age", "health_dead_letter_window",
                   "health_certificate_warning",
                   "retry_backoff", "retry_backoff_max", "retransmit_initial", "retransmit_max", "durable_forget_after")
         _check(self.gossip_entries <= 256, "gossip_entries", f"{self.gossip_entries} is above the wire limit of 256")

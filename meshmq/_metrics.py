@@ -49,6 +49,19 @@ class LatencyHistogram:
         self.total += seconds
         self.count += 1
 
+    def percentile(self, q: float) -> float | None:
+        """The upper bound of the bucket holding the ``q`` quantile (0..1); None if empty.
+        Above the last bound: that bound (the histogram cannot say more)."""
+        if not self.count:
+            return None
+        rank = q * self.count
+        running = 0
+        for bound, n in zip(self.buckets, self.counts):
+            running += n
+            if running >= rank:
+                return bound
+        return self.buckets[-1]
+
     def lines(self, name: str, labels: str) -> list[str]:
         """The exposition lines; ``labels`` are the common ones (``k="v",...``)."""
         out = [f"# HELP {name} Seconds from publish to hand-over to a subscription (publisher's clock).",

@@ -21,7 +21,7 @@ from typing import Any
 
 from ._errors import UsageError
 from ._tap import (
-    CONTROL_EVENTS, DELIVERY_EVENTS, LOST, MAX_IDS_PER_EVENT, MESSAGE, MirrorQueue, TapEvent, event_item, message_item,
+    CONTROL_EVENTS, DELIVERY_EVENTS, LOST, MAX_IDS_PER_EVENT, STATS, MESSAGE, MirrorQueue, TapEvent, event_item, message_item,
 )
 from ._topics import matches
 from ._wire import Limits, decode_envelope, encode_envelope
@@ -139,6 +139,17 @@ class Mirror:
                     item = event_item(kind, at, topic, ids[start:start + MAX_IDS_PER_EVENT], peer, detail)
                     for route in routes:
                         route.queue.push(item)
+                pushed = True
+        if pushed:
+            self._schedule()
+
+    def stats(self, figures: dict[str, float]) -> None:
+        """This agent's figures, for the taps that asked for them."""
+        item = [STATS, time.time(), figures]
+        pushed = False
+        for route in self.routes.values():
+            if STATS in route.events:
+                route.queue.push(item)
                 pushed = True
         if pushed:
             self._schedule()

@@ -36,7 +36,11 @@ JOINED, LEFT, DEAD, REPLACED, REVOKED, ROUTES = "joined", "left", "dead", "repla
 CONTROL_EVENTS = (JOINED, LEFT, DEAD, REPLACED, REVOKED, ROUTES)
 """What the tap's own agent sees of the mesh: a node joined, left, was declared dead, was
 replaced by a new life, was revoked; the routes changed."""
-KINDS = (MESSAGE, *DELIVERY_EVENTS, *CONTROL_EVENTS, LOST)
+STATS = "stats"
+"""An agent's figures, sent to the taps that ask every ``tap_stats_interval`` (for ``meshmq top``)."""
+STAT_FIELDS = ("published", "received", "outbox_messages", "outbox_bytes", "dead_letters", "retried",
+               "latency_p50", "latency_p99")
+KINDS = (MESSAGE, *DELIVERY_EVENTS, *CONTROL_EVENTS, STATS, LOST)
 MAX_IDS_PER_EVENT = 4096
 MAX_DESTINATIONS = 4096
 _ID_BYTES = 16
@@ -98,6 +102,8 @@ class TapEvent:
     """Why, for ``expired``, ``dead-lettered`` and ``rejected``."""
     count: int | None = None
     """For ``lost``: how many items were not shown."""
+    stats: dict[str, float] | None = None
+    """For ``stats``: the reporting agent's figures (see :data:`STAT_FIELDS`)."""
 
     @property
     def data(self) -> Any:
@@ -114,7 +120,7 @@ class TapEvent:
         """A JSON-ready dict (the ``--json`` line and the ``--record`` file format)."""
         out: dict[str, Any] = {"kind": self.kind, "at": self.at, "node": self.node, "service": self.service}
         for name in ("ids", "peer", "peer_service", "topic", "type", "source", "destinations", "size", "headers",
-                     "format", "detail", "count"):
+                     "format", "detail", "count", "stats"):
             value = getattr(self, name)
             if value is not None and value != ():
                 out[name] = list(value) if isinstance(value, tuple) else value
@@ -162,7 +168,11 @@ class TapEvent:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ValueError(f"{name} must be a list of strings")
             lists[name] = tuple(value)
-        return cls(kind, float(at), node, service, headers=headers, raw=payload, **lists, **fields)
+        stats = obj.get("stats")
+        if stats is not None and not (isinstance(stats, dict) and all(
+                isinstance(k, str) and isinstance(v, (int, float)) for k, v in stats.items())):
+            raise ValueError("stats must map names to numbers")
+        return cls(kind, float(at), node, service, headers=headers, raw=payload, stats=stats, **lists, **fields)
 
 
 def _jsonable(value: Any) -> Any:
@@ -235,6 +245,13 @@ def decode_items(items: Any, node: str, service: str, services: dict[str, str], 
         if type(item) is not list or not item or item[0] not in KINDS:
             raise ProtocolError("bad tap item")
         kind = item[0]
+        if kind == STATS:
+            if len(item) != 3 or type(item[1]) is not float or type(item[2]) is not dict or len(item[2]) > 32:
+                raise ProtocolError("bad tap stats item")
+            figures = {k: float(v) for k, v in item[2].items()
+                       if k in STAT_FIELDS and (type(v) is int or type(v) is float)}
+            yield TapEvent(STATS, item[1], node, service, stats=figures)
+            continue
         if kind == MESSAGE:
             if len(item) != 6:
                 raise ProtocolError("bad tap message item")

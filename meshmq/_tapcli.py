@@ -64,6 +64,16 @@ def add_commands(command: Any, add_mesh_options: Any, positive_int: Any, seconds
     tap.add_argument("--record", metavar="FILE", help="also save what is shown to FILE (meshmq replay FILE)")
     add_mesh_options(tap, service=False)
 
+    top = command("top", "A live picture of the mesh: busiest topics, each agent's rates, outbox, dead letters, "
+                         "latency.", TOP_EPILOG, cmd_top)
+    top.add_argument("patterns", nargs="*", metavar="PATTERN", help="topic patterns to count (default: '>', all)")
+    top.add_argument("--interval", type=seconds, default=2.0, metavar="S", help="seconds between pictures (default 2)")
+    top.add_argument("--duration", type=seconds, metavar="S", help="exit after S seconds")
+    top.add_argument("--count", type=positive_int, metavar="N", help="exit after N pictures")
+    top.add_argument("--once", action="store_true", help="one picture (after --duration, default --interval), then exit")
+    top.add_argument("--json", action="store_true", help="each picture as one JSON object per line")
+    add_mesh_options(top)
+
     replay = command("replay", "Show a recording of meshmq tap again, or publish its messages again.",
                      REPLAY_EPILOG, cmd_replay)
     replay.add_argument("file", metavar="FILE", help="a file written by meshmq tap --record")
@@ -351,3 +361,123 @@ def _republish(args: argparse.Namespace, messages: list[TapEvent], note: Any) ->
     note(f"republished {len(readable)} messages as {agent.service}")
     return 0
 
+
+
+# --- meshmq top -------------------------------------------------------------------------------
+
+TOP_EPILOG = """\
+  meshmq top                          the mesh live: busiest topics, and each agent's figures
+  meshmq top 'orders.>' --interval 5  only orders' topics, refreshed every 5 s
+  meshmq top --once --duration 10     watch 10 s, print one picture, exit (for scripts and docs)
+  meshmq top --json --count 3         three pictures as JSON lines
+
+Topics: messages per second seen by this tap over the last interval, and in all.
+Agents (each reports every tap_stats_interval to taps that ask): messages published and
+received per second, outbox depth (messages, bytes), dead letters, messages sent again,
+and delivery latency (publish to hand-over) p50 / p99 over the last report, from the
+histogram's bucket bounds. Needs the tap right, like meshmq tap.
+"""
+
+
+class TopView:
+    """What ``meshmq top`` shows, from the events of one tap (pure: times are given)."""
+
+    def __init__(self, now: float) -> None:
+        self.topics: collections.Counter[str] = collections.Counter()  # in all
+        self._window: collections.Counter[str] = collections.Counter()  # since the last picture
+        self.agents: dict[str, dict[str, Any]] = {}  # node -> service, figures, rates
+        self.lost = 0
+        self._since = now
+
+    def add(self, event: TapEvent) -> None:
+        if event.kind == MESSAGE and event.topic is not None:
+            self.topics[event.topic] += 1
+            self._window[event.topic] += 1
+        elif event.kind == LOST:
+            self.lost += event.count or 0
+        elif event.kind == "stats" and event.stats is not None:
+            agent = self.agents.setdefault(event.node, {"service": event.service})
+            previous, at = agent.get("figures"), agent.get("at")
+            if previous is not None and at is not None and event.at > at:
+                span = event.at - at
+                agent["pub_rate"] = max(0.0, (event.stats.get("published", 0) - previous.get("published", 0)) / span)
+                agent["recv_rate"] = max(0.0, (event.stats.get("received", 0) - previous.get("received", 0)) / span)
+            agent["figures"], agent["at"] = event.stats, event.at
+
+    def picture(self, now: float, rows: int = 15) -> dict[str, Any]:
+        """One picture: topic rates since the last one, and the agents' latest figures."""
+        span = max(now - self._since, 1e-9)
+        topics = [{"topic": t, "rate": self._window[t] / span, "total": n}
+                  for t, n in sorted(self.topics.items(), key=lambda kv: (-self._window[kv[0]], -kv[1], kv[0]))][:rows]
+        self._window = collections.Counter()
+        self._since = now
+        agents = []
+        for node, a in sorted(self.agents.items(), key=lambda kv: (kv[1]["service"], kv[0])):
+            f = a.get("figures", {})
+            agents.append({"service": a["service"], "node": node, "pub_rate": a.get("pub_rate"),
+                           "recv_rate": a.get("recv_rate"), "outbox_messages": f.get("outbox_messages"),
+                           "outbox_bytes": f.get("outbox_bytes"), "dead_letters": f.get("dead_letters"),
+                           "retried": f.get("retried"), "latency_p50": f.get("latency_p50"),
+                           "latency_p99": f.get("latency_p99")})
+        return {"at": now, "topics": topics, "agents": agents, "lost": self.lost}
+
+
+def render_picture(p: dict[str, Any], mesh: str) -> str:
+    def num(v: Any, fmt: str = "{:,.0f}") -> str:
+        return "-" if v is None else fmt.format(v)
+
+    def ms(v: Any) -> str:
+        return "-" if v is None else f"{v * 1000:.1f}"
+
+    when = datetime.datetime.fromtimestamp(p["at"]).strftime("%H:%M:%S")
+    lines = [f"meshmq top — mesh {mesh!r} — {when}" + (f" — {p['lost']} items not shown (fell behind)"
+                                                       if p["lost"] else ""), ""]
+    rows = [("TOPIC", "MSG/S", "MESSAGES")] + [(t["topic"], num(t["rate"], "{:,.1f}"), num(t["total"]))
+                                               for t in p["topics"]]
+    lines += _columns(rows) + [""]
+    rows = [("SERVICE", "NODE", "PUB/S", "RECV/S", "OUTBOX", "BYTES", "DLQ", "RETRIED", "P50 MS", "P99 MS")]
+    rows += [(a["service"], a["node"][:8], num(a["pub_rate"], "{:,.1f}"), num(a["recv_rate"], "{:,.1f}"),
+              num(a["outbox_messages"]), num(a["outbox_bytes"]), num(a["dead_letters"]), num(a["retried"]),
+              ms(a["latency_p50"]), ms(a["latency_p99"])) for a in p["agents"]]
+    lines += _columns(rows)
+    return "\n".join(lines)
+
+
+def _columns(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+            for r in rows]
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from ._cli import _overrides
+    from ._sync import Agent
+
+    patterns = tuple(args.patterns or [">"])
+    for p in patterns:
+        check_pattern(p)
+    if args.interval <= 0:
+        raise UsageError("--interval must be more than 0 seconds")
+    tty = sys.stdout.isatty() and not args.json and not args.once
+    with Agent(_service(args, "meshmq-top"), **_overrides(args)) as agent:
+        tap = agent.tap(*patterns, events=["stats"])
+        view = TopView(time.time())
+        end = None if args.duration is None else time.monotonic() + args.duration
+        shown = 0
+        next_picture = time.monotonic() + (args.duration if args.once and args.duration else args.interval)
+        while True:
+            now = time.monotonic()
+            if now >= next_picture or (end is not None and now >= end):
+                picture = view.picture(time.time())
+                if args.json:
+                    print(json.dumps(picture), flush=True)
+                else:
+                    text = render_picture(picture, agent.config.mesh)
+                    print(("\033[H\033[2J" + text) if tty else text + "\n", flush=True)
+                shown += 1
+                next_picture = now + args.interval
+                if args.once or (args.count is not None and shown >= args.count) or (end is not None and now >= end):
+                    return 0
+            event = tap.get(max(0.0, min(next_picture, end if end is not None else next_picture) - now))
+            if event is not None:
+                view.add(event)

@@ -368,3 +368,71 @@ def test_control_events_show_a_node_joining_and_dying(mesh: str) -> None:
             await watcher.stop()
 
     run(main(), timeout=60)
+
+
+def test_agents_report_their_figures_to_a_tap_that_asks(mesh: str) -> None:
+    async def main() -> None:
+        watcher = await meshmq.AsyncAgent("watcher", mesh=mesh, durability="memory").start()
+        tap = watcher.tap(events=["stats"])
+        sub = await meshmq.AsyncAgent("sub", mesh=mesh, durability="memory", tap_stats_interval=0.2).start()
+        sub.subscribe("s.*", lambda m: None)
+        pub = await meshmq.AsyncAgent("pub", mesh=mesh, durability="memory", tap_stats_interval=0.2).start()
+        try:
+            await pub.wait_for_subscribers("s.x", timeout=10)
+            await eventually(lambda: pub._tapped and sub._tapped, what="both to know the tap")
+            for i in range(10):
+                await pub.publish("s.x", i)
+            got = await _events(tap, lambda seen: any(
+                e.service == "sub" and (e.stats or {}).get("received") == 10 and "latency_p50" in (e.stats or {})
+                for e in seen) and any(e.service == "pub" and (e.stats or {}).get("published") == 10 for e in seen))
+            assert {e.kind for e in got} <= {"stats", MESSAGE}  # messages always; of events, only stats
+            report = next(e for e in got if e.service == "sub" and (e.stats or {}).get("received") == 10)
+            assert 0 < report.stats["latency_p50"] <= report.stats["latency_p99"]  # type: ignore[index]
+        finally:
+            for agent in (pub, sub, watcher):
+                await agent.stop()
+
+    run(main(), timeout=60)
+
+
+def test_top_view_counts_topics_and_keeps_each_agents_figures() -> None:
+    from meshmq._tapcli import TopView, render_picture
+
+    view = TopView(100.0)
+    for _ in range(4):
+        view.add(TapEvent(MESSAGE, 100.5, "n1", "orders", ids=("a" * 32,), topic="orders.placed"))
+    view.add(TapEvent("stats", 100.0, "n1", "orders", stats={"published": 10.0, "outbox_messages": 3.0}))
+    view.add(TapEvent("stats", 102.0, "n1", "orders", stats={"published": 30.0, "latency_p50": 0.002}))
+    view.add(TapEvent(LOST, 102.0, "n1", "orders", count=5))
+    picture = view.picture(102.0)
+    assert picture["topics"] == [{"topic": "orders.placed", "rate": 2.0, "total": 4}]
+    [agent] = picture["agents"]
+    assert agent["pub_rate"] == 10.0 and agent["latency_p50"] == 0.002 and picture["lost"] == 5
+    text = render_picture(picture, "shop")
+    assert "orders.placed" in text and "5 items not shown" in text and "2.0" in text
+    assert view.picture(104.0)["topics"][0]["rate"] == 0.0  # nothing since the last picture
+
+
+def test_meshmq_top_shows_topics_and_agents(mesh: str, tmp_path: Path) -> None:
+    cli = _cli()
+    top = cli.Spawned([sys.executable, "-m", "meshmq", "top", "--json", "--count", "3", "--interval", "1.5",
+                       "--mesh", mesh], cli.cli_env(tmp_path))
+    try:
+        async def main() -> None:
+            pub = await meshmq.AsyncAgent("pub", mesh=mesh, durability="memory", tap_stats_interval=0.3).start()
+            try:
+                deadline = time.monotonic() + 40
+                while top.proc.poll() is None and time.monotonic() < deadline:  # bounded: until top is done
+                    await pub.publish("load.x", b"x")
+                    await asyncio.sleep(0.02)
+            finally:
+                await pub.stop()
+
+        run(main(), timeout=60)
+        assert top.finish(30) == 0, top.stderr
+    finally:
+        top.end()
+    pictures = [json.loads(line) for line in top.stdout]
+    assert len(pictures) == 3
+    assert any(t["topic"] == "load.x" and t["total"] > 0 for p in pictures for t in p["topics"])
+    assert any(a["service"] == "pub" and a["outbox_messages"] is not None for p in pictures for a in p["agents"])
