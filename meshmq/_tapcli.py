@@ -189,7 +189,7 @@ class Printer:
         if event.kind == MESSAGE:
             dests = ",".join(event.destinations) or "(no subscriber)"
             fields = [when, event.topic or "?", event.type or "-", f"{event.source} -> {dests}", _size(event.size),
-                      event.ids[0][:12] if event.ids else "?"]
+                      _short(event.ids[0]) if event.ids else "?"]
             if not self.headers_only:
                 fields.append(_payload(event))
         elif event.kind == LOST:
@@ -199,7 +199,7 @@ class Printer:
             fields = [when, event.kind, who, event.detail or ""]
         else:
             n = len(event.ids)
-            about = event.ids[0][:12] if n == 1 else f"{n} messages"
+            about = _short(event.ids[0]) if n == 1 else f"{n} messages"
             peer = event.peer_service or event.peer or "-"
             arrow = "<-" if event.kind == "rejected" else "->"
             fields = [when, event.kind, f"{event.service} {arrow} {peer}", event.topic or "", about]
@@ -210,6 +210,12 @@ class Printer:
             start = self.COLORS.get(event.kind, "")
             return f"{start}{text}\033[0m" if start else text
         return text
+
+
+def _short(message_id: str) -> str:
+    """A message id as a line shows it: its life's prefix and its number, shortened (the
+    prefix is shared by everything one agent published in one life)."""
+    return f"{message_id[:6]}..{message_id[-6:]}" if len(message_id) > 14 else message_id
 
 
 def _size(size: int | None) -> str:
