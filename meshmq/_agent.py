@@ -44,7 +44,7 @@ from ._log import QuietLogger
 from ._metrics import LatencyHistogram, MetricsServer, exposition, gauges_of
 from . import _trace
 from ._message import FORMAT_BYTES, Message
-from ._node import Connect, Disconnect, Node, PeerDown, PeerUp, Send, Timing
+from ._node import Connect, Disconnect, Node, PeerDown, PeerUp, Send, Suspected, Timing
 from ._routing import RouteIndex
 from ._mirror import Mirror, Tap
 from ._seal import ForgedFrame, Signer, StoreCipher, open_data, open_tap, seal_data, seal_fields
@@ -56,7 +56,7 @@ from ._security import (
 from ._store import Batch, Contents, Store, open_instance
 from ._tap import (
     ACKED, CONTROL_EVENTS, DEAD_LETTERED, DELIVERY_EVENTS, EXPIRED, JOINED, LEFT, LOST, REJECTED, RETRIED, ROUTES, SENT,
-    STATS, TapEvent, decode_items, envelope_head,
+    OUTBOX_WARNING, STATS, SUSPECTED, TapEvent, decode_items, envelope_head,
 )
 from ._topics import check_pattern, check_topic, check_user_topic, matches, reply_topic
 from ._transport import Link, Transport, Wakeup
@@ -674,6 +674,7 @@ class AsyncAgent:
         self._tracing = self.config.tracing
         self._window_latency: LatencyHistogram | None = None  # delivery latency since the last stats report
         self._stats_timer: asyncio.TimerHandle | None = None
+        self._outbox_levels: dict[str | None, int] = {}  # outbox warnings told: destination (None: all) -> level
         self._latency: LatencyHistogram | None = None  # while the metrics endpoint is on
         self._metrics: MetricsServer | None = None
         self.metrics_port = 0
@@ -2578,7 +2579,7 @@ class AsyncAgent:
             kinds = frozenset(DELIVERY_EVENTS + CONTROL_EVENTS) if events else frozenset()
         else:
             kinds = frozenset(events)
-            unknown = kinds - set(DELIVERY_EVENTS + CONTROL_EVENTS + (STATS,))
+            unknown = kinds - set(DELIVERY_EVENTS + CONTROL_EVENTS + (STATS,))  # outbox-warning: a control event
             if unknown:
                 raise UsageError(f"unknown tap event kind {', '.join(sorted(unknown))}; "
                                  f"the kinds are {', '.join(DELIVERY_EVENTS + CONTROL_EVENTS + (STATS,))}")
@@ -2600,7 +2601,7 @@ class AsyncAgent:
 
     def _tap_event_kinds(self) -> tuple[str, ...]:
         wanted = set().union(*(tap.events for tap in self._taps)) if self._taps else set()
-        return tuple(k for k in DELIVERY_EVENTS + (STATS,) if k in wanted)
+        return tuple(k for k in DELIVERY_EVENTS + (OUTBOX_WARNING, STATS) if k in wanted)
 
     def _taps_changed(self) -> None:
         if self._node is not None and self._state == "running":
@@ -2809,6 +2810,8 @@ class AsyncAgent:
                 changed = True
             elif kind is Disconnect:
                 transport.async_disconnect(action.endpoint)
+            elif kind is Suspected:
+                self._control(SUSPECTED, action.node, action.service, f"suspected by {action.by}" if action.by else None)
         if changed or self._node.routes.index is not self._index:
             self._fanout, self._single = {}, {}
         if self._node.routes.index is not self._index:
@@ -2885,7 +2888,30 @@ class AsyncAgent:
             return
         if self._outbox.count:
             self._outbox.tick(time.monotonic(), time.time())
+        if self._tapped and OUTBOX_WARNING in self._mirror.wanted_kinds:  # type: ignore[union-attr]
+            self._watch_outbox()
         self._outbox_timer = self._loop.call_later(OUTBOX_TICK, self._outbox_tick)
+
+    def _watch_outbox(self) -> None:
+        """Outbox warnings for taps: when the outbox, or one destination's share of it, goes
+        past half or nine tenths of its limit (told once per level, again after it drains
+        below a quarter)."""
+        outbox = self._outbox
+        assert outbox is not None and self._mirror is not None
+        cfg = self.config
+        shares = [(None, "the outbox", outbox.count / cfg.max_outbox_messages, outbox.bytes / cfg.max_outbox_bytes)]
+        shares += [(d.node, f"the share for {d.service or d.node}", d.pending / cfg.peer_queue_messages,
+                    d.bytes / cfg.peer_queue_bytes) for d in outbox.dests.values() if d.pending]
+        levels = self._outbox_levels
+        for node, what, by_count, by_bytes in shares:
+            fill = max(by_count, by_bytes)
+            level = 2 if fill >= 0.9 else 1 if fill >= 0.5 else 0
+            before = levels.get(node, 0)
+            if level > before:
+                self._mirror.notice(OUTBOX_WARNING, node, f"{what} is {fill:.0%} full")
+                levels[node] = level
+            elif fill < 0.25 and before:
+                del levels[node]
 
     async def _replay_requested(self) -> None:
         try:

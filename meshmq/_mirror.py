@@ -85,6 +85,11 @@ class Mirror:
         self.routes = kept
         self._by_topic = {}
 
+    @property
+    def wanted_kinds(self) -> frozenset[str]:
+        """Every kind of event some tap wants."""
+        return frozenset().union(*(route.events for route in self.routes.values()))
+
     def wants(self, kinds: Iterable[str]) -> bool:
         """Whether some tap wants any of these delivery events."""
         return any(not route.events.isdisjoint(kinds) for route in self.routes.values())
@@ -139,6 +144,17 @@ class Mirror:
                     item = event_item(kind, at, topic, ids[start:start + MAX_IDS_PER_EVENT], peer, detail)
                     for route in routes:
                         route.queue.push(item)
+                pushed = True
+        if pushed:
+            self._schedule()
+
+    def notice(self, kind: str, peer: str | None, detail: str) -> None:
+        """An event about no message in particular (an outbox warning), for the taps that want it."""
+        item = event_item(kind, time.time(), "", [], peer, detail)
+        pushed = False
+        for route in self.routes.values():
+            if kind in route.events:
+                route.queue.push(item)
                 pushed = True
         if pushed:
             self._schedule()

@@ -119,7 +119,16 @@ class PeerDown:
     reason: str
 
 
-Action = Connect | Disconnect | Send | PeerUp | PeerDown
+@dataclasses.dataclass(frozen=True, slots=True)
+class Suspected:
+    """A peer is suspected (a probe went unanswered): declared dead unless it refutes in time."""
+
+    node: str
+    service: str
+    by: str
+
+
+Action = Connect | Disconnect | Send | PeerUp | PeerDown | Suspected
 
 
 @dataclass(slots=True)
@@ -687,6 +696,8 @@ class Node:
             member.spread_by = e.by
             self.suspects.add(node)
             self.counters["suspicions"] += 1
+            if was:
+                actions.append(Suspected(node, member.record.service if member.record is not None else "", e.by or ""))
             if len(self.probe_order) <= 2 * len(self.peers):  # bounded, whatever rumours come
                 self.probe_order.append(node)  # probe it next: a dead node gets confirmed quickly
         if member.routable:

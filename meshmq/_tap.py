@@ -32,10 +32,14 @@ DEAD_LETTERED = "dead-lettered"
 REJECTED = "rejected"
 LOST = "lost"
 DELIVERY_EVENTS = (SENT, ACKED, RETRIED, EXPIRED, DEAD_LETTERED, REJECTED)
-JOINED, LEFT, DEAD, REPLACED, REVOKED, ROUTES = "joined", "left", "dead", "replaced", "revoked", "routes"
-CONTROL_EVENTS = (JOINED, LEFT, DEAD, REPLACED, REVOKED, ROUTES)
-"""What the tap's own agent sees of the mesh: a node joined, left, was declared dead, was
-replaced by a new life, was revoked; the routes changed."""
+JOINED, LEFT, SUSPECTED, DEAD, REPLACED, REVOKED, ROUTES = (
+    "joined", "left", "suspected", "dead", "replaced", "revoked", "routes")
+OUTBOX_WARNING = "outbox-warning"
+"""An agent's outbox (or its share for one destination) passed half, or nine tenths, of its limit."""
+CONTROL_EVENTS = (JOINED, LEFT, SUSPECTED, DEAD, REPLACED, REVOKED, ROUTES, OUTBOX_WARNING)
+"""What the tap's own agent sees of the mesh (a node joined, left, was suspected, declared
+dead, replaced by a new life, revoked; the routes changed), and outbox warnings, which
+the agents that publish report."""
 STATS = "stats"
 """An agent's figures, sent to the taps that ask every ``tap_stats_interval`` (for ``meshmq top``)."""
 STAT_FIELDS = ("published", "received", "outbox_messages", "outbox_bytes", "dead_letters", "retried",
@@ -276,5 +280,5 @@ def decode_items(items: Any, node: str, service: str, services: dict[str, str], 
                     or (peer is not None and type(peer) is not str) or (detail is not None and type(detail) is not str)):
                 raise ProtocolError("bad tap event item")
             yield TapEvent(kind, at, node, service, ids=tuple(i.hex() for i in ids), peer=peer,
-                           peer_service=services.get(peer) if peer is not None else None, topic=topic,
+                           peer_service=services.get(peer) if peer is not None else None, topic=topic or None,
                            detail=detail)

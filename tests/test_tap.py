@@ -351,7 +351,7 @@ def test_control_events_show_a_node_joining_and_dying(mesh: str) -> None:
     async def main() -> None:
         watcher = await meshmq.AsyncAgent("watcher", mesh=mesh, durability="memory", probe_interval=0.2,
                                           probe_timeout=0.1, suspicion_mult=2.0).start()
-        tap = watcher.tap(events=["joined", "dead", "left", "routes"])
+        tap = watcher.tap(events=["joined", "suspected", "dead", "left", "routes"])
         worker = await meshmq.AsyncAgent("worker", mesh=mesh, durability="memory").start()
         worker.subscribe("jobs.*", lambda m: None)
         try:
@@ -363,6 +363,8 @@ def test_control_events_show_a_node_joining_and_dying(mesh: str) -> None:
             dead = await _events(tap, lambda seen: any(e.kind == "dead" for e in seen), timeout=20)
             [gone] = [e for e in dead if e.kind == "dead"]
             assert gone.peer == worker.node_id and gone.service == "watcher"
+            kinds = [e.kind for e in dead if e.peer == worker.node_id]
+            assert "suspected" in kinds and kinds.index("suspected") < kinds.index("dead")  # suspected first
             assert any(e.kind == "routes" for e in joined + dead)
         finally:
             await watcher.stop()
@@ -436,3 +438,33 @@ def test_meshmq_top_shows_topics_and_agents(mesh: str, tmp_path: Path) -> None:
     assert len(pictures) == 3
     assert any(t["topic"] == "load.x" and t["total"] > 0 for p in pictures for t in p["topics"])
     assert any(a["service"] == "pub" and a["outbox_messages"] is not None for p in pictures for a in p["agents"])
+
+
+def test_several_taps_each_see_their_own_patterns_and_outbox_warnings_reach_them(mesh: str) -> None:
+    async def main() -> None:
+        one = await meshmq.AsyncAgent("one", mesh=mesh, durability="memory").start()
+        two = await meshmq.AsyncAgent("two", mesh=mesh, durability="memory").start()
+        orders_tap = one.tap("orders.>", events=False)
+        warnings_tap = two.tap("jobs.>", events=["outbox-warning"])
+        sub = await meshmq.AsyncAgent("sub", mesh=mesh, durability="os").start()
+        sub.subscribe("jobs.*", lambda m: None, queue="workers")
+        pub = await meshmq.AsyncAgent("pub", mesh=mesh, durability="os", peer_queue_messages=20).start()
+        try:
+            await pub.wait_for_subscribers("jobs.x", timeout=10)
+            await eventually(lambda: len(pub._mirror.routes) == 2, what="both taps known")  # type: ignore[union-attr]
+            await sub.stop()  # durable: its messages wait in pub's outbox
+            await eventually(lambda: not any(p.service == "sub" for p in pub.peers()), what="the subscriber gone")
+            order = await pub.publish("orders.placed", b"o")
+            jobs = [await pub.publish("jobs.x", b"%d" % i) for i in range(12)]  # 60 % of its share
+            seen_orders = await _events(orders_tap, lambda seen: any(e.kind == MESSAGE for e in seen))
+            assert [e.ids[0] for e in seen_orders if e.kind == MESSAGE] == [order]
+            got = await _events(warnings_tap, lambda seen: any(e.kind == "outbox-warning" for e in seen)
+                                and sum(e.kind == MESSAGE for e in seen) == 12)
+            assert [e.ids[0] for e in got if e.kind == MESSAGE] == jobs
+            [warning] = [e for e in got if e.kind == "outbox-warning"]
+            assert warning.service == "pub" and warning.peer == sub.node_id and "% full" in (warning.detail or "")
+        finally:
+            for agent in (pub, sub, one, two):  # stop() is idempotent
+                await agent.stop()
+
+    run(main(), timeout=60)
