@@ -56,7 +56,7 @@ from ._security import (
 from ._store import Batch, Contents, Store, open_instance
 from ._tap import (
     ACKED, CONTROL_EVENTS, DEAD_LETTERED, DELIVERY_EVENTS, EXPIRED, JOINED, LEFT, LOST, REJECTED, RETRIED, ROUTES, SENT,
-    OUTBOX_WARNING, STATS, SUSPECTED, TapEvent, decode_items, envelope_head,
+    OUTBOX_WARNING, STATS, SUSPECTED, Journeys, TapEvent, decode_items, envelope_head,
 )
 from ._topics import check_pattern, check_topic, check_user_topic, matches, reply_topic
 from ._transport import Link, Transport, Wakeup
@@ -670,6 +670,7 @@ class AsyncAgent:
         self._tap_packer = msgpack.Packer(use_bin_type=True)
         self._tapped = False  # some tap of the mesh watches this agent
         self._tap_version = -1  # of the routing table's taps, when they were last read
+        self._journeys: Journeys | None = None  # as a tap: which messages the sent/acked runs are about
         self._observed: frozenset[str] = frozenset()  # outbox events (sent, acked, retried) some tap wants
         self._tracing = self.config.tracing
         self._window_latency: LatencyHistogram | None = None  # delivery latency since the last stats report
@@ -2585,6 +2586,8 @@ class AsyncAgent:
                                  f"the kinds are {', '.join(DELIVERY_EVENTS + CONTROL_EVENTS + (STATS,))}")
         tap = Tap(tuple(patterns), self.config.tap_buffer_messages, self._tap_closed, threaded, kinds)
         self._taps.append(tap)
+        if self._journeys is None:
+            self._journeys = Journeys(self.config.tap_buffer_messages * 10)
         self._taps_changed()
         return tap
 
@@ -2647,22 +2650,22 @@ class AsyncAgent:
             self._window_latency = None
 
     def _observe(self, kind: str, dest: Destination, entries: list[Any]) -> None:
-        """The outbox sent, sent again or was acknowledged ``entries`` (a tap watches)."""
+        """The outbox sent, sent again or was acknowledged ``entries``, a run of one stream
+        (a tap watches): one item names the run by its first and last message ids."""
         kind = {"sent": SENT, "retried": RETRIED, "acked": ACKED}[kind]
-        if kind not in self._observed:
+        if kind not in self._observed or not entries:
             return
-        messages = []
-        for entry in entries:
+        ends = []
+        for entry in (entries[0], entries[-1]):
             env = entry if type(entry) is bytes else entry[0]
             head = envelope_head(env)
             if head is None:
                 try:
-                    msg = decode_envelope(env, self.limits)
+                    head = ("", decode_envelope(env, self.limits)._id)
                 except ProtocolError:
-                    continue
-                head = (msg.topic, msg._id)
-            messages.append(head)
-        self._mirror.event(kind, messages, dest.node)  # type: ignore[union-attr]
+                    return
+            ends.append(head[1])
+        self._mirror.journey(kind, dest.node, ends[0], ends[1], len(entries))  # type: ignore[union-attr]
 
     def _tap_event(self, kind: str, messages: list[tuple[str, bytes]], peer: str | None,
                    detail: str | None = None) -> None:
@@ -2750,7 +2753,7 @@ class AsyncAgent:
         services = {n: m.record.service for n, m in self._node.peers.items()}
         services[self.node_id] = self.service
         service = services.get(node, "?")
-        events = list(decode_items(items, node, service, services, self.limits))  # all or none: ProtocolError
+        events = list(decode_items(items, node, service, services, self.limits, self._journeys))  # all or none
         self.counters["tap_events"] += len(events)
         if lost:
             self.counters["tap_items_lost"] += lost

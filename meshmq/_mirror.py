@@ -21,7 +21,8 @@ from typing import Any
 
 from ._errors import UsageError
 from ._tap import (
-    CONTROL_EVENTS, DELIVERY_EVENTS, LOST, MAX_IDS_PER_EVENT, STATS, MESSAGE, MirrorQueue, TapEvent, event_item, message_item,
+    CONTROL_EVENTS, DELIVERY_EVENTS, LOST, MAX_IDS_PER_EVENT, MESSAGE, STATS, MirrorQueue, TapEvent, event_item,
+    message_item, range_item,
 )
 from ._topics import matches
 from ._wire import Limits, decode_envelope, encode_envelope
@@ -144,6 +145,21 @@ class Mirror:
                     item = event_item(kind, at, topic, ids[start:start + MAX_IDS_PER_EVENT], peer, detail)
                     for route in routes:
                         route.queue.push(item)
+                pushed = True
+        if pushed:
+            self._schedule()
+
+    def journey(self, kind: str, peer: str, first: bytes, last: bytes, count: int) -> None:
+        """``count`` messages, ``first``..``last`` (ids) of the stream to ``peer``, were sent,
+        sent again or acknowledged: one item, whatever ``count``; the tap maps it back to the
+        messages it saw published (:class:`meshmq._tap.Journeys`)."""
+        if self._published:
+            self._sort()  # a tap sees a message before what happened to it
+        item = range_item(kind, time.time(), peer, first, last, count)
+        pushed = False
+        for route in self.routes.values():
+            if kind in route.events:
+                route.queue.push(item)
                 pushed = True
         if pushed:
             self._schedule()

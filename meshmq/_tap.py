@@ -239,16 +239,92 @@ def event_item(kind: str, at: float, topic: str, ids: Iterable[bytes], peer: str
 # --- the tap's side ------------------------------------------------------------------------
 
 
-def decode_items(items: Any, node: str, service: str, services: dict[str, str], limits: Any) -> Iterator[TapEvent]:
-    """The events of a batch of mirrored items from ``node``; ProtocolError for a malformed one."""
+RANGE = "range"
+"""An item naming messages by the first and last of a run sent to one destination: how
+``sent``, ``retried`` and ``acked`` travel, so that a sender pays per frame and per
+receipt, not per message; the tap maps the run back to message ids (:class:`Journeys`)."""
+
+
+def range_item(kind: str, at: float, peer: str, first: bytes, last: bytes, count: int) -> list[Any]:
+    return [RANGE, kind, at, peer, first, last, count]
+
+
+class Journeys:
+    """On a tap: for each (publisher, destination), the ids published to it and not yet
+    acknowledged, in the order published (which is its stream's order), with their topics;
+    at most ``limit`` in all (the oldest give way)."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self._open: dict[tuple[str, str], collections.OrderedDict[str, str]] = {}
+        self.limit = limit
+        self.size = 0
+
+    def published(self, node: str, message_id: str, topic: str, destinations: Iterable[str]) -> None:
+        for dest in destinations:
+            run = self._open.setdefault((node, dest), collections.OrderedDict())
+            if message_id not in run:
+                run[message_id] = topic
+                self.size += 1
+            if self.size > self.limit:
+                run.popitem(last=False)
+                self.size -= 1
+
+    def between(self, node: str, dest: str, first: str, last: str, forget: bool) -> dict[str, list[str]]:
+        """topic -> ids of the run ``first``..``last`` to ``dest``, found by position (the run
+        is in stream order; ids of different lives of a node do not compare). ``forget``
+        (acknowledged): they and every id before them are done. Nothing if ``last`` is not
+        known (its message item was lost)."""
+        run = self._open.get((node, dest))
+        found: dict[str, list[str]] = {}
+        if not run or last not in run:
+            return found
+        inside = first not in run  # its message was acknowledged or lost: the run starts at the front
+        done = []
+        for message_id, topic in run.items():
+            inside = inside or message_id == first
+            if inside:
+                found.setdefault(topic, []).append(message_id)
+            done.append(message_id)
+            if message_id == last:
+                break
+        if forget:
+            for message_id in done:
+                del run[message_id]
+            self.size -= len(done)
+            if not run:
+                del self._open[(node, dest)]
+        return found
+
+    def forget(self, node: str) -> None:
+        for key in [k for k in self._open if node in k]:
+            self.size -= len(self._open.pop(key))
+
+
+def decode_items(items: Any, node: str, service: str, services: dict[str, str], limits: Any,
+                 journeys: Journeys | None = None) -> Iterator[TapEvent]:
+    """The events of a batch of mirrored items from ``node``; ProtocolError for a malformed one.
+    ``journeys`` maps range items (sent, retried, acked) to the messages they are about."""
     from ._wire import decode_envelope
 
     if type(items) is not list:
         raise ProtocolError("tap items are not a list")
     for item in items:
-        if type(item) is not list or not item or item[0] not in KINDS:
+        if type(item) is not list or not item or (item[0] not in KINDS and item[0] != RANGE):
             raise ProtocolError("bad tap item")
         kind = item[0]
+        if kind == RANGE:
+            if (len(item) != 7 or item[1] not in (SENT, RETRIED, ACKED) or type(item[2]) is not float
+                    or type(item[3]) is not str or type(item[4]) is not bytes or type(item[5]) is not bytes
+                    or len(item[4]) != _ID_BYTES or len(item[5]) != _ID_BYTES or type(item[6]) is not int):
+                raise ProtocolError("bad tap range item")
+            _, kind, at, peer, first, last, _count = item
+            if journeys is None:
+                continue
+            runs = journeys.between(node, peer, first.hex(), last.hex(), forget=kind == ACKED)
+            for topic, ids in runs.items():
+                yield TapEvent(kind, at, node, service, ids=tuple(ids), peer=peer, peer_service=services.get(peer),
+                               topic=topic)
+            continue
         if kind == STATS:
             if len(item) != 3 or type(item[1]) is not float or type(item[2]) is not dict or len(item[2]) > 32:
                 raise ProtocolError("bad tap stats item")
@@ -265,6 +341,8 @@ def decode_items(items: Any, node: str, service: str, services: dict[str, str], 
                     or type(size) is not int or size < 0):
                 raise ProtocolError("bad tap message item")
             msg = decode_envelope(env, limits)
+            if journeys is not None:
+                journeys.published(node, msg.id, msg.topic, dests)
             yield TapEvent(MESSAGE, at or msg.timestamp, node, service, ids=(msg.id,), topic=msg.topic, type=msg.type,
                            source=msg.source, destinations=tuple(services.get(d, d) for d in dests),
                            size=len(msg.raw) if shown else size,

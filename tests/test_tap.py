@@ -468,3 +468,22 @@ def test_several_taps_each_see_their_own_patterns_and_outbox_warnings_reach_them
                 await agent.stop()
 
     run(main(), timeout=60)
+
+
+def test_journeys_map_runs_of_a_stream_back_to_the_messages() -> None:
+    from meshmq._tap import Journeys
+
+    j = Journeys(limit=100)
+    old_life = ["ff" * 8 + f"{i:016x}" for i in (7, 8)]  # kept in the outbox across a restart
+    new_life = ["00" * 8 + f"{i:016x}" for i in (1, 2, 3)]  # a new prefix sorts lower: order is by position
+    for mid in old_life + new_life:
+        j.published("pub", mid, "orders.placed" if mid != new_life[1] else "orders.cancelled", ["sub", "other"])
+    assert j.between("pub", "sub", old_life[1], new_life[1], forget=False) == {
+        "orders.placed": [old_life[1], new_life[0]], "orders.cancelled": [new_life[1]]}
+    assert j.between("pub", "sub", new_life[0], new_life[0], forget=True) == {"orders.placed": [new_life[0]]}
+    assert j.between("pub", "sub", old_life[0], new_life[2], forget=False) == {  # what is left after the ack
+        "orders.cancelled": [new_life[1]], "orders.placed": [new_life[2]]}
+    assert j.between("pub", "sub", "a" * 32, "b" * 32, forget=True) == {}  # unknown run: nothing, nothing forgotten
+    assert j.size == 10 - 3
+    j.forget("pub")
+    assert j.size == 0
