@@ -37,7 +37,7 @@ class TapRoute:
     """A tap of the mesh this agent mirrors to: its patterns, what its certificate lets it
     read, and the items waiting for it."""
 
-    __slots__ = ("node", "patterns", "events", "may_read", "queue")
+    __slots__ = ("node", "patterns", "events", "may_read", "queue", "stalled")
 
     def __init__(self, node: str, patterns: tuple[tuple[str, ...], ...], events: frozenset[str],
                  may_read: Callable[[str], bool], limit: int) -> None:
@@ -46,6 +46,15 @@ class TapRoute:
         self.events = events
         self.may_read = may_read
         self.queue = MirrorQueue(limit)
+        self.stalled = False
+        """Its socket refused the last frame: what comes for it is only counted (as lost) until
+        a frame gets through again, so a stalled tap costs a publisher next to nothing."""
+
+    def offer(self, item: list[Any]) -> None:
+        if self.stalled:
+            self.queue.lost += 1
+        else:
+            self.queue.push(item)
 
     def wants(self, topic: str) -> bool:
         return any(matches(p, topic) for p in self.patterns)
@@ -127,7 +136,7 @@ class Mirror:
             if routes:
                 item = message_item(0.0, topic, env, [destinations] if type(destinations) is str else destinations)
                 for route in routes:
-                    route.queue.push(item)
+                    route.offer(item)
 
     def event(self, kind: str, messages: list[tuple[str, bytes]], peer: str | None, detail: str | None = None) -> None:
         """A delivery event about ``messages`` ((topic, id) pairs), for the taps of each topic."""
@@ -144,7 +153,7 @@ class Mirror:
                 for start in range(0, len(ids), MAX_IDS_PER_EVENT):
                     item = event_item(kind, at, topic, ids[start:start + MAX_IDS_PER_EVENT], peer, detail)
                     for route in routes:
-                        route.queue.push(item)
+                        route.offer(item)
                 pushed = True
         if pushed:
             self._schedule()
@@ -159,7 +168,7 @@ class Mirror:
         pushed = False
         for route in self.routes.values():
             if kind in route.events:
-                route.queue.push(item)
+                route.offer(item)
                 pushed = True
         if pushed:
             self._schedule()
@@ -170,7 +179,7 @@ class Mirror:
         pushed = False
         for route in self.routes.values():
             if kind in route.events:
-                route.queue.push(item)
+                route.offer(item)
                 pushed = True
         if pushed:
             self._schedule()
@@ -181,7 +190,7 @@ class Mirror:
         pushed = False
         for route in self.routes.values():
             if STATS in route.events:
-                route.queue.push(item)
+                route.offer(item)
                 pushed = True
         if pushed:
             self._schedule()
@@ -195,14 +204,22 @@ class Mirror:
         self._timer = None
         self._sort()
         for route in self.routes.values():
+            if route.stalled:  # a frame with no items, to tell what was lost: does it get through now?
+                if not self._send(route.node, route.queue.lost, []):
+                    continue
+                route.queue.lost = 0
+                route.stalled = False
             while route.queue:
                 items, lost = route.queue.take(FLUSH_ITEMS)
                 shown = [_for_tap(item, route) for item in items]
                 if not self._send(route.node, lost, shown):
                     route.queue.lost += len(items) + lost  # told with the next frame that leaves
                     self.counters["tap_items_unsent"] += len(items)
+                    route.stalled = True
                     break
                 self.counters["tap_items_sent"] += len(items)
+        if any(route.stalled and route.queue.lost for route in self.routes.values()):
+            self._schedule()  # keep trying, at the flush interval
 
     def close(self) -> None:
         self._published.clear()
