@@ -74,6 +74,7 @@ class Mirror:
         # per tap when flushed, so that a publish pays one append and nothing more.
         self._published: collections.deque[tuple[str, bytes, Any]] = collections.deque()
         self._unsorted_lost = 0
+        self._saturated = False  # every tap stalled or full: publishes are only counted until a flush
         self._timer: asyncio.TimerHandle | None = None
         self.counters: collections.Counter[str] = collections.Counter()
 
@@ -94,6 +95,7 @@ class Mirror:
             kept[node] = route
         self.routes = kept
         self._by_topic = {}
+        self._saturated = False
 
     @property
     def wanted_kinds(self) -> frozenset[str]:
@@ -116,11 +118,14 @@ class Mirror:
     def message(self, topic: str, env: bytes, destinations: str | list[str]) -> None:
         """A message this agent published, to ``destinations`` (a node, or a list): the hot
         path, one bounded append; :meth:`flush` sorts it out per tap."""
-        published = self._published
-        if len(published) >= self.config.tap_queue_messages:
-            published.popleft()
+        if self._saturated:  # every tap is stalled or full: count, and do nothing else
             self._unsorted_lost += 1
-        published.append((topic, env, destinations))
+        else:
+            published = self._published
+            if len(published) >= self.config.tap_queue_messages:
+                published.popleft()
+                self._unsorted_lost += 1
+            published.append((topic, env, destinations))
         if self._timer is None:
             self._timer = self.loop.call_later(self.config.tap_flush_interval, self.flush)
 
@@ -137,6 +142,8 @@ class Mirror:
                 item = message_item(0.0, topic, env, [destinations] if type(destinations) is str else destinations)
                 for route in routes:
                     route.offer(item)
+        self._saturated = bool(self.routes) and all(
+            r.stalled or len(r.queue) >= r.queue.limit for r in self.routes.values())
 
     def event(self, kind: str, messages: list[tuple[str, bytes]], peer: str | None, detail: str | None = None) -> None:
         """A delivery event about ``messages`` ((topic, id) pairs), for the taps of each topic."""
@@ -203,6 +210,7 @@ class Mirror:
         """Send what waits for every tap, a frame's worth at a time."""
         self._timer = None
         self._sort()
+        self._saturated = False  # decided again by the next sort, after this flush drained what it could
         for route in self.routes.values():
             if route.stalled:  # a frame with no items, to tell what was lost: does it get through now?
                 if not self._send(route.node, route.queue.lost, []):
