@@ -171,32 +171,21 @@ class Mirror:
         messages it saw published (:class:`meshmq._tap.Journeys`)."""
         if self._published:
             self._sort()  # a tap sees a message before what happened to it
-        item = range_item(kind, time.time(), peer, first, last, count)
-        pushed = False
-        for route in self.routes.values():
-            if kind in route.events:
-                route.offer(item)
-                pushed = True
-        if pushed:
-            self._schedule()
+        self._to_taps_wanting(kind, range_item(kind, time.time(), peer, first, last, count))
 
     def notice(self, kind: str, peer: str | None, detail: str) -> None:
         """An event about no message in particular (an outbox warning), for the taps that want it."""
-        item = event_item(kind, time.time(), "", [], peer, detail)
-        pushed = False
-        for route in self.routes.values():
-            if kind in route.events:
-                route.offer(item)
-                pushed = True
-        if pushed:
-            self._schedule()
+        self._to_taps_wanting(kind, event_item(kind, time.time(), "", [], peer, detail))
 
     def stats(self, figures: dict[str, float]) -> None:
         """This agent's figures, for the taps that asked for them."""
-        item = [STATS, time.time(), figures]
+        self._to_taps_wanting(STATS, [STATS, time.time(), figures])
+
+    def _to_taps_wanting(self, kind: str, item: list[Any]) -> None:
+        """``item`` for every tap that asked for ``kind``, whatever its patterns."""
         pushed = False
         for route in self.routes.values():
-            if STATS in route.events:
+            if kind in route.events:
                 route.offer(item)
                 pushed = True
         if pushed:

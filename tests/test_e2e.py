@@ -7,9 +7,11 @@ secure one never talk.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import hypothesis
@@ -96,16 +98,27 @@ def test_a_stored_record_is_ciphertext_bound_to_its_place_and_its_node() -> None
 # --- agents -------------------------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def _sink_and_raw_peer(mesh: str) -> AsyncIterator[tuple[meshmq.AsyncAgent, list[bytes], RawPeer]]:
+    """A secure agent that collects what it gets on jobs.*, and a certified raw peer that
+    has introduced itself to it; both closed afterwards."""
+    agent = await meshmq.AsyncAgent("sink", mesh=mesh, discovery=False, durability="memory").start()
+    got: list[bytes] = []
+    agent.subscribe("jobs.*", lambda m: got.append(m.raw))
+    raw = RawPeer(mesh, agent.endpoints[0], "jobs")
+    try:
+        raw.introduce()
+        yield agent, got, raw
+    finally:
+        raw.close()
+        await agent.stop()
+
+
 def test_a_tampered_ciphertext_is_refused_counted_and_changes_nothing(mesh: str) -> None:
     """Attack test: one byte of a genuine frame's ciphertext flipped on the way."""
 
     async def main() -> None:
-        agent = await meshmq.AsyncAgent("sink", mesh=mesh, discovery=False, durability="memory").start()
-        got: list[bytes] = []
-        agent.subscribe("jobs.*", lambda m: got.append(m.raw))
-        raw = RawPeer(mesh, agent.endpoints[0], "jobs")
-        try:
-            raw.introduce()
+        async with _sink_and_raw_peer(mesh) as (agent, got, raw):
             frame = raw.data(1, 1, [_envelope("jobs.x", raw.node, b"one")])
             tampered = bytearray(frame)
             tampered[-5] ^= 0x01
@@ -116,9 +129,6 @@ def test_a_tampered_ciphertext_is_refused_counted_and_changes_nothing(mesh: str)
             raw.send(frame)  # the genuine frame still goes through: nothing was consumed by the forgery
             await eventually(lambda: got == [b"one"], what="the genuine frame delivered")
             assert agent.stats()["frames_forged"] == 1
-        finally:
-            raw.close()
-            await agent.stop()
 
     run(main())
 
@@ -127,19 +137,11 @@ def test_an_unsealed_data_frame_is_refused_by_a_secure_agent(mesh: str) -> None:
     from meshmq._wire import data_frame
 
     async def main() -> None:
-        agent = await meshmq.AsyncAgent("sink", mesh=mesh, discovery=False, durability="memory").start()
-        got: list[bytes] = []
-        agent.subscribe("jobs.*", lambda m: got.append(m.raw))
-        raw = RawPeer(mesh, agent.endpoints[0], "jobs")
-        try:
-            raw.introduce()
+        async with _sink_and_raw_peer(mesh) as (agent, got, raw):
             raw.send(data_frame(raw.node, 1, 1, [_envelope("jobs.x", raw.node, b"plain")]))
             raw.send(raw.data(1, 1, [_envelope("jobs.x", raw.node, b"sealed")]))
             await eventually(lambda: got == [b"sealed"], what="the sealed frame delivered")
             assert agent.stats()["frames_forged"] == 1
-        finally:
-            raw.close()
-            await agent.stop()
 
     run(main())
 
@@ -149,19 +151,11 @@ def test_a_message_naming_another_node_inside_a_genuine_frame_is_dropped(mesh: s
     is not delivered (nobody relays data), and is counted."""
 
     async def main() -> None:
-        agent = await meshmq.AsyncAgent("sink", mesh=mesh, discovery=False, durability="memory").start()
-        got: list[bytes] = []
-        agent.subscribe("jobs.*", lambda m: got.append(m.raw))
-        raw = RawPeer(mesh, agent.endpoints[0], "jobs")
-        try:
-            raw.introduce()
+        async with _sink_and_raw_peer(mesh) as (agent, got, raw):
             raw.send(raw.data(1, 1, [_envelope("jobs.x", agent.node_id, b"spoofed"),
                                      _envelope("jobs.x", raw.node, b"own")]))
             await eventually(lambda: got == [b"own"], what="its own message delivered")
             assert agent.stats()["rejected_wrong_sender"] == 1
-        finally:
-            raw.close()
-            await agent.stop()
 
     run(main())
 
