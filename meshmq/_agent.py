@@ -268,6 +268,7 @@ class _HandlerThread:
 
     def __init__(self, fn: Callable[[Message], Any], name: str) -> None:
         self.__wrapped__ = fn
+        self.tracing = False  # set by the subscription: spans around each call (Config.tracing)
         self._jobs: queue.SimpleQueue[tuple[Message, asyncio.Future[None]] | None] = queue.SimpleQueue()
         self._name = name
         self._thread: threading.Thread | None = None
@@ -284,15 +285,17 @@ class _HandlerThread:
     def _run(self, loop: asyncio.AbstractEventLoop) -> None:
         while (job := self._jobs.get()) is not None:
             msg, done = job
-            token = _trace.handling(msg.headers)
+            token = _trace.handling(msg.headers, msg.topic, self.tracing)
+            error: Exception | None = None
             try:
                 self.__wrapped__(msg)
             except Exception as exc:
+                error = exc
                 loop.call_soon_threadsafe(_settle, done, exc)
             else:
                 loop.call_soon_threadsafe(_settle, done, None)
             finally:
-                _trace.done(token)
+                _trace.done(token, error)
 
     def close(self) -> None:
         self._jobs.put(None)  # the thread ends after the message in hand (a daemon: never blocks exit)
@@ -323,6 +326,7 @@ class Subscription:
         self.durable = False
         """Whether publishers keep this subscription's messages while its node is down."""
         self._blocking = blocking  # a blocking Agent's: plain handlers run on a thread of their own
+        self._agent = agent
         handler = self._adopt(handler)
         self.handler = handler
         self.closed = False
@@ -352,7 +356,9 @@ class Subscription:
     def _adopt(self, handler: Handler | None) -> Handler | None:
         if handler is None or not self._blocking or inspect.iscoroutinefunction(handler):
             return handler
-        return _HandlerThread(handler, f"meshmq-handler-{self.pattern}")  # type: ignore[arg-type]
+        threaded = _HandlerThread(handler, f"meshmq-handler-{self.pattern}")  # type: ignore[arg-type]
+        threaded.tracing = self._agent._tracing
+        return threaded
 
     def _set_handler(self, handler: Handler) -> None:
         handler = self._adopt(handler)  # type: ignore[assignment]
@@ -422,15 +428,17 @@ class Subscription:
         if self._expired(msg):
             return
         self._attempt(msg)
-        token = _trace.handling(msg.headers)
+        token = _trace.handling(msg.headers, msg.topic, self._agent._tracing)
+        error: Exception | None = None
         try:
             self.handler(msg)  # type: ignore[misc]
         except Exception as exc:
+            error = exc
             retry = self._outcome(msg, exc)
         else:
             retry = self._outcome(msg, None)
         finally:
-            _trace.done(token)
+            _trace.done(token, error)
         if retry is None:
             self._finished(msg)
             return
@@ -457,17 +465,21 @@ class Subscription:
                     if self._expired(msg):
                         break
                     self._attempt(msg)
-                    token = _trace.handling(msg.headers)
+                    # A blocking Agent's handler thread brackets its own call (span and context).
+                    token = None if type(self.handler) is _HandlerThread else _trace.handling(
+                        msg.headers, msg.topic, self._agent._tracing)
+                    error: Exception | None = None
                     try:
                         await self.handler(msg)  # type: ignore[misc]
                     except asyncio.CancelledError:
                         raise
                     except Exception as exc:
+                        error = exc
                         retry = self._outcome(msg, exc)
                     else:
                         retry = self._outcome(msg, None)
                     finally:
-                        _trace.done(token)
+                        _trace.done(token, error)
                     if retry is None:
                         self._finished(msg)
                         break
@@ -1501,7 +1513,7 @@ class AsyncAgent:
             headers = self._with_ttl(headers, ttl)
         if self._tracing or _trace.current.get() is not None:
             if headers is None or isinstance(headers, dict):
-                headers = _trace.for_publish(headers, self._tracing)
+                headers = _trace.for_publish(headers, self._tracing, topic)
         if (type_ is None and key is None and headers is None and schema_version == 1
                 and type(data) is bytes and len(data) <= self.limits.max_payload_bytes
                 and topic in self._checked_topics):

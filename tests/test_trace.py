@@ -83,3 +83,68 @@ def test_a_blocking_agents_handler_thread_continues_the_trace(mesh: str) -> None
         wait_until(lambda: len(got) == 1, what="the relayed message")
         assert _trace.valid(incoming[0]) and _trace.valid(got[0]) and got[0] != incoming[0]
         assert got[0].split("-")[1] == incoming[0].split("-")[1]  # one trace
+
+
+def test_with_opentelemetry_publish_and_handle_emit_spans_of_one_trace(mesh: str) -> None:
+    """Config.tracing with OpenTelemetry installed (the dev extra installs it; meshmq never
+    requires it): a publish span per message, a handle span around the handler, current
+    while it runs, and what the handler publishes is a child of that."""
+    import pytest
+
+    trace = pytest.importorskip("opentelemetry.trace", reason="OpenTelemetry is optional")
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    original = trace.get_tracer
+
+    def from_provider(name: str, *args: object, **kwargs: object) -> object:
+        return provider.get_tracer(name)
+
+    trace.get_tracer = from_provider  # the test's own provider, without touching the global one
+    try:
+        async def main() -> None:
+            sink = await meshmq.AsyncAgent("sink", mesh=mesh, durability="memory", tracing=True).start()
+            got: list[str] = []
+            sink.subscribe("out.x", lambda m: got.append(m.headers["traceparent"]))
+            relay = await meshmq.AsyncAgent("relay", mesh=mesh, durability="memory", tracing=True).start()
+            inner: list[object] = []
+
+            async def on_in(msg: meshmq.Message) -> None:
+                with tracer.start_as_current_span("app work") as span:  # nests in the handle span
+                    inner.append(span)
+                await relay.publish("out.x", b"")
+
+            def failing(msg: meshmq.Message) -> None:
+                raise ValueError("boom")
+
+            relay.subscribe("in.x", on_in)
+            relay.subscribe("bad.x", failing)
+            source = await meshmq.AsyncAgent("source", mesh=mesh, durability="memory", tracing=True,
+                                             max_attempts=1).start()
+            try:
+                for topic in ("in.x", "bad.x"):
+                    await source.wait_for_subscribers(topic, timeout=10)
+                await relay.wait_for_subscribers("out.x", timeout=10)
+                await source.publish("in.x", b"")
+                await source.publish("bad.x", b"")
+                await eventually(lambda: len(got) == 1 and len(relay.dead_letters()) == 1, what="both handled")
+            finally:
+                for agent in (source, relay, sink):
+                    await agent.stop()
+
+        run(main(), timeout=60)
+    finally:
+        trace.get_tracer = original
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    first, handle, work, second, out = (spans["publish in.x"], spans["handle in.x"], spans["app work"],
+                                        spans["publish out.x"], spans["handle out.x"])
+    assert len({s.context.trace_id for s in (first, handle, work, second, out)}) == 1  # one trace
+    assert handle.parent.span_id == first.context.span_id and work.parent.span_id == handle.context.span_id
+    assert second.parent.span_id == handle.context.span_id and out.parent.span_id == second.context.span_id
+    assert first.kind == trace.SpanKind.PRODUCER and handle.kind == trace.SpanKind.CONSUMER
+    assert spans["handle bad.x"].status.status_code == trace.StatusCode.ERROR
