@@ -56,7 +56,7 @@ from ._security import (
 from ._store import Batch, Contents, Store, open_instance
 from ._tap import (
     ACKED, CONTROL_EVENTS, DEAD_LETTERED, DELIVERY_EVENTS, EXPIRED, JOINED, LEFT, LOST, REJECTED, RETRIED, ROUTES, SENT,
-    OUTBOX_WARNING, STATS, SUSPECTED, Journeys, TapEvent, decode_items, envelope_head,
+    OUTBOX_WARNING, REVOCATION, STATS, SUSPECTED, Journeys, TapEvent, decode_items, envelope_head,
 )
 from ._topics import check_pattern, check_topic, check_user_topic, matches, reply_topic
 from ._transport import Link, Transport, Wakeup
@@ -1092,6 +1092,7 @@ class AsyncAgent:
         """Cut off at once every node the revocation names (and note if it names us)."""
         subject = revocation.node or revocation.subject.hex()
         log.warning("the mesh authority revoked %s %s", revocation.kind, subject)
+        self._control(REVOCATION, revocation.node, None, f"the mesh authority revoked {revocation.kind} {subject}")
         self._vouched.clear()  # verdicts were given before the revocation
         assert self._cert is not None
         if self._revocations.revoked(decode_certificate(self._cert)) and not self._revoked_self:

@@ -34,12 +34,14 @@ LOST = "lost"
 DELIVERY_EVENTS = (SENT, ACKED, RETRIED, EXPIRED, DEAD_LETTERED, REJECTED)
 JOINED, LEFT, SUSPECTED, DEAD, REPLACED, REVOKED, ROUTES = (
     "joined", "left", "suspected", "dead", "replaced", "revoked", "routes")
+REVOCATION = "revocation"
+"""The tap's agent learnt a revocation from the mesh authority (of a node or a certificate)."""
 OUTBOX_WARNING = "outbox-warning"
 """An agent's outbox (or its share for one destination) passed half, or nine tenths, of its limit."""
-CONTROL_EVENTS = (JOINED, LEFT, SUSPECTED, DEAD, REPLACED, REVOKED, ROUTES, OUTBOX_WARNING)
+CONTROL_EVENTS = (JOINED, LEFT, SUSPECTED, DEAD, REPLACED, REVOKED, ROUTES, REVOCATION, OUTBOX_WARNING)
 """What the tap's own agent sees of the mesh (a node joined, left, was suspected, declared
-dead, replaced by a new life, revoked; the routes changed), and outbox warnings, which
-the agents that publish report."""
+dead, replaced by a new life, revoked; the routes changed; a revocation arrived), and
+outbox warnings, which the agents that publish report."""
 STATS = "stats"
 """An agent's figures, sent to the taps that ask every ``tap_stats_interval`` (for ``meshmq top``)."""
 STAT_FIELDS = ("published", "received", "outbox_messages", "outbox_bytes", "dead_letters", "retried",

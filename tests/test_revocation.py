@@ -408,12 +408,19 @@ def test_meshmq_cert_revoke_cuts_a_running_node_off_with_no_set_up(mesh: str, tm
             assert time.monotonic() < wait_peers, "the two agents did not meet"
             time.sleep(0.02)
         out = tmp_path / "revoked.txt"
+        tap = witness.tap(events=["revocation", "revoked"])  # meshmq tap --events control shows them
         code = main(["cert", "revoke", victim.node_id, "--mesh", mesh, "-o", str(out), "--wait", "15"])
         err = capsys.readouterr().err
         assert code == 0, err
         assert "taken by all" in err and "development authority" in err
         assert victim.node_id not in {p.node for p in witness.peers()}
         assert witness.stats()["revocations"] == 1
+        kinds: dict[str, str | None] = {}
+        while len(kinds) < 2:
+            event = tap.get(timeout=10)
+            assert event is not None, f"control events missing: {kinds}"
+            kinds[event.kind] = event.peer
+        assert kinds == {"revocation": victim.node_id, "revoked": victim.node_id}
         assert out.read_text().startswith("-----BEGIN MESHMQ REVOCATION-----")
     assert main(["cert", "show", str(out), "--json"]) == 0
     shown = capsys.readouterr().out
