@@ -172,6 +172,7 @@ class Soak:
     def __init__(self, lab: Any, args: argparse.Namespace, settings: dict[str, str]) -> None:
         self.lab = lab
         self.args = args
+        self.stopping = False  # set once the summary is taken: the agents' goodbyes are not departures
         self.host = lab.hosts[0]
         self.mesh = "soak" + uuid.uuid4().hex[:8]
         self.tally = Tally()
@@ -224,7 +225,7 @@ class Soak:
             agent.node = event["node"]
         elif kind == "traffic":
             agent.traffic = {k: v for k, v in event.items() if k != "event"}
-        elif kind == "state":
+        elif kind == "state" and not self.stopping:  # while stopping, goodbyes are no news
             peer, was, now = event["peer"], event["was"], event["now"]
             agent.states[peer] = now
             seen = {"observer": agent.name, "peer": peer, "node": event["node"], "was": was,
@@ -311,6 +312,7 @@ class Soak:
 
     def stop(self) -> None:
         """Ask every agent to stop, and wait (bounded) for them to report and exit."""
+        self.stopping = True
         for agent in self.agents:
             if agent.proc.poll() is None and agent.proc.stdin is not None:
                 try:
