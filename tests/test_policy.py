@@ -1,0 +1,160 @@
+"""Policies as code, the parts built so far: the file and its checker, and the pure
+machinery (token buckets, circuit breakers, priority lanes, routing expressions), in
+virtual time."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import hypothesis
+import hypothesis.strategies as st
+import pytest
+
+from meshmq._expr import ExpressionError, parse
+from meshmq._policy import (
+    CLOSED, HALF_OPEN, OPEN, Breaker, CircuitBreaker, PolicyError, TokenBucket, lane, load, pick_lane,
+)
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "policies.md"
+
+
+def _example() -> str:
+    match = re.search(r"```toml\n(.*?)```", DOCS.read_text(), re.S)
+    assert match is not None
+    return match.group(1)
+
+
+def test_the_documented_example_is_a_good_policy() -> None:
+    policy = load(_example(), "docs/policies.md")
+    orders, audit = policy.rules
+    assert policy.version == 3 and orders.name == "orders" and audit.line == 20
+    assert orders.rate is not None and (orders.rate.per_second, orders.rate.burst, orders.rate.on_excess) == (100, 200,
+                                                                                                          "delay")
+    assert policy.first("priority", "audit.login", "anyone") is audit
+    assert policy.first("priority", "orders.placed", "someone-else") is None  # service must match too
+    [route] = policy.routes("orders.placed", "orders")
+    assert route.to == "orders.review" and route.when.matches({"data": {"totalAmount": 1500}})
+    assert not route.when.matches({"data": {"totalAmount": 999}})
+
+
+@pytest.mark.parametrize(("change", "where"), [
+    (('per_second = 100', 'per_second = -1'), ":11: rule 'orders': rate.per_second must be a positive number"),
+    (('on_excess = "delay"', 'on_excess = "drop"'), ":11: rule 'orders': rate.on_excess must be one of"),
+    (('topic = "orders.>"', 'topic = "orders.>.x"'), ":9: rule 'orders': topic:"),
+    (('> 1000', '>'), ":16: rule 'orders': route 1: when: unexpected end"),
+    (('to = "orders.review"', 'to = "orders.*"'), ":16: rule 'orders': route 1: to:"),
+    (('priority = "low"', 'priority = "urgent"'), ":23: rule 'audit': priority must be one of high, normal, low"),
+    (('failures = 5', 'failures = 0'), ":15: rule 'orders': breaker.failures must be a whole number from 1"),
+    (('version = 3', 'version = "3"'), ":1: version must be a whole number from 1"),
+    (('name = "audit"', 'name = "orders"'), ":20: rule 'orders': another rule has this name"),
+    (('ttl = 3600', 'ttl = 3600\ncolour = "red"'), ":7: rule 'orders': unknown key(s) colour"),
+])
+def test_each_mistake_is_named_with_its_line_and_rule(change: tuple[str, str], where: str) -> None:
+    with pytest.raises(PolicyError) as caught:
+        load(_example().replace(*change, 1), "p.toml")
+    assert str(caught.value).startswith("p.toml" + where), str(caught.value)
+
+
+def test_meshmq_policy_check(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text(_example())
+    ok = subprocess.run([sys.executable, "-m", "meshmq", "policy", "check", str(good)], capture_output=True,
+                        text=True, timeout=60)
+    assert ok.returncode == 0 and "version 3, 2 rule(s), good" in ok.stdout and "line 7" in ok.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text(_example().replace('priority = "low"', 'priority = "urgent"'))
+    no = subprocess.run([sys.executable, "-m", "meshmq", "policy", "check", str(bad)], capture_output=True, text=True,
+                        timeout=60)
+    assert no.returncode == 2 and f"{bad}:23: rule 'audit': priority must be one of" in no.stderr
+    missing = subprocess.run([sys.executable, "-m", "meshmq", "policy", "check", str(tmp_path / "nope.toml")],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+# --- the machinery, in virtual time -------------------------------------------------------------
+
+
+def test_a_rate_limit_is_exact_to_the_token() -> None:
+    bucket = TokenBucket(per_second=10, burst=3, now=0.0)
+    assert [bucket.take(0.0) for _ in range(3)] == [0.0, 0.0, 0.0]  # the burst
+    assert bucket.take(0.0) == pytest.approx(0.1)  # the 4th waits exactly one token's time
+    assert bucket.take(0.099) == pytest.approx(0.001)
+    assert bucket.take(0.1) == 0.0  # and gets it then, not before
+    assert bucket.take(0.1) == pytest.approx(0.1)
+    assert bucket.take(100.0, 4) == pytest.approx(0.1)  # never more saved up than the burst
+    assert bucket.take(100.0, 3) == 0.0
+
+
+@hypothesis.given(st.lists(st.floats(0, 0.5), min_size=1, max_size=200), st.integers(1, 20),
+                  st.floats(0.5, 1000))
+def test_a_bucket_never_lets_more_through_than_its_rate_allows(gaps: list[float], burst: int, rate: float) -> None:
+    bucket = TokenBucket(rate, burst, 0.0)
+    now, taken = 0.0, 0
+    for gap in gaps:
+        now += gap
+        if bucket.take(now) == 0.0:
+            taken += 1
+    assert taken <= burst + rate * now + 1e-6
+
+
+def test_circuit_breaker_states() -> None:
+    breaker = CircuitBreaker(Breaker(failures=3, window=10.0, open_for=5.0, probes=1))
+    assert breaker.state == CLOSED and breaker.allow(0.0)
+    breaker.record(1.0, ok=False)
+    breaker.record(2.0, ok=False)
+    breaker.record(20.0, ok=False)  # the first two fell out of the 10-second window
+    assert breaker.state == CLOSED
+    breaker.record(21.0, ok=False)
+    breaker.record(22.0, ok=False)
+    assert breaker.state == OPEN and not breaker.allow(26.9)  # open for 5 s: messages wait
+    assert breaker.allow(27.0) and breaker.state == HALF_OPEN  # one probe
+    assert not breaker.allow(27.1)  # and only one
+    breaker.record(27.5, ok=False)
+    assert breaker.state == OPEN and not breaker.allow(32.4)  # open again, from the failed probe
+    assert breaker.allow(32.5) and breaker.state == HALF_OPEN
+    breaker.record(33.0, ok=True)
+    assert breaker.state == CLOSED and breaker.allow(33.0)
+    breaker.record(34.0, ok=True)  # successes never open it
+    assert breaker.state == CLOSED
+
+
+def test_priority_lanes_favour_high_and_never_starve_low() -> None:
+    assert (lane("high"), lane("normal"), lane("low"), lane(None)) == (0, 1, 2, 1)
+    served = [0, 0, 0]
+    picks = [pick_lane([0, 1, 2], served, starve_after=3) for _ in range(12)]
+    assert picks.count(0) > picks.count(1) > 0 and picks.count(2) > 0
+    assert all(picks[i:i + 5].count(0) >= 2 for i in range(0, 8))  # high stays first most of the time
+    assert pick_lane([], served) is None
+
+
+def test_routing_expressions() -> None:
+    message = {"data": {"totalAmount": 1500, "currency": "USD", "items": [1, 2]}, "type": "OrderPlaced",
+               "headers": {"region": "eu"}, "topic": "orders.placed"}
+    cases = {
+        'data.totalAmount > 1000 and data.currency == "USD"': True,
+        'type in ["OrderPlaced", "OrderAmended"]': True,
+        'not (headers.region == "eu")': False,
+        "data.missing > 3": False,  # a missing path is null; null does not compare
+        "data.currency < 5": False,  # a string and a number do not compare
+        "1 in data.items and topic == 'orders.placed'": True,
+        "(data.totalAmount >= 1500) or false": True,
+    }
+    for text, expected in cases.items():
+        assert parse(text).matches(message) is expected, text
+    for bad, problem in {"data.x >": "unexpected end", "os.system == 1": "unknown name 'os'",
+                         "data.x == == 1": "unexpected '=='", "[" * 40 + "]" * 40: "nested more than 32",
+                         "x" * 1001: "longer than 1000"}.items():
+        with pytest.raises(ExpressionError, match=problem):
+            parse(bad)
+
+
+@hypothesis.given(st.text(max_size=200))
+def test_any_text_parses_or_is_refused_cleanly(text: str) -> None:
+    try:
+        expression = parse(text)
+    except ExpressionError:
+        return
+    expression.matches({"data": {"a": 1}, "topic": "t"})  # and evaluating never raises
