@@ -37,12 +37,13 @@ from ._discovery import Discovery
 from ._delivery import NEVER, Destination, Entry, GroupCommit, Inbox, Outbox, Remembered
 from ._errors import (
     AgentClosed, ConfigError, MeshError, MeshTimeout, NoResponders, NotPermitted, OutboxFull, PeerQueueFull,
-    ProtocolError, RemoteError, RequestTimeout, StoreError, UsageError,
+    ProtocolError, RateLimited, RemoteError, RequestTimeout, StoreError, UsageError,
 )
 from ._health import Health, WaitingFor, assess, envelope_time
 from ._log import QuietLogger
 from ._metrics import LatencyHistogram, MetricsServer, exposition, gauges_of
 from . import _trace
+from ._policy import Policy, PolicyError, TokenBucket, load as load_policy
 from ._message import FORMAT_BYTES, Message
 from ._node import Connect, Disconnect, Node, PeerDown, PeerUp, Send, Suspected, Timing
 from ._routing import RouteIndex
@@ -685,6 +686,9 @@ class AsyncAgent:
         self._journeys: Journeys | None = None  # as a tap: which messages the sent/acked runs are about
         self._observed: frozenset[str] = frozenset()  # outbox events (sent, acked, retried) some tap wants
         self._tracing = self.config.tracing
+        self._policy: Policy | None = None  # Config.policy_file, loaded at start
+        self._buckets: dict[tuple[str, str], TokenBucket] = {}  # (rule, topic or "") -> its rate limit
+        self._buckets_lock = threading.Lock()  # publishers may be several threads (blocking Agent)
         self._window_latency: LatencyHistogram | None = None  # delivery latency since the last stats report
         self._stats_timer: asyncio.TimerHandle | None = None
         self._outbox_levels: dict[str | None, int] = {}  # outbox warnings told: destination (None: all) -> level
@@ -722,6 +726,7 @@ class AsyncAgent:
             self._set_identity(self._keys)  # a new one each start: nothing keeps it
         try:
             await loop.run_in_executor(None, self._load_certificate)
+            self._load_policy()
         except BaseException:
             self._close_store()
             raise
@@ -787,6 +792,66 @@ class AsyncAgent:
         assert self._latency is not None
         return exposition(stats, gauges_of(stats, self.peers()), self._latency,
                           {"service": self.service, "node": self.node_id, "mesh": self.config.mesh})
+
+    def _load_policy(self) -> None:
+        path = self.config.policy_file
+        if path is None:
+            return
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError("policy_file", f"cannot read {path}: {exc.strerror}") from None
+        try:
+            self._policy = load_policy(text, str(path))
+        except PolicyError as exc:
+            raise ConfigError("policy_file", str(exc)) from None
+        log.info("policy %s version %d: %d rules", path, self._policy.version, len(self._policy.rules))
+
+    def _pace(self, topic: str, can_wait: bool) -> float:
+        """The policy's rate limit on publishing ``topic``: 0.0 (a token was taken), seconds to
+        wait before asking again (``on_excess = "delay"`` and the caller can wait), or -1.0
+        (``"dead-letter"``: the message is not sent). Raises :class:`RateLimited` otherwise."""
+        rule = self._policy.first("rate", topic, self.service) if self._policy is not None else None
+        if rule is None:
+            return 0.0
+        rate = rule.rate
+        assert rate is not None
+        key = (rule.name, topic if rate.per == "topic" else "")
+        now = time.monotonic()
+        with self._buckets_lock:
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                if len(self._buckets) >= 65536:
+                    self._buckets.clear()  # bounded: a bucket starts full again
+                bucket = self._buckets[key] = TokenBucket(rate.per_second, rate.burst, now)
+            wait = bucket.take(now)
+        if wait == 0.0:
+            return 0.0
+        with self._counters_lock:
+            self.counters["policy_rate_limited"] += 1
+        if rate.on_excess == "delay" and can_wait:
+            return wait
+        if rate.on_excess == "dead-letter":
+            with self._counters_lock:
+                self.counters["dropped_by_policy"] += 1
+            return -1.0
+        raise RateLimited(topic, rule.name, wait)
+
+    def _routes_for(self, topic: str, data: Any, type_: str | None, key: str | None,
+                    headers: dict[str, str] | None) -> list[str]:
+        """Topics the policy's content rules also send this message to."""
+        if self._policy is None:
+            return []
+        routes = self._policy.routes(topic, self.service)
+        if not routes:
+            return []
+        fields = {"data": data, "headers": headers or {}, "topic": topic, "type": type_, "source": self.service,
+                  "key": key}
+        extra = [r.to for r in routes if r.to != topic and r.when.matches(fields)]
+        if extra:
+            with self._counters_lock:
+                self.counters["policy_rerouted"] += len(extra)
+        return list(dict.fromkeys(extra))
 
     def _start_delivery(self, loop: asyncio.AbstractEventLoop) -> None:
         """The outbox and inbox, with what the store kept from the last run."""
@@ -1435,6 +1500,8 @@ class AsyncAgent:
         fails, raises :class:`StoreError` and the message is not sent.
         """
         prepared = self._prepare(topic, data, type, key, headers, schema_version, ttl)
+        if self._policy is not None:
+            return await self._publish_by_policy(prepared, data, type, key, headers, schema_version, ttl)
         try:  # the common case, without a second coroutine per message
             stored = self._enqueue(prepared)
         except _Full:
@@ -1442,6 +1509,34 @@ class AsyncAgent:
         if stored:
             await self._committed()
         return prepared[2].hex()
+
+    async def _publish_by_policy(self, prepared: _Prepared, data: Any, type_: str | None, key: str | None,
+                                 headers: dict[str, str] | None, schema_version: int, ttl: float | None) -> str:
+        """:meth:`publish` under a policy: paced by its rate limit, and also sent where its
+        content rules route it."""
+        topic = prepared[0]
+        while (wait := self._pace(topic, can_wait=True)) > 0:
+            await asyncio.sleep(wait)
+        if wait < 0:
+            self._policy_dead_letter(prepared, topic)
+            return prepared[2].hex()
+        batch = [prepared] + [self._prepare(to, data, type_, key, headers, schema_version, ttl)
+                              for to in self._routes_for(topic, data, type_, key, headers)]
+        stored = False
+        for one in batch:
+            try:
+                stored = self._enqueue(one) or stored
+            except _Full:
+                stored = await self._enqueue_when_room(one) or stored
+        if stored:
+            await self._committed()
+        return prepared[2].hex()
+
+    def _policy_dead_letter(self, prepared: _Prepared, topic: str) -> None:
+        """A message the policy's rate limit dead-letters instead of sending (kept, never lost)."""
+        msg = decode_envelope(prepared[3], self.limits)
+        self._call_on_loop(self._store_dead_letter, msg, "rate-limited", f"over the rate of the policy for {topic}",
+                           f"policy:{topic}", None, 0, None)
 
     def _committed(self) -> asyncio.Future[None]:
         """A future done when the batch being built is committed (failed: StoreError)."""
@@ -1489,11 +1584,19 @@ class AsyncAgent:
             raise UsageError("AsyncAgent.publish_nowait must be called on the agent's event loop; "
                              "from other threads use the blocking meshmq.Agent")
         prepared = self._prepare(topic, data, type, key, headers, schema_version, ttl)
-        try:
-            if self._enqueue(prepared):
-                self._committed().add_done_callback(_consume_exception)  # counted by the outbox if it fails
-        except _Full as full:
-            raise self._full_error(full.dest) from None
+        batch = [prepared]
+        if self._policy is not None:
+            if self._pace(topic, can_wait=False) < 0:  # delay is not possible here: RateLimited
+                self._policy_dead_letter(prepared, topic)
+                return prepared[2].hex()
+            batch += [self._prepare(to, data, type, key, headers, schema_version, ttl)
+                      for to in self._routes_for(topic, data, type, key, headers)]
+        for one in batch:
+            try:
+                if self._enqueue(one):
+                    self._committed().add_done_callback(_consume_exception)  # counted by the outbox if it fails
+            except _Full as full:
+                raise self._full_error(full.dest) from None
         return prepared[2].hex()
 
     def _full_error(self, dest: Destination | None) -> OutboxFull:
@@ -1510,6 +1613,8 @@ class AsyncAgent:
         """Check every argument and encode the envelope: safe from any thread, touches no shared state."""
         if self._state != "running":
             self._check_running()
+        if ttl is None and self._policy is not None and (rule := self._policy.first("ttl", topic, self.service)):
+            ttl = rule.ttl
         if ttl is not None or self.config.default_ttl:
             headers = self._with_ttl(headers, ttl)
         if self._tracing or _trace.current.get() is not None:
@@ -2179,10 +2284,14 @@ class AsyncAgent:
     def _retry_or_dead_letter(self, sub: Subscription, msg: Message, reason: str, error: str | None,
                               delay: float | None) -> float | None:
         cfg = self.config
-        if msg.attempts < cfg.max_attempts:
+        attempts, backoff, backoff_max = cfg.max_attempts, cfg.retry_backoff, cfg.retry_backoff_max
+        rule = self._policy.first("retry", msg.topic, msg.source) if self._policy is not None else None
+        if rule is not None and rule.retry is not None:
+            attempts, backoff, backoff_max = rule.retry.max_attempts, rule.retry.backoff, rule.retry.backoff_max
+        if msg.attempts < attempts:
             self.counters["handler_retries"] += 1
             if delay is None:
-                base = min(cfg.retry_backoff_max, cfg.retry_backoff * 2 ** (msg.attempts - 1))
+                base = min(backoff_max, backoff * 2 ** (msg.attempts - 1))
                 delay = base * (0.8 + 0.4 * random.random())  # jitter: retries of many messages spread out
             return delay
         self._dead_letter(sub, msg, reason, error)

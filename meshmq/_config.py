@@ -59,6 +59,8 @@ class Config:
     """A file of revocations (``meshmq cert revoke -o FILE``) to load at start and whenever it changes. Revocations also arrive by gossip and are kept in the agent's store; this file is for agents that start while no peer holding them runs."""
     max_revocations: int = 10_000
     """Most revocations an agent keeps (each about 200 bytes); one beyond it is refused, logged and counted (revocations_refused_full). A revoked certificate's revocation is forgotten once the certificate has expired."""
+    policy_file: Path | None = None
+    """A policy file (``docs/policies.md``) this agent enforces: rate limits on what it publishes, default TTLs, retries of its handlers and content routes. Checked at start (ConfigError naming line and rule)."""
     insecure: bool = False
     """For experiments only: no certificates, no CurveZMQ, no signed or encrypted frames, no access rights (a warning is logged at start). Insecure and secure agents never talk: neither connects to the other's endpoints, and each refuses the other's records."""
 

@@ -90,6 +90,18 @@ class OutboxFull(Backpressure):
         self.timeout = timeout
 
 
+class RateLimited(Backpressure):
+    """A policy rule's rate limit refused a publish (``on_excess = "reject"``, or ``"delay"``
+    where waiting is not possible: ``publish_nowait``)."""
+
+    def __init__(self, topic: str, rule: str, retry_after: float) -> None:
+        super().__init__(f"publishing on {topic!r} is over the rate of policy rule {rule!r}; "
+                         f"a token is due in {retry_after:.3f}s")
+        self.topic = topic
+        self.rule = rule
+        self.retry_after = retry_after
+
+
 class PeerQueueFull(OutboxFull):
     """The outbox holds as much as it may for one destination (``peer_queue_messages`` /
     ``peer_queue_bytes``) and it did not acknowledge any within the publish timeout."""
@@ -177,6 +189,7 @@ __all__ = [
     "PayloadError",
     "PeerQueueFull",
     "ProtocolError",
+    "RateLimited",
     "RemoteError",
     "RequestTimeout",
     "SchemaError",

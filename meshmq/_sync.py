@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterable
 import os
 from typing import Any, TypeVar
@@ -153,6 +154,8 @@ class Agent:
         """
         agent = self._agent
         prepared = agent._prepare(topic, data, type, key, headers, schema_version, ttl)
+        if agent._policy is not None:
+            return self._publish_by_policy(prepared, data, type, key, headers, schema_version, ttl)
         if threading.get_ident() == agent._loop_thread:
             try:
                 agent._enqueue(prepared)  # a commit cannot be waited for on the loop itself
@@ -168,6 +171,32 @@ class Agent:
             raise error
         agent._publish_threadsafe(prepared, wait=False)
         return prepared[2].hex()
+
+    def _publish_by_policy(self, prepared: Any, data: Any, type_: str | None, key: str | None,
+                           headers: dict[str, str] | None, schema_version: int, ttl: float | None) -> str:
+        """:meth:`publish` under a policy: this thread waits out the rate limit (never the
+        agent's loop), then the message and its content routes go as usual."""
+        agent = self._agent
+        topic = prepared[0]
+        on_loop = threading.get_ident() == agent._loop_thread
+        while (wait := agent._pace(topic, can_wait=not on_loop)) > 0:
+            time.sleep(wait)
+        if wait < 0:
+            agent._policy_dead_letter(prepared, topic)
+            return str(prepared[2].hex())
+        batch = [prepared] + [agent._prepare(to, data, type_, key, headers, schema_version, ttl)
+                              for to in agent._routes_for(topic, data, type_, key, headers)]
+        for one in batch:
+            if on_loop:
+                try:
+                    agent._enqueue(one)
+                except _Full as full:
+                    raise agent._full_error(full.dest) from None
+                continue
+            future = agent._publish_threadsafe(one)
+            assert future is not None
+            self._wait_published(future)
+        return str(prepared[2].hex())
 
     def _wait_published(self, future: concurrent.futures.Future[str]) -> str:
         try:

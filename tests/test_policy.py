@@ -7,11 +7,15 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import hypothesis
 import hypothesis.strategies as st
 import pytest
+from aio import eventually, run
+
+import meshmq
 
 from meshmq._expr import ExpressionError, parse
 from meshmq._policy import (
@@ -158,3 +162,117 @@ def test_any_text_parses_or_is_refused_cleanly(text: str) -> None:
     except ExpressionError:
         return
     expression.matches({"data": {"a": 1}, "topic": "t"})  # and evaluating never raises
+
+
+# --- enforced by an agent (Config.policy_file) --------------------------------------------------
+
+def _policy_file(tmp_path: Path, rules: str) -> Path:
+    path = tmp_path / "policy.toml"
+    path.write_text("version = 1\n" + rules)
+    return path
+
+
+def test_a_rate_limit_rejects_delays_or_dead_letters_as_its_rule_says(mesh: str, tmp_path: Path) -> None:
+    policy = _policy_file(tmp_path, """
+[[rule]]
+name = "strict"
+topic = "strict.*"
+rate = { per_second = 5, burst = 2, on_excess = "reject" }
+
+[[rule]]
+name = "paced"
+topic = "paced.*"
+rate = { per_second = 20, burst = 1, on_excess = "delay" }
+
+[[rule]]
+name = "kept"
+topic = "kept.*"
+rate = { per_second = 0.1, burst = 1, on_excess = "dead-letter" }
+""")
+
+    async def main() -> None:
+        agent = await meshmq.AsyncAgent("pub", mesh=mesh, durability="os", discovery=False,
+                                        policy_file=policy).start()
+        try:
+            await agent.publish("strict.x", 1)
+            await agent.publish("strict.x", 2)
+            with pytest.raises(meshmq.RateLimited, match="policy rule 'strict'") as caught:
+                await agent.publish("strict.x", 3)
+            assert 0 < caught.value.retry_after <= 0.2
+            start = time.monotonic()
+            for i in range(5):
+                await agent.publish("paced.x", i)
+            assert time.monotonic() - start >= 4 / 20  # four waited for a token each
+            with pytest.raises(meshmq.RateLimited):
+                agent.publish_nowait("paced.x", 9)  # cannot wait there
+            await agent.publish("kept.x", "first")
+            dead = await agent.publish("kept.x", "second")  # over the rate: dead-lettered, not lost
+            await eventually(lambda: len(agent.dead_letters()) == 1, what="the dead letter")
+            [letter] = agent.dead_letters()
+            assert letter.id.startswith(dead) and letter.reason == "rate-limited" and letter.message.data == "second"
+            stats = agent.stats()
+            assert stats["policy_rate_limited"] >= 6 and stats["dropped_by_policy"] == 1
+        finally:
+            await agent.stop()
+
+    run(main())
+
+
+def test_content_routes_ttl_and_retries_from_the_policy(mesh: str, tmp_path: Path) -> None:
+    policy = _policy_file(tmp_path, """
+[[rule]]
+name = "orders"
+topic = "orders.placed"
+ttl = 60
+retry = { max_attempts = 2, backoff = 0.01 }
+route = [{ when = "data.totalAmount > 1000", to = "orders.review" }]
+""")
+
+    async def main() -> None:
+        review = await meshmq.AsyncAgent("review", mesh=mesh, durability="memory").start()
+        reviewed: list[str] = []
+        review.subscribe("orders.review", lambda m: reviewed.append(m.data["orderId"]))
+        shop = await meshmq.AsyncAgent("shop", mesh=mesh, durability="os", policy_file=policy).start()
+        calls: list[str] = []
+
+        def fail(msg: meshmq.Message) -> None:
+            calls.append(msg.headers.get("meshmq-ttl", ""))
+            raise ValueError("no")
+
+        shop.subscribe("orders.placed", fail)
+        try:
+            await shop.wait_for_subscribers("orders.review", timeout=10)
+            await shop.publish("orders.placed", {"orderId": "small", "totalAmount": 10})
+            await shop.publish("orders.placed", {"orderId": "big", "totalAmount": 5000})
+            await eventually(lambda: reviewed == ["big"], what="the big order routed to review")
+            await eventually(lambda: len(shop.dead_letters()) == 2, what="both dead-lettered after 2 attempts")
+            assert len(calls) == 4 and all(float(ttl) == 60.0 for ttl in calls)  # the rule's TTL and retries
+            assert shop.stats()["policy_rerouted"] == 1
+        finally:
+            await shop.stop()
+            await review.stop()
+
+    run(main(), timeout=60)
+
+
+def test_a_bad_policy_file_stops_the_start_naming_line_and_rule(mesh: str, tmp_path: Path) -> None:
+    policy = _policy_file(tmp_path, '[[rule]]\nname = "x"\nttl = -1\n')
+
+    async def main() -> None:
+        with pytest.raises(meshmq.ConfigError, match=r"policy.toml:4: rule 'x': ttl must be a positive number"):
+            await meshmq.AsyncAgent("x", mesh=mesh, durability="memory", policy_file=policy).start()
+        with pytest.raises(meshmq.ConfigError, match="cannot read"):
+            await meshmq.AsyncAgent("x", mesh=mesh, durability="memory", policy_file=tmp_path / "nope").start()
+
+    run(main())
+
+
+def test_the_blocking_agent_waits_for_tokens_in_its_own_thread(mesh: str, tmp_path: Path) -> None:
+    policy = _policy_file(tmp_path, '[[rule]]\nname = "p"\ntopic = "p.*"\n'
+                                    'rate = { per_second = 25, burst = 1, on_excess = "delay" }\n')
+    with meshmq.Agent("pub", mesh=mesh, durability="memory", discovery=False, policy_file=policy) as agent:
+        start = time.monotonic()
+        for i in range(4):
+            agent.publish("p.x", i)
+        assert time.monotonic() - start >= 3 / 25
+        assert agent.stats()["policy_rate_limited"] >= 3

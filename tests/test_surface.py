@@ -44,6 +44,7 @@ def test_public_names_are_exactly_these() -> None:
         "PeerInfo",
         "PeerQueueFull",
         "ProtocolError",
+        "RateLimited",
         "RemoteError",
         "RequestTimeout",
         "RouteEntry",
@@ -78,7 +79,7 @@ def test_public_classes_live_in_private_modules_but_say_they_are_public() -> Non
 def test_every_error_derives_from_mesh_error() -> None:
     errors = [getattr(meshmq, n) for n in meshmq.__all__ if inspect.isclass(getattr(meshmq, n))
               and issubclass(getattr(meshmq, n), BaseException)]
-    assert len(errors) == 19
+    assert len(errors) == 20
     for exc in errors:
         assert issubclass(exc, meshmq.MeshError), exc
     # and every error the package defines is public
