@@ -51,6 +51,7 @@ from ._mirror import Mirror, Tap
 from ._seal import ForgedFrame, Signer, StoreCipher, open_data, open_tap, seal_data, seal_fields
 from ._security import (
     KEY_FILE, NODE, Authority, Certificate, CertificateError, NodeKeys, Revocation, RevocationList, Rights, b64,
+    check_policy_document,
     check_certificate, curve_public_of, decode_certificate, home, load_or_create_key, node_id_of,
     parse_authorities, unarmor, unarmor_revocations, unb64, verify,
 )
@@ -63,7 +64,8 @@ from ._topics import check_pattern, check_topic, check_user_topic, matches, repl
 from ._transport import Link, Transport, Wakeup
 from ._wire import (
     DATA, MAX_FRAME_REVOCATIONS, PROTOCOL_VERSION, REVOKE_OPEN, REVOKE_PUSH, REVOKE_REPLY, SEALED, TAP, Hello,
-    Limits, NodeRecord, Ping, Receipt, Revocations, Subscription as AdvertisedSubscription, Work, check_headers,
+    Limits, NodeRecord, Ping, PolicyOffer, Receipt, Revocations, Subscription as AdvertisedSubscription, Work,
+    check_headers, policy_frame,
     decode_data, decode_envelope, decode_frame, encode_envelope, encode_payload, revoke_frame, split_endpoint,
     split_entry, work_frame,
 )
@@ -686,7 +688,11 @@ class AsyncAgent:
         self._journeys: Journeys | None = None  # as a tap: which messages the sent/acked runs are about
         self._observed: frozenset[str] = frozenset()  # outbox events (sent, acked, retried) some tap wants
         self._tracing = self.config.tracing
-        self._policy: Policy | None = None  # Config.policy_file, loaded at start
+        self._policy: Policy | None = None  # in force: Config.policy_file, or the mesh's signed one
+        self.policy_version = 0
+        """The version of the mesh policy in force (0: none; pinned files count as their own)."""
+        self._policy_document: bytes | None = None  # the authority-signed policy in force, to pass on
+        self._policy_versions: dict[str, int] = {}  # peer -> the policy version it last said it has
         self._buckets: dict[tuple[str, str], TokenBucket] = {}  # (rule, topic or "") -> its rate limit
         self._buckets_lock = threading.Lock()  # publishers may be several threads (blocking Agent)
         self._window_latency: LatencyHistogram | None = None  # delivery latency since the last stats report
@@ -727,6 +733,9 @@ class AsyncAgent:
         try:
             await loop.run_in_executor(None, self._load_certificate)
             self._load_policy()
+            kept = self._contents.meta.get("policy") if self._contents is not None else None
+            if kept is not None and self._policy is None and self._secure:
+                self._adopt_policy(kept, "the store", keep=False)
         except BaseException:
             self._close_store()
             raise
@@ -805,7 +814,9 @@ class AsyncAgent:
             self._policy = load_policy(text, str(path))
         except PolicyError as exc:
             raise ConfigError("policy_file", str(exc)) from None
-        log.info("policy %s version %d: %d rules", path, self._policy.version, len(self._policy.rules))
+        self.policy_version = self._policy.version
+        log.info("policy %s version %d: %d rules (pinned: policies pushed to the mesh are not taken)", path,
+                 self._policy.version, len(self._policy.rules))
 
     def _pace(self, topic: str, can_wait: bool) -> float:
         """The policy's rate limit on publishing ``topic``: 0.0 (a token was taken), seconds to
@@ -836,6 +847,88 @@ class AsyncAgent:
                 self.counters["dropped_by_policy"] += 1
             return -1.0
         raise RateLimited(topic, rule.name, wait)
+
+    # --- the mesh's policy, signed by the authority and spread by gossip -------------------
+
+    def push_policy(self, document: bytes) -> bool:
+        """Put a policy signed by the mesh authority (``meshmq policy push`` makes one) in force
+        here and hand it to every peer, which does the same and passes it on; every agent
+        switches to it at once, whole. Returns False if this agent has that version or a newer
+        one already.
+
+        Raises:
+            CertificateError: not a policy document of a trusted authority for this mesh.
+            UsageError: the policy inside does not check (line and rule named), or this agent
+                pins a local ``policy_file``.
+        """
+        self._check_running()
+        if self.config.policy_file is not None:
+            raise UsageError(f"this agent pins the policy file {self.config.policy_file}; it does not take the "
+                             "mesh's policy")
+        version, text, _ = check_policy_document(bytes(document), self._trusted, self.config.mesh)
+        try:
+            load_policy(text, f"policy version {version}")
+        except PolicyError as exc:
+            raise UsageError(str(exc)) from None
+        if not self._adopt_policy(bytes(document), "this process"):
+            return False
+        assert self._node is not None
+        for member in list(self._node.peers.values()):
+            self._send_policy(member.endpoint, with_document=True)
+        return True
+
+    def _adopt_policy(self, document: bytes, source: str, keep: bool = True) -> bool:
+        """Take a signed policy if it is newer than the one in force; False otherwise (refused
+        ones are counted and logged)."""
+        try:
+            version, text, _ = check_policy_document(document, self._trusted, self.config.mesh)
+            policy = load_policy(text, f"policy version {version}")
+        except (CertificateError, PolicyError) as exc:
+            self.counters["policies_refused"] += 1
+            quiet.warning("policy", "a policy from %s was refused: %s", source, exc)
+            return False
+        if version <= self.policy_version:
+            return False
+        self._policy, self._policy_document, self.policy_version = policy, document, version  # at once, whole
+        with self._buckets_lock:
+            self._buckets.clear()
+        self.counters["policies_taken"] += 1
+        log.info("policy version %d from %s in force: %d rules", version, source, len(policy.rules))
+        self._control("policy", None, None, f"version {version} from {source}: {len(policy.rules)} rules")
+        if keep and self._store is not None:
+            batch = Batch()
+            batch.put_meta("policy", document)
+            self._store.submit(batch)
+        return True
+
+    def _send_policy(self, endpoint: str, with_document: bool) -> None:
+        if self._transport is not None:
+            self._transport.async_send_control(endpoint, policy_frame(
+                self.config.mesh, self.node_id, self.policy_version,
+                self._policy_document if with_document else None))
+
+    def _on_policy(self, frame: PolicyOffer) -> None:
+        """A peer's policy version, or its signed policy: take a newer one and pass it on; answer
+        an older version with ours, a newer one with our version (so it sends its own)."""
+        assert self._node is not None
+        if frame.mesh != self.config.mesh or not self._secure or self.config.policy_file is not None:
+            return
+        member = self._node.peers.get(frame.node)
+        if len(self._policy_versions) >= 2 * self.config.max_peers:
+            self._policy_versions.clear()
+        self._policy_versions[frame.node] = frame.version
+        if frame.document is not None and frame.version > self.policy_version:
+            if self._adopt_policy(frame.document, f"peer {frame.node}"):
+                peers = [m for n, m in self._node.peers.items() if n != frame.node]
+                for m in random.sample(peers, min(len(peers), self.config.gossip_fanout)):
+                    self._send_policy(m.endpoint, with_document=True)
+            return
+        if member is None or frame.document is not None:
+            return
+        if frame.version < self.policy_version:
+            self._send_policy(member.endpoint, with_document=True)
+        elif frame.version > self.policy_version:
+            self._send_policy(member.endpoint, with_document=False)
 
     def _routes_for(self, topic: str, data: Any, type_: str | None, key: str | None,
                     headers: dict[str, str] | None) -> list[str]:
@@ -1255,6 +1348,8 @@ class AsyncAgent:
     def _send_revocations_open(self, endpoint: str) -> None:
         if self._state == "running" and self._transport is not None and endpoint in self._transport.links:
             self._send_revocations(endpoint, REVOKE_OPEN, [])
+            if self.config.policy_file is None and self._secure:
+                self._send_policy(endpoint, with_document=False)  # a newcomer may have an older policy
 
     def _on_revocations(self, frame: Revocations) -> None:
         """A peer's revocations (authenticated as from ``frame.node``): take what is new, then
@@ -1360,6 +1455,8 @@ class AsyncAgent:
             if node.peers:
                 peer = node.peers[random.choice(list(node.peers))]
                 self._send_revocations(peer.endpoint, REVOKE_OPEN, [])
+                if self.config.policy_file is None:
+                    self._send_policy(peer.endpoint, with_document=False)
         if now < self._next_security_check:
             return
         self._next_security_check = now + SECURITY_TICK
@@ -2049,6 +2146,9 @@ class AsyncAgent:
             return
         if isinstance(decoded, Revocations):
             self._on_revocations(decoded)
+            return
+        if kind is PolicyOffer:
+            self._on_policy(decoded)
             return
         if kind is Receipt:
             assert self._outbox is not None

@@ -410,9 +410,16 @@ def _build_parser() -> _Parser:
 
     policy = command("policy", "Check a policy file (rate limits, retries, TTL, priorities, circuit breakers, "
                                "routing rules, schemas).", _POLICY_EPILOG, _cmd_policy)
-    policy.add_argument("action", choices=("check",), help="check: parse and validate FILE, saying what is wrong")
-    policy.add_argument("file", metavar="FILE", help="the policy file (TOML; see docs/policies.md)")
-    policy.add_argument("--json", action="store_true", help="print the rules as JSON when the file is good")
+    policy.add_argument("action", choices=("check", "push", "show"),
+                        help="check FILE; push FILE to the mesh (signed by the authority); show the policy in force")
+    policy.add_argument("file", metavar="FILE", nargs="?", help="the policy file (TOML; see docs/policies.md)")
+    policy.add_argument("--json", action="store_true", help="print the rules as JSON")
+    policy.add_argument("--authority-key", metavar="FILE",
+                        help="push: the authority key to sign with (default: the development authority when "
+                             "MESHMQ_AUTHORITY is not set, else MESHMQ_HOME/authority.key)")
+    policy.add_argument("--wait", type=_seconds, default=5.0, metavar="S",
+                        help="push: seconds to wait for the agents to take it; show: to meet the mesh (default 5)")
+    _add_mesh_options(policy)
 
     from ._health import HEALTH_EPILOG, cmd_health
 
@@ -766,6 +773,12 @@ enforcement by the agents are not built yet.)
 def _cmd_policy(args: argparse.Namespace) -> int:
     from ._policy import PolicyError, load
 
+    if args.action == "show":
+        if args.file is not None:
+            raise _BadInput("policy show takes no FILE: it shows the policy in force in the mesh")
+        return _show_policy(args)
+    if args.file is None:
+        raise _BadInput(f"policy {args.action} takes the policy FILE")
     try:
         text = Path(args.file).read_text()
     except OSError as exc:
@@ -774,16 +787,96 @@ def _cmd_policy(args: argparse.Namespace) -> int:
         policy = load(text, args.file)
     except PolicyError as exc:
         raise _BadInput(str(exc)) from None
-    if args.json:
+    if args.action == "push":
+        return _push_policy(args, policy.version, text)
+    _print_policy(args.file, policy, args.json)
+    return EXIT_OK
+
+
+def _print_policy(name: str, policy: Any, as_json: bool) -> None:
+    if as_json:
         print(json.dumps({"version": policy.version, "rules": [_rule_json(r) for r in policy.rules]}, indent=2))
     else:
-        print(f"{args.file}: version {policy.version}, {len(policy.rules)} rule(s), good")
+        print(f"{name}: version {policy.version}, {len(policy.rules)} rule(s), good")
         for rule in policy.rules:
             says = [k for k in ("rate", "retry", "ttl", "priority", "breaker", "routes", "schema")
                     if getattr(rule, k) not in (None, ())]
             match = ".".join(rule.topic) if rule.topic else "every topic"
             print(f"  line {rule.line:<4} {rule.name}: {match}{f' from {rule.service}' if rule.service else ''}: "
                   f"{', '.join(says) or 'nothing'}")
+
+
+def _push_policy(args: argparse.Namespace, version: int, text: str) -> int:
+    """Sign the policy and hand it to the agents of the mesh, waiting until they have it."""
+    import time
+
+    from ._security import Authority, home
+
+    cfg = Config.load(**_overrides(args))
+    if args.authority_key:
+        authority = Authority.load(Path(args.authority_key))
+    elif cfg.authority is None:
+        authority = Authority.development()
+        _note(f"signing with this user's development authority ({home()}): MESHMQ_AUTHORITY is not set")
+    else:
+        authority = Authority.load(home() / "authority.key")
+    document = authority.sign_policy(mesh=cfg.mesh, version=version, text=text, at=time.time())
+    agent = Agent("meshmq-policy", durability="memory", **_overrides(args))
+    inner = agent._agent
+    if cfg.authority is not None:  # a real authority: certify this short-lived agent's key ourselves
+        now = time.time()
+        inner._own_certificate = authority.issue(node_key=inner._keys.public, service="meshmq-policy",
+                                                 mesh=cfg.mesh, publish=(), subscribe=(), tap=False,
+                                                 not_before=now - 60, not_after=now + 600)
+    deadline = time.monotonic() + args.wait
+    with agent:
+        agent.wait_settled(timeout=max(0.0, min(args.wait, 2.0)))
+        if inner.policy_version >= version:
+            raise _BadInput(f"the mesh has policy version {inner.policy_version} already; push a higher version")
+        agent.push_policy(document)
+        while True:
+            peers = {p.node for p in agent.peers()}
+            have = {n for n in peers if inner._policy_versions.get(n, 0) >= version}
+            if have == peers or time.monotonic() >= deadline:
+                break
+            for peer in peers - have:  # ask again: their answer says their version
+                member = inner._node.peers.get(peer) if inner._node is not None else None
+                if member is not None:
+                    agent._call(inner._send_policy, member.endpoint, False)
+            time.sleep(0.1)  # bounded by --wait; polling the agents' answers
+    if not peers:
+        _warn(f"no running agent of mesh {cfg.mesh!r} was found: none has the policy yet")
+        return EXIT_FAILED
+    if have != peers:
+        _warn(f"{len(have)} of {len(peers)} agents confirmed policy version {version} within {args.wait:g}s")
+        return EXIT_FAILED
+    _note(f"policy version {version} is in force on all {len(peers)} agents found")
+    return EXIT_OK
+
+
+def _show_policy(args: argparse.Namespace) -> int:
+    """The policy in force in the mesh, as this command's agent learns it from its peers."""
+    import time
+
+    from ._policy import load
+    from ._security import check_policy_document
+
+    with _agent(args) as agent:
+        inner = agent._agent
+        agent.wait_settled(timeout=min(args.wait, 2.0))
+        deadline = time.monotonic() + args.wait
+        while time.monotonic() < deadline:  # bounded by --wait: the agents' answers to our offer
+            versions = dict(inner._policy_versions)
+            if versions and max(versions.values()) <= inner.policy_version:
+                break
+            time.sleep(0.05)
+        document, mesh, trusted = inner._policy_document, inner.config.mesh, inner._trusted
+    if document is None:
+        print(f"mesh {mesh!r}: no policy in force")
+        return EXIT_OK
+    version, text, at = check_policy_document(document, trusted, mesh)
+    policy = load(text, f"version {version}")
+    _print_policy(f"mesh {mesh!r} policy", policy, args.json)
     return EXIT_OK
 
 

@@ -237,6 +237,16 @@ class Authority:
         body = revocation.body()
         return msgpack.packb([body, bytes(self.key.sign(body).signature)], use_bin_type=True)
 
+    def sign_policy(self, *, mesh: str, version: int, text: str, at: float) -> bytes:
+        """A signed policy document (its wire bytes): the policy file's ``text`` as ``version``
+        of this mesh's policy. Agents take the highest version they can verify."""
+        if self.key is None:
+            raise UsageError("this authority has only its public key: it cannot sign policies")
+        if len(text.encode()) > MAX_POLICY_BYTES:
+            raise UsageError(f"the policy is {len(text.encode())} bytes; at most {MAX_POLICY_BYTES}")
+        body = msgpack.packb([POLICY_DOC, mesh, version, text, float(at), self.public], use_bin_type=True)
+        return msgpack.packb([body, bytes(self.key.sign(body).signature)], use_bin_type=True)
+
     def issue(self, *, node_key: bytes, service: str, mesh: str, publish: tuple[str, ...],
               subscribe: tuple[str, ...], tap: bool, not_before: float, not_after: float,
               serial: bytes | None = None) -> bytes:
@@ -248,6 +258,32 @@ class Authority:
         cert.check_fields()
         body = cert.body()
         return msgpack.packb([body, bytes(self.key.sign(body).signature)], use_bin_type=True)
+
+
+POLICY_DOC = "meshmq-policy-v1"
+MAX_POLICY_BYTES = 256 * 1024
+
+
+def check_policy_document(blob: bytes, authorities: tuple[bytes, ...], mesh: str) -> tuple[int, str, float]:
+    """(version, text, signed at) of a policy document signed by one of ``authorities`` for
+    ``mesh``; :class:`CertificateError` saying why not."""
+    try:
+        outer = msgpack.unpackb(blob, raw=False, max_bin_len=MAX_POLICY_BYTES + 4096,
+                                max_str_len=MAX_POLICY_BYTES + 4096, max_array_len=8, max_map_len=0)
+        body, signature = outer
+        fields = msgpack.unpackb(body, raw=False, max_str_len=MAX_POLICY_BYTES, max_array_len=8, max_map_len=0)
+        kind, doc_mesh, version, text, at, issuer = fields
+    except Exception:
+        raise CertificateError("not a policy document") from None
+    if kind != POLICY_DOC or type(version) is not int or version < 1 or type(text) is not str or type(at) is not float:
+        raise CertificateError("not a policy document")
+    if doc_mesh != mesh:
+        raise CertificateError(f"a policy of mesh {doc_mesh!r}, not {mesh!r}")
+    if issuer not in authorities:
+        raise CertificateError("signed by an authority this agent does not trust")
+    if type(signature) is not bytes or not verify(issuer, body, signature):
+        raise CertificateError("its signature does not verify")
+    return version, text, at
 
 
 @dataclasses.dataclass(frozen=True)

@@ -250,6 +250,14 @@ class Agent:
         """See :meth:`AsyncAgent.routes`."""
         return self._call(self._agent.routes, topic)
 
+    def push_policy(self, document: bytes) -> bool:
+        """See :meth:`AsyncAgent.push_policy`."""
+        return self._call(self._agent.push_policy, document)
+
+    @property
+    def policy_version(self) -> int:
+        return self._agent.policy_version
+
     def health(self) -> Health:
         """See :meth:`AsyncAgent.health`."""
         return self._call(self._agent.health)

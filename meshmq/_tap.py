@@ -38,7 +38,9 @@ REVOCATION = "revocation"
 """The tap's agent learnt a revocation from the mesh authority (of a node or a certificate)."""
 OUTBOX_WARNING = "outbox-warning"
 """An agent's outbox (or its share for one destination) passed half, or nine tenths, of its limit."""
-CONTROL_EVENTS = (JOINED, LEFT, SUSPECTED, DEAD, REPLACED, REVOKED, ROUTES, REVOCATION, OUTBOX_WARNING)
+POLICY_CHANGE = "policy"
+"""The tap's agent put a new version of the mesh's policy in force."""
+CONTROL_EVENTS = (JOINED, LEFT, SUSPECTED, DEAD, REPLACED, REVOKED, ROUTES, REVOCATION, POLICY_CHANGE, OUTBOX_WARNING)
 """What the tap's own agent sees of the mesh (a node joined, left, was suspected, declared
 dead, replaced by a new life, revoked; the routes changed; a revocation arrived), and
 outbox warnings, which the agents that publish report."""

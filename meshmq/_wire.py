@@ -46,8 +46,11 @@ TAP = 11
 """Mirrored traffic and delivery events for a tap (:mod:`meshmq._tap`), sealed like data."""
 REVOKE = 12
 """Authority-signed revocations, compared by digest and pushed (see :mod:`meshmq._security`)."""
+POLICY = 13
+"""The mesh's policy: its version offered, and the authority-signed document pushed."""
 KINDS = {HELLO: "hello", PING: "ping", BYE: "bye", DATA: "data", SYNC: "sync", ACK: "ack", PING_REQ: "ping-req",
-         WORK: "work", RECEIPT: "receipt", SEALED: "sealed", TAP: "tap", REVOKE: "revoke"}
+         WORK: "work", RECEIPT: "receipt", SEALED: "sealed", TAP: "tap", REVOKE: "revoke", POLICY: "policy"}
+MAX_POLICY_FRAME_BYTES = 300 * 1024
 MAX_SYNC_ENTRIES = 256
 """Most membership entries (and most wants) one sync frame may carry, however large the mesh."""
 MAX_REVOCATION_BYTES = 512
@@ -486,6 +489,21 @@ def revoke_frame(mesh: str, node: str, phase: int, digest: bytes, revocations: l
     return _pack(REVOKE, [mesh, node, phase, digest, revocations])
 
 
+def policy_frame(mesh: str, node: str, version: int, document: bytes | None) -> bytes:
+    """The sender's policy version (0: none), and with ``document`` the signed policy itself
+    (a push). A version lower than one's own is answered with a push, a higher one with an
+    offer of one's own (so the other pushes)."""
+    return _pack(POLICY, [mesh, node, version, document])
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PolicyOffer:
+    mesh: str
+    node: str
+    version: int
+    document: bytes | None
+
+
 def work_frame(mesh: str, node: str, done: int) -> bytes:
     """How many queue-group messages from the receiver this node has finished (cumulative):
     the receiver's measure of the work it has outstanding here, for load balancing."""
@@ -602,7 +620,7 @@ class Receipt:
     received: int
 
 
-Frame = Hello | Ping | Ack | PingReq | Bye | Sync | Work | Data | Receipt | Revocations
+Frame = Hello | Ping | Ack | PingReq | Bye | Sync | Work | Data | Receipt | Revocations | PolicyOffer
 
 
 def _fields(body: Any, n: int, what: str) -> list[Any]:
@@ -683,6 +701,13 @@ def decode_frame(frame: bytes | memoryview, limits: Limits) -> Frame:
             _check_node_id(w, "wanted node id")
         return Sync(mesh, node, endpoint, phase, digest_hash, count,
                     tuple(Entry.from_wire(e, limits) for e in entries), tuple(wants))
+    if kind == POLICY:
+        mesh, node, version, document = _fields(body, 4, "policy")
+        _check_node_id(node, "node id in policy frame")
+        if (type(mesh) is not str or type(version) is not int or not 0 <= version < 2**53
+                or (document is not None and (type(document) is not bytes or len(document) > MAX_POLICY_FRAME_BYTES))):
+            raise ProtocolError("bad policy frame")
+        return PolicyOffer(mesh, node, version, document)
     if kind == REVOKE:
         mesh, node, phase, digest, revocations = _fields(body, 5, "revoke")
         if (type(phase) is not int or phase not in (REVOKE_OPEN, REVOKE_REPLY, REVOKE_PUSH)

@@ -4,6 +4,7 @@ virtual time."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -276,3 +277,69 @@ def test_the_blocking_agent_waits_for_tokens_in_its_own_thread(mesh: str, tmp_pa
             agent.publish("p.x", i)
         assert time.monotonic() - start >= 3 / 25
         assert agent.stats()["policy_rate_limited"] >= 3
+
+
+# --- the mesh's policy: signed, pushed, gossiped, switched at run time --------------------------
+
+
+def test_a_policy_pushed_to_one_agent_is_in_force_on_five_within_two_gossip_intervals(mesh: str) -> None:
+    from meshmq._security import Authority
+
+    authority = Authority.development()  # the one these agents trust (the test's MESHMQ_HOME)
+
+    def document(version: int, rules: str) -> bytes:
+        return authority.sign_policy(mesh=mesh, version=version, text=f"version = {version}\n{rules}",
+                                     at=time.time())
+
+    limited = '[[rule]]\nname = "limited"\ntopic = "limited.*"\nrate = { per_second = 0.5, burst = 1, on_excess = "reject" }\n'
+
+    async def main() -> None:
+        agents = [await meshmq.AsyncAgent(f"svc{i}", mesh=mesh, durability="memory").start() for i in range(5)]
+        try:
+            await eventually(lambda: all(len(a.peers()) == 4 for a in agents), what="all five met")
+            interval = agents[0].config.gossip_interval
+            start = time.monotonic()
+            assert agents[0].push_policy(document(1, limited))
+            await eventually(lambda: all(a.policy_version == 1 for a in agents), timeout=10, what="all on version 1")
+            took = time.monotonic() - start
+            assert took <= 2 * interval, f"{took:.3f}s for 5 agents, gossip interval {interval}s"
+            await agents[3].publish("limited.x", 1)
+            with pytest.raises(meshmq.RateLimited, match="'limited'"):
+                await agents[3].publish("limited.x", 2)  # enforced by an agent it reached by gossip
+            assert not agents[2].push_policy(document(1, limited))  # not newer: nothing to do
+            assert agents[4].push_policy(document(2, ""))  # version 2: no rules; from any agent
+            await eventually(lambda: all(a.policy_version == 2 for a in agents), timeout=10, what="all on version 2")
+            await agents[3].publish("limited.x", 3)  # the switch is whole: the limit is gone
+            with pytest.raises(meshmq.CertificateError, match="another authority|does not trust|signature"):
+                agents[1].push_policy(Authority.create(Path(os.environ["MESHMQ_HOME"]) / "other").sign_policy(
+                    mesh=mesh, version=9, text="version = 9\n", at=time.time()))
+            with pytest.raises(meshmq.UsageError, match="ttl must be a positive number"):
+                agents[1].push_policy(document(3, '[[rule]]\nname = "x"\nttl = -1\n'))
+            assert all(a.policy_version == 2 for a in agents)  # refused ones changed nothing
+        finally:
+            for agent in agents:
+                await agent.stop()
+
+    run(main(), timeout=60)
+
+
+def test_meshmq_policy_push_and_show(mesh: str, tmp_path: Path) -> None:
+    import importlib
+
+    cli = importlib.import_module("test_cli")
+    policy = tmp_path / "policy.toml"
+    policy.write_text(_example())
+    with meshmq.Agent("orders", mesh=mesh, durability="memory") as one, \
+            meshmq.Agent("billing", mesh=mesh, durability="memory") as two:
+        pushed = subprocess.run([sys.executable, "-m", "meshmq", "policy", "push", str(policy), "--mesh", mesh,
+                                 "--wait", "10"], capture_output=True, text=True, timeout=60, env=cli.cli_env(tmp_path))
+        assert pushed.returncode == 0, pushed.stderr
+        assert "policy version 3 is in force on all 2 agents found" in pushed.stderr
+        assert one.policy_version == two.policy_version == 3
+        shown = subprocess.run([sys.executable, "-m", "meshmq", "policy", "show", "--mesh", mesh, "--wait", "5"],
+                               capture_output=True, text=True, timeout=60, env=cli.cli_env(tmp_path))
+        assert shown.returncode == 0, shown.stderr
+        assert "version 3, 2 rule(s)" in shown.stdout and "orders: orders.> from orders" in shown.stdout
+        again = subprocess.run([sys.executable, "-m", "meshmq", "policy", "push", str(policy), "--mesh", mesh,
+                                "--wait", "5"], capture_output=True, text=True, timeout=60, env=cli.cli_env(tmp_path))
+        assert again.returncode == 2 and "has policy version 3 already" in again.stderr
