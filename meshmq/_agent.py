@@ -37,13 +37,14 @@ from ._discovery import Discovery
 from ._delivery import NEVER, Destination, Entry, GroupCommit, Inbox, Outbox, Remembered
 from ._errors import (
     AgentClosed, ConfigError, MeshError, MeshTimeout, NoResponders, NotPermitted, OutboxFull, PeerQueueFull,
-    ProtocolError, RateLimited, RemoteError, RequestTimeout, StoreError, UsageError,
+    ProtocolError, RateLimited, RemoteError, RequestTimeout, SchemaError, StoreError, UsageError,
 )
 from ._health import Health, WaitingFor, assess, envelope_time
 from ._log import QuietLogger
 from ._metrics import LatencyHistogram, MetricsServer, exposition, gauges_of
 from . import _trace
 from ._policy import Policy, PolicyError, TokenBucket, load as load_policy
+from ._schema import check_schema, validate as validate_schema
 from ._message import FORMAT_BYTES, Message
 from ._node import Connect, Disconnect, Node, PeerDown, PeerUp, Send, Suspected, Timing
 from ._routing import RouteIndex
@@ -693,6 +694,8 @@ class AsyncAgent:
         """The version of the mesh policy in force (0: none; pinned files count as their own)."""
         self._policy_document: bytes | None = None  # the authority-signed policy in force, to pass on
         self._policy_versions: dict[str, int] = {}  # peer -> the policy version it last said it has
+        self._schemas: dict[tuple[str, int], dict[str, Any]] = {}  # (type, version) -> JSON Schema (subset)
+        self._upcasters: dict[tuple[str, int], tuple[int, Callable[[Any], Any]]] = {}  # (type, from) -> (to, fn)
         self._buckets: dict[tuple[str, str], TokenBucket] = {}  # (rule, topic or "") -> its rate limit
         self._buckets_lock = threading.Lock()  # publishers may be several threads (blocking Agent)
         self._window_latency: LatencyHistogram | None = None  # delivery latency since the last stats report
@@ -757,7 +760,8 @@ class AsyncAgent:
             self._forget_revoked()
             self._started_at = time.monotonic()
             record = NodeRecord(self.node_id, self.service, endpoints, self._advertised(), 0, time.time(),
-                                cert=self._cert, taps=self._tap_patterns(), tap_events=self._tap_event_kinds())
+                                tuple(sorted(self._schemas)), cert=self._cert, taps=self._tap_patterns(),
+                                tap_events=self._tap_event_kinds())
             self._node = Node(cfg.mesh, record, timing=Timing.from_config(cfg), limits=self.limits,
                               max_peers=cfg.max_peers, sign=self._sign_record if self._secure else None,
                               vouch=self._vouch if self._secure else _refuse_secure)
@@ -1739,6 +1743,8 @@ class AsyncAgent:
             else:
                 fmt, raw = encode_payload(data, self.limits)
             hdrs = None if headers is None else check_headers(headers, self.limits)
+        if self._schemas or self._policy is not None:
+            self._check_outgoing(topic, data, type_, schema_version)
         return self._seal(topic, type_, schema_version, hdrs, key, fmt, raw)
 
     def _with_ttl(self, headers: dict[str, str] | None, ttl: float | None) -> dict[str, str]:
@@ -2288,6 +2294,12 @@ class AsyncAgent:
                 self._tap_event(REJECTED, [(msg.topic, msg._id)], msg.node, "its certificate does not allow "
                                 "publishing on this topic")
                 return
+        if self._schemas or self._upcasters:
+            problem = self._check_incoming(msg)
+            if problem is not None:
+                self.counters["rejected_schema"] += 1
+                self._store_dead_letter(msg, "schema", problem, msg.topic, None, 0, None)
+                return  # kept in the dead letters: handled
         self._received += 1
         if self._latency is not None or self._window_latency is not None:
             late = time.time() - msg.timestamp
@@ -2591,6 +2603,73 @@ class AsyncAgent:
         return list(self._subs)
 
     # --- dispatch by type (the concept documents' handler registry) ---------------------
+
+    # --- schemas ---------------------------------------------------------------------------
+
+    def schema(self, type: str, version: int, schema: dict[str, Any]) -> None:
+        """Declare the JSON Schema (a subset: see :mod:`meshmq._schema`) of messages of ``type``
+        at ``version``: what this agent publishes with that type and version is checked before
+        it leaves (:class:`SchemaError` names the field and the rule), and what it receives is
+        checked before a handler sees it (dead-lettered otherwise). Peers see the pair in this
+        node's record (``meshmq schema ls``)."""
+        _check_name("message type", type)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise UsageError(f"a schema version is a whole number from 1, got {version!r}")
+        check_schema(schema)
+        self._schemas[(type, version)] = schema
+        self._schemas_changed()
+
+    def upcast(self, type: str, from_version: int, to_version: int) -> Callable[[Callable[[Any], Any]], Any]:
+        """Register the decorated function as the way from ``from_version`` to ``to_version`` of
+        ``type``'s data: a message of an older version is carried up the chain of upcasters
+        before a handler sees it (``msg.schema_version`` says which version it is then)."""
+        _check_name("message type", type)
+        if not (isinstance(from_version, int) and isinstance(to_version, int) and 1 <= from_version < to_version):
+            raise UsageError(f"an upcaster goes from a version to a higher one, not {from_version} -> {to_version}")
+
+        def register(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+            if not callable(fn):
+                raise UsageError(f"an upcaster must be callable, got {fn!r}")
+            self._upcasters[(type, from_version)] = (to_version, fn)
+            return fn
+
+        return register
+
+    def _schemas_changed(self) -> None:
+        if self._node is not None and self._state == "running":
+            self._call_on_loop(lambda: self._apply(self._node.set_schemas(  # type: ignore[union-attr]
+                tuple(sorted(self._schemas)), time.monotonic())))
+
+    def _check_outgoing(self, topic: str, data: Any, type_: str | None, schema_version: int) -> None:
+        """Before a publish: the policy's required schema of the topic, and the declared schema."""
+        rule = self._policy.first("schema", topic, self.service) if self._policy is not None else None
+        if rule is not None and rule.schema is not None and (type_, schema_version) != rule.schema:
+            raise SchemaError("type", "policy", f"policy rule {rule.name!r} requires type {rule.schema[0]!r} "
+                                                f"version {rule.schema[1]} on {topic!r}, not {type_!r} version "
+                                                f"{schema_version}")
+        schema = self._schemas.get((type_, schema_version)) if type_ is not None else None
+        if schema is not None and not isinstance(data, (bytes, bytearray, memoryview)):
+            validate_schema(schema, data)
+
+    def _check_incoming(self, msg: Message) -> str | None:
+        """Carry a received message up its upcasters, then check it; why not, or None."""
+        if msg.type is None or (not self._upcasters and not self._schemas):
+            return None
+        try:
+            data, version = msg.data, msg.schema_version
+            while (step := self._upcasters.get((msg.type, version))) is not None:
+                version, data = step[0], step[1](data)
+            if version != msg.schema_version:
+                msg._data, msg.schema_version = data, version
+                self.counters["messages_upcast"] += 1
+            schema = self._schemas.get((msg.type, version))
+            if schema is not None and not isinstance(data, (bytes, bytearray)):
+                validate_schema(schema, data)
+        except SchemaError as exc:
+            return str(exc)
+        except Exception as exc:  # an upcaster that fails, or a payload that does not decode
+            return f"{type(exc).__name__}: {exc}"
+        return None
 
     def on(self, type: str) -> Callable[[Handler], Handler]:
         """Register the decorated function as the handler of messages of this ``type``.

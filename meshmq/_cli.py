@@ -421,6 +421,14 @@ def _build_parser() -> _Parser:
                         help="push: seconds to wait for the agents to take it; show: to meet the mesh (default 5)")
     _add_mesh_options(policy)
 
+    schema = command("schema", "List the message types and schema versions the agents of the mesh declare.",
+                     _SCHEMA_EPILOG, _cmd_schema)
+    schema.add_argument("action", choices=("ls",), help="ls: every (type, version) and the services that declare it")
+    schema.add_argument("--wait", type=_seconds, default=1.5, metavar="S",
+                        help="seconds to wait for discovery, at most (default: 1.5)")
+    schema.add_argument("--json", action="store_true", help="print a JSON array")
+    _add_mesh_options(schema)
+
     from ._health import HEALTH_EPILOG, cmd_health
 
     health = command("health", "Check an agent of this host: peers, outbox backlog and age, dead letters, "
@@ -768,6 +776,37 @@ breaker, extra routes by content (a small expression language) and a required sc
 docs/policies.md has a complete example. (Pushing a policy to the mesh and its
 enforcement by the agents are not built yet.)
 """
+
+
+_SCHEMA_EPILOG = """\
+  meshmq schema ls            TYPE, VERSION and the services that declare it
+  meshmq schema ls --json     the same as JSON
+
+Agents declare schemas in code (agent.schema("OrderPlaced", 2, {...})); the (type,
+version) pairs travel in their routing records. (meshmq schema add, and schemas
+themselves spreading by gossip, are not built yet.)
+"""
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    with _agent(args) as agent:
+        agent.wait_settled(args.wait, quiet_period=args.wait / 3)
+        inner = agent._agent
+        declared: dict[tuple[str, int], set[str]] = {}
+        records = [m.record for m in inner._node.peers.values()] if inner._node is not None else []
+        for record in records:
+            for pair in record.schemas:
+                declared.setdefault((pair[0], pair[1]), set()).add(record.service)
+    rows = [{"type": t, "version": v, "services": sorted(services)} for (t, v), services in sorted(declared.items())]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        _note("no schemas declared in the mesh")
+        return EXIT_OK
+    print(_table([("TYPE", "VERSION", "SERVICES")] + [(r["type"], str(r["version"]), ", ".join(r["services"]))
+                                                      for r in rows]))
+    return EXIT_OK
 
 
 def _cmd_policy(args: argparse.Namespace) -> int:

@@ -172,7 +172,14 @@ class RequestTimeout(MeshTimeout):
 
 
 class SchemaError(MeshError, ValueError):
-    """A message does not satisfy the schema declared for its type."""
+    """A message does not satisfy the schema declared for its type (or a schema is not one
+    meshmq can check): ``field`` is where, ``rule`` the keyword it breaks."""
+
+    def __init__(self, field: str, rule: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem} (schema rule {rule!r})")
+        self.field = field
+        self.rule = rule
+        self.problem = problem
 
 
 __all__ = [

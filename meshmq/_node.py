@@ -370,6 +370,14 @@ class Node:
         self._gossip_round(now, actions)
         return actions
 
+    def set_schemas(self, schemas: tuple[tuple[str, int], ...], now: float) -> list[Action]:
+        """Advertise the (message type, schema version) pairs this node knows."""
+        self._claim(dataclasses.replace(self.record, schemas=schemas, incarnation=self.me.incarnation + 1))
+        actions: list[Action] = []
+        self.next_gossip = now
+        self._gossip_round(now, actions)
+        return actions
+
     def set_taps(self, taps: tuple[str, ...], events: tuple[str, ...], now: float) -> list[Action]:
         """Advertise the topic patterns this node watches as a tap (empty: it is no tap) and
         the delivery events it wants reported."""

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable
-import os
 from typing import Any, TypeVar
 
 from ._agent import (
@@ -249,6 +249,14 @@ class Agent:
     def routes(self, topic: str | None = None) -> list[RouteEntry]:
         """See :meth:`AsyncAgent.routes`."""
         return self._call(self._agent.routes, topic)
+
+    def schema(self, type: str, version: int, schema: dict[str, Any]) -> None:
+        """See :meth:`AsyncAgent.schema`."""
+        self._agent.schema(type, version, schema)
+
+    def upcast(self, type: str, from_version: int, to_version: int) -> Callable[[Callable[[Any], Any]], Any]:
+        """See :meth:`AsyncAgent.upcast`."""
+        return self._agent.upcast(type, from_version, to_version)
 
     def push_policy(self, document: bytes) -> bool:
         """See :meth:`AsyncAgent.push_policy`."""
