@@ -58,8 +58,9 @@ from ._security import (
 )
 from ._store import Batch, Contents, Store, open_instance
 from ._tap import (
-    ACKED, CONTROL_EVENTS, DEAD_LETTERED, DELIVERY_EVENTS, EXPIRED, JOINED, LEFT, LOST, REJECTED, RETRIED, ROUTES, SENT,
-    OUTBOX_WARNING, REVOCATION, STATS, SUSPECTED, Journeys, TapEvent, decode_items, envelope_head,
+    ACKED, CONTROL_EVENTS, DEAD_LETTERED, DELIVERY_EVENTS, EXPIRED, JOINED, LEFT, LIMITED, LOST, OUTBOX_WARNING,
+    REJECTED, RETRIED, REROUTED, REVOCATION, ROUTES, SENT, STATS, SUSPECTED, Journeys, TapEvent, decode_items,
+    envelope_head,
 )
 from ._topics import check_pattern, check_topic, check_user_topic, matches, reply_topic
 from ._transport import Link, Transport, Wakeup
@@ -822,7 +823,7 @@ class AsyncAgent:
         log.info("policy %s version %d: %d rules (pinned: policies pushed to the mesh are not taken)", path,
                  self._policy.version, len(self._policy.rules))
 
-    def _pace(self, topic: str, can_wait: bool) -> float:
+    def _pace(self, topic: str, can_wait: bool, mid: bytes) -> float:
         """The policy's rate limit on publishing ``topic``: 0.0 (a token was taken), seconds to
         wait before asking again (``on_excess = "delay"`` and the caller can wait), or -1.0
         (``"dead-letter"``: the message is not sent). Raises :class:`RateLimited` otherwise."""
@@ -850,6 +851,7 @@ class AsyncAgent:
             with self._counters_lock:
                 self.counters["dropped_by_policy"] += 1
             return -1.0
+        self._call_on_loop(self._tap_event, LIMITED, [(topic, mid)], None, f"refused by policy rule {rule.name!r}")
         raise RateLimited(topic, rule.name, wait)
 
     # --- the mesh's policy, signed by the authority and spread by gossip -------------------
@@ -1616,13 +1618,19 @@ class AsyncAgent:
         """:meth:`publish` under a policy: paced by its rate limit, and also sent where its
         content rules route it."""
         topic = prepared[0]
-        while (wait := self._pace(topic, can_wait=True)) > 0:
+        delayed = False
+        while (wait := self._pace(topic, can_wait=True, mid=prepared[2])) > 0:
+            if not delayed:
+                delayed = True
+                self._tap_event(LIMITED, [(topic, prepared[2])], None, f"delayed {wait:.3f}s by the policy")
             await asyncio.sleep(wait)
         if wait < 0:
             self._policy_dead_letter(prepared, topic)
             return prepared[2].hex()
-        batch = [prepared] + [self._prepare(to, data, type_, key, headers, schema_version, ttl)
-                              for to in self._routes_for(topic, data, type_, key, headers)]
+        routes = self._routes_for(topic, data, type_, key, headers)
+        for to in routes:
+            self._tap_event(REROUTED, [(topic, prepared[2])], None, f"also to {to} by the policy")
+        batch = [prepared] + [self._prepare(to, data, type_, key, headers, schema_version, ttl) for to in routes]
         stored = False
         for one in batch:
             try:
@@ -1636,6 +1644,7 @@ class AsyncAgent:
     def _policy_dead_letter(self, prepared: _Prepared, topic: str) -> None:
         """A message the policy's rate limit dead-letters instead of sending (kept, never lost)."""
         msg = decode_envelope(prepared[3], self.limits)
+        self._call_on_loop(self._tap_event, LIMITED, [(topic, prepared[2])], None, "dead-lettered by the policy")
         self._call_on_loop(self._store_dead_letter, msg, "rate-limited", f"over the rate of the policy for {topic}",
                            f"policy:{topic}", None, 0, None)
 
@@ -1687,7 +1696,7 @@ class AsyncAgent:
         prepared = self._prepare(topic, data, type, key, headers, schema_version, ttl)
         batch = [prepared]
         if self._policy is not None:
-            if self._pace(topic, can_wait=False) < 0:  # delay is not possible here: RateLimited
+            if self._pace(topic, can_wait=False, mid=prepared[2]) < 0:  # delay is not possible here: RateLimited
                 self._policy_dead_letter(prepared, topic)
                 return prepared[2].hex()
             batch += [self._prepare(to, data, type, key, headers, schema_version, ttl)

@@ -179,7 +179,7 @@ class Agent:
         agent = self._agent
         topic = prepared[0]
         on_loop = threading.get_ident() == agent._loop_thread
-        while (wait := agent._pace(topic, can_wait=not on_loop)) > 0:
+        while (wait := agent._pace(topic, can_wait=not on_loop, mid=prepared[2])) > 0:
             time.sleep(wait)
         if wait < 0:
             agent._policy_dead_letter(prepared, topic)

@@ -31,7 +31,11 @@ EXPIRED = "expired"
 DEAD_LETTERED = "dead-lettered"
 REJECTED = "rejected"
 LOST = "lost"
-DELIVERY_EVENTS = (SENT, ACKED, RETRIED, EXPIRED, DEAD_LETTERED, REJECTED)
+LIMITED = "limited"
+"""A policy's rate limit delayed, refused or dead-lettered a publish."""
+REROUTED = "rerouted"
+"""A policy's content rule also sent a message to another topic (``peer`` names it)."""
+DELIVERY_EVENTS = (SENT, ACKED, RETRIED, EXPIRED, DEAD_LETTERED, REJECTED, LIMITED, REROUTED)
 JOINED, LEFT, SUSPECTED, DEAD, REPLACED, REVOKED, ROUTES = (
     "joined", "left", "suspected", "dead", "replaced", "revoked", "routes")
 REVOCATION = "revocation"

@@ -5,6 +5,7 @@ virtual time."""
 from __future__ import annotations
 
 import os
+import asyncio
 import re
 import subprocess
 import sys
@@ -343,3 +344,38 @@ def test_meshmq_policy_push_and_show(mesh: str, tmp_path: Path) -> None:
         again = subprocess.run([sys.executable, "-m", "meshmq", "policy", "push", str(policy), "--mesh", mesh,
                                 "--wait", "5"], capture_output=True, text=True, timeout=60, env=cli.cli_env(tmp_path))
         assert again.returncode == 2 and "has policy version 3 already" in again.stderr
+
+
+def test_policy_actions_are_visible_to_a_tap(mesh: str, tmp_path: Path) -> None:
+    policy = _policy_file(tmp_path, """
+[[rule]]
+name = "limited"
+topic = "jobs.*"
+rate = { per_second = 20, burst = 1, on_excess = "delay" }
+route = [{ when = "data.big", to = "jobs.review" }]
+""")
+
+    async def main() -> None:
+        watcher = await meshmq.AsyncAgent("watcher", mesh=mesh, durability="memory").start()
+        tap = watcher.tap("jobs.>", events=["limited", "rerouted"])
+        pub = await meshmq.AsyncAgent("pub", mesh=mesh, durability="memory", policy_file=policy).start()
+        try:
+            await eventually(lambda: pub._tapped, what="the publisher to know the tap")
+            first = await pub.publish("jobs.x", {"big": True})
+            second = await pub.publish("jobs.x", {"big": False})  # waits for a token
+            seen: dict[str, set[str]] = {"limited": set(), "rerouted": set()}
+
+            async def read() -> None:
+                async for event in tap:
+                    if event.kind in seen:
+                        seen[event.kind].update(event.ids)
+                    if first in seen["rerouted"] and second in seen["limited"]:
+                        return
+
+            await asyncio.wait_for(read(), 10)
+            assert second not in seen["rerouted"]
+        finally:
+            await pub.stop()
+            await watcher.stop()
+
+    run(main())
