@@ -188,20 +188,26 @@ def test_demo_interrupted_ends_every_process(tmp_path: Path, processes: list[sub
 def test_examples_run_one_process_per_service(tmp_path: Path, processes: list[subprocess.Popen[str]]) -> None:
     env = loopback_env(tmp_path, MESHMQ_MESH="ex-" + uuid.uuid4().hex[:12])
     readers = {}
-    for name in ("inventory", "payment", "notification"):
+    for name in ("inventory", "payment", "notification", "review"):
         proc = subprocess.Popen([sys.executable, str(EXAMPLES / f"{name}_service.py")], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=env)
         processes.append(proc)
         readers[name] = LineReader(proc)
         readers[name].wait_for(r"ready", 20)
-    orders = subprocess.run([sys.executable, str(EXAMPLES / "order_service.py"), "3"], capture_output=True,
+    orders = subprocess.run([sys.executable, str(EXAMPLES / "order_service.py"), "6"], capture_output=True,
                             text=True, timeout=60, env=env)
     assert orders.returncode == 0, orders.stdout + orders.stderr
-    assert len(re.findall(r"^placed ORD-000\d: USD [\d.]+$", orders.stdout, re.M)) == 3
-    for number in (1, 2, 3):
+    placed = re.findall(r"^placed (ORD-000\d): USD ([\d.]+)$", orders.stdout, re.M)
+    assert len(placed) == 6
+    for number in range(1, 7):
         readers["inventory"].wait_for(rf"reserved stock for ORD-000{number} \(\d+ pcs\)", 20)
         readers["payment"].wait_for(rf"charged USD [\d.]+ to CUST-\d+ for ORD-000{number}", 20)
         readers["notification"].wait_for(rf"emailed CUST-\d+: order ORD-000{number} confirmed", 20)
+    # The policy's content rule: the big orders reach review too (the orders are the same every run).
+    assert any(float(total) > 300 for _, total in placed)
+    for order_id, total in placed:
+        if float(total) > 300:
+            readers["review"].wait_for(rf"review {order_id}: USD {total}", 20)
     for name, reader in readers.items():
         os.kill(reader.proc.pid, signal.SIGINT)  # the way a user stops them: Ctrl-C
         assert reader.proc.wait(15) == 0, name
