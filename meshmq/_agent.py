@@ -691,6 +691,7 @@ class AsyncAgent:
         self._observed: frozenset[str] = frozenset()  # outbox events (sent, acked, retried) some tap wants
         self._tracing = self.config.tracing
         self._policy: Policy | None = None  # in force: Config.policy_file, or the mesh's signed one
+        self._breaker_spec: Any = None  # the policy's circuit breaker (see _apply_breakers)
         self.policy_version = 0
         """The version of the mesh policy in force (0: none; pinned files count as their own)."""
         self._policy_document: bytes | None = None  # the authority-signed policy in force, to pass on
@@ -820,6 +821,7 @@ class AsyncAgent:
         except PolicyError as exc:
             raise ConfigError("policy_file", str(exc)) from None
         self.policy_version = self._policy.version
+        self._apply_breakers()
         log.info("policy %s version %d: %d rules (pinned: policies pushed to the mesh are not taken)", path,
                  self._policy.version, len(self._policy.rules))
 
@@ -898,6 +900,7 @@ class AsyncAgent:
         self._policy, self._policy_document, self.policy_version = policy, document, version  # at once, whole
         with self._buckets_lock:
             self._buckets.clear()
+        self._apply_breakers()
         self.counters["policies_taken"] += 1
         log.info("policy version %d from %s in force: %d rules", version, source, len(policy.rules))
         self._control("policy", None, None, f"version {version} from {source}: {len(policy.rules)} rules")
@@ -906,6 +909,20 @@ class AsyncAgent:
             batch.put_meta("policy", document)
             self._store.submit(batch)
         return True
+
+    def _apply_breakers(self) -> None:
+        """The policy's circuit breaker, for every destination of this publisher: the first rule
+        with a ``breaker`` that names this service or none (breakers are per destination, so a
+        rule's topic does not select them)."""
+        spec = None
+        if self._policy is not None:
+            for rule in self._policy.rules:
+                if rule.breaker is not None and rule.service in (None, self.service):
+                    spec = rule.breaker
+                    break
+        if self._outbox is not None:
+            self._outbox.breaker_spec = spec
+        self._breaker_spec = spec
 
     def _send_policy(self, endpoint: str, with_document: bool) -> None:
         if self._transport is not None:
@@ -960,6 +977,7 @@ class AsyncAgent:
         self._outbox = Outbox(self.node_id, self.config, self._commit, wake=self._wake,
                               dead_letter=self._undeliverable, counters=self.counters,
                               seal=self._seal_frame if self._secure else None)
+        self._outbox.breaker_spec = self._breaker_spec
         self._outbox.space.append(self._space_waiters.fire)
         self._inbox = Inbox(self.node_id, self.config, self._commit, loop, self._send_to, self.counters)
         if self._commit is not None:

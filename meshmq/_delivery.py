@@ -41,6 +41,7 @@ from typing import Any
 import msgpack
 
 from ._errors import ProtocolError
+from ._policy import OPEN, Breaker, CircuitBreaker
 from ._routing import QueueGroup, RouteIndex
 from ._stream import Backoff, ReceiveStream, SendStream
 from ._store import Batch, Contents, Store
@@ -72,7 +73,7 @@ def entry_size(entry: Entry) -> int:
 class Destination:
     """One node we send to: its stream, and the link to it while it is up."""
 
-    __slots__ = ("node", "service", "stream", "link", "bytes", "sent_at", "new", "new_first")
+    __slots__ = ("node", "service", "stream", "link", "bytes", "sent_at", "new", "new_first", "breaker")
 
     def __init__(self, node: str, service: str, stream: SendStream[Entry]) -> None:
         self.node = node
@@ -83,6 +84,7 @@ class Destination:
         self.sent_at = 0.0
         self.new: list[list[Any]] = []  # [entry, expires] put since the last commit: the next chunk
         self.new_first = 0
+        self.breaker: CircuitBreaker | None = None  # the policy's, made when first needed
 
     @property
     def pending(self) -> int:
@@ -161,6 +163,8 @@ class Outbox:
         self._wake = wake
         self._dead_letter = dead_letter
         self._seal = seal
+        self.breaker_spec: Breaker | None = None
+        """The policy's circuit breaker for every destination (None: no breakers)."""
         self.observe: Callable[[str, Destination, list[Entry]], None] | None = None
         """Told of messages sent, sent again and acknowledged (``sent``/``retried``/``acked``),
         while some tap watches this agent; None otherwise (nothing is done per message)."""
@@ -281,6 +285,21 @@ class Outbox:
             return []
         cfg = self.config
         s = dest.stream
+        probe = False
+        if self.breaker_spec is not None:
+            due_at = s.next_due()
+            if due_at is None or due_at > now:
+                return []
+            breaker = dest.breaker
+            if breaker is None or breaker.spec is not self.breaker_spec:
+                breaker = dest.breaker = CircuitBreaker(self.breaker_spec)
+            before = breaker.state
+            if not breaker.allow(now):
+                self.counters["breaker_held"] += 1  # open: the messages wait in the outbox
+                return []
+            probe = before == OPEN  # the one frame that tests whether the destination is back
+            if probe:
+                self.counters["breaker_probes"] += 1
         fresh = s.highest_sent + 1  # lower numbers are sent again
         due = s.due(now, cfg.max_batch_messages)
         if not due:
@@ -289,6 +308,8 @@ class Outbox:
         self.counters["messages_sent"] += len(due)
         floor = s.floor
         first, last = due[0][0], due[-1][0]
+        if first < fresh and dest.breaker is not None and not probe:
+            self._breaker_record(dest, now, ok=False)  # sent again: the last send timed out
         if first >= fresh and last - first + 1 == len(due):  # the common case: new, consecutive
             entries = [entry for _, entry in due]
             if all(type(e) is bytes for e in entries) and sum(map(len, entries)) <= cfg.max_batch_bytes:
@@ -319,6 +340,15 @@ class Outbox:
         if self.observe is not None:
             self.observe("retried" if resent else "sent", dest, run)
         return [f for f in frames if f is not None]
+
+    def _breaker_record(self, dest: Destination, now: float, ok: bool) -> None:
+        breaker = dest.breaker
+        assert breaker is not None
+        before = breaker.state
+        breaker.record(now, ok)
+        if breaker.state != before:
+            self.counters[f"breaker_{breaker.state.replace('-', '_')}"] += 1
+            log.info("circuit breaker for %s (%s): %s -> %s", dest.service or "?", dest.node, before, breaker.state)
 
     def _frame(self, dest: Destination, first: int, entries: list[Any], floor: int, resent: bool) -> bytes | None:
         """One data frame: sealed for ``dest`` (None if that cannot be done now: the
@@ -372,6 +402,8 @@ class Outbox:
         released = s.on_ack(epoch, committed, now, received)
         if released:
             self.counters["messages_acked"] += len(released)
+            if dest.breaker is not None:
+                self._breaker_record(dest, now, ok=True)
             if self.observe is not None:
                 self.observe("acked", dest, released)
             size = 0

@@ -379,3 +379,73 @@ route = [{ when = "data.big", to = "jobs.review" }]
             await watcher.stop()
 
     run(main())
+
+
+def test_a_circuit_breaker_holds_messages_for_a_destination_that_does_not_answer(mesh: str,
+                                                                                 tmp_path: Path) -> None:
+    """A receiver that takes frames and never acknowledges: each retransmission is a failure;
+    after 2 the breaker opens and the messages wait in the outbox (nothing is sent); once the
+    receiver answers, the probe after open_for gets its receipt and the breaker closes."""
+    import dataclasses
+
+    from certs import RawPeer
+
+    from meshmq._seal import Signer, open_data
+    from meshmq._wire import SEALED, Limits, Subscription, receipt_frame
+
+    policy = _policy_file(tmp_path, '[[rule]]\nname = "fragile"\n'
+                                    'breaker = { failures = 2, window = 30, open_for = 1.0, probes = 1 }\n')
+
+    async def main() -> None:
+        pub = await meshmq.AsyncAgent("pub", mesh=mesh, durability="memory", discovery=False, policy_file=policy,
+                                      retransmit_initial=0.05, retransmit_max=0.1).start()
+        raw = RawPeer(mesh, pub.endpoints[0], "sink")
+        record = dataclasses.replace(raw.record, subscriptions=(Subscription("jobs.*"),), incarnation=2, sig=None)
+        record = dataclasses.replace(record, sig=raw.keys.sign(record.signing_bytes()))
+        shared = Signer(raw.keys).shared_key(pub._keys.public)
+        answering = False
+        frames = 0
+
+        def drain() -> None:
+            nonlocal frames
+            while raw.pull.poll(0):
+                frame = raw.pull.recv()
+                if frame[1] != SEALED:  # only data frames matter here
+                    continue
+                frames += 1
+                epoch, first, _, entries, _ = open_data(frame, Limits(), pub.node_id, shared, raw.node)
+                if answering:
+                    last = first + len(entries) - 1
+                    raw.send(receipt_frame(raw.node, epoch, last, last))
+
+        try:
+            raw.introduce(record, want_reply=True)
+            await eventually(lambda: pub._receivers("jobs.x") == 1, what="the raw peer routed")
+            await pub.publish("jobs.x", b"one")
+
+            async def breaker_opens() -> None:
+                while not pub.stats().get("breaker_open", 0):
+                    drain()
+                    await asyncio.sleep(0.01)
+
+            await asyncio.wait_for(breaker_opens(), 10)
+            drain()
+            held = frames
+            await eventually(lambda: pub.stats().get("breaker_held", 0) >= 3, what="sends held back")
+            drain()
+            assert frames == held and pub.stats()["outbox_messages"] == 1  # nothing went; the message waits
+            answering = True
+
+            async def breaker_closes() -> None:
+                while not pub.stats().get("breaker_closed", 0):
+                    drain()
+                    await asyncio.sleep(0.01)
+
+            await asyncio.wait_for(breaker_closes(), 10)
+            await eventually(lambda: pub.stats()["outbox_messages"] == 0, what="acknowledged through the probe")
+            assert pub.stats()["breaker_probes"] >= 1
+        finally:
+            raw.close()
+            await pub.stop()
+
+    run(main(), timeout=60)
