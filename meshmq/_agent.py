@@ -2180,7 +2180,7 @@ class AsyncAgent:
         if isinstance(decoded, Revocations):
             self._on_revocations(decoded)
             return
-        if kind is PolicyOffer:
+        if isinstance(decoded, PolicyOffer):
             self._on_policy(decoded)
             return
         if kind is Receipt:

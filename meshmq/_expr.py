@@ -67,7 +67,7 @@ def parse(text: str) -> Expression:
 
 
 def _tokenize(text: str) -> list[tuple[str, Any, int]]:
-    tokens = []
+    tokens: list[tuple[str, Any, int]] = []
     pos = 0
     while pos < len(text):
         if text[pos:].strip() == "":

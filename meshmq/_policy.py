@@ -238,7 +238,7 @@ def _rule(raw: Any, index: int, line: int | None, source: str, block: list[str])
             except ExpressionError as exc:
                 raise fail(f"route {n}: when: {exc}") from None
             try:
-                check_user_topic(r.get("to"))
+                check_user_topic(r.get("to"))  # type: ignore[arg-type]  # checked: a str, or TopicError
             except (ValueError, TypeError) as exc:
                 raise fail(f"route {n}: to: {exc}") from None
             parsed.append(Route(when, r["to"]))

@@ -174,7 +174,7 @@ class TapEvent:
             if value is not None and not isinstance(value, kinds):
                 raise ValueError(f"{name} has the wrong type")
             fields[name] = value
-        lists = {}
+        lists: dict[str, Any] = {}
         for name in ("ids", "destinations"):
             value = obj.get(name, [])
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -325,13 +325,13 @@ def decode_items(items: Any, node: str, service: str, services: dict[str, str], 
                     or type(item[3]) is not str or type(item[4]) is not bytes or type(item[5]) is not bytes
                     or len(item[4]) != _ID_BYTES or len(item[5]) != _ID_BYTES or type(item[6]) is not int):
                 raise ProtocolError("bad tap range item")
-            _, kind, at, peer, first, last, _count = item
+            run_kind, run_at, run_peer, run_first, run_last = item[1], item[2], item[3], item[4], item[5]
             if journeys is None:
                 continue
-            runs = journeys.between(node, peer, first.hex(), last.hex(), forget=kind == ACKED)
-            for topic, ids in runs.items():
-                yield TapEvent(kind, at, node, service, ids=tuple(ids), peer=peer, peer_service=services.get(peer),
-                               topic=topic)
+            runs = journeys.between(node, run_peer, run_first.hex(), run_last.hex(), forget=run_kind == ACKED)
+            for run_topic, run_ids in runs.items():
+                yield TapEvent(run_kind, run_at, node, service, ids=tuple(run_ids), peer=run_peer,
+                               peer_service=services.get(run_peer), topic=run_topic)
             continue
         if kind == STATS:
             if len(item) != 3 or type(item[1]) is not float or type(item[2]) is not dict or len(item[2]) > 32:
@@ -352,7 +352,7 @@ def decode_items(items: Any, node: str, service: str, services: dict[str, str], 
             if journeys is not None:
                 journeys.published(node, msg.id, msg.topic, dests)
             yield TapEvent(MESSAGE, at or msg.timestamp, node, service, ids=(msg.id,), topic=msg.topic, type=msg.type,
-                           source=msg.source, destinations=tuple(services.get(d, d) for d in dests),
+                           source=msg.source, destinations=tuple(services.get(d) or d for d in dests),
                            size=len(msg.raw) if shown else size,
                            headers=msg.headers or None, raw=msg.raw if shown else None,
                            format=msg._format if shown else None)
