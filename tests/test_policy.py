@@ -394,7 +394,7 @@ def test_a_circuit_breaker_holds_messages_for_a_destination_that_does_not_answer
     from meshmq._wire import SEALED, Limits, Subscription, receipt_frame
 
     policy = _policy_file(tmp_path, '[[rule]]\nname = "fragile"\n'
-                                    'breaker = { failures = 2, window = 30, open_for = 1.0, probes = 1 }\n')
+                                    'breaker = { failures = 2, window = 30, open_for = 3.0, probes = 1 }\n')
 
     async def main() -> None:
         pub = await meshmq.AsyncAgent("pub", mesh=mesh, durability="memory", discovery=False, policy_file=policy,
@@ -429,9 +429,12 @@ def test_a_circuit_breaker_holds_messages_for_a_destination_that_does_not_answer
                     await asyncio.sleep(0.01)
 
             await asyncio.wait_for(breaker_opens(), 10)
-            drain()
-            held = frames
+            # The frame whose retransmission opened the breaker may still be on its way: take
+            # the count once the breaker has held back a few sends, then see it stay.
             await eventually(lambda: pub.stats().get("breaker_held", 0) >= 3, what="sends held back")
+            drain()
+            held, held_sends = frames, pub.stats()["breaker_held"]
+            await eventually(lambda: pub.stats()["breaker_held"] >= held_sends + 3, what="more sends held back")
             drain()
             assert frames == held and pub.stats()["outbox_messages"] == 1  # nothing went; the message waits
             answering = True
