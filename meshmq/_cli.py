@@ -365,8 +365,7 @@ def _build_parser() -> _Parser:
     dlq.add_argument("action", choices=("ls", "show", "replay", "purge"), help="what to do")
     dlq.add_argument("ids", nargs="*", metavar="ID", help="dead-letter ids (show: exactly one)")
     dlq.add_argument("--all", action="store_true", help="replay or purge every dead letter")
-    dlq.add_argument("--instance", type=int, default=0, metavar="N",
-                     help="which instance of the service, when several ran on this host (default: 0)")
+    _add_instance_option(dlq)
     dlq.add_argument("--json", action="store_true", help="JSON instead of text (ls, show)")
     _add_mesh_options(dlq)
 
@@ -403,8 +402,7 @@ def _build_parser() -> _Parser:
 
     outbox = command("outbox", "Show what waits in an agent's outbox, per destination.", _OUTBOX_EPILOG,
                      _cmd_outbox)
-    outbox.add_argument("--instance", type=int, default=0, metavar="N",
-                        help="which instance of the service, when several ran on this host (default: 0)")
+    _add_instance_option(outbox)
     outbox.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
     _add_mesh_options(outbox)
 
@@ -433,8 +431,7 @@ def _build_parser() -> _Parser:
 
     health = command("health", "Check an agent of this host: peers, outbox backlog and age, dead letters, "
                                "certificate.", HEALTH_EPILOG, cmd_health)
-    health.add_argument("--instance", type=int, default=0, metavar="N",
-                        help="which instance of the service, when several ran on this host (default: 0)")
+    _add_instance_option(health)
     health.add_argument("--wait", type=_seconds, default=1.5, metavar="S",
                         help="seconds to watch the mesh for its peers (default: 1.5)")
     health.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -445,6 +442,12 @@ def _build_parser() -> _Parser:
                      _CONFIG_EPILOG, _cmd_config)
     config.add_argument("--json", action="store_true", help="print a JSON array instead of text")
     return parser
+
+
+def _add_instance_option(parser: argparse.ArgumentParser) -> None:
+    """``--instance``, for the commands that open the store of an agent of this host."""
+    parser.add_argument("--instance", type=int, default=0, metavar="N",
+                        help="which instance of the service, when several ran on this host (default: 0)")
 
 
 def _add_mesh_options(parser: argparse.ArgumentParser, top: bool = False, service: bool = True) -> None:
