@@ -34,7 +34,7 @@ import zmq
 
 from ._config import MAX_TTL, Config
 from ._discovery import Discovery
-from ._delivery import NEVER, Destination, Entry, GroupCommit, Inbox, Outbox, Remembered
+from ._delivery import NEVER, Destination, Entry, GroupCommit, Inbox, Lane, Outbox, Remembered
 from ._errors import (
     AgentClosed, ConfigError, MeshError, MeshTimeout, NoResponders, NotPermitted, OutboxFull, PeerQueueFull,
     ProtocolError, RateLimited, RemoteError, RequestTimeout, SchemaError, StoreError, UsageError,
@@ -43,7 +43,7 @@ from ._health import Health, WaitingFor, assess, envelope_time
 from ._log import QuietLogger
 from ._metrics import LatencyHistogram, MetricsServer, exposition, gauges_of
 from . import _trace
-from ._policy import Policy, PolicyError, TokenBucket, load as load_policy
+from ._policy import Policy, PolicyError, TokenBucket, lane as priority_lane, load as load_policy
 from ._schema import check_schema, validate as validate_schema
 from ._message import FORMAT_BYTES, Message
 from ._node import Connect, Disconnect, Node, PeerDown, PeerUp, Send, Suspected, Timing
@@ -662,7 +662,8 @@ class AsyncAgent:
         self._id_counter = itertools.count(1)
         self._checked_topics: dict[str, None] = {}
         self._fanout: dict[str, tuple[str, ...]] = {}  # topic -> nodes, for routes without queue groups
-        self._single: dict[str, Destination] = {}  # topic -> its one remote destination, where it has one
+        self._single: dict[str, Lane] = {}  # topic -> the stream to its one remote destination, where it has one
+        self._lanes: dict[str, int] = {}  # topic -> its priority lane (from the policy), as looked up
         self._tls = threading.local()
         self._thread_states: list[_ThreadState] = []
         self._received = 0
@@ -856,6 +857,18 @@ class AsyncAgent:
         self._call_on_loop(self._tap_event, LIMITED, [(topic, mid)], None, f"refused by policy rule {rule.name!r}")
         raise RateLimited(topic, rule.name, wait)
 
+    def _lane_of(self, topic: str) -> int:
+        """The priority lane of messages on ``topic``: the policy's ``priority`` for it (0 high,
+        1 normal, 2 low; normal without a rule), looked up once per topic."""
+        number = self._lanes.get(topic)
+        if number is None:
+            rule = self._policy.first("priority", topic, self.service) if self._policy is not None else None
+            number = priority_lane(rule.priority if rule is not None else None)
+            if len(self._lanes) >= 4096:
+                self._lanes.clear()
+            self._lanes[topic] = number
+        return number
+
     # --- the mesh's policy, signed by the authority and spread by gossip -------------------
 
     def push_policy(self, document: bytes) -> bool:
@@ -898,6 +911,7 @@ class AsyncAgent:
         if version <= self.policy_version:
             return False
         self._policy, self._policy_document, self.policy_version = policy, document, version  # at once, whole
+        self._single, self._lanes = {}, {}  # priorities may have changed: look the lanes up again
         with self._buckets_lock:
             self._buckets.clear()
         self._apply_breakers()
@@ -1805,20 +1819,20 @@ class AsyncAgent:
             self._check_running()
         outbox = self._outbox
         assert outbox is not None
-        dest = self._single.get(topic)
-        if dest is not None:  # the hot path: one remote subscriber, room in the outbox
+        lane = self._single.get(topic)
+        if lane is not None:  # the hot path: one remote subscriber, room in the outbox
             size = len(env)
+            dest = lane.dest
             if (outbox.count < outbox.max_count and outbox.bytes + size <= outbox.max_bytes
-                    and len(dest.stream.pending) < outbox.max_dest_count
-                    and dest.bytes + size <= outbox.max_dest_bytes):
+                    and dest.count < outbox.max_dest_count and dest.bytes + size <= outbox.max_dest_bytes):
                 if self._tapped:
                     self._mirror.message(topic, env, dest.node)  # type: ignore[union-attr]
-                outbox.put(dest, env, size, expires, 0.0)
+                outbox.put(lane, env, size, expires, 0.0)
                 state.published += 1
                 if outbox.durable:
                     return True
                 if dest.link is not None:
-                    self._send_soon(dest.link, dest.stream)
+                    self._send_soon(dest.link, lane.stream)
                 return False
         nodes = self._fanout.get(topic)
         if nodes is not None:  # the common case: plain subscribers only, every node gets the same entry
@@ -1831,31 +1845,29 @@ class AsyncAgent:
                 self._mirror.message(topic, env, [])  # type: ignore[union-attr]
             return False
         size = len(env)
-        dests = []
+        lanes = []
         local = None
+        number = self._lane_of(topic)
         for node, entry in targets:
             if node == self.node_id:
                 local = entry
                 continue
-            dest = outbox.dests.get(node)
-            if dest is None:
-                dest = outbox.destination(node, self._service_of(node), self._node_links.get(node))
-            dests.append((dest, entry))
-        if dests:
-            full = outbox.full([d for d, _ in dests], size)
+            lanes.append((outbox.lane(node, self._service_of(node), self._node_links.get(node), number), entry))
+        if lanes:
+            full = outbox.full([lane.dest for lane, _ in lanes], size)
             if full is not None:
                 raise _Full(None if full is True else full)  # type: ignore[arg-type]
         if self._tapped:  # before it is sent: a tap sees a message before what happens to it
-            self._mirror.message(topic, env, [d.node for d, _ in dests]  # type: ignore[union-attr]
+            self._mirror.message(topic, env, [lane.dest.node for lane, _ in lanes]  # type: ignore[union-attr]
                                  + ([self.node_id] if local is not None else []))
-        if dests:
+        if lanes:
             now = time.monotonic()
             durable = outbox.durable
-            for dest, entry in dests:
-                outbox.put(dest, entry, size, expires, now)
-                link = dest.link
+            for lane, entry in lanes:
+                outbox.put(lane, entry, size, expires, now)
+                link = lane.dest.link
                 if link is not None and not durable:
-                    self._send_soon(link, dest.stream)
+                    self._send_soon(link, lane.stream)
         if local is not None:
             self._local.append(local)
             if not self._local_scheduled:
@@ -1863,7 +1875,7 @@ class AsyncAgent:
                 assert self._loop is not None
                 self._loop.call_soon(self._flush_local)
         state.published += 1
-        return bool(dests) and outbox.durable
+        return bool(lanes) and outbox.durable
 
     def _send_soon(self, link: Link, stream: Any) -> None:
         """An idle link sends at once (latency); what follows within SEND_NOW_WINDOW is
@@ -1914,8 +1926,8 @@ class AsyncAgent:
         fanout[topic] = nodes
         if len(nodes) == 1 and nodes[0] != self.node_id and self._outbox is not None:
             node = nodes[0]
-            self._single[topic] = self._outbox.dests.get(node) or self._outbox.destination(
-                node, self._service_of(node), self._node_links.get(node))
+            self._single[topic] = self._outbox.lane(node, self._service_of(node), self._node_links.get(node),
+                                                    self._lane_of(topic))
         return nodes
 
     def _targets(self, topic: str, key: str | None, env: bytes) -> list[tuple[str, Any]]:
@@ -2110,7 +2122,8 @@ class AsyncAgent:
             self._local.append(env)
             self._flush_local()
         else:
-            dest = outbox.dests.get(node) or outbox.destination(node, self._service_of(node), self._node_links.get(node))
+            lane = outbox.lane(node, self._service_of(node), self._node_links.get(node), self._lane_of(prepared[0]))
+            dest = lane.dest
             full = outbox.full([dest], len(env))
             if full is not None:
                 if raise_full:
@@ -2119,9 +2132,9 @@ class AsyncAgent:
                 quiet.warning("reply-full", "a reply to %s was dropped: the outbox is full", node)
                 return
             now = time.monotonic()
-            outbox.put(dest, env, len(env), NEVER, now)
+            outbox.put(lane, env, len(env), NEVER, now)
             if dest.link is not None and not outbox.durable:
-                self._send_soon(dest.link, dest.stream)
+                self._send_soon(dest.link, lane.stream)
         self.counters["replies_sent"] += 1
 
     def _on_reply(self, msg: Message) -> None:
@@ -2185,7 +2198,7 @@ class AsyncAgent:
             return
         if kind is Receipt:
             assert self._outbox is not None
-            self._outbox.on_receipt(decoded.node, decoded.epoch, decoded.committed, decoded.received,
+            self._outbox.on_receipt(decoded.node, decoded.lane, decoded.epoch, decoded.committed, decoded.received,
                                     time.monotonic())
             return
         if kind is Work:
@@ -2211,30 +2224,31 @@ class AsyncAgent:
             if node is None or keys is None:
                 self._unauthenticated("?", peer)
                 return
-            epoch, first_seq, floor, entries, resent = open_data(frame, self.limits, node, keys[1], self.node_id)
+            epoch, first_seq, floor, entries, resent, lane = open_data(frame, self.limits, node, keys[1],
+                                                                       self.node_id)
         elif self._secure:
             raise ForgedFrame("an unsealed data frame reached a secure agent")
         else:
-            node, epoch, first_seq, floor, entries, resent = decode_data(frame, self.limits)
+            node, epoch, first_seq, floor, entries, resent, lane = decode_data(frame, self.limits)
         self._node.touch(node, time.monotonic())
-        self._on_data(node, epoch, first_seq, floor, entries, resent)
+        self._on_data(node, epoch, first_seq, floor, entries, resent, lane)
 
     def _seal_frame(self, node: str, epoch: int, first_seq: int, floor: int, resent: bool, entries: list[Any],
-                    packer: msgpack.Packer) -> bytes | None:
+                    packer: msgpack.Packer, lane: int) -> bytes | None:
         """A sealed data frame for ``node`` (None while its key is unknown)."""
         keys = self._peer_keys.get(node)
         if keys is None or self._signer is None:
             self.counters["frames_unsealable"] += 1
             return None
         return seal_data(self._sealed_head, self._signer, keys[1], self.node_id, node, epoch, first_seq, floor,
-                         resent, entries, packer)
+                         resent, entries, packer, lane)
 
     def _on_data(self, node: str, epoch: int, first_seq: int, floor: int, entries: list[Any],
-                 resent: bool) -> None:
+                 resent: bool, lane: int) -> None:
         """One data frame: in order, without duplicates, to the subscriptions; a receipt is due."""
         inbox = self._inbox
         assert inbox is not None
-        sender = inbox.sender(node)
+        sender = inbox.sender(node, lane)
         before = sender.stream.epoch
         got = sender.stream.on_batch(epoch, floor, first_seq, entries)
         if got.ack:
@@ -2540,12 +2554,11 @@ class AsyncAgent:
         headers = {k: v for k, v in (r["headers"] or {}).items() if k != TTL} or None
         env = encode_envelope(r["id"], r["timestamp"], r["topic"], r["type"], r["source"], r["node"],
                               r["schema_version"], headers, r["key"], r["format"], r["raw"])
-        dest = self._outbox.dests.get(node) or self._outbox.destination(node, self._service_of(node),
-                                                                         self._node_links.get(node))
+        lane = self._outbox.lane(node, self._service_of(node), self._node_links.get(node), self._lane_of(r["topic"]))
         entry: Any = env if letter.queue is None else [env, letter.queue.split(",")]  # the groups it went for
-        self._outbox.put(dest, entry, len(env), NEVER, time.monotonic())
-        if dest.link is not None and not self._outbox.durable:
-            self._wake(dest.link)
+        self._outbox.put(lane, entry, len(env), NEVER, time.monotonic())
+        if lane.dest.link is not None and not self._outbox.durable:
+            self._wake(lane.dest.link)
         return True
 
     def _overloaded(self, sub: Subscription) -> None:
@@ -2796,8 +2809,8 @@ class AsyncAgent:
             out["outbox_messages"] = self._outbox.count
             out["outbox_bytes"] = self._outbox.bytes
             out["outbox_destinations"] = sum(1 for d in self._outbox.dests.values() if d.pending)
-            for dest in self._outbox.dests.values():
-                out.update(dest.stream.counters)
+            for lane in self._outbox.lanes.values():
+                out.update(lane.stream.counters)
         if self._inbox is not None:
             for sender in self._inbox.senders.values():
                 out.update(sender.stream.counters)
@@ -2819,9 +2832,9 @@ class AsyncAgent:
         for node, dest in self._outbox.dests.items():
             if not dest.pending:
                 continue
-            first = next(iter(dest.stream.pending.values()))
+            times = [envelope_time(first if type(first) is bytes else first[0]) for first in dest.firsts()]
             waiting.append(WaitingFor(node, dest.service, dest.pending, dest.bytes, node in live,
-                                      envelope_time(first if type(first) is bytes else first[0])))
+                                      min((t for t in times if t is not None), default=None)))
         peers = self.peers()
         cfg = self.config
         cert = self._rights.cert if self._secure else None

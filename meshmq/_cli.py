@@ -1230,14 +1230,17 @@ def _spread_revocation(args: argparse.Namespace, authority: Any, data: bytes, cf
 
 
 def _cmd_outbox(args: argparse.Namespace) -> int:
+    from ._delivery import split_lane_key
+    from ._policy import PRIORITIES
     from ._wire import Limits, decode_envelope
 
     directory, durability = _agent_store(args, "outbox")
     with _open_store(directory, durability) as store:
         contents = store.load()
     rows = []
-    for node, (epoch, next_seq, acked, service) in sorted(contents.streams.items()):
-        kept = sorted(contents.outbox.get(node, []), key=lambda pair: pair[0])
+    for key, (epoch, next_seq, acked, service) in sorted(contents.streams.items()):
+        node, lane = split_lane_key(key)
+        kept = sorted(contents.outbox.get(key, []), key=lambda pair: pair[0])
         oldest = None
         size = 0
         for seq, (entry, _expires) in kept:
@@ -1249,7 +1252,7 @@ def _cmd_outbox(args: argparse.Namespace) -> int:
                 except MeshError:
                     pass
         remembered = node in contents.peers
-        rows.append({"node": node, "service": service or None, "messages": len(kept), "bytes": size,
+        rows.append({"node": node, "lane": PRIORITIES[lane], "service": service or None, "messages": len(kept), "bytes": size,
                      "oldest": _iso(oldest) if oldest else None, "epoch": epoch, "next_seq": next_seq,
                      "acked": acked, "durable_subscriber": remembered})
     if args.json:
@@ -1259,8 +1262,8 @@ def _cmd_outbox(args: argparse.Namespace) -> int:
     if not waiting:
         _note(f"the outbox in {directory} is empty ({len(rows)} stream(s), everything acknowledged)")
         return EXIT_OK
-    table = [("DESTINATION", "SERVICE", "MESSAGES", "BYTES", "OLDEST", "DURABLE", "STREAM")]
-    table += [(r["node"], r["service"] or "?", str(r["messages"]), str(r["bytes"]), r["oldest"] or "-",
+    table = [("DESTINATION", "SERVICE", "LANE", "MESSAGES", "BYTES", "OLDEST", "DURABLE", "STREAM")]
+    table += [(r["node"], r["service"] or "?", r["lane"], str(r["messages"]), str(r["bytes"]), r["oldest"] or "-",
                "yes" if r["durable_subscriber"] else "no", f"{r['epoch']}:{r['acked']}..{r['next_seq'] - 1}")
               for r in waiting]
     print(_table(table))

@@ -143,6 +143,10 @@ class Config:
     """Messages the outbox keeps for one destination before publishing to it waits (back-pressure), then raises PeerQueueFull."""
     peer_queue_bytes: int = 128 * _MiB
     """Bytes the outbox keeps for one destination before publishing to it waits (back-pressure)."""
+    send_window: int = 8192
+    """Messages on their way to one destination (sent, not yet reported arrived) before the rest wait in the outbox, where priority lanes (the policy's ``priority``) decide their turn; beyond this the socket's queue would serve them first come first served."""
+    lane_starve_after: int = 8
+    """Frames in a row a lower priority lane with messages due may be passed over for higher ones before it sends one (so low priority is slower, never starved)."""
     subscription_queue_messages: int = 10_000
     """Messages waiting for one subscription's handler or iterator before the agent stops reading the network."""
     publish_timeout: float = 5.0
@@ -215,7 +219,7 @@ class Config:
             self, "max_frame_bytes", "max_payload_bytes", "max_topic_length", "max_topic_tokens",
             "max_header_count", "max_header_bytes", "max_batch_messages", "max_batch_bytes",
             "max_subscriptions", "max_peers", "peer_queue_messages", "peer_queue_bytes",
-            "subscription_queue_messages", "socket_hwm", "max_store_bytes", "max_outbox_messages",
+            "subscription_queue_messages", "send_window", "lane_starve_after", "socket_hwm", "max_store_bytes", "max_outbox_messages",
             "max_outbox_bytes", "max_held_messages", "tap_queue_messages", "tap_buffer_messages", "max_revocations",
         )
         _check(

@@ -40,13 +40,13 @@ from typing import Any
 
 import msgpack
 
-from ._errors import ProtocolError
-from ._policy import OPEN, Breaker, CircuitBreaker
+from ._errors import ProtocolError, StoreError
+from ._policy import OPEN, PRIORITIES, Breaker, CircuitBreaker, pick_lane
 from ._routing import QueueGroup, RouteIndex
 from ._stream import Backoff, ReceiveStream, SendStream
 from ._store import Batch, Contents, Store
 from ._transport import Link
-from ._wire import Limits, NodeRecord, data_frame, receipt_frame
+from ._wire import LANES, NORMAL_LANE, Limits, NodeRecord, data_frame, receipt_frame
 
 log = logging.getLogger("meshmq.delivery")
 
@@ -62,33 +62,72 @@ Entry = Any
 for queue-group members (nothing else: no object per message)."""
 
 
-Sealer = Callable[[str, int, int, int, bool, list[Any], msgpack.Packer], "bytes | None"]
-"""Makes a sealed data frame: (node, epoch, first seq, floor, resent, entries, packer)."""
+Sealer = Callable[[str, int, int, int, bool, list[Any], msgpack.Packer, int], "bytes | None"]
+"""Makes a sealed data frame: (node, epoch, first seq, floor, resent, entries, packer, lane)."""
 
 
 def entry_size(entry: Entry) -> int:
     return len(entry) if type(entry) is bytes else len(entry[0])
 
 
-class Destination:
-    """One node we send to: its stream, and the link to it while it is up."""
+_LANE_SENT = [f"messages_sent_{name}" for name in PRIORITIES]
 
-    __slots__ = ("node", "service", "stream", "link", "bytes", "sent_at", "new", "new_first", "breaker")
 
-    def __init__(self, node: str, service: str, stream: SendStream[Entry]) -> None:
-        self.node = node
-        self.service = service
+def lane_key(node: str, lane: int) -> str:
+    """The store key of the stream to or from ``node`` in ``lane``: the node id itself for the
+    normal lane (as stores kept it before lanes existed), ``node/high`` and ``node/low`` else."""
+    return node if lane == NORMAL_LANE else f"{node}/{PRIORITIES[lane]}"
+
+
+def split_lane_key(key: str) -> tuple[str, int]:
+    """(node, lane) of a stream's store key (ValueError if it names no lane)."""
+    node, _, name = key.partition("/")
+    return node, (PRIORITIES.index(name) if name else NORMAL_LANE)
+
+
+class Lane:
+    """One send stream to a destination: the messages of one priority, in order."""
+
+    __slots__ = ("dest", "number", "key", "stream", "new", "new_first")
+
+    def __init__(self, dest: Destination, number: int, stream: SendStream[Entry]) -> None:
+        self.dest = dest
+        self.number = number
+        self.key = lane_key(dest.node, number)
         self.stream = stream
-        self.link: Link | None = None
-        self.bytes = 0
-        self.sent_at = 0.0
         self.new: list[list[Any]] = []  # [entry, expires] put since the last commit: the next chunk
         self.new_first = 0
+
+
+class Destination:
+    """One node we send to: a stream per priority lane in use, and the link while it is up.
+    Its limits (``peer_queue_*``) and its circuit breaker count every lane together."""
+
+    __slots__ = ("node", "service", "lanes", "link", "count", "bytes", "sent_at", "breaker", "passed_over")
+
+    def __init__(self, node: str, service: str) -> None:
+        self.node = node
+        self.service = service
+        self.lanes: dict[int, Lane] = {}
+        self.link: Link | None = None
+        self.count = 0  # messages kept, every lane
+        self.bytes = 0
+        self.sent_at = 0.0
         self.breaker: CircuitBreaker | None = None  # the policy's, made when first needed
+        self.passed_over = [0] * LANES  # per lane: picks in a row that went to another (see pick_lane)
 
     @property
     def pending(self) -> int:
-        return len(self.stream.pending)
+        return self.count
+
+    @property
+    def in_flight(self) -> int:
+        """Messages sent, every lane, that the node has not reported arriving."""
+        return sum(lane.stream.in_flight for lane in self.lanes.values())
+
+    def firsts(self) -> list[Entry]:
+        """The first message kept in each lane (the oldest of them is the oldest kept)."""
+        return [next(iter(lane.stream.pending.values())) for lane in self.lanes.values() if lane.stream.pending]
 
 
 class GroupCommit:
@@ -139,7 +178,19 @@ class GroupCommit:
 
 
 class Outbox:
-    """Send streams to every destination, kept in the store until acknowledged."""
+    """Send streams to every destination, one per priority lane in use, kept in the store
+    until acknowledged.
+
+    **Lanes.** A message goes on the stream of its lane (the policy's ``priority`` of its
+    topic: high, normal, low); each lane is in order on its own. When a destination can
+    take more, the highest lane with messages due sends, except that a lane passed over
+    ``Config.lane_starve_after`` times in a row goes first (:func:`meshmq._policy.pick_lane`):
+    under load high-priority messages overtake low ones, and low ones still move.
+
+    **Window.** At most ``Config.send_window`` messages per destination are on their way
+    (sent, not yet reported arrived); the rest wait here, where their lane decides their
+    turn, instead of in the socket's queue, where it is first come first served.
+    """
 
     def __init__(self, node_id: str, config: Any, commit: GroupCommit | None, *,
                  wake: Callable[[Link], None], dead_letter: Callable[[Destination, Entry, str], None],
@@ -150,12 +201,15 @@ class Outbox:
         """None with ``durability="memory"``: messages are kept in memory only, sent at once."""
         self.durable = commit is not None
         self.dests: dict[str, Destination] = {}
+        self.lanes: dict[str, Lane] = {}  # by store key (see lane_key)
         self.count = 0
         self.bytes = 0
         self.max_count = config.max_outbox_messages
         self.max_bytes = config.max_outbox_bytes
         self.max_dest_count = config.peer_queue_messages
         self.max_dest_bytes = config.peer_queue_bytes
+        self.window = config.send_window
+        self.starve_after = config.lane_starve_after
         self.backoff = Backoff(initial=config.retransmit_initial, maximum=config.retransmit_max)
         self.rng = random.Random()
         self.epoch = 0  # the last stream epoch this node ever used (kept in the store's meta)
@@ -168,8 +222,8 @@ class Outbox:
         self.observe: Callable[[str, Destination, list[Entry]], None] | None = None
         """Told of messages sent, sent again and acknowledged (``sent``/``retried``/``acked``),
         while some tap watches this agent; None otherwise (nothing is done per message)."""
-        self._touched: dict[str, Destination] = {}  # streams whose position the next commit writes
-        self._expiry: list[tuple[float, str, int, int]] = []  # (expires, dest, epoch, seq)
+        self._touched: dict[str, Lane] = {}  # streams whose position the next commit writes
+        self._expiry: list[tuple[float, str, int, int]] = []  # (expires, lane key, epoch, seq)
         self._packer = msgpack.Packer(use_bin_type=True)
         self.space: list[Callable[[], None]] = []
         """Called when the outbox or a destination had room freed."""
@@ -181,25 +235,34 @@ class Outbox:
     def restore(self, contents: Contents, now: float) -> None:
         """Take back the streams and messages the store kept from the last run."""
         self.epoch = int(contents.meta.get("epoch", 0))
-        for node, (epoch, next_seq, acked, service) in contents.streams.items():
-            dest = Destination(node, service, self._stream(epoch, next_seq, acked))
+        for key, (epoch, next_seq, acked, service) in contents.streams.items():
+            try:
+                node, number = split_lane_key(key)
+            except ValueError:
+                raise StoreError(f"the store's send stream {key!r} names no priority lane") from None
+            dest = self.dests.get(node)
+            if dest is None:
+                dest = self.dests[node] = Destination(node, service)
+            lane = self.lanes[key] = dest.lanes[number] = Lane(dest, number, self._stream(epoch, next_seq, acked))
             kept = []
-            for seq, (entry, expires) in contents.outbox.get(node, []):
+            size = 0
+            for seq, (entry, expires) in contents.outbox.get(key, []):
                 if seq <= acked:
                     continue  # acknowledged; its chunk stays until the rest of it is
                 kept.append((seq, entry))
-                dest.bytes += entry_size(entry)
+                size += entry_size(entry)
                 if expires:
-                    heapq.heappush(self._expiry, (float(expires), node, epoch, seq))
-            dest.stream.restore(kept, now)
+                    heapq.heappush(self._expiry, (float(expires), key, epoch, seq))
+            lane.stream.restore(kept, now)
+            dest.count += len(kept)
+            dest.bytes += size
             self.count += len(kept)
-            self.bytes += dest.bytes
-            self.dests[node] = dest
+            self.bytes += size
             self.epoch = max(self.epoch, epoch)
-        for node, records in contents.outbox.items():
-            if node not in contents.streams:  # cannot happen (one transaction writes both); never ignore it
+        for key, records in contents.outbox.items():
+            if key not in contents.streams:  # cannot happen (one transaction writes both); never ignore it
                 self.counters["outbox_orphans"] += len(records)
-                log.error("store holds %d messages for %s without a stream; they are left in place", len(records), node)
+                log.error("store holds %d messages for %s without a stream; they are left in place", len(records), key)
 
     def _stream(self, epoch: int, next_seq: int = 1, acked: int = 0) -> SendStream[Entry]:
         return SendStream(epoch, next_seq=next_seq, acked=acked, max_pending=self.max_dest_count,
@@ -207,15 +270,20 @@ class Outbox:
 
     # --- publishing ---------------------------------------------------------------------
 
-    def destination(self, node: str, service: str, link: Link | None) -> Destination:
+    def lane(self, node: str, service: str, link: Link | None, number: int = NORMAL_LANE) -> Lane:
+        """The stream to ``node`` in lane ``number`` (0 high, 1 normal, 2 low), made if new."""
         dest = self.dests.get(node)
         if dest is None:
-            self.epoch += 1  # a new stream never reuses an epoch, across restarts too
-            dest = self.dests[node] = Destination(node, service, self._stream(self.epoch))
+            dest = self.dests[node] = Destination(node, service)
             dest.link = link
+        lane = dest.lanes.get(number)
+        if lane is None:
+            self.epoch += 1  # a new stream never reuses an epoch, across restarts too
+            lane = dest.lanes[number] = Lane(dest, number, self._stream(self.epoch))
+            self.lanes[lane.key] = lane
             if self.commit is not None:
                 self.commit.add().put_meta("epoch", self.epoch)
-        return dest
+        return lane
 
     def full(self, dests: list[Destination], size: int) -> Destination | None | bool:
         """Whether one more message of ``size`` bytes to ``dests`` must wait: the destination
@@ -223,24 +291,26 @@ class Outbox:
         if self.count >= self.max_count or self.bytes + size > self.max_bytes and self.count:
             return True
         for dest in dests:
-            if dest.pending >= self.max_dest_count or dest.bytes + size > self.max_dest_bytes and dest.pending:
+            if dest.count >= self.max_dest_count or dest.bytes + size > self.max_dest_bytes and dest.count:
                 return dest
         return None
 
-    def put(self, dest: Destination, entry: Any, size: int, expires: float, now: float) -> None:
-        """Keep one message for ``dest`` (the caller checked :meth:`full`)."""
-        seq = dest.stream.put(entry, now, ready=not self.durable)
+    def put(self, lane: Lane, entry: Any, size: int, expires: float, now: float) -> None:
+        """Keep one message for ``lane``'s destination (the caller checked :meth:`full`)."""
+        seq = lane.stream.put(entry, now, ready=not self.durable)
+        dest = lane.dest
         self.count += 1
         self.bytes += size
+        dest.count += 1
         dest.bytes += size
         if expires:
-            heapq.heappush(self._expiry, (expires, dest.node, dest.stream.epoch, seq))
+            heapq.heappush(self._expiry, (expires, lane.key, lane.stream.epoch, seq))
         if self.commit is not None:
-            if not dest.new:
-                dest.new_first = seq
-                self._touched[dest.node] = dest
+            if not lane.new:
+                lane.new_first = seq
+                self._touched[lane.key] = lane
                 self.commit.add()
-            dest.new.append([entry, expires])
+            lane.new.append([entry, expires])
 
     def _before_commit(self, batch: Batch) -> Callable[[BaseException | None], None] | None:
         """Add the positions of the streams this batch changed; release their messages after."""
@@ -250,46 +320,51 @@ class Outbox:
         self._touched = {}
         puts = []
         releases = []
-        for dest in touched:
-            s = dest.stream
-            if dest.new:  # one record for everything put for dest in this turn
-                batch.put_chunk(dest.node, dest.new_first, dest.new)
-                puts.append((dest, dest.new_first, dest.new_first + len(dest.new)))
-                dest.new = []
-            batch.set_stream(dest.node, s.epoch, s.next_seq, s.acked, dest.service)
-            releases.append((dest, s.next_seq - 1))
+        for lane in touched:
+            s = lane.stream
+            if lane.new:  # one record for everything put for the lane in this turn
+                batch.put_chunk(lane.key, lane.new_first, lane.new)
+                puts.append((lane, lane.new_first, lane.new_first + len(lane.new)))
+                lane.new = []
+            batch.set_stream(lane.key, s.epoch, s.next_seq, s.acked, lane.dest.service)
+            releases.append((lane, s.next_seq - 1))
 
         def committed(exc: BaseException | None) -> None:
             if exc is None:
-                for dest, upto in releases:
-                    dest.stream.release(upto)
+                for lane, upto in releases:
+                    lane.stream.release(upto)
+                    dest = lane.dest
                     if dest.link is not None and self.dests.get(dest.node) is dest:
                         self._wake(dest.link)
                 return
             # Nothing of the batch was written: these messages were never published.
-            for dest, first, end in puts:
+            for lane, first, end in puts:
                 for seq in range(first, end):
-                    self._forget(dest, seq, dest.stream.give_up(seq))
+                    self._forget(lane.dest, lane.stream.give_up(seq))
                 self.counters["publish_store_errors"] += end - first
-            for dest, upto in releases:
-                dest.stream.release(upto)  # the numbers left unused are skipped by the receiver
+            for lane, upto in releases:
+                lane.stream.release(upto)  # the numbers left unused are skipped by the receiver
 
         return committed
 
     # --- sending ------------------------------------------------------------------------
 
     def frames(self, link: Link, now: float) -> list[bytes]:
-        """Data frames for ``link``'s destination: what is due now, oldest first."""
+        """Data frames for ``link``'s destination: what is due now in the lane whose turn it
+        is, oldest first."""
         dest = self.dests.get(link.node)
         if dest is None or dest.link is not link:
             return []
         cfg = self.config
-        s = dest.stream
+        room = self.window - dest.in_flight
+        lane = self._turn(dest, now, room)
+        if lane is None:
+            if room <= 0:
+                self.counters["send_window_full"] += 1  # the rest waits here, in lane order
+            return []
+        s = lane.stream
         probe = False
         if self.breaker_spec is not None:
-            due_at = s.next_due()
-            if due_at is None or due_at > now:
-                return []
             breaker = dest.breaker
             if breaker is None or breaker.spec is not self.breaker_spec:
                 breaker = dest.breaker = CircuitBreaker(self.breaker_spec)
@@ -301,11 +376,13 @@ class Outbox:
             if probe:
                 self.counters["breaker_probes"] += 1
         fresh = s.highest_sent + 1  # lower numbers are sent again
-        due = s.due(now, cfg.max_batch_messages)
+        due = s.due(now, cfg.max_batch_messages, room)
         if not due:
             return []
         dest.sent_at = now
         self.counters["messages_sent"] += len(due)
+        if lane.number != NORMAL_LANE:
+            self.counters[_LANE_SENT[lane.number]] += len(due)
         floor = s.floor
         first, last = due[0][0], due[-1][0]
         if first < fresh and dest.breaker is not None and not probe:
@@ -313,7 +390,7 @@ class Outbox:
         if first >= fresh and last - first + 1 == len(due):  # the common case: new, consecutive
             entries = [entry for _, entry in due]
             if all(type(e) is bytes for e in entries) and sum(map(len, entries)) <= cfg.max_batch_bytes:
-                frame = self._frame(dest, first, entries, floor, False)
+                frame = self._frame(lane, first, entries, floor, False)
                 if self.observe is not None and frame is not None:
                     self.observe("sent", dest, entries)
                 return [frame] if frame is not None else []
@@ -326,7 +403,7 @@ class Outbox:
             n = len(entry) if type(entry) is bytes else len(entry[0])
             again = seq < fresh
             if run and (seq != first + len(run) or size + n > limit or again != resent):
-                frames.append(self._frame(dest, first, run, floor, resent))
+                frames.append(self._frame(lane, first, run, floor, resent))
                 if resent:
                     self.counters["messages_resent"] += len(run)
                 if self.observe is not None:
@@ -336,10 +413,29 @@ class Outbox:
             size += n
         if resent:
             self.counters["messages_resent"] += len(run)
-        frames.append(self._frame(dest, first, run, floor, resent))
+        frames.append(self._frame(lane, first, run, floor, resent))
         if self.observe is not None:
             self.observe("retried" if resent else "sent", dest, run)
         return [f for f in frames if f is not None]
+
+    def _turn(self, dest: Destination, now: float, room: int) -> Lane | None:
+        """The lane that sends next to ``dest``: of those with something to send now (a
+        resend due, or new messages while the window has room), the one
+        :func:`pick_lane` chooses."""
+        lanes = dest.lanes
+        if len(lanes) == 1:  # the common case: no priorities in use
+            for lane in lanes.values():
+                due_at = lane.stream.next_due()
+                return lane if due_at is not None and due_at <= now else None
+        ready = []
+        for number, lane in lanes.items():
+            s = lane.stream
+            if s.pending and (s.resend_from is not None or (s.timer is not None and s.timer <= now)
+                              or (room > 0 and s.waiting)):
+                ready.append(number)
+        if not ready:
+            return None
+        return lanes[pick_lane(ready, dest.passed_over, self.starve_after)]  # type: ignore[index]
 
     def _breaker_record(self, dest: Destination, now: float, ok: bool) -> None:
         breaker = dest.breaker
@@ -350,55 +446,61 @@ class Outbox:
             self.counters[f"breaker_{breaker.state.replace('-', '_')}"] += 1
             log.info("circuit breaker for %s (%s): %s -> %s", dest.service or "?", dest.node, before, breaker.state)
 
-    def _frame(self, dest: Destination, first: int, entries: list[Any], floor: int, resent: bool) -> bytes | None:
-        """One data frame: sealed for ``dest`` (None if that cannot be done now: the
-        retransmission timer tries again), or plain between insecure agents."""
+    def _frame(self, lane: Lane, first: int, entries: list[Any], floor: int, resent: bool) -> bytes | None:
+        """One data frame: sealed for the lane's destination (None if that cannot be done
+        now: the retransmission timer tries again), or plain between insecure agents."""
+        epoch = lane.stream.epoch
         if self._seal is not None:
-            return self._seal(dest.node, dest.stream.epoch, first, floor, resent, entries, self._packer)
-        return data_frame(self.node_id, dest.stream.epoch, first, entries, self._packer, floor, resent)
+            return self._seal(lane.dest.node, epoch, first, floor, resent, entries, self._packer, lane.number)
+        return data_frame(self.node_id, epoch, first, entries, self._packer, floor, resent, lane.number)
 
     def tick(self, now: float, wall: float) -> None:
         """Wake destinations whose retransmission timer expired; dead-letter what expired."""
         for dest in self.dests.values():
             if dest.link is not None:
-                due = dest.stream.next_due()
-                if due is not None and due <= now:
-                    self._wake(dest.link)
+                for stream in [lane.stream for lane in dest.lanes.values()]:
+                    due = stream.next_due()
+                    if due is not None and due <= now:
+                        self._wake(dest.link)
+                        break
         expiry = self._expiry
         while expiry and expiry[0][0] <= wall:
-            _, node, epoch, seq = heapq.heappop(expiry)
-            dest = self.dests.get(node)
-            if dest is None or dest.stream.epoch != epoch:
+            _, key, epoch, seq = heapq.heappop(expiry)
+            lane = self.lanes.get(key)
+            if lane is None or lane.stream.epoch != epoch:
                 continue
-            entry = dest.stream.give_up(seq)
+            entry = lane.stream.give_up(seq)
             if entry is None:
                 continue  # acknowledged meanwhile
-            self._forget(dest, seq, entry)
+            dest = lane.dest
+            self._forget(dest, entry)
             self.counters["expired_in_outbox"] += 1
             if self.commit is not None:
-                self.commit.add().drop_message(node, seq)
-                self._touched[node] = dest
+                self.commit.add().drop_message(key, seq)
+                self._touched[key] = lane
             self._dead_letter(dest, entry, "expired")
             if dest.link is not None:
                 self._wake(dest.link)  # the floor moved: the receiver must not wait for it
 
-    def _forget(self, dest: Destination, seq: int, entry: Entry | None) -> None:
+    def _forget(self, dest: Destination, entry: Entry | None) -> None:
         if entry is None:
             return
         size = entry_size(entry)
         self.count -= 1
         self.bytes -= size
+        dest.count -= 1
         dest.bytes -= size
 
     # --- receipts -----------------------------------------------------------------------
 
-    def on_receipt(self, node: str, epoch: int, committed: int, received: int, now: float) -> None:
-        dest = self.dests.get(node)
-        if dest is None:
+    def on_receipt(self, node: str, number: int, epoch: int, committed: int, received: int, now: float) -> None:
+        lane = self.lanes.get(lane_key(node, number))
+        if lane is None:
             self.counters["receipts_for_unknown_streams"] += 1
             return
-        s = dest.stream
-        acked = s.acked
+        dest = lane.dest
+        s = lane.stream
+        acked, in_flight = s.acked, s.in_flight
         released = s.on_ack(epoch, committed, now, received)
         if released:
             self.counters["messages_acked"] += len(released)
@@ -411,15 +513,20 @@ class Outbox:
                 size += len(entry) if type(entry) is bytes else len(entry[0])
             self.count -= len(released)
             self.bytes -= size
+            dest.count -= len(released)
             dest.bytes -= size
             if self.commit is not None:
                 batch = self.commit.add()
-                batch.drop_upto(node, s.acked)
-                self._touched[node] = dest
+                batch.drop_upto(lane.key, s.acked)
+                self._touched[lane.key] = lane
             for fn in self.space:
                 fn()
         elif s.acked == acked and s.resend_from is not None and dest.link is not None:
             self._wake(dest.link)  # the receiver is behind: send again now
+            return
+        if s.in_flight < in_flight and dest.link is not None and any(
+                other.stream.waiting for other in dest.lanes.values()):
+            self._wake(dest.link)  # the window opened: what waits for it may go
 
     # --- destinations coming and going ----------------------------------------------------
 
@@ -431,7 +538,8 @@ class Outbox:
         dest.link = link
         dest.service = service
         if returned:
-            dest.stream.resend_all(now)  # it may have restarted: whatever it did not commit, again
+            for lane in dest.lanes.values():
+                lane.stream.resend_all(now)  # it may have restarted: whatever it did not commit, again
             self._wake(link)
 
     def peer_down(self, node: str, keep: bool) -> int:
@@ -444,12 +552,14 @@ class Outbox:
         if keep:
             return 0
         del self.dests[node]
-        self._touched.pop(node, None)
-        dropped = dest.pending
-        for seq, entry in list(dest.stream.pending.items()):
-            self._forget(dest, seq, entry)
-        if self.commit is not None:
-            self.commit.add().drop_stream(node)
+        dropped = dest.count
+        for lane in dest.lanes.values():
+            del self.lanes[lane.key]
+            self._touched.pop(lane.key, None)
+            for entry in list(lane.stream.pending.values()):
+                self._forget(dest, entry)
+            if self.commit is not None:
+                self.commit.add().drop_stream(lane.key)
         if dropped:
             for fn in self.space:
                 fn()
@@ -460,18 +570,20 @@ class Outbox:
     def pending(self) -> dict[str, tuple[str, int, int, float | None]]:
         """dest → (service, messages, bytes, seconds since it last sent)."""
         now = time.monotonic()
-        return {d.node: (d.service, d.pending, d.bytes, now - d.sent_at if d.sent_at else None)
-                for d in self.dests.values() if d.pending}
+        return {d.node: (d.service, d.count, d.bytes, now - d.sent_at if d.sent_at else None)
+                for d in self.dests.values() if d.count}
 
 
 class Sender:
-    """The inbox's view of one sender: its receive stream, and which of the messages
-    handed over are not finished yet."""
+    """The inbox's view of one sender's stream in one lane: the receive stream, and which
+    of the messages handed over are not finished yet."""
 
-    __slots__ = ("node", "stream", "unfinished", "handled", "stored", "due")
+    __slots__ = ("node", "lane", "key", "stream", "unfinished", "handled", "stored", "due")
 
-    def __init__(self, node: str, stream: ReceiveStream[Any]) -> None:
+    def __init__(self, node: str, lane: int, stream: ReceiveStream[Any]) -> None:
         self.node = node
+        self.lane = lane
+        self.key = lane_key(node, lane)
         self.stream = stream
         self.unfinished: dict[int, None] = {}  # seqs handed over that a subscription still works on, in order
         self.handled = stream.delivered  # every number up to it is finished
@@ -497,7 +609,7 @@ class Inbox:
         self.send = send
         """Send a frame to a node (the agent looks up its link)."""
         self.counters = counters
-        self.senders: dict[str, Sender] = {}
+        self.senders: dict[str, Sender] = {}  # by store key (see lane_key)
         self._receipts_scheduled = False
         self._due: list[Sender] = []
         self._dirty: dict[str, Sender] = {}
@@ -505,14 +617,20 @@ class Inbox:
             commit.before.append(self._before_commit)
 
     def restore(self, contents: Contents) -> None:
-        for node, (epoch, committed) in contents.inbox.items():
-            self.senders[node] = Sender(node, ReceiveStream(epoch=epoch, delivered=committed,
-                                                            max_held=self.config.max_held_messages))
+        for key, (epoch, committed) in contents.inbox.items():
+            try:
+                node, lane = split_lane_key(key)
+            except ValueError:
+                raise StoreError(f"the store's receive stream {key!r} names no priority lane") from None
+            self.senders[key] = Sender(node, lane, ReceiveStream(epoch=epoch, delivered=committed,
+                                                                 max_held=self.config.max_held_messages))
 
-    def sender(self, node: str) -> Sender:
-        s = self.senders.get(node)
+    def sender(self, node: str, lane: int = NORMAL_LANE) -> Sender:
+        """The receive stream from ``node`` in ``lane``."""
+        s = self.senders.get(node if lane == NORMAL_LANE else lane_key(node, lane))
         if s is None:
-            s = self.senders[node] = Sender(node, ReceiveStream(max_held=self.config.max_held_messages))
+            s = Sender(node, lane, ReceiveStream(max_held=self.config.max_held_messages))
+            self.senders[s.key] = s
         return s
 
     def received(self, sender: Sender, epoch_before: int) -> None:
@@ -522,7 +640,7 @@ class Inbox:
             sender.unfinished.clear()
             sender.handled = sender.stored = 0
             # Keep the new epoch at once: frames of the old one stay stale, after a crash too.
-            self._dirty[sender.node] = sender
+            self._dirty[sender.key] = sender
             if self.commit is not None:
                 self.commit.add()
         self._receipt_due(sender)
@@ -549,7 +667,7 @@ class Inbox:
         handled = sender.position()
         if handled > sender.handled:
             sender.handled = handled
-            self._dirty[sender.node] = sender
+            self._dirty[sender.key] = sender
             if self.commit is not None:
                 self.commit.add()
             else:
@@ -563,7 +681,7 @@ class Inbox:
         self._dirty = {}
         positions = []
         for sender in dirty:
-            batch.set_inbox(sender.node, sender.stream.epoch, sender.handled)
+            batch.set_inbox(sender.key, sender.stream.epoch, sender.handled)
             positions.append((sender, sender.stream.epoch, sender.handled))
 
         def committed(exc: BaseException | None) -> None:
@@ -571,7 +689,7 @@ class Inbox:
                 self.counters["inbox_store_errors"] += 1
                 log.error("could not store the inbox position (acks wait, the senders keep the messages): %s", exc)
                 for sender, _, _ in positions:
-                    self._dirty[sender.node] = sender
+                    self._dirty[sender.key] = sender
                 return
             for sender, epoch, handled in positions:
                 if sender.stream.epoch == epoch and handled >= sender.stored:
@@ -595,7 +713,7 @@ class Inbox:
         for sender in due:
             sender.due = False
             s = sender.stream
-            self.send(sender.node, receipt_frame(self.node_id, s.epoch, s.committed, s.delivered))
+            self.send(sender.node, receipt_frame(self.node_id, s.epoch, s.committed, s.delivered, sender.lane))
 
 
 

@@ -136,6 +136,7 @@ def cmd_health(args: Any) -> int:
     from pathlib import Path
 
     from ._cli import _agent_store, _open_store, _overrides
+    from ._delivery import split_lane_key
     from ._security import decode_certificate, unarmor
     from ._sync import Agent
 
@@ -149,12 +150,16 @@ def cmd_health(args: Any) -> int:
         peers = agent.peers()
         cfg = agent.config
     up = {p.node for p in peers if p.state == "alive"}
+    kept_for: dict[str, tuple[str, list[bytes]]] = {}  # node -> (service, envelopes of every lane)
+    for key, (_epoch, _next, acked, service) in contents.streams.items():
+        node = split_lane_key(key)[0]
+        envs = kept_for.setdefault(node, (service, []))[1]
+        envs += [e if isinstance(e, bytes) else e[0]
+                 for seq, (e, _expires) in contents.outbox.get(key, []) if seq > acked]
     waiting = []
-    for node, (_epoch, _next, acked, service) in contents.streams.items():
-        kept = [entry for seq, (entry, _expires) in contents.outbox.get(node, []) if seq > acked]
-        if not kept:
+    for node, (service, envs) in kept_for.items():
+        if not envs:
             continue
-        envs = [e if isinstance(e, bytes) else e[0] for e in kept]
         times = [t for t in map(envelope_time, envs) if t is not None]
         waiting.append(WaitingFor(node, service, len(envs), sum(map(len, envs)), node in up,
                                   min(times) if times else None))

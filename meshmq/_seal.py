@@ -38,6 +38,7 @@ import nacl.exceptions
 
 from ._errors import ProtocolError
 from ._security import NodeKeys
+from ._wire import NORMAL_LANE, check_lane
 
 SIGNATURE_BYTES = 64
 NONCE_BYTES = sodium.crypto_box_NONCEBYTES  # 24
@@ -115,23 +116,25 @@ def open_fields(frame: bytes, limits: Any, shared: bytes, sender: str, recipient
 
 
 def seal_data(head: bytes, signer: Signer, shared: bytes, sender: str, recipient: str, epoch: int,
-              first_seq: int, floor: int, resent: bool, entries: list[Any], packer: msgpack.Packer) -> bytes:
-    """A sealed data frame (``head`` is the version and kind bytes) carrying ``entries``."""
-    return seal_fields(head, shared, [sender, recipient, epoch, first_seq, floor, resent, entries], packer)
+              first_seq: int, floor: int, resent: bool, entries: list[Any], packer: msgpack.Packer,
+              lane: int = NORMAL_LANE) -> bytes:
+    """A sealed data frame (``head`` is the version and kind bytes) carrying ``entries`` of
+    the stream of ``lane``."""
+    return seal_fields(head, shared, [sender, recipient, epoch, first_seq, floor, resent, entries, lane], packer)
 
 
 def open_data(frame: bytes, limits: Any, sender: str, shared: bytes,
-              recipient: str) -> tuple[int, int, int, list[Any], bool]:
-    """(epoch, first seq, floor, entries, resent) of a sealed data frame from ``sender`` to
-    ``recipient``; :class:`ProtocolError` if it is malformed, :class:`ForgedFrame` if it was
+              recipient: str) -> tuple[int, int, int, list[Any], bool, int]:
+    """(epoch, first seq, floor, entries, resent, lane) of a sealed data frame from ``sender``
+    to ``recipient``; :class:`ProtocolError` if it is malformed, :class:`ForgedFrame` if it was
     not sealed by ``sender`` for ``recipient`` (or was altered on the way)."""
-    _, _, epoch, first_seq, floor, resent, entries = open_fields(frame, limits, shared, sender, recipient, 7)
+    _, _, epoch, first_seq, floor, resent, entries, lane = open_fields(frame, limits, shared, sender, recipient, 8)
     if (type(epoch) is not int or type(first_seq) is not int or type(floor) is not int or type(resent) is not bool
             or not 0 < epoch < 2**63 or not 0 < first_seq < 2**63 or not 0 <= floor < 2**63):
         raise ProtocolError("bad sealed data frame header")
     if type(entries) is not list or len(entries) > limits.max_batch_messages:
         raise ProtocolError("bad or oversized batch")
-    return epoch, first_seq, floor, entries, resent
+    return epoch, first_seq, floor, entries, resent, check_lane(lane, "sealed data frame")
 
 
 def open_tap(frame: bytes, limits: Any, sender: str, shared: bytes, recipient: str) -> tuple[int, list[Any]]:

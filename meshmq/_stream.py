@@ -139,9 +139,10 @@ class SendStream(Generic[T]):
         self.highest_sent = self.next_seq - 1  # any of them may have been sent before the restart
         self.timer, self.timeouts, self.resend_from = None, 0, None
 
-    def due(self, now: float, limit: int) -> list[tuple[int, T]]:
+    def due(self, now: float, limit: int, fresh: int | None = None) -> list[tuple[int, T]]:
         """Up to ``limit`` messages ``(seq, item)`` to send now, lowest numbers first: a resend in
-        progress (after the timer expired), then messages never sent."""
+        progress (after the timer expired), then messages never sent, at most ``fresh`` of
+        those (the sender's window: how many more may be on the way unreported)."""
         if self.timer is not None and now >= self.timer and self.pending and self.resend_from is None:
             self.timeouts += 1
             if self.received >= self.sent_upto:
@@ -162,6 +163,8 @@ class SendStream(Generic[T]):
             self.counters["retransmitted"] += len(out)
             self.resend_from = seq if seq <= self.sent_upto else None
         sent_upto, ready = self.sent_upto, self.ready
+        if fresh is not None:
+            limit = min(limit, len(out) + max(fresh, 0))
         while len(out) < limit and sent_upto < ready:
             sent_upto += 1
             item = pending.get(sent_upto, _MISSING)
@@ -173,6 +176,16 @@ class SendStream(Generic[T]):
         if out and self.timer is None:
             self.timer = now + self.backoff.delay(1, self.rng)
         return out
+
+    @property
+    def in_flight(self) -> int:
+        """Messages sent that the receiver has not reported arriving."""
+        return self.sent_upto - self.received
+
+    @property
+    def waiting(self) -> bool:
+        """Messages are ready that were never sent."""
+        return self.sent_upto < self.ready
 
     def next_due(self) -> float | None:
         """When ``due`` next has something (None if nothing is kept)."""

@@ -27,7 +27,7 @@ from ._errors import PayloadError, ProtocolError, TopicError
 from ._message import FORMAT_BYTES, FORMAT_MSGPACK, Message
 from ._topics import check_topic
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 ENVELOPE_VERSION = 1
 
 HELLO = 1
@@ -57,6 +57,10 @@ MAX_REVOCATION_BYTES = 512
 """Largest encoded revocation (one is about 200 bytes)."""
 MAX_FRAME_REVOCATIONS = 64
 """Most revocations one revoke frame carries (a longer list travels in several)."""
+
+LANES = 3
+"""Priority lanes, each a stream of its own to every destination: 0 high, 1 normal, 2 low."""
+NORMAL_LANE = 1
 
 _ID_BYTES = 16
 _TOPIC_CACHE = 4096
@@ -370,8 +374,8 @@ class NodeRecord:
 
 
 def _check_node_id(node: Any, what: str) -> None:
-    if type(node) is not str or not 0 < len(node) <= _MAX_NAME:
-        raise ProtocolError(f"bad {what}")
+    if type(node) is not str or not 0 < len(node) <= _MAX_NAME or "/" in node:
+        raise ProtocolError(f"bad {what}")  # "/" separates a node id from a lane in stream keys
 
 
 def _check_incarnation(value: Any, what: str) -> None:
@@ -511,23 +515,25 @@ def work_frame(mesh: str, node: str, done: int) -> bytes:
 
 
 def data_frame(node: str, epoch: int, first_seq: int, entries: list[Any],
-               packer: msgpack.Packer | None = None, floor: int = 0, resent: bool = False) -> bytes:
+               packer: msgpack.Packer | None = None, floor: int = 0, resent: bool = False,
+               lane: int = NORMAL_LANE) -> bytes:
     """A batch of envelopes for one stream; entry i has sequence ``first_seq + i``.
 
     An entry is the envelope bytes, or ``[envelope, [group, ...]]`` when the
     receiver was chosen to serve queue groups for that message. ``floor`` is the
     lowest number the sender still keeps: the receiver stops waiting for any below it.
     ``resent``: these messages were sent before (the receiver may have handed them to
-    its application before it restarted).
+    its application before it restarted). ``lane``: the stream's priority lane (a sender
+    has one stream per lane to each destination, each in order on its own).
     """
-    body = [node, epoch, first_seq, floor, entries, resent]
+    body = [node, epoch, first_seq, floor, entries, resent, lane]
     return _HEAD[DATA] + (packer.pack(body) if packer is not None else msgpack.packb(body, use_bin_type=True))
 
 
-def receipt_frame(node: str, epoch: int, committed: int, received: int) -> bytes:
-    """The receiver's ack of stream ``(node's peer → node, epoch)``: everything up to
+def receipt_frame(node: str, epoch: int, committed: int, received: int, lane: int = NORMAL_LANE) -> bytes:
+    """The receiver's ack of stream ``(node's peer → node, lane, epoch)``: everything up to
     ``received`` arrived, everything up to ``committed`` is handled and durable."""
-    return _HEAD[RECEIPT] + msgpack.packb([node, epoch, committed, received])
+    return _HEAD[RECEIPT] + msgpack.packb([node, epoch, committed, received, lane])
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -610,6 +616,7 @@ class Data:
     floor: int
     entries: list[Any]
     resent: bool = False
+    lane: int = 1
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -618,6 +625,7 @@ class Receipt:
     epoch: int
     committed: int
     received: int
+    lane: int = 1
 
 
 Frame = Hello | Ping | Ack | PingReq | Bye | Sync | Work | Data | Receipt | Revocations | PolicyOffer
@@ -674,13 +682,13 @@ def decode_frame(frame: bytes | memoryview, limits: Limits) -> Frame:
             raise ProtocolError("a hello must carry the sender's record, alive")
         return Hello(body[0], entry, body[2])
     if kind == RECEIPT:
-        if len(body) != 4 or type(body[0]) is not str or not 0 < len(body[0]) <= _MAX_NAME:
+        if len(body) != 5 or type(body[0]) is not str or not 0 < len(body[0]) <= _MAX_NAME or "/" in body[0]:
             raise ProtocolError("bad receipt")
-        node, epoch, committed, received = body
+        node, epoch, committed, received, lane = body
         committed, received = _seq(committed, "receipt"), _seq(received, "receipt")
         if received < committed:
             raise ProtocolError("receipt: received below committed")
-        return Receipt(node, _seq(epoch, "receipt"), committed, received)
+        return Receipt(node, _seq(epoch, "receipt"), committed, received, check_lane(lane, "receipt"))
     if kind == WORK:
         mesh, node, done = _fields(body, 3, "work report")
         return Work(mesh, node, _seq(done, "work report"))
@@ -721,22 +729,29 @@ def decode_frame(frame: bytes | memoryview, limits: Limits) -> Frame:
     raise ProtocolError(f"unknown frame kind {kind}")
 
 
-def decode_data(frame: bytes | memoryview, limits: Limits) -> tuple[str, int, int, int, list[Any], bool]:
-    """(sender node, epoch, first sequence, floor, entries, resent) of a DATA frame: the
+def decode_data(frame: bytes | memoryview, limits: Limits) -> tuple[str, int, int, int, list[Any], bool, int]:
+    """(sender node, epoch, first sequence, floor, entries, resent, lane) of a DATA frame: the
     receive hot path, without the :class:`Data` object. The caller has checked bytes 0 and 1."""
     if len(frame) > limits.max_frame_bytes:
         raise ProtocolError("frame larger than max_frame_bytes")
     body = _unpack(memoryview(frame)[2:], limits)
-    if type(body) is not list or len(body) != 6:
-        raise ProtocolError("data frame is not a 6-field array")
-    node, epoch, first_seq, floor, entries, resent = body
-    if (type(node) is not str or not 0 < len(node) <= _MAX_NAME or type(epoch) is not int
+    if type(body) is not list or len(body) != 7:
+        raise ProtocolError("data frame is not a 7-field array")
+    node, epoch, first_seq, floor, entries, resent, lane = body
+    if (type(node) is not str or not 0 < len(node) <= _MAX_NAME or "/" in node or type(epoch) is not int
             or type(first_seq) is not int or type(floor) is not int or type(resent) is not bool
             or not 0 < epoch < 2**63 or not 0 < first_seq < 2**63 or not 0 <= floor < 2**63):
         raise ProtocolError("bad data frame header")
     if type(entries) is not list or len(entries) > limits.max_batch_messages:
         raise ProtocolError("bad or oversized batch")
-    return node, epoch, first_seq, floor, entries, resent
+    return node, epoch, first_seq, floor, entries, resent, check_lane(lane, "data frame")
+
+
+def check_lane(lane: Any, what: str) -> int:
+    """A stream's priority lane from the wire: 0 (high), 1 (normal) or 2 (low)."""
+    if type(lane) is not int or not 0 <= lane < LANES:
+        raise ProtocolError(f"bad lane in {what}")
+    return lane  # type: ignore[no-any-return]
 
 
 def split_entry(entry: Any) -> tuple[bytes, tuple[str, ...]]:

@@ -53,7 +53,7 @@ def _decode_everything(frame: bytes) -> None:
     except ProtocolError:
         return
     if frame[1:2] == bytes((4,)):
-        _, _, first, _, entries, _ = decode_data(frame, LIMITS)
+        _, _, first, _, entries, _, _ = decode_data(frame, LIMITS)
         for i, entry in enumerate(entries):
             try:
                 env, _ = split_entry(entry)

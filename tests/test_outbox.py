@@ -231,8 +231,8 @@ def test_bad_and_replayed_receipts_are_counted_and_change_nothing(mesh: str) -> 
         for i in range(5):
             await pub.publish("jobs.x", i)
         await eventually(lambda: len(got) == 5 and pub.stats()["outbox_messages"] == 0)
-        dest = pub._outbox.dests[sub.node_id]  # type: ignore[union-attr]
-        epoch = dest.stream.epoch
+        stream = pub._outbox.dests[sub.node_id].lanes[1].stream  # type: ignore[union-attr]  # the normal lane
+        epoch = stream.epoch
         # From the subscriber itself (its authenticated connection): bad numbers.
         for frame in (receipt_frame(sub.node_id, epoch, 99, 99),     # acks the future
                       receipt_frame(sub.node_id, epoch + 7, 1, 1),   # another epoch
@@ -245,7 +245,7 @@ def test_bad_and_replayed_receipts_are_counted_and_change_nothing(mesh: str) -> 
             raw.introduce()
             raw.send(receipt_frame(raw.node, 1, 3, 3))
             raw.send(receipt_frame(sub.node_id, epoch, 5, 5))
-            raw.send(bytes((PROTOCOL_VERSION, RECEIPT)) + msgpack.packb(["x", 1, 5, 2]))
+            raw.send(bytes((PROTOCOL_VERSION, RECEIPT)) + msgpack.packb(["x", 1, 5, 2, 1]))
             await eventually(lambda: pub.stats().get("frames_rejected", 0) == 1
                              and pub.stats().get("frames_unauthenticated", 0) == 1
                              and pub.stats().get("receipts_for_unknown_streams", 0) == 1
@@ -253,7 +253,7 @@ def test_bad_and_replayed_receipts_are_counted_and_change_nothing(mesh: str) -> 
                              and pub.stats().get("acks_other_epoch", 0) == 1, what="each bad receipt counted")
         finally:
             raw.close()
-        assert dest.stream.acked == 5
+        assert stream.acked == 5
         await pub.publish("jobs.x", 5)  # the stream goes on
         await eventually(lambda: got == list(range(6)) and pub.stats()["outbox_messages"] == 0)
         await sub.stop()

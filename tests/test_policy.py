@@ -413,7 +413,7 @@ def test_a_circuit_breaker_holds_messages_for_a_destination_that_does_not_answer
                 if frame[1] != SEALED:  # only data frames matter here
                     continue
                 frames += 1
-                epoch, first, _, entries, _ = open_data(frame, Limits(), pub.node_id, shared, raw.node)
+                epoch, first, _, entries, _, _ = open_data(frame, Limits(), pub.node_id, shared, raw.node)
                 if answering:
                     last = first + len(entries) - 1
                     raw.send(receipt_frame(raw.node, epoch, last, last))

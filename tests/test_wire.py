@@ -350,8 +350,9 @@ def test_sync_round_trips_digests_records_and_wants() -> None:
 
 def test_data_round_trips_with_and_without_groups() -> None:
     entries: list[Any] = [envelope(b"1"), [envelope(b"2"), ["workers", "audit"]]]
-    frame = decode_frame(data_frame("node-1", 3, 100, entries, floor=99, resent=True), LIMITS)
-    assert frame == Data("node-1", 3, 100, 99, entries, True)
+    frame = decode_frame(data_frame("node-1", 3, 100, entries, floor=99, resent=True, lane=0), LIMITS)
+    assert frame == Data("node-1", 3, 100, 99, entries, True, 0)
+    assert decode_frame(data_frame("node-1", 3, 100, entries), LIMITS).lane == 1  # type: ignore[union-attr]
     assert isinstance(frame, Data)
     assert split_entry(frame.entries[0]) == (entries[0], ())
     assert split_entry(frame.entries[1]) == (entries[1][0], ("workers", "audit"))
@@ -359,15 +360,20 @@ def test_data_round_trips_with_and_without_groups() -> None:
 
 
 def test_receipts_round_trip_and_bad_ones_are_rejected() -> None:
-    assert decode_frame(receipt_frame("node-2", 4, 10, 12), LIMITS) == Receipt("node-2", 4, 10, 12)
-    for body in (["node-2", 4, 12, 10], ["node-2", 4, -1, 3], ["", 4, 1, 1], ["node-2", 4, 1], ["node-2", "4", 1, 1]):
+    assert decode_frame(receipt_frame("node-2", 4, 10, 12), LIMITS) == Receipt("node-2", 4, 10, 12, 1)
+    assert decode_frame(receipt_frame("node-2", 4, 10, 12, 2), LIMITS) == Receipt("node-2", 4, 10, 12, 2)
+    for body in (["node-2", 4, 12, 10, 1], ["node-2", 4, -1, 3, 1], ["", 4, 1, 1, 1], ["node-2", 4, 1, 1],
+                 ["node-2", "4", 1, 1, 1], ["node-2", 4, 1, 1, 3], ["node-2", 4, 1, 1, -1], ["node-2", 4, 1, 1, "0"],
+                 ["node/2", 4, 1, 1, 1]):
         with pytest.raises(ProtocolError):
             decode_frame(bytes((PROTOCOL_VERSION, RECEIPT)) + msgpack.packb(body), LIMITS)
 
 
-@pytest.mark.parametrize("body", [["n", 0, 1, 0, [], False], ["n", 1, 0, 0, [], False], ["n", 1, 1, -1, [], False],
-                                  ["", 1, 1, 0, [], False], ["n", 1, 1, [], False], ["n", 1, 1, 0, "x", False],
-                                  ["n", 1, 1, 0, [], None]])
+@pytest.mark.parametrize("body", [["n", 0, 1, 0, [], False, 1], ["n", 1, 0, 0, [], False, 1],
+                                  ["n", 1, 1, -1, [], False, 1], ["", 1, 1, 0, [], False, 1], ["n", 1, 1, [], False, 1],
+                                  ["n", 1, 1, 0, "x", False, 1], ["n", 1, 1, 0, [], None, 1],
+                                  ["n", 1, 1, 0, [], False], ["n", 1, 1, 0, [], False, 3], ["n", 1, 1, 0, [], False, -1],
+                                  ["n", 1, 1, 0, [], False, None], ["n/high", 1, 1, 0, [], False, 1]])
 def test_bad_data_frame_headers_are_rejected(body: list[Any]) -> None:
     with pytest.raises(ProtocolError):
         decode_frame(bytes((PROTOCOL_VERSION, DATA)) + msgpack.packb(body), LIMITS)
@@ -383,7 +389,7 @@ _ENDPOINTS = (st.builds("tcp://{}.{}.{}.{}:{}".format, *[st.integers(0, 255)] * 
               | st.from_regex(r"inproc://[a-z0-9._-]{1,20}", fullmatch=True))
 _RECORDS = st.builds(
     NodeRecord,
-    node=st.text(min_size=1, max_size=20), service=st.text(min_size=1, max_size=20),
+    node=st.text(min_size=1, max_size=20).filter(lambda n: "/" not in n), service=st.text(min_size=1, max_size=20),
     endpoints=st.lists(_ENDPOINTS, min_size=1, max_size=16).map(tuple),
     subscriptions=st.lists(st.builds(Subscription, st.text(min_size=1, max_size=20),
                                      st.none() | st.text(min_size=1, max_size=10)), max_size=10).map(tuple),
@@ -444,11 +450,12 @@ _ALIVE_WIRE = claim(RECORD).to_wire(True)
     (_head(SYNC) + packed(["m", "n", EP, SYNC_OPEN, b"", 0, [[]] * 257, []]), "too many"),
     (_head(SYNC) + packed(["m", "n", EP, SYNC_OPEN, b"", 0, [], ["x"] * 257]), "too many"),
     (_head(SYNC) + packed(["m", "n", EP, SYNC_LAST, b"", 0, [], [""]]), "bad wanted node id"),
-    (_head(DATA) + packed(["n", 1, 1, 0, []]), "6-field array"),
-    (_head(DATA) + packed(["n", 1.0, 1, 0, [], False]), "bad data frame header"),
-    (_head(DATA) + packed(["n", 1, 1, 0, [], 1]), "bad data frame header"),
-    (_head(DATA) + packed(["n", 1, 1, 0, [b""] * 257, False]), "bad or oversized batch"),
-    (_head(DATA) + packed(["n", 1, 1, 0, b"", False]), "bad or oversized batch"),
+    (_head(DATA) + packed(["n", 1, 1, 0, []]), "7-field array"),
+    (_head(DATA) + packed(["n", 1.0, 1, 0, [], False, 1]), "bad data frame header"),
+    (_head(DATA) + packed(["n", 1, 1, 0, [], 1, 1]), "bad data frame header"),
+    (_head(DATA) + packed(["n", 1, 1, 0, [b""] * 257, False, 1]), "bad or oversized batch"),
+    (_head(DATA) + packed(["n", 1, 1, 0, b"", False, 1]), "bad or oversized batch"),
+    (_head(DATA) + packed(["n", 1, 1, 0, [], False, 7]), "bad lane in data frame"),
     (_head(PING) + b"\xc1", "undecodable msgpack"),
     (_head(PING) + packed(["m", "n", EP, 1, "t", 1.0]) + b"\x00", "undecodable msgpack"),  # trailing bytes
 ])

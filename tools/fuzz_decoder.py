@@ -90,7 +90,7 @@ def _canonical(decoded: Any) -> bytes | None:
     if kind is w.Work:
         return w.work_frame(decoded.mesh, decoded.node, decoded.done)  # type: ignore[no-any-return]
     if kind is w.Receipt:
-        return w.receipt_frame(decoded.node, decoded.epoch, decoded.committed, decoded.received)  # type: ignore[no-any-return]
+        return w.receipt_frame(decoded.node, decoded.epoch, decoded.committed, decoded.received, decoded.lane)  # type: ignore[no-any-return]
     return None
 
 
@@ -152,8 +152,8 @@ def decoder_seeds() -> list[bytes]:
         w.ping_req_frame("shop", keys.node_id, ep, 8, "00000000000000aa", ep),
         w.bye_frame("shop", keys.node_id, now, 3),
         w.work_frame("shop", keys.node_id, 12),
-        w.receipt_frame(keys.node_id, 5, 10, 12),
-        w.data_frame(keys.node_id, 5, 1, [env, [env, ["billing"]]], floor=1, resent=True),
+        w.receipt_frame(keys.node_id, 5, 10, 12, 0),
+        w.data_frame(keys.node_id, 5, 1, [env, [env, ["billing"]]], floor=1, resent=True, lane=2),
         env,
         msgpack.packb(record.to_wire(), use_bin_type=True),
     ]
