@@ -693,6 +693,7 @@ class AsyncAgent:
         self._tracing = self.config.tracing
         self._policy: Policy | None = None  # in force: Config.policy_file, or the mesh's signed one
         self._breaker_spec: Any = None  # the policy's circuit breaker (see _apply_breakers)
+        self._windowed = False  # the policy gives some topic a priority: the outbox keeps a send window
         self.policy_version = 0
         """The version of the mesh policy in force (0: none; pinned files count as their own)."""
         self._policy_document: bytes | None = None  # the authority-signed policy in force, to pass on
@@ -925,18 +926,22 @@ class AsyncAgent:
         return True
 
     def _apply_breakers(self) -> None:
-        """The policy's circuit breaker, for every destination of this publisher: the first rule
-        with a ``breaker`` that names this service or none (breakers are per destination, so a
-        rule's topic does not select them)."""
+        """What the policy asks of the outbox. Its circuit breaker, for every destination of
+        this publisher: the first rule with a ``breaker`` that names this service or none
+        (breakers are per destination, so a rule's topic does not select them). Its send
+        window, while some rule gives this service's topics a priority (lanes need it)."""
         spec = None
+        windowed = False
         if self._policy is not None:
             for rule in self._policy.rules:
-                if rule.breaker is not None and rule.service in (None, self.service):
+                if spec is None and rule.breaker is not None and rule.service in (None, self.service):
                     spec = rule.breaker
-                    break
+                windowed = windowed or (rule.priority is not None and rule.service in (None, self.service))
         if self._outbox is not None:
             self._outbox.breaker_spec = spec
+            self._outbox.windowed = windowed
         self._breaker_spec = spec
+        self._windowed = windowed
 
     def _send_policy(self, endpoint: str, with_document: bool) -> None:
         if self._transport is not None:
@@ -992,6 +997,7 @@ class AsyncAgent:
                               dead_letter=self._undeliverable, counters=self.counters,
                               seal=self._seal_frame if self._secure else None)
         self._outbox.breaker_spec = self._breaker_spec
+        self._outbox.windowed = self._windowed
         self._outbox.space.append(self._space_waiters.fire)
         self._inbox = Inbox(self.node_id, self.config, self._commit, loop, self._send_to, self.counters)
         if self._commit is not None:
@@ -1832,7 +1838,7 @@ class AsyncAgent:
                 if outbox.durable:
                     return True
                 if dest.link is not None:
-                    self._send_soon(dest.link, lane.stream)
+                    self._send_soon(dest.link, lane)
                 return False
         nodes = self._fanout.get(topic)
         if nodes is not None:  # the common case: plain subscribers only, every node gets the same entry
@@ -1867,7 +1873,7 @@ class AsyncAgent:
                 outbox.put(lane, entry, size, expires, now)
                 link = lane.dest.link
                 if link is not None and not durable:
-                    self._send_soon(link, lane.stream)
+                    self._send_soon(link, lane)
         if local is not None:
             self._local.append(local)
             if not self._local_scheduled:
@@ -1877,12 +1883,14 @@ class AsyncAgent:
         state.published += 1
         return bool(lanes) and outbox.durable
 
-    def _send_soon(self, link: Link, stream: Any) -> None:
+    def _send_soon(self, link: Link, lane: Lane) -> None:
         """An idle link sends at once (latency); what follows within SEND_NOW_WINDOW is
         flushed together at the end of the loop turn (throughput), or as soon as a full
-        frame's worth waits (a publisher that never yields still keeps the pipe busy)."""
-        if link.watching:
+        frame's worth waits (a publisher that never yields still keeps the pipe busy).
+        Nothing while the destination's send window is full: its next receipt wakes the link."""
+        if link.watching or lane.dest.held:
             return
+        stream = lane.stream
         transport = self._transport
         assert transport is not None
         if link.scheduled:
@@ -2134,7 +2142,7 @@ class AsyncAgent:
             now = time.monotonic()
             outbox.put(lane, env, len(env), NEVER, now)
             if dest.link is not None and not outbox.durable:
-                self._send_soon(dest.link, lane.stream)
+                self._send_soon(dest.link, lane)
         self.counters["replies_sent"] += 1
 
     def _on_reply(self, msg: Message) -> None:

@@ -144,7 +144,7 @@ class Config:
     peer_queue_bytes: int = 128 * _MiB
     """Bytes the outbox keeps for one destination before publishing to it waits (back-pressure)."""
     send_window: int = 8192
-    """Messages on their way to one destination (sent, not yet reported arrived) before the rest wait in the outbox, where priority lanes (the policy's ``priority``) decide their turn; beyond this the socket's queue would serve them first come first served."""
+    """While the policy gives some topic a priority: messages on their way to one destination (sent, not yet reported arrived) before the rest wait in the outbox, where the priority lanes decide their turn (in the socket's queue it would be first come first served). No window without priorities."""
     lane_starve_after: int = 8
     """Frames in a row a lower priority lane with messages due may be passed over for higher ones before it sends one (so low priority is slower, never starved)."""
     subscription_queue_messages: int = 10_000

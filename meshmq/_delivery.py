@@ -103,7 +103,7 @@ class Destination:
     """One node we send to: a stream per priority lane in use, and the link while it is up.
     Its limits (``peer_queue_*``) and its circuit breaker count every lane together."""
 
-    __slots__ = ("node", "service", "lanes", "link", "count", "bytes", "sent_at", "breaker", "passed_over")
+    __slots__ = ("node", "service", "lanes", "link", "count", "bytes", "sent_at", "breaker", "passed_over", "held")
 
     def __init__(self, node: str, service: str) -> None:
         self.node = node
@@ -115,6 +115,8 @@ class Destination:
         self.sent_at = 0.0
         self.breaker: CircuitBreaker | None = None  # the policy's, made when first needed
         self.passed_over = [0] * LANES  # per lane: picks in a row that went to another (see pick_lane)
+        self.held = False
+        """The send window is full: new messages wait for a receipt (which wakes the link)."""
 
     @property
     def pending(self) -> int:
@@ -123,7 +125,10 @@ class Destination:
     @property
     def in_flight(self) -> int:
         """Messages sent, every lane, that the node has not reported arriving."""
-        return sum(lane.stream.in_flight for lane in self.lanes.values())
+        n = 0
+        for lane in self.lanes.values():
+            n += lane.stream.sent_upto - lane.stream.received
+        return n
 
     def firsts(self) -> list[Entry]:
         """The first message kept in each lane (the oldest of them is the oldest kept)."""
@@ -187,9 +192,11 @@ class Outbox:
     ``Config.lane_starve_after`` times in a row goes first (:func:`meshmq._policy.pick_lane`):
     under load high-priority messages overtake low ones, and low ones still move.
 
-    **Window.** At most ``Config.send_window`` messages per destination are on their way
-    (sent, not yet reported arrived); the rest wait here, where their lane decides their
-    turn, instead of in the socket's queue, where it is first come first served.
+    **Window.** While the policy gives some topic a priority (``windowed``), at most
+    ``Config.send_window`` messages per destination are on their way (sent, not yet
+    reported arrived); the rest wait here, where their lane decides their turn, instead of
+    in the socket's queue, where it is first come first served. Without priorities there
+    is nothing to reorder, and no window (it would only tie the sender's pace to receipts).
     """
 
     def __init__(self, node_id: str, config: Any, commit: GroupCommit | None, *,
@@ -209,6 +216,8 @@ class Outbox:
         self.max_dest_count = config.peer_queue_messages
         self.max_dest_bytes = config.peer_queue_bytes
         self.window = config.send_window
+        self.windowed = False
+        """Keep the send window (the policy gives some topic a priority)."""
         self.starve_after = config.lane_starve_after
         self.backoff = Backoff(initial=config.retransmit_initial, maximum=config.retransmit_max)
         self.rng = random.Random()
@@ -356,11 +365,14 @@ class Outbox:
         if dest is None or dest.link is not link:
             return []
         cfg = self.config
-        room = self.window - dest.in_flight
+        room = self.window - dest.in_flight if self.windowed else cfg.max_batch_messages
+        if room > 0:
+            dest.held = False
         lane = self._turn(dest, now, room)
         if lane is None:
-            if room <= 0:
-                self.counters["send_window_full"] += 1  # the rest waits here, in lane order
+            if room <= 0 and not dest.held:
+                dest.held = True  # the rest waits here, in lane order, until a receipt
+                self.counters["send_window_full"] += 1
             return []
         s = lane.stream
         probe = False
@@ -376,7 +388,7 @@ class Outbox:
             if probe:
                 self.counters["breaker_probes"] += 1
         fresh = s.highest_sent + 1  # lower numbers are sent again
-        due = s.due(now, cfg.max_batch_messages, room)
+        due = s.due(now, cfg.max_batch_messages, room if self.windowed else None)
         if not due:
             return []
         dest.sent_at = now
@@ -423,7 +435,7 @@ class Outbox:
         resend due, or new messages while the window has room), the one
         :func:`pick_lane` chooses."""
         lanes = dest.lanes
-        if len(lanes) == 1:  # the common case: no priorities in use
+        if len(lanes) == 1 and room > 0:  # the common case: no priorities in use
             for lane in lanes.values():
                 due_at = lane.stream.next_due()
                 return lane if due_at is not None and due_at <= now else None
@@ -524,9 +536,10 @@ class Outbox:
         elif s.acked == acked and s.resend_from is not None and dest.link is not None:
             self._wake(dest.link)  # the receiver is behind: send again now
             return
-        if s.in_flight < in_flight and dest.link is not None and any(
-                other.stream.waiting for other in dest.lanes.values()):
-            self._wake(dest.link)  # the window opened: what waits for it may go
+        if dest.held and s.in_flight < in_flight:
+            dest.held = False
+            if dest.link is not None:
+                self._wake(dest.link)  # the window opened: what waits for it may go
 
     # --- destinations coming and going ----------------------------------------------------
 

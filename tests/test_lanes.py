@@ -89,7 +89,14 @@ def test_the_highest_lane_sends_first_and_a_passed_over_lane_gets_its_turn() -> 
 
 
 def test_the_window_holds_new_messages_until_receipts_report_them_arrived() -> None:
+    unbounded, link, _ = _outbox(send_window=6)  # no priority in the policy: no window
+    lane = unbounded.lane("peer", "svc", link, NORMAL)
+    for i in range(10):
+        unbounded.put(lane, b"normal-%d" % i, 8, 0.0, 0.0)
+    assert [len(e) for _, e in _sent(unbounded, link, 0.0)] == [4, 4, 2]
+
     outbox, link, woken = _outbox(send_window=6)
+    outbox.windowed = True  # as when the policy gives some topic a priority
     lane = outbox.lane("peer", "svc", link, LOW)
     for i in range(10):
         outbox.put(lane, b"low-%d" % i, 8, 0.0, 0.0)
@@ -155,6 +162,7 @@ def test_a_high_priority_message_overtakes_a_backlog_of_low_ones_on_the_wire(mes
             for i in range(100):
                 await pub.publish("bulk.x", i)
             await until("the window's worth", lambda: len(arrived) == 16)
+            assert pub._outbox.windowed  # type: ignore[union-attr]  # the policy has priorities
             dest = pub._outbox.dests[raw.node]  # type: ignore[union-attr]
             assert dest.in_flight == 16 and pub.stats()["outbox_messages"] == 100  # 84 wait in the outbox
             await pub.publish("alerts.fire", "now")
