@@ -229,3 +229,37 @@ def test_lanes_survive_a_restart_and_the_high_lane_drains_first(mesh: str, tmp_p
         await pub.stop()
 
     run(main(), timeout=60)
+
+
+def test_a_pushed_policy_moves_a_topic_to_its_lane_at_run_time(mesh: str) -> None:
+    """Priorities change with the policy in force: a topic published on the normal lane goes
+    on the high lane once a policy saying so is pushed, and the window comes with it."""
+    import time
+
+    from meshmq._security import Authority
+
+    authority = Authority.development()  # the one these agents trust (the test's MESHMQ_HOME)
+    urgent = '[[rule]]\nname = "urgent"\ntopic = "jobs.urgent"\npriority = "high"\n'
+
+    async def main() -> None:
+        got: list[int] = []
+        sub = await meshmq.AsyncAgent("sub", mesh=mesh, durability="memory").start()
+        sub.subscribe("jobs.*", lambda m: got.append(m.data))
+        pub = await meshmq.AsyncAgent("pub", mesh=mesh, durability="memory").start()
+        try:
+            await pub.wait_for_subscribers("jobs.urgent", timeout=10)
+            await pub.publish("jobs.urgent", 1)
+            await eventually(lambda: got == [1], what="the first message")
+            dest = pub._outbox.dests[sub.node_id]  # type: ignore[union-attr]
+            assert sorted(dest.lanes) == [NORMAL] and not pub._outbox.windowed  # type: ignore[union-attr]
+            assert pub.push_policy(authority.sign_policy(mesh=mesh, version=1, text=f"version = 1\n{urgent}",
+                                                         at=time.time()))
+            await pub.publish("jobs.urgent", 2)
+            await eventually(lambda: got == [1, 2], what="the second message")
+            assert sorted(dest.lanes) == [HIGH, NORMAL] and pub._outbox.windowed  # type: ignore[union-attr]
+            assert dest.lanes[HIGH].stream.acked == 1 and pub.stats()["messages_sent_high"] == 1
+        finally:
+            await pub.stop()
+            await sub.stop()
+
+    run(main(), timeout=60)
