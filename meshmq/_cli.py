@@ -842,9 +842,9 @@ def _cmd_schema(args: argparse.Namespace) -> int:
         pushed = dict(inner._registry.entries)
     if args.action == "show":
         return _show_schema(args.type, version, declared, pushed, args.json)
-    rows = [{"type": t, "version": v, "services": sorted(declared.get((t, v), ())),
-             "pushed": _iso(pushed[(t, v)].at) if (t, v) in pushed else None}
-            for t, v in sorted(set(declared) | set(pushed))]
+    rows: list[dict[str, Any]] = [{"type": t, "version": v, "services": sorted(declared.get((t, v), ())),
+                                    "pushed": _iso(pushed[(t, v)].at) if (t, v) in pushed else None}
+                                   for t, v in sorted(set(declared) | set(pushed))]
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK

@@ -262,7 +262,8 @@ def test_a_pushed_schema_spreads_to_three_agents_and_receivers_check_with_it(mes
             took = time.monotonic() - start
             assert took <= 2 * interval, f"{took:.3f}s for 3 agents, gossip interval {interval}s"
             assert [a.stats()["schemas_adopted"] for a in agents] == [1, 1, 1]
-            with pytest.raises(meshmq.SchemaError, match=r"total: must be at least 0, not -1 \(schema rule 'minimum'\)"):
+            refused = r"total: must be at least 0, not -1 \(schema rule 'minimum'\)"
+            with pytest.raises(meshmq.SchemaError, match=refused):
                 await agents[1].publish("orders.placed", BAD, type="OrderPlaced")  # a publisher checks too
 
             assert receiver._schemas == {}  # nothing declared in code: what it checks with was pushed
@@ -319,8 +320,12 @@ def test_a_newcomer_learns_the_schemas_and_a_restart_keeps_them(mesh: str) -> No
             assert first.push_schema(_sign(mesh))
             newcomer = await meshmq.AsyncAgent("newcomer", mesh=mesh, durability="os").start()
             try:
+                await eventually(lambda: len(newcomer.peers()) == 1, what="the newcomer meets its peer")
+                met = time.monotonic()
                 await eventually(lambda: ("OrderPlaced", 1) in newcomer._registry.entries, timeout=10,
                                  what="the newcomer learns the schema from its peer")
+                interval = newcomer.config.gossip_interval  # at once: keys are offered on meeting a peer
+                assert time.monotonic() - met <= 2 * interval
             finally:
                 await newcomer.stop()
         finally:
