@@ -1038,7 +1038,7 @@ class AsyncAgent:
             batch = Batch()
             for document in taken:
                 batch.put_meta(f"{_SCHEMA_META}{document.type}:{document.version}", document.blob)
-            self._store.submit(batch)
+            self._store.submit(batch).add_done_callback(_schemas_stored)
         if self._node is not None and self._transport is not None:
             peers = [n for n in self._node.peers if n != sender]
             if sender is not None:
@@ -3490,6 +3490,14 @@ def _revocations_stored(future: concurrent.futures.Future[None]) -> None:
     exc = future.exception()
     if exc is not None:
         log.error("the revocation list could not be stored: %s", exc)
+
+
+def _schemas_stored(future: concurrent.futures.Future[None]) -> None:
+    """(The store's writer thread.) Schemas that could not be stored are still checked with;
+    after a restart the agent learns them again from the first peer it meets."""
+    exc = future.exception()
+    if exc is not None:
+        log.error("schemas pushed to the mesh could not be stored: %s", exc)
 
 
 def _stat(path: Path) -> tuple[int, int, int] | None:
