@@ -44,6 +44,7 @@ from ._log import QuietLogger
 from ._metrics import LatencyHistogram, MetricsServer, exposition, gauges_of
 from . import _trace
 from ._policy import Policy, PolicyError, TokenBucket, lane as priority_lane, load as load_policy
+from ._registry import FULL, NEW, REPLACED, SchemaDocument, SchemaRegistry
 from ._schema import check_schema, validate as validate_schema
 from ._message import FORMAT_BYTES, Message
 from ._node import Connect, Disconnect, Node, PeerDown, PeerUp, Send, Suspected, Timing
@@ -52,22 +53,24 @@ from ._mirror import Mirror, Tap
 from ._seal import ForgedFrame, Signer, StoreCipher, open_data, open_tap, seal_data, seal_fields
 from ._security import (
     KEY_FILE, NODE, Authority, Certificate, CertificateError, NodeKeys, Revocation, RevocationList, Rights, b64,
-    check_policy_document,
+    check_policy_document, check_schema_document,
     check_certificate, curve_public_of, decode_certificate, home, load_or_create_key, node_id_of,
     parse_authorities, unarmor, unarmor_revocations, unb64, verify,
 )
 from ._store import Batch, Contents, Store, open_instance
 from ._tap import (
     ACKED, CONTROL_EVENTS, DEAD_LETTERED, DELIVERY_EVENTS, EXPIRED, JOINED, LEFT, LIMITED, LOST, OUTBOX_WARNING,
-    REJECTED, RETRIED, REROUTED, REVOCATION, ROUTES, SENT, STATS, SUSPECTED, Journeys, TapEvent, decode_items,
+    REJECTED, RETRIED, REROUTED, REVOCATION, ROUTES, SCHEMA_CHANGE, SENT, STATS, SUSPECTED, Journeys, TapEvent,
+    decode_items,
     envelope_head,
 )
 from ._topics import check_pattern, check_topic, check_user_topic, matches, reply_topic
 from ._transport import Link, Transport, Wakeup
 from ._wire import (
-    DATA, MAX_FRAME_REVOCATIONS, PROTOCOL_VERSION, REVOKE_OPEN, REVOKE_PUSH, REVOKE_REPLY, SEALED, TAP, Hello,
-    Limits, NodeRecord, Ping, PolicyOffer, Receipt, Revocations, Subscription as AdvertisedSubscription, Work,
-    check_headers, policy_frame,
+    DATA, MAX_FRAME_REVOCATIONS, MAX_FRAME_SCHEMAS, MAX_SCHEMA_FRAME_BYTES, PROTOCOL_VERSION, REVOKE_OPEN,
+    REVOKE_PUSH, REVOKE_REPLY, SEALED, TAP, Hello, Limits, NodeRecord, Ping, PolicyOffer, Receipt, Revocations,
+    SchemaExchange, SchemaKey, Subscription as AdvertisedSubscription, Work, check_headers, policy_frame,
+    schemas_frame,
     decode_data, decode_envelope, decode_frame, encode_envelope, encode_payload, revoke_frame, split_endpoint,
     split_entry, work_frame,
 )
@@ -89,6 +92,9 @@ REVOCATION_SYNC_ROUNDS = 5
 revocations are pushed at once; this repairs what was lost)."""
 REVOKED_LINGER = 0.5
 """Seconds a revoked peer's link stays open for the frame that tells it why it is cut off."""
+_SCHEMA_META = "schema:"
+"""Store meta keys of the schema documents kept: ``schema:TYPE:VERSION`` (one each, so taking
+one document rewrites only its own, not every schema held)."""
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 Handler = Callable[[Message], Any]
@@ -699,6 +705,14 @@ class AsyncAgent:
         self._policy_document: bytes | None = None  # the authority-signed policy in force, to pass on
         self._policy_versions: dict[str, int] = {}  # peer -> the policy version it last said it has
         self._schemas: dict[tuple[str, int], dict[str, Any]] = {}  # (type, version) -> JSON Schema (subset)
+        self._registry = SchemaRegistry(self.config.max_schemas)  # the mesh's pushed schemas (secure agents only)
+        # What messages are checked with: the registry's schemas, overlaid by those declared in code.
+        # Replaced whole, never mutated (publishers on other threads read it); under _schemas_lock.
+        self._checked_schemas: dict[tuple[str, int], dict[str, Any]] = {}
+        self._schemas_lock = threading.Lock()
+        self._schema_conflicts: set[SchemaKey] = set()  # pushed schemas that code overrides here, told once
+        self._schema_watch: Callable[[tuple[SchemaKey, ...]], bool] | None = None  # see _wait_for_schemas
+        self._schema_holders: set[str] = set()  # peers whose keys, since, satisfy the watch
         self._upcasters: dict[tuple[str, int], tuple[int, Callable[[Any], Any]]] = {}  # (type, from) -> (to, fn)
         self._buckets: dict[tuple[str, str], TokenBucket] = {}  # (rule, topic or "") -> its rate limit
         self._buckets_lock = threading.Lock()  # publishers may be several threads (blocking Agent)
@@ -743,6 +757,10 @@ class AsyncAgent:
             kept = self._contents.meta.get("policy") if self._contents is not None else None
             if kept is not None and self._policy is None and self._secure:
                 self._adopt_policy(kept, "the store", keep=False)
+            if self._contents is not None and self._secure:
+                kept_schemas = [v for k, v in sorted(self._contents.meta.items())
+                                if k.startswith(_SCHEMA_META) and type(v) is bytes]
+                self._learn_schemas(kept_schemas, "the store", None, keep=False)
         except BaseException:
             self._close_store()
             raise
@@ -971,6 +989,180 @@ class AsyncAgent:
             self._send_policy(member.endpoint, with_document=True)
         elif frame.version > self.policy_version:
             self._send_policy(member.endpoint, with_document=False)
+
+    # --- the mesh's schemas, signed by the authority and spread by gossip -------------------
+
+    def push_schema(self, document: bytes) -> bool:
+        """Take a schema signed by the mesh authority (``meshmq schema add`` makes one) and hand
+        it to every peer, which does the same and passes it on: every secure agent then checks
+        messages of its type and version with it, on publish and on receipt (a schema declared
+        in code for the same pair wins in that agent). Of two documents for one pair, every
+        agent keeps the one signed last. Returns False if this agent holds it, or a later one,
+        already.
+
+        Raises:
+            UsageError: this agent runs with ``insecure=True`` (schemas pushed to the mesh are
+                trusted because the authority signed them; declare the schema in code instead),
+                or it keeps ``max_schemas`` schemas already.
+            CertificateError: not a schema document of a trusted authority for this mesh.
+            SchemaError: what the document holds is not a schema meshmq can check.
+        """
+        self._check_running()
+        if not self._secure:
+            raise UsageError("this agent runs insecure (insecure=True): it takes no schemas pushed to the mesh, "
+                             "whose trust comes from the mesh authority's signature; declare the schema in code "
+                             "instead: agent.schema(TYPE, VERSION, {...})")
+        return bool(self._learn_schemas([bytes(document)], "this process", None, strict=True))
+
+    def _learn_schemas(self, blobs: list[bytes] | tuple[bytes, ...], source: str, sender: str | None, *,
+                       keep: bool = True, strict: bool = False) -> list[SchemaDocument]:
+        """Schema documents from ``source``: check each, keep the last signed of each (type,
+        version), and return those newly taken, after keeping them in the store (with ``keep``),
+        telling taps, and passing them on. Refused ones are counted and logged (raised instead
+        with ``strict``) and change nothing.
+
+        Taken from this process (``sender`` None), they go to every peer: one hop to everyone
+        in a full mesh. Taken from a peer, they go on to ``gossip_fanout`` random others, in
+        case the first agent did not reach everyone."""
+        taken = []
+        for blob in blobs:
+            try:
+                type_, version, schema, at, digest = check_schema_document(blob, self._trusted, self.config.mesh)
+            except (CertificateError, SchemaError) as exc:
+                self.counters["schemas_refused"] += 1
+                if strict:
+                    raise
+                quiet.warning(f"schema:{source}", "a schema from %s was refused: %s", source, exc)
+                continue
+            document = SchemaDocument(type_, version, schema, at, digest, blob)
+            with self._schemas_lock:
+                verdict = self._registry.add(document)
+            if verdict == FULL:
+                self.counters["schemas_refused_full"] += 1
+                problem = (f"this agent keeps at most max_schemas={self.config.max_schemas} schemas: {type_} "
+                           f"version {version} from {source} was refused; raise max_schemas")
+                if strict:
+                    raise UsageError(problem)
+                quiet.log(logging.ERROR, "schemas-full", "%s", problem)
+            elif verdict in (NEW, REPLACED):
+                taken.append(document)
+                self.counters["schemas_adopted"] += 1
+                log.info("schema %s version %d from %s taken (%s)", type_, version, source,
+                         "new" if verdict == NEW else "a later one")
+                self._control(SCHEMA_CHANGE, None, None, f"{type_} version {version} from {source}")
+        if not taken:
+            return taken
+        self._rebuild_checked_schemas()
+        if keep and self._store is not None:
+            batch = Batch()
+            for document in taken:
+                batch.put_meta(f"{_SCHEMA_META}{document.type}:{document.version}", document.blob)
+            self._store.submit(batch).add_done_callback(_schemas_stored)
+        if self._node is not None and self._transport is not None:
+            peers = [n for n in self._node.peers if n != sender]
+            if sender is not None:
+                peers = random.sample(peers, min(len(peers), self.config.gossip_fanout))
+            for node in peers:
+                self._send_schemas(self._node.peers[node].endpoint, None, [d.blob for d in taken])
+        return taken
+
+    def _rebuild_checked_schemas(self) -> None:
+        """What messages are checked with: the registry's schemas and, over them, those declared
+        in code (this agent's own word wins). A pushed schema that code overrides with another
+        body is counted and logged, once per document."""
+        with self._schemas_lock:
+            checked = self._registry.schemas()
+            conflicts = set()
+            for pair, schema in self._schemas.items():
+                pushed = self._registry.entries.get(pair)
+                if pushed is not None and pushed.schema != schema:
+                    conflicts.add(pushed.key)
+                checked[pair] = schema
+            self._checked_schemas = checked
+            told, self._schema_conflicts = self._schema_conflicts, conflicts
+        for type_, version, _, _ in sorted(conflicts - told):
+            with self._counters_lock:
+                self.counters["schema_conflicts"] += 1
+            quiet.warning(f"schema-conflict:{type_}:{version}", "%s version %d: the schema declared in code "
+                          "differs from the one pushed to the mesh; this agent checks with the one in code",
+                          type_, version)
+
+    def _send_schemas(self, endpoint: str, keys: list[SchemaKey] | None, blobs: list[bytes],
+                      answer: bool = False) -> None:
+        """Send schema documents to a peer, in frames that fit MAX_SCHEMA_FRAME_BYTES (and
+        max_frame_bytes); ``keys`` (an offer, or with ``answer`` an answer) ride on the last."""
+        if self._transport is None:
+            return
+        budget = min(self.config.max_frame_bytes, MAX_SCHEMA_FRAME_BYTES) - 1024
+        pages: list[list[bytes]] = [[]]
+        size = 0
+        for blob in blobs:
+            if pages[-1] and (size + len(blob) + 8 > budget or len(pages[-1]) >= MAX_FRAME_SCHEMAS):
+                pages.append([])
+                size = 0
+            pages[-1].append(blob)
+            size += len(blob) + 8
+        if keys is not None and pages[-1] and size + 100 * len(keys) + 8 > budget:
+            pages.append([])  # the keys (at most about 100 bytes each) go alone
+        mesh = self.config.mesh
+        for i, page in enumerate(pages):
+            last = i == len(pages) - 1
+            if page or (last and keys is not None):
+                self._transport.async_send_control(endpoint, schemas_frame(
+                    mesh, self.node_id, keys if last else None, page, answer and last))
+
+    def _offer_schemas(self, endpoint: str) -> None:
+        """Offer a peer the keys of every schema document held (it answers with what we lack,
+        and its own keys)."""
+        if self._secure:
+            self._send_schemas(endpoint, self._registry.keys(), [])
+
+    def _on_schemas(self, frame: SchemaExchange) -> None:
+        """A peer's schema documents and keys (authenticated as from ``frame.node``): take the
+        documents, then answer an offer with what the offerer lacks and our keys, and an answer
+        with what the answerer lacks. Insecure agents take none: the trust is the authority's."""
+        assert self._node is not None
+        if frame.mesh != self.config.mesh:
+            self.counters["rejected_other_mesh"] += 1
+            return
+        if not self._secure:
+            return
+        member = self._node.peers.get(frame.node)
+        if member is not None:
+            self._node.touch(frame.node, time.monotonic())
+        if frame.documents:
+            self._learn_schemas(frame.documents, f"peer {frame.node}", frame.node)
+        if frame.keys is None or member is None or frame.node not in self._node.peers:
+            return
+        if self._schema_watch is not None and self._schema_watch(frame.keys):
+            self._schema_holders.add(frame.node)
+        lacking = [d.blob for d in self._registry.lacking(frame.keys)]
+        if not frame.answer:  # always answered, so that the offerer learns what we hold
+            self._send_schemas(member.endpoint, self._registry.keys(), lacking, answer=True)
+        elif lacking:
+            self._send_schemas(member.endpoint, None, lacking)
+
+    async def _wait_for_schemas(self, holds: Callable[[tuple[SchemaKey, ...]], bool],
+                                timeout: float) -> tuple[int, int]:
+        """Offer our schema keys to every peer and wait (up to ``timeout``) until the keys each
+        answers with satisfy ``holds``; returns (peers whose do, peers). Documents come before
+        the keys that end an answer, so once a peer has answered, we hold what it holds. Used
+        by ``meshmq schema``: ``add`` waits for the agents to hold its schema, ``ls`` and
+        ``show`` for the mesh's schemas."""
+        assert self._node is not None
+        self._schema_watch, self._schema_holders = holds, set()
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                peers = dict(self._node.peers)
+                behind = [m.endpoint for n, m in peers.items() if n not in self._schema_holders]
+                if not behind or time.monotonic() >= deadline:
+                    return len(peers) - len(behind), len(peers)
+                for endpoint in behind:
+                    self._offer_schemas(endpoint)  # their answer says what they hold
+                await self._routes_changed(min(0.2, max(0.0, deadline - time.monotonic())))
+        finally:
+            self._schema_watch = None
 
     def _routes_for(self, topic: str, data: Any, type_: str | None, key: str | None,
                     headers: dict[str, str] | None) -> list[str]:
@@ -1394,6 +1586,7 @@ class AsyncAgent:
             self._send_revocations(endpoint, REVOKE_OPEN, [])
             if self.config.policy_file is None and self._secure:
                 self._send_policy(endpoint, with_document=False)  # a newcomer may have an older policy
+            self._offer_schemas(endpoint)  # and lack schemas (or hold some we lack)
 
     def _on_revocations(self, frame: Revocations) -> None:
         """A peer's revocations (authenticated as from ``frame.node``): take what is new, then
@@ -1501,6 +1694,7 @@ class AsyncAgent:
                 self._send_revocations(peer.endpoint, REVOKE_OPEN, [])
                 if self.config.policy_file is None:
                     self._send_policy(peer.endpoint, with_document=False)
+                self._offer_schemas(peer.endpoint)
         if now < self._next_security_check:
             return
         self._next_security_check = now + SECURITY_TICK
@@ -1790,7 +1984,7 @@ class AsyncAgent:
             else:
                 fmt, raw = encode_payload(data, self.limits)
             hdrs = None if headers is None else check_headers(headers, self.limits)
-        if self._schemas or self._policy is not None:
+        if self._checked_schemas or self._policy is not None:
             self._check_outgoing(topic, data, type_, schema_version)
         return self._seal(topic, type_, schema_version, hdrs, key, fmt, raw)
 
@@ -2204,6 +2398,9 @@ class AsyncAgent:
         if isinstance(decoded, PolicyOffer):
             self._on_policy(decoded)
             return
+        if isinstance(decoded, SchemaExchange):
+            self._on_schemas(decoded)
+            return
         if kind is Receipt:
             assert self._outbox is not None
             self._outbox.on_receipt(decoded.node, decoded.lane, decoded.epoch, decoded.committed, decoded.received,
@@ -2343,7 +2540,7 @@ class AsyncAgent:
                 self._tap_event(REJECTED, [(msg.topic, msg._id)], msg.node, "its certificate does not allow "
                                 "publishing on this topic")
                 return
-        if self._schemas or self._upcasters:
+        if self._checked_schemas or self._upcasters:
             problem = self._check_incoming(msg)
             if problem is not None:
                 self.counters["rejected_schema"] += 1
@@ -2659,12 +2856,15 @@ class AsyncAgent:
         at ``version``: what this agent publishes with that type and version is checked before
         it leaves (:class:`SchemaError` names the field and the rule), and what it receives is
         checked before a handler sees it (dead-lettered otherwise). Peers see the pair in this
-        node's record (``meshmq schema ls``)."""
+        node's record (``meshmq schema ls``). It wins over a schema pushed to the mesh for the
+        same pair (:meth:`push_schema`), in this agent."""
         _check_name("message type", type)
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise UsageError(f"a schema version is a whole number from 1, got {version!r}")
         check_schema(schema)
-        self._schemas[(type, version)] = schema
+        with self._schemas_lock:
+            self._schemas[(type, version)] = schema
+        self._rebuild_checked_schemas()
         self._schemas_changed()
 
     def upcast(self, type: str, from_version: int, to_version: int) -> Callable[[Callable[[Any], Any]], Any]:
@@ -2695,13 +2895,13 @@ class AsyncAgent:
             raise SchemaError("type", "policy", f"policy rule {rule.name!r} requires type {rule.schema[0]!r} "
                                                 f"version {rule.schema[1]} on {topic!r}, not {type_!r} version "
                                                 f"{schema_version}")
-        schema = self._schemas.get((type_, schema_version)) if type_ is not None else None
+        schema = self._checked_schemas.get((type_, schema_version)) if type_ is not None else None
         if schema is not None and not isinstance(data, (bytes, bytearray, memoryview)):
             validate_schema(schema, data)
 
     def _check_incoming(self, msg: Message) -> str | None:
         """Carry a received message up its upcasters, then check it; why not, or None."""
-        if msg.type is None or (not self._upcasters and not self._schemas):
+        if msg.type is None or (not self._upcasters and not self._checked_schemas):
             return None
         try:
             data, version = msg.data, msg.schema_version
@@ -2710,7 +2910,7 @@ class AsyncAgent:
             if version != msg.schema_version:
                 msg._data, msg.schema_version = data, version
                 self.counters["messages_upcast"] += 1
-            schema = self._schemas.get((msg.type, version))
+            schema = self._checked_schemas.get((msg.type, version))
             if schema is not None and not isinstance(data, (bytes, bytearray)):
                 validate_schema(schema, data)
         except SchemaError as exc:
@@ -3311,6 +3511,14 @@ def _revocations_stored(future: concurrent.futures.Future[None]) -> None:
     exc = future.exception()
     if exc is not None:
         log.error("the revocation list could not be stored: %s", exc)
+
+
+def _schemas_stored(future: concurrent.futures.Future[None]) -> None:
+    """(The store's writer thread.) Schemas that could not be stored are still checked with;
+    after a restart the agent learns them again from the first peer it meets."""
+    exc = future.exception()
+    if exc is not None:
+        log.error("schemas pushed to the mesh could not be stored: %s", exc)
 
 
 def _stat(path: Path) -> tuple[int, int, int] | None:

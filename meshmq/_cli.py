@@ -419,12 +419,24 @@ def _build_parser() -> _Parser:
                         help="push: seconds to wait for the agents to take it; show: to meet the mesh (default 5)")
     _add_mesh_options(policy)
 
-    schema = command("schema", "List the message types and schema versions the agents of the mesh declare.",
-                     _SCHEMA_EPILOG, _cmd_schema)
-    schema.add_argument("action", choices=("ls",), help="ls: every (type, version) and the services that declare it")
-    schema.add_argument("--wait", type=_seconds, default=1.5, metavar="S",
-                        help="seconds to wait for discovery, at most (default: 1.5)")
-    schema.add_argument("--json", action="store_true", help="print a JSON array")
+    schema = command("schema", "Add a message schema to the mesh (signed by the authority), show one, or list "
+                               "the types and versions the mesh knows.", _SCHEMA_EPILOG, _cmd_schema)
+    schema.add_argument("action", choices=("ls", "add", "show"),
+                        help="ls: every (type, version), who declares it and whether it was pushed; add TYPE VERSION "
+                             "FILE: sign a schema and hand it to the agents; show TYPE [VERSION]: the schemas "
+                             "pushed for TYPE")
+    schema.add_argument("type", metavar="TYPE", nargs="?", help="add, show: the message type, e.g. OrderPlaced")
+    schema.add_argument("version", metavar="VERSION", nargs="?",
+                        help="add: the schema version, a whole number from 1; show: only this version")
+    schema.add_argument("file", metavar="FILE", nargs="?",
+                        help="add: the JSON Schema file (the subset meshmq checks: see docs/policies.md)")
+    schema.add_argument("--authority-key", metavar="FILE",
+                        help="add: the authority key to sign with (default: the development authority when "
+                             "MESHMQ_AUTHORITY is not set, else MESHMQ_HOME/authority.key)")
+    schema.add_argument("--wait", type=_seconds, default=None, metavar="S",
+                        help="add: seconds to find the agents and see each hold the schema (default: 5); ls, "
+                             "show: seconds to meet the mesh, at most (default: 1.5)")
+    schema.add_argument("--json", action="store_true", help="ls, show: print JSON")
     _add_mesh_options(schema)
 
     from ._health import HEALTH_EPILOG, cmd_health
@@ -772,43 +784,194 @@ _POLICY_EPILOG = """\
   meshmq policy check policy.toml         exit 0 and a summary if it is good, else exit 2 naming
                                           the line, the rule and what is wrong
   meshmq policy check policy.toml --json  the rules as agents would read them
+  meshmq policy push policy.toml          sign it with the authority and hand it to the mesh;
+                                          exit 1 if some agent did not take it within --wait
+  meshmq policy show                      the version and rules in force in the mesh
 
 A policy file has a version and [[rule]] tables; each rule matches by topic pattern
-and/or publishing service and sets rate limits, retries, TTL, priority, a circuit
-breaker, extra routes by content (a small expression language) and a required schema.
-docs/policies.md has a complete example. (Pushing a policy to the mesh and its
-enforcement by the agents are not built yet.)
+and/or publishing service and sets rate limits, retries, TTL, priority (send lanes),
+a circuit breaker, extra routes by content (a small expression language) and a
+required schema. Every agent enforces the policy in force; a pushed one replaces it
+whole at run time (a higher version only). An agent started with policy_file
+(MESHMQ_POLICY_FILE) keeps that file and takes no pushed policy.
+docs/policies.md has a complete example.
 """
 
 
 _SCHEMA_EPILOG = """\
-  meshmq schema ls            TYPE, VERSION and the services that declare it
-  meshmq schema ls --json     the same as JSON
+  meshmq schema add OrderPlaced 2 order-v2.json   sign the schema and spread it: every agent
+                                                  checks OrderPlaced version 2 with it
+  meshmq schema show OrderPlaced                  the pushed schemas of OrderPlaced (JSON)
+  meshmq schema show OrderPlaced 2 --json         version 2 only, with when it was signed
+  meshmq schema ls                                TYPE, VERSION, the services that declare it in
+                                                  code, and when it was pushed (if it was)
 
-Agents declare schemas in code (agent.schema("OrderPlaced", 2, {...})); the (type,
-version) pairs travel in their routing records. (meshmq schema add, and schemas
-themselves spreading by gossip, are not built yet.)
+A schema is JSON Schema, the subset meshmq checks (type, properties, required,
+additionalProperties, items, enum, const, minimum/maximum, minLength/maxLength,
+pattern, minItems/maxItems), at most 64 KiB. 'add' checks the file (exit 2 naming the
+problem), signs it with the mesh authority (--authority-key, else as 'meshmq policy
+push' does), joins the mesh briefly, hands it to the agents it finds and waits (--wait)
+until each holds it (exit 1 if some did not). Agents pass it on by gossip and keep it
+in their store; agents that start later learn it from their peers. Pushing a schema for
+a type and version again replaces it everywhere (the one signed last wins).
+
+Agents check what they publish (SchemaError names the field and the rule) and what they
+receive (dead-lettered, reason 'schema') against it. A schema declared in code
+(agent.schema("OrderPlaced", 2, {...})) wins in its agent. Agents with --insecure /
+MESHMQ_INSECURE=1 take no pushed schemas (their trust comes from the authority):
+declare schemas in code there.
 """
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
+    if args.action == "add":
+        return _add_schema(args)
+    if args.action == "ls" and args.type is not None:
+        raise _BadInput("schema ls takes no TYPE: it lists every type")
+    if args.action == "show" and args.type is None:
+        raise _BadInput("schema show takes the message TYPE (and a VERSION, optionally)")
+    if args.file is not None:
+        raise _BadInput(f"schema {args.action} takes no FILE")
+    version = _schema_version(args.version) if args.version is not None else None
+    wait = 1.5 if args.wait is None else args.wait
     with _agent(args) as agent:
-        agent.wait_settled(args.wait, quiet_period=args.wait / 3)
         inner = agent._agent
+        agent.wait_settled(wait, quiet_period=wait / 3)
+        if inner._secure:  # the peers' answers bring the schemas pushed to the mesh
+            agent._run(inner._wait_for_schemas(lambda keys: True, wait), timeout=wait + 5)
         declared: dict[tuple[str, int], set[str]] = {}
         records = [m.record for m in inner._node.peers.values()] if inner._node is not None else []
         for record in records:
             for pair in record.schemas:
                 declared.setdefault((pair[0], pair[1]), set()).add(record.service)
-    rows = [{"type": t, "version": v, "services": sorted(services)} for (t, v), services in sorted(declared.items())]
+        pushed = dict(inner._registry.entries)
+    if args.action == "show":
+        return _show_schema(args.type, version, declared, pushed, args.json)
+    rows: list[dict[str, Any]] = [{"type": t, "version": v, "services": sorted(declared.get((t, v), ())),
+                                    "pushed": _iso(pushed[(t, v)].at) if (t, v) in pushed else None}
+                                   for t, v in sorted(set(declared) | set(pushed))]
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
     if not rows:
-        _note("no schemas declared in the mesh")
+        _note("no schemas declared or pushed in the mesh")
         return EXIT_OK
-    print(_table([("TYPE", "VERSION", "SERVICES")] + [(r["type"], str(r["version"]), ", ".join(r["services"]))
-                                                      for r in rows]))
+    print(_table([("TYPE", "VERSION", "DECLARED IN CODE BY", "PUSHED")]
+                 + [(r["type"], str(r["version"]), ", ".join(r["services"]) or "-", r["pushed"] or "-")
+                    for r in rows]))
+    return EXIT_OK
+
+
+def _schema_version(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise _BadInput(f"VERSION {text!r} must be a whole number from 1")
+    return int(text)
+
+
+def _show_schema(type_: str, version: int | None, declared: dict[tuple[str, int], set[str]],
+                 pushed: dict[tuple[str, int], Any], as_json: bool) -> int:
+    """The bodies of the schemas pushed for ``type_`` (and ``version``), as the mesh holds them."""
+    def wanted(pair: tuple[str, int]) -> bool:
+        return pair[0] == type_ and (version is None or pair[1] == version)
+
+    documents = [pushed[pair] for pair in sorted(pushed) if wanted(pair)]
+    in_code = {pair: services for pair, services in sorted(declared.items()) if wanted(pair) and pair not in pushed}
+    what = f"{type_}" + (f" version {version}" if version is not None else "")
+    if as_json:
+        print(json.dumps([{"type": d.type, "version": d.version, "signed_at": _iso(d.at), "digest": d.digest.hex(),
+                           "schema": d.schema} for d in documents], indent=2))
+    else:
+        for d in documents:
+            print(f"# {d.type} version {d.version}, pushed, signed {_iso(d.at)}, digest {d.digest.hex()[:16]}")
+            print(json.dumps(d.schema, indent=2))
+    for (t, v), services in in_code.items():
+        _note(f"{t} version {v} is declared in code by {', '.join(sorted(services))}; its body stays in that code "
+              "(meshmq schema add shares one)")
+    if not documents:
+        if not in_code:
+            _warn(f"no schema of {what} is known in the mesh")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _add_schema(args: argparse.Namespace) -> int:
+    """``meshmq schema add TYPE VERSION FILE``: check, sign, and hand to the running agents."""
+    import time
+
+    from ._errors import SchemaError
+    from ._schema import parse_schema
+    from ._security import Authority, check_schema_name, home, parse_authorities
+
+    if args.type is None or args.version is None or args.file is None:
+        raise _BadInput("schema add takes TYPE VERSION FILE, e.g. schema add OrderPlaced 2 order-v2.json")
+    version = _schema_version(args.version)
+    check_schema_name(args.type, version)
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise _BadInput(f"cannot read {args.file}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise _BadInput(f"{args.file} is not UTF-8 text") from None
+    try:
+        parse_schema(text)
+    except SchemaError as exc:
+        raise _BadInput(f"{args.file}: {exc}") from None
+    cfg = Config.load(**_overrides(args))
+    if cfg.insecure:
+        raise _BadInput("insecure agents (--insecure, MESHMQ_INSECURE=1) take no schemas pushed to the mesh: "
+                        "their trust comes from the mesh authority's signature. Declare the schema in code "
+                        "there instead: agent.schema(TYPE, VERSION, {...})")
+    if args.authority_key:
+        authority = Authority.load(Path(args.authority_key))
+    elif cfg.authority is None:
+        authority = Authority.development()
+        _note(f"signing with this user's development authority ({home()}): MESHMQ_AUTHORITY is not set")
+    else:
+        authority = Authority.load(home() / "authority.key")
+    if cfg.authority is not None:
+        try:
+            trusted = parse_authorities(cfg.authority, read=lambda path: Path(path).expanduser().read_text())
+        except OSError as exc:
+            raise _BadInput(f"MESHMQ_AUTHORITY names a file that cannot be read: {exc.strerror}") from None
+        if authority.public not in trusted:
+            raise _BadInput(f"the authority key {authority.text[:12]}… is not one MESHMQ_AUTHORITY names: the "
+                            "agents would refuse its schema")
+    document = authority.sign_schema(mesh=cfg.mesh, type=args.type, version=version, schema_text=text,
+                                     at=time.time())
+    wait = 5.0 if args.wait is None else args.wait
+    agent = Agent("meshmq-schema", durability="memory", **_overrides(args))
+    inner = agent._agent
+    if cfg.authority is not None:  # a real authority: certify this short-lived agent's key ourselves
+        now = time.time()
+        inner._own_certificate = authority.issue(node_key=inner._keys.public, service="meshmq-schema",
+                                                 mesh=cfg.mesh, publish=(), subscribe=(), tap=False,
+                                                 not_before=now - 60, not_after=now + 600)
+    deadline = time.monotonic() + wait
+    pair = (args.type, version)
+    with agent:
+        agent.wait_settled(timeout=max(0.0, min(wait, 2.0)))
+        agent.push_schema(document)
+        held = inner._registry.entries.get(pair)
+        assert held is not None
+        if held.blob != document:  # the mesh holds one signed later (clocks disagree): it stays
+            _warn(f"the mesh holds a schema of {args.type} version {version} signed later ({_iso(held.at)}) than "
+                  "this one, which is therefore not taken; check the clock of this host")
+            return EXIT_FAILED
+        rank = (held.at, held.digest)
+
+        def holds(keys: tuple[Any, ...]) -> bool:
+            return any((t, v) == pair and (at, d) >= rank for t, v, at, d in keys)
+
+        have, peers = agent._run(inner._wait_for_schemas(holds, max(0.0, deadline - time.monotonic())),
+                                 timeout=wait + 5)
+    if peers == 0:
+        _warn(f"no running agent of mesh {cfg.mesh!r} was found: none has the schema yet")
+        return EXIT_FAILED
+    if have < peers:
+        _warn(f"{have} of {peers} agents confirmed schema {args.type} version {version} within {wait:g}s; the "
+              "others learn it by gossip from those that have it")
+        return EXIT_FAILED
+    _note(f"schema {args.type} version {version} is held by all {peers} agents found")
     return EXIT_OK
 
 

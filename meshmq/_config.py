@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import ConfigError
-from ._wire import is_endpoint
+from ._wire import MAX_SCHEMA_KEYS, is_endpoint
 
 _MESH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 _KiB = 1024
@@ -59,6 +59,8 @@ class Config:
     """A file of revocations (``meshmq cert revoke -o FILE``) to load at start and whenever it changes. Revocations also arrive by gossip and are kept in the agent's store; this file is for agents that start while no peer holding them runs."""
     max_revocations: int = 10_000
     """Most revocations an agent keeps (each about 200 bytes); one beyond it is refused, logged and counted (revocations_refused_full). A revoked certificate's revocation is forgotten once the certificate has expired."""
+    max_schemas: int = 1024
+    """Most message schemas pushed to the mesh (``meshmq schema add``) an agent keeps, one per type and version (at most 4096); a schema of a new type or version beyond it is refused, logged and counted (schemas_refused_full)."""
     policy_file: Path | None = None
     """A policy file (``docs/policies.md``) this agent enforces: rate limits on what it publishes, default TTLs, retries of its handlers and content routes. Checked at start (ConfigError naming line and rule)."""
     insecure: bool = False
@@ -221,7 +223,10 @@ class Config:
             "max_subscriptions", "max_peers", "peer_queue_messages", "peer_queue_bytes",
             "subscription_queue_messages", "send_window", "lane_starve_after", "socket_hwm", "max_store_bytes", "max_outbox_messages",
             "max_outbox_bytes", "max_held_messages", "tap_queue_messages", "tap_buffer_messages", "max_revocations",
+            "max_schemas",
         )
+        _check(self.max_schemas <= MAX_SCHEMA_KEYS, "max_schemas",
+               f"{self.max_schemas} is above the wire limit of {MAX_SCHEMA_KEYS}")
         _check(
             self.max_frame_bytes >= self.max_payload_bytes + self.max_header_bytes + 4 * _KiB,
             "max_frame_bytes",

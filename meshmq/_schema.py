@@ -11,6 +11,7 @@ rule is ever silently ignored.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -21,6 +22,24 @@ KEYWORDS = {"type", "properties", "required", "additionalProperties", "items", "
             "maxItems", "$schema", "title", "description"}
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 MAX_DEPTH = 32
+MAX_SCHEMA_BYTES = 64 * 1024
+"""Largest schema text (UTF-8 JSON) that travels in a signed schema document."""
+
+
+def parse_schema(text: str) -> dict[str, Any]:
+    """A schema from its JSON text, checked (:func:`check_schema`); :class:`SchemaError`
+    naming the problem: too long, not JSON (line and column), or a keyword not supported."""
+    size = len(text.encode())
+    if size > MAX_SCHEMA_BYTES:
+        raise SchemaError("(root)", "size", f"the schema is {size} bytes; at most {MAX_SCHEMA_BYTES}")
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SchemaError("(root)", "json", f"not JSON: line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise SchemaError("(root)", "depth", f"schemas nest at most {MAX_DEPTH} deep") from None
+    check_schema(schema)
+    return schema  # type: ignore[no-any-return]
 
 
 def check_schema(schema: Any, where: str = "") -> None:

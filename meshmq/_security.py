@@ -16,6 +16,9 @@ the time is a parameter.
   key, service, the topic patterns it may publish and subscribe to, the tap right,
   and the validity window. Decoding checks the signature, the issuer, the window and
   every field's type and size; anything else raises :class:`CertificateError`.
+- **Schema document.** The authority's signature over: mesh, a message type and
+  schema version, the JSON Schema's text, and when it was signed. Agents keep the newest
+  document of each (type, version) (:mod:`meshmq._registry`) and check messages with it.
 - **Revocation.** The authority's signature over: mesh, what is revoked (one
   certificate serial, or one node for good), when, and when it may be forgotten
   (the revoked certificate's end of validity, or never). A :class:`RevocationList`
@@ -42,8 +45,9 @@ import nacl.signing
 
 from ._errors import CertificateError, MeshError, UsageError
 from ._errors import NotPermitted
+from ._schema import MAX_SCHEMA_BYTES, parse_schema
 from ._topics import check_pattern, covers, matches
-from ._wire import MAX_REVOCATION_BYTES
+from ._wire import MAX_REVOCATION_BYTES, MAX_SCHEMA_DOCUMENT_BYTES
 
 CERT_VERSION = 1
 REVOCATION_VERSION = 1
@@ -247,6 +251,26 @@ class Authority:
         body = msgpack.packb([POLICY_DOC, mesh, version, text, float(at), self.public], use_bin_type=True)
         return msgpack.packb([body, bytes(self.key.sign(body).signature)], use_bin_type=True)
 
+    def sign_schema(self, *, mesh: str, type: str, version: int, schema_text: str, at: float) -> bytes:
+        """A signed schema document (its wire bytes): ``schema_text`` (JSON) as the schema of
+        messages of ``type`` at ``version`` in this mesh. Of several documents for one (type,
+        version), agents keep the one signed last (``at``).
+
+        Raises:
+            UsageError: a bad type name or version, or no private key.
+            SchemaError: the text is not JSON, too long, or not a schema meshmq can check.
+        """
+        if self.key is None:
+            raise UsageError("this authority has only its public key: it cannot sign schemas")
+        check_schema_name(type, version)
+        parse_schema(schema_text)
+        body = msgpack.packb([SCHEMA_DOC, mesh, type, version, schema_text, float(at), self.public],
+                             use_bin_type=True)
+        blob: bytes = msgpack.packb([body, bytes(self.key.sign(body).signature)], use_bin_type=True)
+        if len(blob) > MAX_SCHEMA_DOCUMENT_BYTES:
+            raise UsageError(f"the signed schema is {len(blob)} bytes; at most {MAX_SCHEMA_DOCUMENT_BYTES}")
+        return blob
+
     def issue(self, *, node_key: bytes, service: str, mesh: str, publish: tuple[str, ...],
               subscribe: tuple[str, ...], tap: bool, not_before: float, not_after: float,
               serial: bytes | None = None) -> bytes:
@@ -284,6 +308,55 @@ def check_policy_document(blob: bytes, authorities: tuple[bytes, ...], mesh: str
     if type(signature) is not bytes or not verify(issuer, body, signature):
         raise CertificateError("its signature does not verify")
     return version, text, at
+
+
+SCHEMA_DOC = "meshmq-schema-v1"
+_TYPE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # as agent.schema() takes them
+
+
+def check_schema_name(type_: object, version: object) -> None:
+    """Raise :class:`UsageError` unless ``type_`` is a message type name (1-63 letters, digits,
+    '.', '-', '_') and ``version`` a whole number from 1."""
+    if type(type_) is not str or not _TYPE_NAME.match(type_):
+        raise UsageError(f"message type {type_!r} must be 1-63 characters: letters, digits, '.', '-', '_'")
+    if type(version) is not int or not 1 <= version < 2**31:
+        raise UsageError(f"a schema version is a whole number from 1, got {version!r}")
+
+
+def check_schema_document(blob: bytes, authorities: tuple[bytes, ...],
+                          mesh: str) -> tuple[str, int, dict[str, Any], float, bytes]:
+    """(type, version, schema, signed at, digest) of a schema document signed by one of
+    ``authorities`` for ``mesh``. The digest (16 bytes) names the document's exact bytes.
+
+    Raises:
+        CertificateError: not a schema document, of another mesh, of an authority not trusted,
+            or its signature does not verify.
+        SchemaError: genuine, but what it holds is not a schema meshmq can check.
+    """
+    if type(blob) is not bytes or len(blob) > MAX_SCHEMA_DOCUMENT_BYTES:
+        raise CertificateError(f"not a schema document (bytes, at most {MAX_SCHEMA_DOCUMENT_BYTES})")
+    try:
+        body, signature = msgpack.unpackb(blob, raw=False, max_bin_len=MAX_SCHEMA_DOCUMENT_BYTES, max_str_len=0,
+                                          max_array_len=2, max_map_len=0)
+        kind, doc_mesh, type_, version, text, at, issuer = msgpack.unpackb(
+            body, raw=False, max_bin_len=64, max_str_len=MAX_SCHEMA_BYTES, max_array_len=7, max_map_len=0)
+    except Exception:
+        raise CertificateError("not a schema document") from None
+    if (kind != SCHEMA_DOC or type(doc_mesh) is not str or type(text) is not str or type(at) is not float
+            or not 0.0 <= at < float("inf") or type(issuer) is not bytes or type(signature) is not bytes):
+        raise CertificateError("not a schema document")
+    try:
+        check_schema_name(type_, version)
+    except UsageError as exc:
+        raise CertificateError(f"not a schema document: {exc}") from None
+    if doc_mesh != mesh:
+        raise CertificateError(f"a schema of mesh {doc_mesh!r}, not {mesh!r}")
+    if issuer not in authorities:
+        raise CertificateError("signed by an authority this agent does not trust")
+    if not verify(issuer, body, signature):
+        raise CertificateError("its signature does not verify")
+    schema = parse_schema(text)
+    return type_, version, schema, at, hashlib.blake2b(blob, digest_size=16).digest()
 
 
 @dataclasses.dataclass(frozen=True)

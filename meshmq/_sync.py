@@ -266,6 +266,10 @@ class Agent:
     def policy_version(self) -> int:
         return self._agent.policy_version
 
+    def push_schema(self, document: bytes) -> bool:
+        """See :meth:`AsyncAgent.push_schema`."""
+        return self._call(self._agent.push_schema, document)
+
     def health(self) -> Health:
         """See :meth:`AsyncAgent.health`."""
         return self._call(self._agent.health)

@@ -4,7 +4,7 @@ Pure functions, no I/O. Every frame is one ZeroMQ message::
 
     byte 0   protocol version (PROTOCOL_VERSION)
     byte 1   frame kind (SEALED or DATA, RECEIPT, TAP; membership: HELLO, PING, ACK, PING_REQ, SYNC, BYE; WORK;
-             REVOKE)
+             REVOKE, POLICY, SCHEMAS)
     rest     msgpack body, positional arrays (compact, and fast to decode)
 
 An envelope is encoded once by its publisher and travels as opaque bytes inside
@@ -48,9 +48,22 @@ REVOKE = 12
 """Authority-signed revocations, compared by digest and pushed (see :mod:`meshmq._security`)."""
 POLICY = 13
 """The mesh's policy: its version offered, and the authority-signed document pushed."""
+SCHEMAS = 14
+"""Message schemas: the keys of the schema documents a node holds offered, and the
+authority-signed documents themselves pushed (see :mod:`meshmq._registry`)."""
 KINDS = {HELLO: "hello", PING: "ping", BYE: "bye", DATA: "data", SYNC: "sync", ACK: "ack", PING_REQ: "ping-req",
-         WORK: "work", RECEIPT: "receipt", SEALED: "sealed", TAP: "tap", REVOKE: "revoke", POLICY: "policy"}
+         WORK: "work", RECEIPT: "receipt", SEALED: "sealed", TAP: "tap", REVOKE: "revoke", POLICY: "policy",
+         SCHEMAS: "schemas"}
 MAX_POLICY_FRAME_BYTES = 300 * 1024
+MAX_SCHEMA_DOCUMENT_BYTES = 65 * 1024
+"""Largest signed schema document: a schema of at most 64 KiB (``_security.MAX_SCHEMA_BYTES``)
+and its type, mesh, times, issuer and signature."""
+MAX_FRAME_SCHEMAS = 64
+"""Most schema documents one schemas frame carries (more travel in several frames)."""
+MAX_SCHEMA_FRAME_BYTES = 1024 * 1024
+"""What a sender puts in one schemas frame at most (documents and keys), below max_frame_bytes."""
+MAX_SCHEMA_KEYS = 4096
+"""Most schema keys one offer carries: the most schemas an agent may hold (``Config.max_schemas``)."""
 MAX_SYNC_ENTRIES = 256
 """Most membership entries (and most wants) one sync frame may carry, however large the mesh."""
 MAX_REVOCATION_BYTES = 512
@@ -508,6 +521,32 @@ class PolicyOffer:
     document: bytes | None
 
 
+SchemaKey = tuple[str, int, float, bytes]
+"""What identifies a schema document a node holds: (message type, version, signed at, digest)."""
+
+
+def schemas_frame(mesh: str, node: str, keys: list[SchemaKey] | None, documents: list[bytes],
+                  answer: bool = False) -> bytes:
+    """Schema documents (each authority-signed, opaque here) and, in an offer, the keys of every
+    document the sender holds. An offer (``keys``, not ``answer``) is answered with the
+    documents the offerer lacks and the answerer's keys (``answer``); an answer is answered with
+    documents only; documents without keys (a push) are not answered. So an exchange ends after
+    three steps at most."""
+    wire_keys = None if keys is None else [list(k) for k in keys]
+    return _pack(SCHEMAS, [mesh, node, wire_keys, documents, answer])
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SchemaExchange:
+    mesh: str
+    node: str
+    keys: tuple[SchemaKey, ...] | None
+    """None in a push; else every document the sender holds (an offer, or with ``answer`` the
+    answer to one)."""
+    documents: tuple[bytes, ...]
+    answer: bool
+
+
 def work_frame(mesh: str, node: str, done: int) -> bytes:
     """How many queue-group messages from the receiver this node has finished (cumulative):
     the receiver's measure of the work it has outstanding here, for load balancing."""
@@ -628,7 +667,8 @@ class Receipt:
     lane: int = 1
 
 
-Frame = Hello | Ping | Ack | PingReq | Bye | Sync | Work | Data | Receipt | Revocations | PolicyOffer
+Frame = (Hello | Ping | Ack | PingReq | Bye | Sync | Work | Data | Receipt | Revocations | PolicyOffer
+         | SchemaExchange)
 
 
 def _fields(body: Any, n: int, what: str) -> list[Any]:
@@ -716,6 +756,19 @@ def decode_frame(frame: bytes | memoryview, limits: Limits) -> Frame:
                 or (document is not None and (type(document) is not bytes or len(document) > MAX_POLICY_FRAME_BYTES))):
             raise ProtocolError("bad policy frame")
         return PolicyOffer(mesh, node, version, document)
+    if kind == SCHEMAS:
+        mesh, node, keys, documents, answer = _fields(body, 5, "schemas frame")
+        _check_node_id(node, "node id in schemas frame")
+        if (type(answer) is not bool or (keys is not None and type(keys) is not list)
+                or (answer and keys is None) or type(documents) is not list):
+            raise ProtocolError("bad schemas frame")
+        if (keys is not None and len(keys) > MAX_SCHEMA_KEYS) or len(documents) > MAX_FRAME_SCHEMAS:
+            raise ProtocolError("too many schema keys or documents in a schemas frame")
+        for d in documents:
+            if type(d) is not bytes or not 0 < len(d) <= MAX_SCHEMA_DOCUMENT_BYTES:
+                raise ProtocolError("bad schema document in schemas frame")
+        return SchemaExchange(mesh, node, None if keys is None else tuple(_schema_key(k) for k in keys),
+                              tuple(documents), answer)
     if kind == REVOKE:
         mesh, node, phase, digest, revocations = _fields(body, 5, "revoke")
         if (type(phase) is not int or phase not in (REVOKE_OPEN, REVOKE_REPLY, REVOKE_PUSH)
@@ -727,6 +780,17 @@ def decode_frame(frame: bytes | memoryview, limits: Limits) -> Frame:
                 raise ProtocolError("bad revocation in revoke frame")
         return Revocations(mesh, node, phase, digest, tuple(revocations))
     raise ProtocolError(f"unknown frame kind {kind}")
+
+
+def _schema_key(key: Any) -> SchemaKey:
+    if type(key) is not list or len(key) != 4:
+        raise ProtocolError("a schema key is not a 4-field array")
+    type_, version, at, digest = key
+    if (type(type_) is not str or not 0 < len(type_) <= _MAX_NAME or type(version) is not int
+            or not 0 < version < 2**31 or type(at) is not float or not 0.0 <= at < float("inf")
+            or type(digest) is not bytes or len(digest) != 16):
+        raise ProtocolError("bad schema key")
+    return type_, version, at, digest
 
 
 def decode_data(frame: bytes | memoryview, limits: Limits) -> tuple[str, int, int, int, list[Any], bool, int]:

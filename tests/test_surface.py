@@ -17,7 +17,7 @@ import meshmq._errors
 import meshmq.testing
 
 PACKAGE_DIR = Path(meshmq.__file__).parent
-CORE_MODULES = ["_errors", "_topics", "_wire", "_message", "_routing", "_records", "_node", "_stream", "_seal", "_tap", "_expr", "_policy", "testing"]
+CORE_MODULES = ["_errors", "_topics", "_wire", "_message", "_routing", "_records", "_node", "_stream", "_seal", "_tap", "_expr", "_policy", "_schema", "_registry", "testing"]
 IMPURE = ("zmq", "zeroconf", "lmdb", "asyncio", "threading")
 
 

@@ -87,6 +87,10 @@ def _canonical(decoded: Any) -> bytes | None:
                                 decoded.target, decoded.target_endpoint)
     if kind is w.Bye:
         return w.bye_frame(decoded.mesh, decoded.node, decoded.started, decoded.incarnation)  # type: ignore[no-any-return]
+    if kind is w.SchemaExchange:
+        return w.schemas_frame(decoded.mesh, decoded.node,  # type: ignore[no-any-return]
+                               None if decoded.keys is None else list(decoded.keys), list(decoded.documents),
+                               decoded.answer)
     if kind is w.Work:
         return w.work_frame(decoded.mesh, decoded.node, decoded.done)  # type: ignore[no-any-return]
     if kind is w.Receipt:
@@ -151,6 +155,8 @@ def decoder_seeds() -> list[bytes]:
         w.ack_frame("shop", keys.node_id, 7, True),
         w.ping_req_frame("shop", keys.node_id, ep, 8, "00000000000000aa", ep),
         w.bye_frame("shop", keys.node_id, now, 3),
+        w.schemas_frame("shop", keys.node_id, [("OrderPlaced", 2, now, b"\1" * 16)], [authority.sign_schema(
+            mesh="shop", type="OrderPlaced", version=2, schema_text='{"type": "object"}', at=now)], True),
         w.work_frame("shop", keys.node_id, 12),
         w.receipt_frame(keys.node_id, 5, 10, 12, 0),
         w.data_frame(keys.node_id, 5, 1, [env, [env, ["billing"]]], floor=1, resent=True, lane=2),
