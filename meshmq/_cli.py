@@ -780,6 +780,30 @@ def _agent_store(args: argparse.Namespace, what: str) -> tuple[Any, str]:
     return directory, cfg.durability if cfg.durability != "memory" else "fsync"
 
 
+def _signing_authority(args: argparse.Namespace, cfg: Config, what: str, *, check_trusted: bool = True) -> Any:
+    """The authority key that signs ``what`` (a policy, a schema, a revocation): --authority-key,
+    else the one MESHMQ_AUTHORITY implies, else this user's development authority. With
+    ``check_trusted``, a key MESHMQ_AUTHORITY does not name is refused (the agents would)."""
+    from ._security import Authority, home, parse_authorities
+
+    if args.authority_key:
+        authority = Authority.load(Path(args.authority_key))
+    elif cfg.authority is None:
+        authority = Authority.development()
+        _note(f"signing with this user's development authority ({home()}): MESHMQ_AUTHORITY is not set")
+    else:
+        authority = Authority.load(home() / "authority.key")
+    if cfg.authority is not None and check_trusted:
+        try:
+            trusted = parse_authorities(cfg.authority, read=lambda path: Path(path).expanduser().read_text())
+        except OSError as exc:
+            raise _BadInput(f"MESHMQ_AUTHORITY names a file that cannot be read: {exc.strerror}") from None
+        if authority.public not in trusted:
+            raise _BadInput(f"the authority key {authority.text[:12]}… is not one MESHMQ_AUTHORITY names: the "
+                            f"agents would refuse its {what}")
+    return authority
+
+
 _POLICY_EPILOG = """\
   meshmq policy check policy.toml         exit 0 and a summary if it is good, else exit 2 naming
                                           the line, the rule and what is wrong
@@ -900,7 +924,7 @@ def _add_schema(args: argparse.Namespace) -> int:
 
     from ._errors import SchemaError
     from ._schema import parse_schema
-    from ._security import Authority, check_schema_name, home, parse_authorities
+    from ._security import check_schema_name
 
     if args.type is None or args.version is None or args.file is None:
         raise _BadInput("schema add takes TYPE VERSION FILE, e.g. schema add OrderPlaced 2 order-v2.json")
@@ -921,21 +945,7 @@ def _add_schema(args: argparse.Namespace) -> int:
         raise _BadInput("insecure agents (--insecure, MESHMQ_INSECURE=1) take no schemas pushed to the mesh: "
                         "their trust comes from the mesh authority's signature. Declare the schema in code "
                         "there instead: agent.schema(TYPE, VERSION, {...})")
-    if args.authority_key:
-        authority = Authority.load(Path(args.authority_key))
-    elif cfg.authority is None:
-        authority = Authority.development()
-        _note(f"signing with this user's development authority ({home()}): MESHMQ_AUTHORITY is not set")
-    else:
-        authority = Authority.load(home() / "authority.key")
-    if cfg.authority is not None:
-        try:
-            trusted = parse_authorities(cfg.authority, read=lambda path: Path(path).expanduser().read_text())
-        except OSError as exc:
-            raise _BadInput(f"MESHMQ_AUTHORITY names a file that cannot be read: {exc.strerror}") from None
-        if authority.public not in trusted:
-            raise _BadInput(f"the authority key {authority.text[:12]}… is not one MESHMQ_AUTHORITY names: the "
-                            "agents would refuse its schema")
+    authority = _signing_authority(args, cfg, "schema")
     document = authority.sign_schema(mesh=cfg.mesh, type=args.type, version=version, schema_text=text,
                                      at=time.time())
     wait = 5.0 if args.wait is None else args.wait
@@ -1015,16 +1025,8 @@ def _push_policy(args: argparse.Namespace, version: int, text: str) -> int:
     """Sign the policy and hand it to the agents of the mesh, waiting until they have it."""
     import time
 
-    from ._security import Authority, home
-
     cfg = Config.load(**_overrides(args))
-    if args.authority_key:
-        authority = Authority.load(Path(args.authority_key))
-    elif cfg.authority is None:
-        authority = Authority.development()
-        _note(f"signing with this user's development authority ({home()}): MESHMQ_AUTHORITY is not set")
-    else:
-        authority = Authority.load(home() / "authority.key")
+    authority = _signing_authority(args, cfg, "policy")
     document = authority.sign_policy(mesh=cfg.mesh, version=version, text=text, at=time.time())
     agent = Agent("meshmq-policy", durability="memory", **_overrides(args))
     inner = agent._agent
@@ -1298,10 +1300,7 @@ def _revoke(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from ._security import (
-        Authority, CertificateError, armor_revocation, decode_certificate, home, node_id_of, parse_authorities,
-        unarmor, unb64,
-    )
+    from ._security import CertificateError, armor_revocation, decode_certificate, node_id_of, unarmor, unb64
 
     target = args.file
     if not target:
@@ -1329,21 +1328,7 @@ def _revoke(args: argparse.Namespace) -> int:
             raise _BadInput(f"{target} is a certificate of mesh {cert.mesh!r}, not {mesh!r} (use --mesh)")
         serial, forget_after = cert.serial, cert.not_after
         _note(f"revoking certificate {cert.serial.hex()} of {cert.service} (node {cert.node_id})")
-    if args.authority_key:
-        authority = Authority.load(Path(args.authority_key))
-    elif cfg.authority is None:
-        authority = Authority.development()
-        _note(f"signing with this user's development authority ({home()}): MESHMQ_AUTHORITY is not set")
-    else:
-        authority = Authority.load(home() / "authority.key")
-    if cfg.authority is not None:
-        try:
-            trusted = parse_authorities(cfg.authority, read=lambda path: Path(path).expanduser().read_text())
-        except OSError as exc:
-            raise _BadInput(f"MESHMQ_AUTHORITY names a file that cannot be read: {exc.strerror}") from None
-        if authority.public not in trusted and not args.offline:
-            raise _BadInput(f"the authority key {authority.text[:12]}… is not one MESHMQ_AUTHORITY names: the "
-                            "agents would refuse its revocation")
+    authority = _signing_authority(args, cfg, "revocation", check_trusted=not args.offline)
     data = authority.revoke(mesh=mesh, serial=serial, node=node, at=time.time(), forget_after=forget_after)
     if args.output:
         out = Path(args.output)
