@@ -91,6 +91,11 @@ def _canonical(decoded: Any) -> bytes | None:
         return w.schemas_frame(decoded.mesh, decoded.node,  # type: ignore[no-any-return]
                                None if decoded.keys is None else list(decoded.keys), list(decoded.documents),
                                decoded.answer)
+    if kind is w.Revocations:
+        return w.revoke_frame(decoded.mesh, decoded.node, decoded.phase,  # type: ignore[no-any-return]
+                              decoded.digest, list(decoded.revocations))
+    if kind is w.PolicyOffer:
+        return w.policy_frame(decoded.mesh, decoded.node, decoded.version, decoded.document)  # type: ignore[no-any-return]
     if kind is w.Work:
         return w.work_frame(decoded.mesh, decoded.node, decoded.done)  # type: ignore[no-any-return]
     if kind is w.Receipt:
@@ -157,6 +162,11 @@ def decoder_seeds() -> list[bytes]:
         w.bye_frame("shop", keys.node_id, now, 3),
         w.schemas_frame("shop", keys.node_id, [("OrderPlaced", 2, now, b"\1" * 16)], [authority.sign_schema(
             mesh="shop", type="OrderPlaced", version=2, schema_text='{"type": "object"}', at=now)], True),
+        w.revoke_frame("shop", keys.node_id, 1, b"\2" * 16, [authority.revoke(
+            mesh="shop", serial=b"\3" * 16, node=None, at=now, forget_after=now + 3600)]),
+        w.policy_frame("shop", keys.node_id, 3, authority.sign_policy(
+            mesh="shop", version=3, text='version = 3\n[[rule]]\nname = "x"\nttl = 5\n', at=now)),
+        w.policy_frame("shop", keys.node_id, 2, None),
         w.work_frame("shop", keys.node_id, 12),
         w.receipt_frame(keys.node_id, 5, 10, 12, 0),
         w.data_frame(keys.node_id, 5, 1, [env, [env, ["billing"]]], floor=1, resent=True, lane=2),
