@@ -59,7 +59,7 @@ from ._security import (
 )
 from ._store import Batch, Contents, Store, open_instance
 from ._tap import (
-    ACKED, CONTROL_EVENTS, DEAD_LETTERED, DELIVERY_EVENTS, EXPIRED, JOINED, LEFT, LIMITED, LOST, OUTBOX_WARNING,
+    ACKED, BREAKER, CONTROL_EVENTS, DEAD_LETTERED, DELIVERY_EVENTS, EXPIRED, JOINED, LEFT, LIMITED, LOST, OUTBOX_WARNING,
     REJECTED, RETRIED, REROUTED, REVOCATION, ROUTES, SCHEMA_CHANGE, SENT, STATS, SUSPECTED, Journeys, TapEvent,
     decode_items,
     envelope_head,
@@ -1191,6 +1191,7 @@ class AsyncAgent:
         self._outbox.breaker_spec = self._breaker_spec
         self._outbox.windowed = self._windowed
         self._outbox.space.append(self._space_waiters.fire)
+        self._outbox.on_breaker = self._breaker_changed
         self._inbox = Inbox(self.node_id, self.config, self._commit, loop, self._send_to, self.counters)
         if self._commit is not None:
             self._commit.before.append(self._before_commit)
@@ -3153,7 +3154,7 @@ class AsyncAgent:
 
     def _tap_event_kinds(self) -> tuple[str, ...]:
         wanted = set().union(*(tap.events for tap in self._taps)) if self._taps else set()
-        return tuple(k for k in DELIVERY_EVENTS + (OUTBOX_WARNING, STATS) if k in wanted)
+        return tuple(k for k in DELIVERY_EVENTS + (OUTBOX_WARNING, BREAKER, STATS) if k in wanted)
 
     def _taps_changed(self) -> None:
         if self._node is not None and self._state == "running":
@@ -3443,6 +3444,12 @@ class AsyncAgent:
         if self._tapped and OUTBOX_WARNING in self._mirror.wanted_kinds:  # type: ignore[union-attr]
             self._watch_outbox()
         self._outbox_timer = self._loop.call_later(OUTBOX_TICK, self._outbox_tick)
+
+    def _breaker_changed(self, dest: Destination, before: str, after: str) -> None:
+        """A circuit breaker of the outbox changed state: for the taps that watch breakers."""
+        if self._tapped and BREAKER in self._mirror.wanted_kinds:  # type: ignore[union-attr]
+            self._mirror.notice(BREAKER, dest.node,  # type: ignore[union-attr]
+                                f"{before} -> {after} for {dest.service or dest.node}: {dest.count} messages wait")
 
     def _watch_outbox(self) -> None:
         """Outbox warnings for taps: when the outbox, or one destination's share of it, goes

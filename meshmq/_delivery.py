@@ -228,6 +228,8 @@ class Outbox:
         self._seal = seal
         self.breaker_spec: Breaker | None = None
         """The policy's circuit breaker for every destination (None: no breakers)."""
+        self.on_breaker: Callable[[Destination, str, str], None] | None = None
+        """Told when a destination's circuit breaker changes state: (destination, before, after)."""
         self.observe: Callable[[str, Destination, list[Entry]], None] | None = None
         """Told of messages sent, sent again and acknowledged (``sent``/``retried``/``acked``),
         while some tap watches this agent; None otherwise (nothing is done per message)."""
@@ -381,7 +383,10 @@ class Outbox:
             if breaker is None or breaker.spec is not self.breaker_spec:
                 breaker = dest.breaker = CircuitBreaker(self.breaker_spec)
             before = breaker.state
-            if not breaker.allow(now):
+            allowed = breaker.allow(now)
+            if breaker.state != before:
+                self._breaker_changed(dest, before)
+            if not allowed:
                 self.counters["breaker_held"] += 1  # open: the messages wait in the outbox
                 return []
             probe = before == OPEN  # the one frame that tests whether the destination is back
@@ -455,8 +460,14 @@ class Outbox:
         before = breaker.state
         breaker.record(now, ok)
         if breaker.state != before:
-            self.counters[f"breaker_{breaker.state.replace('-', '_')}"] += 1
-            log.info("circuit breaker for %s (%s): %s -> %s", dest.service or "?", dest.node, before, breaker.state)
+            self._breaker_changed(dest, before)
+
+    def _breaker_changed(self, dest: Destination, before: str) -> None:
+        after = dest.breaker.state  # type: ignore[union-attr]
+        self.counters[f"breaker_{after.replace('-', '_')}"] += 1
+        log.info("circuit breaker for %s (%s): %s -> %s", dest.service or "?", dest.node, before, after)
+        if self.on_breaker is not None:
+            self.on_breaker(dest, before, after)
 
     def _frame(self, lane: Lane, first: int, entries: list[Any], floor: int, resent: bool) -> bytes | None:
         """One data frame: sealed for the lane's destination (None if that cannot be done

@@ -46,11 +46,14 @@ POLICY_CHANGE = "policy"
 """The tap's agent put a new version of the mesh's policy in force."""
 SCHEMA_CHANGE = "schema"
 """The tap's agent took a schema pushed to the mesh (a new type or version, or a later body)."""
+BREAKER = "breaker"
+"""A publisher's circuit breaker for a destination opened, let a probe through (half-open) or
+closed (``peer`` names the destination; the detail says how many messages wait for it)."""
 CONTROL_EVENTS = (JOINED, LEFT, SUSPECTED, DEAD, REPLACED, REVOKED, ROUTES, REVOCATION, POLICY_CHANGE, SCHEMA_CHANGE,
-                  OUTBOX_WARNING)
+                  OUTBOX_WARNING, BREAKER)
 """What the tap's own agent sees of the mesh (a node joined, left, was suspected, declared
 dead, replaced by a new life, revoked; the routes changed; a revocation, a policy or a schema
-arrived), and outbox warnings, which the agents that publish report."""
+arrived), and outbox warnings and circuit breakers, which the agents that publish report."""
 STATS = "stats"
 """An agent's figures, sent to the taps that ask every ``tap_stats_interval`` (for ``meshmq top``)."""
 STAT_FIELDS = ("published", "received", "outbox_messages", "outbox_bytes", "dead_letters", "retried",

@@ -165,7 +165,7 @@ class Printer:
 
     COLORS = {MESSAGE: "", "sent": "\033[2m", "acked": "\033[32m", "retried": "\033[33m", "expired": "\033[31m",
               "dead-lettered": "\033[1;31m", "rejected": "\033[1;31m", "limited": "\033[33m", "rerouted": "\033[36m", LOST: "\033[1;33m", "joined": "\033[36m",
-              "left": "\033[36m", "suspected": "\033[35m", "outbox-warning": "\033[1;33m", "dead": "\033[1;35m", "replaced": "\033[36m", "revoked": "\033[1;35m",
+              "left": "\033[36m", "suspected": "\033[35m", "outbox-warning": "\033[1;33m", "breaker": "\033[1;33m", "dead": "\033[1;35m", "replaced": "\033[36m", "revoked": "\033[1;35m",
               "routes": "\033[36m"}
 
     def __init__(self, out: TextIO, as_json: bool, headers_only: bool, color: bool) -> None:
@@ -194,7 +194,7 @@ class Printer:
                 fields.append(_payload(event))
         elif event.kind == LOST:
             fields = [when, "LOST", f"{event.count} items not shown", f"({event.detail})" if event.detail else ""]
-        elif event.kind == "outbox-warning":
+        elif event.kind in ("outbox-warning", "breaker"):
             fields = [when, event.kind, event.service, event.detail or ""]
         elif event.kind in CONTROL_EVENTS:
             who = f"{event.peer_service} ({event.peer})" if event.peer else ""

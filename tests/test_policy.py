@@ -405,6 +405,7 @@ def test_a_circuit_breaker_holds_messages_for_a_destination_that_does_not_answer
         shared = Signer(raw.keys).shared_key(pub._keys.public)
         answering = False
         frames = 0
+        tap = pub.tap(events=["breaker"])  # the publisher's own: breakers are reported where they are
 
         def drain() -> None:
             nonlocal frames
@@ -447,6 +448,19 @@ def test_a_circuit_breaker_holds_messages_for_a_destination_that_does_not_answer
             await asyncio.wait_for(breaker_closes(), 10)
             await eventually(lambda: pub.stats()["outbox_messages"] == 0, what="acknowledged through the probe")
             assert pub.stats()["breaker_probes"] >= 1
+            changes: list[str] = []
+
+            async def read() -> None:
+                async for event in tap:
+                    if event.kind != "breaker":
+                        continue  # the tap shows the messages too
+                    assert event.peer == raw.node
+                    changes.append(event.detail.split(" for ")[0])
+                    if changes[-1] == "half-open -> closed":
+                        return
+
+            await asyncio.wait_for(read(), 10)
+            assert changes[:2] == ["closed -> open", "open -> half-open"], changes  # as `meshmq tap` shows them
         finally:
             raw.close()
             await pub.stop()
