@@ -147,14 +147,7 @@ def test_a_high_priority_message_overtakes_a_backlog_of_low_ones_on_the_wire(mes
                 raw.send(receipt_frame(raw.node, epoch, last, last, lane))
 
         async def until(what: str, done: Any) -> None:
-            async def poll() -> None:
-                while not done():
-                    drain()
-                    await asyncio.sleep(0.005)
-            try:
-                await asyncio.wait_for(poll(), 10)
-            except asyncio.TimeoutError:
-                raise AssertionError(f"timed out waiting for {what}; arrived {len(arrived)}") from None
+            await eventually(lambda: drain() or done(), what=what)
 
         try:
             raw.introduce(record, want_reply=True)

@@ -424,12 +424,7 @@ def test_a_circuit_breaker_holds_messages_for_a_destination_that_does_not_answer
             await eventually(lambda: pub._receivers("jobs.x") == 1, what="the raw peer routed")
             await pub.publish("jobs.x", b"one")
 
-            async def breaker_opens() -> None:
-                while not pub.stats().get("breaker_open", 0):
-                    drain()
-                    await asyncio.sleep(0.01)
-
-            await asyncio.wait_for(breaker_opens(), 10)
+            await eventually(lambda: drain() or pub.stats().get("breaker_open", 0), what="the breaker open")
             # The frame whose retransmission opened the breaker may still be on its way: take
             # the count once the breaker has held back a few sends, then see it stay.
             await eventually(lambda: pub.stats().get("breaker_held", 0) >= 3, what="sends held back")
@@ -440,12 +435,7 @@ def test_a_circuit_breaker_holds_messages_for_a_destination_that_does_not_answer
             assert frames == held and pub.stats()["outbox_messages"] == 1  # nothing went; the message waits
             answering = True
 
-            async def breaker_closes() -> None:
-                while not pub.stats().get("breaker_closed", 0):
-                    drain()
-                    await asyncio.sleep(0.01)
-
-            await asyncio.wait_for(breaker_closes(), 10)
+            await eventually(lambda: drain() or pub.stats().get("breaker_closed", 0), what="the breaker closed")
             await eventually(lambda: pub.stats()["outbox_messages"] == 0, what="acknowledged through the probe")
             assert pub.stats()["breaker_probes"] >= 1
             changes: list[str] = []
