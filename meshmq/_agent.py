@@ -2027,7 +2027,7 @@ class AsyncAgent:
             if (outbox.count < outbox.max_count and outbox.bytes + size <= outbox.max_bytes
                     and dest.count < outbox.max_dest_count and dest.bytes + size <= outbox.max_dest_bytes):
                 if self._tapped:
-                    self._mirror.message(topic, env, dest.node)  # type: ignore[union-attr]
+                    self._mirror.message(topic, env, dest.node, lane.number)  # type: ignore[union-attr]
                 outbox.put(lane, env, size, expires, 0.0)
                 state.published += 1
                 if outbox.durable:
@@ -2060,7 +2060,7 @@ class AsyncAgent:
                 raise _Full(None if full is True else full)  # type: ignore[arg-type]
         if self._tapped:  # before it is sent: a tap sees a message before what happens to it
             self._mirror.message(topic, env, [lane.dest.node for lane, _ in lanes]  # type: ignore[union-attr]
-                                 + ([self.node_id] if local is not None else []))
+                                 + ([self.node_id] if local is not None else []), number)
         if lanes:
             now = time.monotonic()
             durable = outbox.durable
@@ -3199,7 +3199,7 @@ class AsyncAgent:
         else:
             self._window_latency = None
 
-    def _observe(self, kind: str, dest: Destination, entries: list[Any]) -> None:
+    def _observe(self, kind: str, lane: Lane, entries: list[Any]) -> None:
         """The outbox sent, sent again or was acknowledged ``entries``, a run of one stream
         (a tap watches): one item names the run by its first and last message ids."""
         kind = {"sent": SENT, "retried": RETRIED, "acked": ACKED}[kind]
@@ -3215,7 +3215,7 @@ class AsyncAgent:
                 except ProtocolError:
                     return
             ends.append(head[1])
-        self._mirror.journey(kind, dest.node, ends[0], ends[1], len(entries))  # type: ignore[union-attr]
+        self._mirror.journey(kind, lane.dest.node, ends[0], ends[1], len(entries), lane.number)  # type: ignore[union-attr]
 
     def _tap_event(self, kind: str, messages: list[tuple[str, bytes]], peer: str | None,
                    detail: str | None = None) -> None:

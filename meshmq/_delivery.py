@@ -230,7 +230,7 @@ class Outbox:
         """The policy's circuit breaker for every destination (None: no breakers)."""
         self.on_breaker: Callable[[Destination, str, str], None] | None = None
         """Told when a destination's circuit breaker changes state: (destination, before, after)."""
-        self.observe: Callable[[str, Destination, list[Entry]], None] | None = None
+        self.observe: Callable[[str, Lane, list[Entry]], None] | None = None
         """Told of messages sent, sent again and acknowledged (``sent``/``retried``/``acked``),
         while some tap watches this agent; None otherwise (nothing is done per message)."""
         self._touched: dict[str, Lane] = {}  # streams whose position the next commit writes
@@ -409,7 +409,7 @@ class Outbox:
             if all(type(e) is bytes for e in entries) and sum(map(len, entries)) <= cfg.max_batch_bytes:
                 frame = self._frame(lane, first, entries, floor, False)
                 if self.observe is not None and frame is not None:
-                    self.observe("sent", dest, entries)
+                    self.observe("sent", lane, entries)
                 return [frame] if frame is not None else []
         frames = []
         run: list[Any] = []
@@ -424,7 +424,7 @@ class Outbox:
                 if resent:
                     self.counters["messages_resent"] += len(run)
                 if self.observe is not None:
-                    self.observe("retried" if resent else "sent", dest, run)
+                    self.observe("retried" if resent else "sent", lane, run)
                 run, first, size, resent = [], seq, 0, again
             run.append(entry)
             size += n
@@ -432,7 +432,7 @@ class Outbox:
             self.counters["messages_resent"] += len(run)
         frames.append(self._frame(lane, first, run, floor, resent))
         if self.observe is not None:
-            self.observe("retried" if resent else "sent", dest, run)
+            self.observe("retried" if resent else "sent", lane, run)
         return [f for f in frames if f is not None]
 
     def _turn(self, dest: Destination, now: float, room: int) -> Lane | None:
@@ -530,7 +530,7 @@ class Outbox:
             if dest.breaker is not None:
                 self._breaker_record(dest, now, ok=True)
             if self.observe is not None:
-                self.observe("acked", dest, released)
+                self.observe("acked", lane, released)
             size = 0
             for entry in released:
                 size += len(entry) if type(entry) is bytes else len(entry[0])

@@ -115,9 +115,9 @@ class Mirror:
             self._by_topic[topic] = routes
         return routes
 
-    def message(self, topic: str, env: bytes, destinations: str | list[str]) -> None:
-        """A message this agent published, to ``destinations`` (a node, or a list): the hot
-        path, one bounded append; :meth:`flush` sorts it out per tap."""
+    def message(self, topic: str, env: bytes, destinations: str | list[str], lane: int = 1) -> None:
+        """A message this agent published, to ``destinations`` (a node, or a list) in priority
+        ``lane``: the hot path, one bounded append; :meth:`flush` sorts it out per tap."""
         if self._saturated:  # every tap is stalled or full: count, and do nothing else
             self._unsorted_lost += 1
         else:
@@ -125,7 +125,7 @@ class Mirror:
             if len(published) >= self.config.tap_queue_messages:
                 published.popleft()
                 self._unsorted_lost += 1
-            published.append((topic, env, destinations))
+            published.append((topic, env, destinations, lane))
         if self._timer is None:
             self._timer = self.loop.call_later(self.config.tap_flush_interval, self.flush)
 
@@ -136,10 +136,11 @@ class Mirror:
         if lost:
             for route in self.routes.values():  # which taps would have wanted them is not known
                 route.queue.lost += lost
-        for topic, env, destinations in published:
+        for topic, env, destinations, lane in published:
             routes = self._for_topic(topic)
             if routes:
-                item = message_item(0.0, topic, env, [destinations] if type(destinations) is str else destinations)
+                item = message_item(0.0, topic, env, [destinations] if type(destinations) is str else destinations,
+                                    lane)
                 for route in routes:
                     route.offer(item)
         self._saturated = bool(self.routes) and all(
@@ -165,13 +166,13 @@ class Mirror:
         if pushed:
             self._schedule()
 
-    def journey(self, kind: str, peer: str, first: bytes, last: bytes, count: int) -> None:
-        """``count`` messages, ``first``..``last`` (ids) of the stream to ``peer``, were sent,
+    def journey(self, kind: str, peer: str, first: bytes, last: bytes, count: int, lane: int = 1) -> None:
+        """``count`` messages, ``first``..``last`` (ids) of the stream to ``peer`` in ``lane``, were sent,
         sent again or acknowledged: one item, whatever ``count``; the tap maps it back to the
         messages it saw published (:class:`meshmq._tap.Journeys`)."""
         if self._published:
             self._sort()  # a tap sees a message before what happened to it
-        self._to_taps_wanting(kind, range_item(kind, time.time(), peer, first, last, count))
+        self._to_taps_wanting(kind, range_item(kind, time.time(), peer, first, last, count, lane))
 
     def notice(self, kind: str, peer: str | None, detail: str) -> None:
         """An event about no message in particular (an outbox warning), for the taps that want it."""
@@ -230,13 +231,13 @@ def _for_tap(item: list[Any], route: TapRoute) -> list[Any]:
     certificate lets it subscribe to the message's topic."""
     if item[0] != MESSAGE:
         return item
-    _, at, topic, env, dests = item
+    _, at, topic, env, dests, lane = item
     if route.may_read(topic):
-        return [MESSAGE, at, env, dests, True, 0]
+        return [MESSAGE, at, env, dests, True, 0, lane]
     msg = decode_envelope(env, _LIMITS)
     stripped = encode_envelope(msg._id, msg.timestamp, msg.topic, msg.type, msg.source, msg.node,
                                msg.schema_version, msg.headers or None, msg.key, msg._format, b"")
-    return [MESSAGE, at, stripped, dests, False, len(msg.raw)]
+    return [MESSAGE, at, stripped, dests, False, len(msg.raw), lane]
 
 
 _LIMITS = Limits()

@@ -62,6 +62,7 @@ KINDS = (MESSAGE, *DELIVERY_EVENTS, *CONTROL_EVENTS, STATS, LOST)
 MAX_IDS_PER_EVENT = 4096
 MAX_DESTINATIONS = 4096
 _ID_BYTES = 16
+_LANES = 3  # priority lanes (meshmq._wire.LANES)
 
 
 def envelope_head(env: bytes) -> tuple[str, bytes] | None:
@@ -237,10 +238,11 @@ class MirrorQueue:
         return len(self.items)
 
 
-def message_item(at: float, topic: str, env: bytes, destinations: list[str]) -> list[Any]:
+def message_item(at: float, topic: str, env: bytes, destinations: list[str], lane: int = 1) -> list[Any]:
     """A published message, as the sender queues it (whether its payload goes to a tap is
-    decided per tap when it is flushed). ``at`` 0.0: when it was published (its timestamp)."""
-    return [MESSAGE, at, topic, env, destinations]
+    decided per tap when it is flushed). ``at`` 0.0: when it was published (its timestamp).
+    ``lane``: the priority lane whose streams carry it (the tap follows each stream apart)."""
+    return [MESSAGE, at, topic, env, destinations, lane]
 
 
 def event_item(kind: str, at: float, topic: str, ids: Iterable[bytes], peer: str | None,
@@ -259,23 +261,23 @@ RANGE = "range"
 receipt, not per message; the tap maps the run back to message ids (:class:`Journeys`)."""
 
 
-def range_item(kind: str, at: float, peer: str, first: bytes, last: bytes, count: int) -> list[Any]:
-    return [RANGE, kind, at, peer, first, last, count]
+def range_item(kind: str, at: float, peer: str, first: bytes, last: bytes, count: int, lane: int = 1) -> list[Any]:
+    return [RANGE, kind, at, peer, first, last, count, lane]
 
 
 class Journeys:
-    """On a tap: for each (publisher, destination), the ids published to it and not yet
-    acknowledged, in the order published (which is its stream's order), with their topics;
-    at most ``limit`` in all (the oldest give way)."""
+    """On a tap: for each stream (publisher, destination, priority lane), the ids published
+    to it and not yet acknowledged, in the order published (which is the stream's order),
+    with their topics; at most ``limit`` in all (the oldest give way)."""
 
     def __init__(self, limit: int = 100_000) -> None:
-        self._open: dict[tuple[str, str], collections.OrderedDict[str, str]] = {}
+        self._open: dict[tuple[str, str, int], collections.OrderedDict[str, str]] = {}
         self.limit = limit
         self.size = 0
 
-    def published(self, node: str, message_id: str, topic: str, destinations: Iterable[str]) -> None:
+    def published(self, node: str, message_id: str, topic: str, destinations: Iterable[str], lane: int = 1) -> None:
         for dest in destinations:
-            run = self._open.setdefault((node, dest), collections.OrderedDict())
+            run = self._open.setdefault((node, dest, lane), collections.OrderedDict())
             if message_id not in run:
                 run[message_id] = topic
                 self.size += 1
@@ -283,12 +285,12 @@ class Journeys:
                 run.popitem(last=False)
                 self.size -= 1
 
-    def between(self, node: str, dest: str, first: str, last: str, forget: bool) -> dict[str, list[str]]:
+    def between(self, node: str, dest: str, first: str, last: str, forget: bool, lane: int = 1) -> dict[str, list[str]]:
         """topic -> ids of the run ``first``..``last`` to ``dest``, found by position (the run
         is in stream order; ids of different lives of a node do not compare). ``forget``
         (acknowledged): they and every id before them are done. Nothing if ``last`` is not
         known (its message item was lost)."""
-        run = self._open.get((node, dest))
+        run = self._open.get((node, dest, lane))
         found: dict[str, list[str]] = {}
         if not run or last not in run:
             return found
@@ -306,11 +308,11 @@ class Journeys:
                 del run[message_id]
             self.size -= len(done)
             if not run:
-                del self._open[(node, dest)]
+                del self._open[(node, dest, lane)]
         return found
 
     def forget(self, node: str) -> None:
-        for key in [k for k in self._open if node in k]:
+        for key in [k for k in self._open if node in k[:2]]:
             self.size -= len(self._open.pop(key))
 
 
@@ -327,14 +329,16 @@ def decode_items(items: Any, node: str, service: str, services: dict[str, str], 
             raise ProtocolError("bad tap item")
         kind = item[0]
         if kind == RANGE:
-            if (len(item) != 7 or item[1] not in (SENT, RETRIED, ACKED) or type(item[2]) is not float
+            if (len(item) != 8 or item[1] not in (SENT, RETRIED, ACKED) or type(item[2]) is not float
                     or type(item[3]) is not str or type(item[4]) is not bytes or type(item[5]) is not bytes
-                    or len(item[4]) != _ID_BYTES or len(item[5]) != _ID_BYTES or type(item[6]) is not int):
+                    or len(item[4]) != _ID_BYTES or len(item[5]) != _ID_BYTES or type(item[6]) is not int
+                    or type(item[7]) is not int or not 0 <= item[7] < _LANES):
                 raise ProtocolError("bad tap range item")
             run_kind, run_at, run_peer, run_first, run_last = item[1], item[2], item[3], item[4], item[5]
             if journeys is None:
                 continue
-            runs = journeys.between(node, run_peer, run_first.hex(), run_last.hex(), forget=run_kind == ACKED)
+            runs = journeys.between(node, run_peer, run_first.hex(), run_last.hex(), forget=run_kind == ACKED,
+                                    lane=item[7])
             for run_topic, run_ids in runs.items():
                 yield TapEvent(run_kind, run_at, node, service, ids=tuple(run_ids), peer=run_peer,
                                peer_service=services.get(run_peer), topic=run_topic)
@@ -347,16 +351,16 @@ def decode_items(items: Any, node: str, service: str, services: dict[str, str], 
             yield TapEvent(STATS, item[1], node, service, stats=figures)
             continue
         if kind == MESSAGE:
-            if len(item) != 6:
+            if len(item) != 7:
                 raise ProtocolError("bad tap message item")
-            _, at, env, dests, shown, size = item  # size: of the payload not shown
+            _, at, env, dests, shown, size, lane = item  # size: of the payload not shown
             if (type(env) is not bytes or type(dests) is not list or len(dests) > MAX_DESTINATIONS
                     or not all(type(d) is str for d in dests) or type(shown) is not bool or type(at) is not float
-                    or type(size) is not int or size < 0):
+                    or type(size) is not int or size < 0 or type(lane) is not int or not 0 <= lane < _LANES):
                 raise ProtocolError("bad tap message item")
             msg = decode_envelope(env, limits)
             if journeys is not None:
-                journeys.published(node, msg.id, msg.topic, dests)
+                journeys.published(node, msg.id, msg.topic, dests, lane)
             yield TapEvent(MESSAGE, at or msg.timestamp, node, service, ids=(msg.id,), topic=msg.topic, type=msg.type,
                            source=msg.source, destinations=tuple(services.get(d) or d for d in dests),
                            size=len(msg.raw) if shown else size,

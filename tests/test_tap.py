@@ -487,3 +487,18 @@ def test_journeys_map_runs_of_a_stream_back_to_the_messages() -> None:
     assert j.size == 10 - 3
     j.forget("pub")
     assert j.size == 0
+
+
+def test_journeys_follow_each_priority_lane_apart() -> None:
+    """Messages to one destination in two lanes interleave when published, but each lane is a
+    stream of its own: an acknowledged run of the low lane names only low-lane messages and
+    forgets none of the high lane's, whose own run maps later."""
+    from meshmq._tap import Journeys
+
+    j = Journeys(limit=100)
+    ids = [f"{i:032x}" for i in range(6)]
+    for i, mid in enumerate(ids):  # low, high, low, high, low, high
+        j.published("pub", mid, "bulk.x" if i % 2 == 0 else "alerts.x", ["sub"], lane=2 if i % 2 == 0 else 0)
+    assert j.between("pub", "sub", ids[0], ids[4], forget=True, lane=2) == {"bulk.x": [ids[0], ids[2], ids[4]]}
+    assert j.between("pub", "sub", ids[1], ids[5], forget=True, lane=0) == {"alerts.x": [ids[1], ids[3], ids[5]]}
+    assert j.size == 0
