@@ -930,7 +930,7 @@ class AsyncAgent:
         if version <= self.policy_version:
             return False
         self._policy, self._policy_document, self.policy_version = policy, document, version  # at once, whole
-        self._single, self._lanes = {}, {}  # priorities may have changed: look the lanes up again
+        self._fanout, self._single, self._lanes = {}, {}, {}  # priorities may have changed: look up again
         with self._buckets_lock:
             self._buckets.clear()
         self._apply_breakers()
