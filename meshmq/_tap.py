@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ._errors import ProtocolError
+from ._wire import LANES
 
 MESSAGE = "message"
 SENT = "sent"
@@ -62,7 +63,6 @@ KINDS = (MESSAGE, *DELIVERY_EVENTS, *CONTROL_EVENTS, STATS, LOST)
 MAX_IDS_PER_EVENT = 4096
 MAX_DESTINATIONS = 4096
 _ID_BYTES = 16
-_LANES = 3  # priority lanes (meshmq._wire.LANES)
 
 
 def envelope_head(env: bytes) -> tuple[str, bytes] | None:
@@ -332,7 +332,7 @@ def decode_items(items: Any, node: str, service: str, services: dict[str, str], 
             if (len(item) != 8 or item[1] not in (SENT, RETRIED, ACKED) or type(item[2]) is not float
                     or type(item[3]) is not str or type(item[4]) is not bytes or type(item[5]) is not bytes
                     or len(item[4]) != _ID_BYTES or len(item[5]) != _ID_BYTES or type(item[6]) is not int
-                    or type(item[7]) is not int or not 0 <= item[7] < _LANES):
+                    or type(item[7]) is not int or not 0 <= item[7] < LANES):
                 raise ProtocolError("bad tap range item")
             run_kind, run_at, run_peer, run_first, run_last = item[1], item[2], item[3], item[4], item[5]
             if journeys is None:
@@ -356,7 +356,7 @@ def decode_items(items: Any, node: str, service: str, services: dict[str, str], 
             _, at, env, dests, shown, size, lane = item  # size: of the payload not shown
             if (type(env) is not bytes or type(dests) is not list or len(dests) > MAX_DESTINATIONS
                     or not all(type(d) is str for d in dests) or type(shown) is not bool or type(at) is not float
-                    or type(size) is not int or size < 0 or type(lane) is not int or not 0 <= lane < _LANES):
+                    or type(size) is not int or size < 0 or type(lane) is not int or not 0 <= lane < LANES):
                 raise ProtocolError("bad tap message item")
             msg = decode_envelope(env, limits)
             if journeys is not None:
