@@ -20,22 +20,19 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from _children import Child, emit  # tools/: the script's own directory is on sys.path
+
 PRIORITIES = 'version = 1\n[[rule]]\nname = "alerts"\ntopic = "alerts.>"\npriority = "high"\n' \
              '[[rule]]\nname = "bulk"\ntopic = "bulk.>"\npriority = "low"\n'
 NONE = 'version = 1\n[[rule]]\nname = "alerts"\ntopic = "alerts.>"\nttl = 3600\n'
 
-
-def emit(**obj: Any) -> None:
-    print("@bench " + json.dumps(obj), flush=True)
 
 
 def _agent(name: str, a: dict[str, Any], **more: Any) -> Any:
@@ -92,39 +89,6 @@ def role_pub(a: dict[str, Any]) -> None:
     asyncio.run(main())
 
 
-class Child:
-    def __init__(self, role: str, a: dict[str, Any]) -> None:
-        self.proc = subprocess.Popen([sys.executable, __file__, "--role", role, "--args", json.dumps(a)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def expect(self, event: str, timeout: float) -> dict[str, Any]:
-        import select
-
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                break
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            if line.startswith("@bench "):
-                obj = json.loads(line[7:])
-                if obj["event"] == event:
-                    return obj  # type: ignore[no-any-return]
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-        assert self.proc.stderr is not None
-        raise RuntimeError(f"no {event!r} within {timeout}s; stderr: {self.proc.stderr.read()[-2000:]}")
-
-    def end(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-
 def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] * 1e3 if values else float("nan")
 
@@ -134,9 +98,9 @@ def measure(o: argparse.Namespace, policy: Path, r: int, label: str) -> dict[str
               "work_us": o.work_us, "timeout": o.timeout, "policy": str(policy)}
     children: list[Child] = []
     try:
-        sub = Child("sub", common)
+        sub = Child(__file__, "sub", common)
         children.append(sub)
-        pub = Child("pub", {**common, "seeds": [sub.expect("ready", 30)["endpoint"]]})
+        pub = Child(__file__, "pub", {**common, "seeds": [sub.expect("ready", 30)["endpoint"]]})
         children.append(pub)
         sent = pub.expect("sent", o.timeout)
         lat = sub.expect("done", o.timeout)["latency"]

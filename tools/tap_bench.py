@@ -19,16 +19,14 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
 
+from _children import Child, emit  # tools/: the script's own directory is on sys.path
+
 TOPIC = "bench.tap"
 
-
-def emit(**obj: Any) -> None:
-    print("@bench " + json.dumps(obj), flush=True)
 
 
 def _agent(name: str, a: dict[str, Any], **more: Any) -> Any:
@@ -96,56 +94,20 @@ def role_pub(a: dict[str, Any]) -> None:
     asyncio.run(main())
 
 
-class Child:
-    def __init__(self, role: str, a: dict[str, Any]) -> None:
-        self.proc = subprocess.Popen([sys.executable, __file__, "--role", role, "--args", json.dumps(a)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def expect(self, event: str, timeout: float) -> dict[str, Any]:
-        import select
-
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                break
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            if line.startswith("@bench "):
-                obj = json.loads(line[7:])
-                if obj["event"] == event:
-                    return obj  # type: ignore[no-any-return]
-        raise RuntimeError(f"no {event!r} within {timeout}s; stderr: {self.stderr()[-2000:]}")
-
-    def stderr(self) -> str:
-        if self.proc.poll() is None:
-            return ""
-        assert self.proc.stderr is not None
-        return self.proc.stderr.read()
-
-    def end(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGCONT)
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-
 def measure(o: argparse.Namespace, with_tap: bool, r: int) -> dict[str, Any]:
     mesh = f"tapbench-{os.getpid()}-{r}-{int(with_tap)}"
     common = {"mesh": mesh, "n": o.messages, "size": o.size, "timeout": o.timeout}
     children: list[Child] = []
     try:
-        sub = Child("sub", common)
+        sub = Child(__file__, "sub", common)
         children.append(sub)
         seeds = [sub.expect("ready", 30)["endpoint"]]
         tap = None
         if with_tap:
-            tap = Child("tap", {**common, "seeds": seeds, "events": o.events})
+            tap = Child(__file__, "tap", {**common, "seeds": seeds, "events": o.events})
             children.append(tap)
             seeds.append(tap.expect("ready", 30)["endpoint"])
-        pub = Child("pub", {**common, "seeds": seeds, "tap": with_tap, "linger": 2.0})
+        pub = Child(__file__, "pub", {**common, "seeds": seeds, "tap": with_tap, "linger": 2.0})
         children.append(pub)
         pub.expect("go", 40)
         if tap is not None:
