@@ -908,9 +908,14 @@ class Node:
     def _gossip_round(self, now: float, actions: list[Action]) -> None:
         """Open a push-pull exchange with a few random peers: a digest, news first."""
         t = self.timing
-        if now < self.next_gossip or not self.peers:
+        if now < self.next_gossip:
             return
+        # The round is taken even alone: a deadline left in the past would have the shell
+        # tick every millisecond until the first peer came (a change reaches that peer with
+        # our record when we meet, and the next round is at most one interval away).
         self.next_gossip = now + t.gossip_interval
+        if not self.peers:
+            return
         digest = self._digest(t.gossip_entries)
         for node in self.rng.sample(list(self.peers), min(len(self.peers), t.gossip_fanout)):
             self._send_sync(self.peers[node].endpoint, SYNC_OPEN, digest, [], actions)

@@ -697,6 +697,23 @@ def test_seeds_plus_gossip_build_the_full_mesh(net: MemoryNetwork) -> None:
     check_invariants(net)
 
 
+def test_a_node_alone_waits_a_whole_interval_between_ticks() -> None:
+    """With no peer, a change must not leave the gossip deadline in the past: the agent's
+    timer follows ``next_deadline``, and a stale deadline made it tick every millisecond."""
+    timing = Timing()
+    node = make_node("a", timing=timing)
+    now = start = 5.0
+    node.start(now)
+    assert node.set_subscriptions((), now) == []
+    ticks = 0
+    while now < start + 2.0:
+        now = node.next_deadline(now)
+        node.tick(now, now)
+        ticks += 1
+    # One tick per gossip round and per probe round at most, and one to start.
+    assert ticks <= 2.0 / timing.gossip_interval + 2.0 / timing.probe_interval + 1
+
+
 @pytest.mark.parametrize("n", [10, 100])
 def test_a_new_subscription_reaches_everyone_in_logarithmic_rounds(n: int) -> None:
     net = MemoryNetwork(record_events=False)
