@@ -3439,8 +3439,13 @@ class AsyncAgent:
         """Retransmissions and expiries of the outbox (a short timer: backoffs start at 0.2 s)."""
         if self._state != "running" or self._outbox is None or self._loop is None:
             return
+        now = time.monotonic()
+        if self._transport is not None and not self._transport.behind:
+            # A timer callback runs after the loop turn's reading: every receipt that had
+            # arrived is read. Only now may a retransmission timer expire (see Outbox.heard).
+            self._outbox.heard = now
         if self._outbox.count:
-            self._outbox.tick(time.monotonic(), time.time())
+            self._outbox.tick(now, time.time())
         if self._tapped and OUTBOX_WARNING in self._mirror.wanted_kinds:  # type: ignore[union-attr]
             self._watch_outbox()
         self._outbox_timer = self._loop.call_later(OUTBOX_TICK, self._outbox_tick)

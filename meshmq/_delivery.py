@@ -33,6 +33,7 @@ import collections
 import concurrent.futures
 import heapq
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Container
@@ -218,6 +219,10 @@ class Outbox:
         self.window = config.send_window
         self.windowed = False
         """Keep the send window (the policy gives some topic a priority)."""
+        self.heard = math.inf
+        """Until when every receipt that arrived has been read (the shell sets it). A timer
+        that expired after this time proves nothing yet: a publisher that keeps the loop busy
+        has receipts waiting unread, and sending everything again then doubled its traffic."""
         self.starve_after = config.lane_starve_after
         self.backoff = Backoff(initial=config.retransmit_initial, maximum=config.retransmit_max)
         self.rng = random.Random()
@@ -393,7 +398,7 @@ class Outbox:
             if probe:
                 self.counters["breaker_probes"] += 1
         fresh = s.highest_sent + 1  # lower numbers are sent again
-        due = s.due(now, cfg.max_batch_messages, room if self.windowed else None)
+        due = s.due(now, cfg.max_batch_messages, room if self.windowed else None, heard=self.heard)
         if not due:
             return []
         dest.sent_at = now
@@ -738,6 +743,7 @@ class Inbox:
             sender.due = False
             s = sender.stream
             self.send(sender.node, receipt_frame(self.node_id, s.epoch, s.committed, s.delivered, sender.lane))
+            self.counters["receipts_sent"] += 1
 
 
 

@@ -139,11 +139,15 @@ class SendStream(Generic[T]):
         self.highest_sent = self.next_seq - 1  # any of them may have been sent before the restart
         self.timer, self.timeouts, self.resend_from = None, 0, None
 
-    def due(self, now: float, limit: int, fresh: int | None = None) -> list[tuple[int, T]]:
+    def due(self, now: float, limit: int, fresh: int | None = None, *, heard: float | None = None) -> list[tuple[int, T]]:
         """Up to ``limit`` messages ``(seq, item)`` to send now, lowest numbers first: a resend in
         progress (after the timer expired), then messages never sent, at most ``fresh`` of
-        those (the sender's window: how many more may be on the way unreported)."""
-        if self.timer is not None and now >= self.timer and self.pending and self.resend_from is None:
+        those (the sender's window: how many more may be on the way unreported).
+
+        ``heard``: the time until which every ack that arrived has been read (default ``now``).
+        The timer expires only by then: an ack may be waiting unread for anything later."""
+        expired_by = now if heard is None or heard > now else heard
+        if self.timer is not None and expired_by >= self.timer and self.pending and self.resend_from is None:
             self.timeouts += 1
             if self.received >= self.sent_upto:
                 # Everything arrived, yet nothing was committed for a whole timeout: the

@@ -95,6 +95,8 @@ class Transport:
         self.reading = False
         self.counters: collections.Counter[str] = collections.Counter()
         self.read_budget = 2000  # frames per loop turn before yielding to other work
+        self.behind = False
+        """Frames wait unread after a loop turn's budget (set until a turn empties the socket)."""
         self.frames_sent = 0
 
     # --- lifecycle ------------------------------------------------------------------
@@ -160,6 +162,7 @@ class Transport:
         if self.reading and self.pull is not None and self.loop is not None:
             self.loop.remove_reader(self.pull.FD)
             self.reading = False
+            self.behind = False  # nothing more will be read meanwhile: nobody should wait for it
 
     def async_resume(self) -> None:
         if not self.reading and self.pull is not None and self.loop is not None:
@@ -179,14 +182,17 @@ class Transport:
             try:
                 frame = recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
+                self.behind = False
                 return
             on_frame(frame.bytes, frame.get("User-Id") if secure else "")
             # Asking EVENTS re-arms the edge-triggered FD like a failed recv does, at a third of
             # the cost (no exception): it matters on few cores, where this work competes with
             # ZeroMQ's I/O thread carrying our reply.
             if not self.reading or not int(pull.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                self.behind = False
                 return
         # Budget used up with frames still waiting: the FD will not signal again, so come back.
+        self.behind = True
         assert self.loop is not None
         self.loop.call_soon(self._readable)
 

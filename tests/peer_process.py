@@ -62,6 +62,33 @@ async def sink(mesh: str, pattern: str, deadline_s: float) -> None:
     emit(event="result", received=seen)
 
 
+async def acker(mesh: str, pattern: str, step: int, deadline_s: float) -> None:
+    """Subscribe; each time another ``step`` messages are handled and a receipt was sent after
+    that (the publisher holds an ack of all of them), say "acked"; idle until the deadline."""
+    deadline = time.monotonic() + deadline_s
+    handled: asyncio.Queue[int] = asyncio.Queue()
+    seen = 0
+
+    def on_message(msg: meshmq.Message) -> None:
+        nonlocal seen
+        seen += 1
+        if seen % step == 0:
+            handled.put_nowait(seen)
+
+    async with meshmq.AsyncAgent("acker", mesh=mesh) as agent:
+        agent.subscribe(pattern, on_message)
+        emit(event="ready", node=agent.node_id)
+        while time.monotonic() < deadline:
+            try:
+                upto = await asyncio.wait_for(handled.get(), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                break
+            receipts = agent.stats().get("receipts_sent", 0)
+            while agent.stats().get("receipts_sent", 0) == receipts and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)  # polled, bounded by the deadline
+            emit(event="acked", received=upto)
+
+
 async def member(mesh: str, name: str, ip: str, seeds: str, discovery: str, lifetime: float) -> None:
     """A lab host's agent: reports the services it routes to whenever they change, prints the
     messages on lab.<name>, publishes on command ("pub TOPIC TEXT" on stdin) and reports its
@@ -110,6 +137,8 @@ def main() -> None:
         asyncio.run(member(mesh, *args[:4], float(args[4])))
     elif role == "sink":
         asyncio.run(sink(mesh, args[0], float(args[1])))
+    elif role == "acker":
+        asyncio.run(acker(mesh, args[0], int(args[1]), float(args[2])))
     else:
         raise SystemExit(f"unknown role {role!r}")
 

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import msgpack
 import pytest
 from aio import eventually, run
 from certs import RawPeer
+from children import Child
 
 import meshmq
 from meshmq._security import b64, instance_keys
@@ -366,3 +368,42 @@ def test_duplicated_replayed_stale_and_far_ahead_data_frames_reach_no_handler_tw
         await sub.stop()
 
     run(main(), timeout=60)
+
+
+def test_a_publisher_busy_past_its_retransmission_timer_does_not_resend_what_was_acked(mesh: str) -> None:
+    """Receipts that arrive while the publisher's loop is busy wait unread in its socket: the
+    retransmission timer must not expire on them. (It did: a publisher that never yielded
+    sent every message about twice.) The subscriber is another process, so it receives and
+    acknowledges at full speed while this one is busy."""
+    step = 1000
+    child = Child("acker", mesh, "busy.x", str(step), "60")
+    try:
+        async def main() -> None:
+            # In memory: a durable outbox sends after its commit, which the busy loop would hold up.
+            pub = await meshmq.AsyncAgent("busy-pub", mesh=mesh, durability="memory",
+                                          retransmit_initial=0.05).start()
+            child.expect("ready", timeout=20)
+            await pub.wait_for_subscribers("busy.x", timeout=20)
+            start = time.monotonic()
+            for i in range(step):
+                pub.publish_nowait("busy.x", i)
+            await asyncio.sleep(0)  # one loop turn: what waits for the turn's end goes out
+            # From here on the loop is busy, as in a publisher that never yields: the first
+            # messages are acknowledged (the receipt waits unread), the timer runs out, and
+            # the next messages are sent from within publish.
+            assert child.expect("acked", timeout=30)["received"] == step
+            while time.monotonic() < start + 0.2:  # 4 times the retransmission timer
+                pass
+            for i in range(step, 2 * step):
+                pub.publish_nowait("busy.x", i)
+            assert pub.stats()["messages_sent"] >= step + 256  # some went out while busy
+            acked = await asyncio.get_running_loop().run_in_executor(None, child.expect, "acked", 30)
+            assert acked["received"] == 2 * step
+            await eventually(lambda: pub.stats()["outbox_messages"] == 0, what="every message acknowledged")
+            assert pub.stats()["messages_acked"] == 2 * step
+            assert pub.stats().get("messages_resent", 0) == 0
+            await pub.stop()
+
+        run(main(), timeout=90)
+    finally:
+        child.close()

@@ -86,6 +86,22 @@ def test_one_timer_per_stream_resends_everything_unacked_oldest_first() -> None:
     assert [seq for seq, _ in s.due(4.0, 10)] == [3, 5, 6]
 
 
+def test_the_timer_expires_only_once_acks_up_to_then_were_read() -> None:
+    """A sender whose loop was busy has acks waiting unread: a timer that expired after it
+    last read them must not resend (that doubled a busy publisher's traffic)."""
+    s: SendStream[int] = SendStream(epoch=1, backoff=Backoff(initial=1.0, jitter=0.0))
+    for i in range(3):
+        s.put(i, 0.0)
+    assert len(s.due(0.0, 10)) == 3 and s.timer == 1.0
+    assert s.due(5.0, 10, heard=0.9) == []  # late, but not heard from since before the deadline
+    assert s.counters["retransmitted"] == 0
+    assert s.on_ack(1, 3, 5.0) == [0, 1, 2]  # the ack was there all along
+    assert s.due(5.0, 10, heard=5.0) == [] and s.counters["retransmitted"] == 0
+    s.put(3, 5.0)
+    assert [seq for seq, _ in s.due(5.0, 10)] == [4] and s.timer == 6.0
+    assert [seq for seq, _ in s.due(7.0, 10, heard=6.0)] == [4]  # heard at the deadline: nothing came
+
+
 def test_received_but_not_committed_is_kept_without_being_sent_again() -> None:
     s: SendStream[int] = SendStream(epoch=1, backoff=Backoff(initial=1.0, maximum=8.0, jitter=0.0))
     for i in range(4):
