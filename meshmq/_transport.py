@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -95,6 +96,10 @@ class Transport:
         self.reading = False
         self.counters: collections.Counter[str] = collections.Counter()
         self.read_budget = 2000  # frames per loop turn before yielding to other work
+        self.read_slice = 0.005
+        """Seconds of reading per loop turn before yielding to other work. A frame may hold
+        hundreds of messages: without a time limit, a backlog kept the loop for seconds and
+        starved the timers that send receipts, so publishers sent everything again."""
         self.behind = False
         """Frames wait unread after a loop turn's budget (set until a turn empties the socket)."""
         self.frames_sent = 0
@@ -178,6 +183,8 @@ class Transport:
         recv = pull.recv
         on_frame = self.on_frame
         secure = self.secure
+        clock = time.monotonic
+        until = clock() + self.read_slice
         for _ in range(self.read_budget):
             try:
                 frame = recv(zmq.NOBLOCK, copy=False)
@@ -191,6 +198,8 @@ class Transport:
             if not self.reading or not int(pull.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 self.behind = False
                 return
+            if clock() >= until:
+                break
         # Budget used up with frames still waiting: the FD will not signal again, so come back.
         self.behind = True
         assert self.loop is not None
