@@ -2090,6 +2090,9 @@ class AsyncAgent:
         assert transport is not None
         if link.scheduled:
             if stream.ready - stream.sent_upto >= self.config.max_batch_messages:
+                # A busy link, not an idle one: what follows is batched too (without this, the
+                # next message after each full frame left alone, in a frame of its own).
+                link.hot_until = time.monotonic() + SEND_NOW_WINDOW
                 transport.flush(link)
             return
         now = time.monotonic()
