@@ -2092,8 +2092,8 @@ class AsyncAgent:
             if stream.ready - stream.sent_upto >= self.config.max_batch_messages:
                 # A busy link, not an idle one: what follows is batched too (without this, the
                 # next message after each full frame left alone, in a frame of its own).
-                link.hot_until = time.monotonic() + SEND_NOW_WINDOW
                 transport.flush(link)
+                link.hot_until = time.monotonic() + SEND_NOW_WINDOW
             return
         now = time.monotonic()
         if now >= link.hot_until and not link.frames:
