@@ -435,11 +435,16 @@ class Subscription:
         return True
 
     def _handle_now(self, msg: Message) -> None:
-        """Call a plain handler; if the message is to be retried, hold it (later ones wait)."""
-        if self._expired(msg):
+        """Call a plain handler; if the message is to be retried, hold it (later ones wait).
+        The hot path of a plain subscription: what is rare (an expiry, a trace, a verdict)
+        costs a test here, and its function call only when it happens."""
+        if msg.expires_at is not None and self._expired(msg):
             return
-        self._attempt(msg)
-        token = _trace.handling(msg.headers, msg.topic, self._agent._tracing)
+        msg.attempts += 1  # as _attempt
+        msg._verdict = None
+        msg._in_handler = True
+        traced = msg.headers or self._agent._tracing or _trace.current.get() is not None
+        token = _trace.handling(msg.headers, msg.topic, self._agent._tracing) if traced else None
         error: Exception | None = None
         try:
             self.handler(msg)  # type: ignore[misc]
@@ -447,9 +452,11 @@ class Subscription:
             error = exc
             retry = self._outcome(msg, exc)
         else:
-            retry = self._outcome(msg, None)
+            msg._in_handler = False  # as _outcome
+            retry = None if msg._verdict is None else self._agent._nacked(self, msg)
         finally:
-            _trace.done(token, error)
+            if token is not None:
+                _trace.done(token, error)
         if retry is None:
             self._finished(msg)
             return
