@@ -1842,6 +1842,10 @@ class AsyncAgent:
         :class:`OutboxFull` (:class:`PeerQueueFull`); nothing is kept then. If the commit
         fails, raises :class:`StoreError` and the message is not sent.
         """
+        if type is None and key is None and headers is None and ttl is None and schema_version == 1:
+            mid = self._publish_plain(topic, data)
+            if mid is not None:
+                return mid
         prepared = self._prepare(topic, data, type, key, headers, schema_version, ttl)
         if self._policy is not None:
             return await self._publish_by_policy(prepared, data, type, key, headers, schema_version, ttl)
@@ -1933,6 +1937,10 @@ class AsyncAgent:
         if self._loop_thread is not None and threading.get_ident() != self._loop_thread:
             raise UsageError("AsyncAgent.publish_nowait must be called on the agent's event loop; "
                              "from other threads use the blocking meshmq.Agent")
+        if type is None and key is None and headers is None and ttl is None and schema_version == 1:
+            mid = self._publish_plain(topic, data)
+            if mid is not None:
+                return mid
         prepared = self._prepare(topic, data, type, key, headers, schema_version, ttl)
         batch = [prepared]
         if self._policy is not None:
@@ -2018,6 +2026,38 @@ class AsyncAgent:
                               schema_version, headers, key, fmt, raw, state.packer)
         expires = now + float(headers[TTL]) if headers is not None and TTL in headers else NEVER
         return topic, key, mid, env, state, expires
+
+    def _publish_plain(self, topic: str, data: Any) -> str | None:
+        """The hot path of publish (loop thread): bytes, no options, a topic already checked
+        with one remote subscriber, an outbox in memory with room, nothing that watches or
+        changes messages (policy, taps, schemas, tracing, a default time to live). It does
+        what _prepare, _seal and _enqueue do for such a message, without their tests for
+        what does not apply; None when anything does (the caller takes the general path,
+        which also raises the errors)."""
+        lane = self._single.get(topic)
+        if (lane is None or type(data) is not bytes or len(data) > self.limits.max_payload_bytes
+                or topic not in self._checked_topics or self._state != "running" or self._policy is not None
+                or self._tapped or self._tracing or self._checked_schemas or self.config.default_ttl
+                or _trace.current.get() is not None):
+            return None
+        outbox = self._outbox
+        assert outbox is not None
+        if outbox.durable or not self._rights.may_publish(topic):
+            return None
+        state = self._thread_state()
+        mid = self._id_prefix + next(self._id_counter).to_bytes(8, "big")
+        env = encode_envelope(mid, time.time(), topic, None, self.service, self.node_id, 1, None, None,
+                              FORMAT_BYTES, data, state.packer)
+        size = len(env)
+        dest = lane.dest
+        if (outbox.count >= outbox.max_count or outbox.bytes + size > outbox.max_bytes
+                or dest.count >= outbox.max_dest_count or dest.bytes + size > outbox.max_dest_bytes):
+            return None  # full: the general path waits for room or raises (this id goes unused)
+        outbox.put(lane, env, size, NEVER, 0.0)
+        state.published += 1
+        if dest.link is not None:
+            self._send_soon(dest.link, lane)
+        return mid.hex()
 
     def _enqueue(self, prepared: _Prepared) -> bool:
         """Put one envelope in the outbox for every destination, or for none (raises

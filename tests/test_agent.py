@@ -55,6 +55,38 @@ def test_message_fields_and_local_delivery(mesh: str) -> None:
     run(main())
 
 
+def test_the_plain_publish_path_sends_what_the_general_path_sends(mesh: str) -> None:
+    """publish has a hot path for plain bytes to a topic with one remote subscriber; a
+    message it sends must be indistinguishable from one the general path sends."""
+    async def main() -> None:
+        async with agents(mesh, "pub", "sub", durability="memory") as (pub, sub):
+            inbox = sub.subscribe("plain.x")
+            await pub.wait_for_subscribers("plain.x", timeout=10)
+            await pub.publish("plain.x", b"first")  # the general path: it learns the route
+            general_mid = await pub.publish("plain.x", b"same", headers={})  # options: general
+            taken: list[str] = []
+            plain = pub._publish_plain
+
+            def spy(topic: str, data: object) -> str | None:
+                mid = plain(topic, data)
+                taken.append("plain" if mid is not None else "general")
+                return mid
+
+            pub._publish_plain = spy  # type: ignore[method-assign]
+            plain_mid = await pub.publish("plain.x", b"same")
+            pub.publish_nowait("plain.x", b"nowait")
+            assert taken == ["plain", "plain"]
+            _, general, plain_msg, nowait = await collect(inbox, 4)
+            assert (general.id, plain_msg.id) == (general_mid, plain_mid)
+            fields = ("topic", "type", "source", "node", "schema_version", "headers", "key", "raw", "data",
+                      "redelivered", "expires_at")
+            assert [getattr(plain_msg, f) for f in fields] == [getattr(general, f) for f in fields]
+            assert nowait.data == b"nowait" and plain_msg.timestamp >= general.timestamp
+            assert pub.stats()["published"] == 4
+
+    run(main())
+
+
 def test_coroutine_handler_sees_messages_in_order(mesh: str) -> None:
     async def main() -> None:
         async with agents(mesh, "pub", "sub") as (pub, sub):
