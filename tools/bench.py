@@ -235,16 +235,16 @@ def role_mq_sub(a: dict[str, Any]) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        state = {"count": 0, "t0": 0.0, "t1": 0.0, "size": -1}
-        clock = time.perf_counter
+        state = {"count": 0, "t0": 0.0, "t1": 0.0, "c0": 0.0, "c1": 0.0, "size": -1}
+        clock, cpu = time.perf_counter, time.process_time
 
         def handler(msg: meshmq.Message) -> None:
             c = state["count"] = state["count"] + 1
             if c == 1:
-                state["t0"] = clock()
+                state["t0"], state["c0"] = clock(), cpu()
                 state["size"] = len(msg.raw)
             elif c == n:
-                state["t1"] = clock()
+                state["t1"], state["c1"] = clock(), cpu()
                 done.set_result(None)
 
         agent = meshmq.AsyncAgent("bench-sub", **_agent_kwargs(a))
@@ -260,7 +260,8 @@ def role_mq_sub(a: dict[str, Any]) -> None:
                 return
             assert state["size"] == size, (state["size"], size)
             elapsed = state["t1"] - state["t0"]
-            emit(event="result", count=n, elapsed=elapsed, rate=(n - 1) / elapsed, stats=agent.stats())
+            emit(event="result", count=n, elapsed=elapsed, rate=(n - 1) / elapsed, stats=agent.stats(),
+                 cpu_us=(state["c1"] - state["c0"]) / (n - 1) * 1e6)
             await async_wait_quit()
         finally:
             await agent.stop()
@@ -281,11 +282,11 @@ def role_mq_pub_async(a: dict[str, Any]) -> None:
         try:
             await agent.wait_for_subscribers(TOPIC, timeout=15)
             publish = agent.publish
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(n):
                 await publish(TOPIC, data)
-            t1 = time.perf_counter()
-            emit(event="sent", count=n, elapsed=t1 - t0, rate=n / (t1 - t0))
+            t1, c1 = time.perf_counter(), time.process_time()
+            emit(event="sent", count=n, elapsed=t1 - t0, rate=n / (t1 - t0), cpu_us=(c1 - c0) / n * 1e6)
             await async_wait_quit()
             emit(event="stats", stats=agent.stats())
         finally:
@@ -314,11 +315,11 @@ def role_mq_pub_sync(a: dict[str, Any]) -> None:
         try:
             agent.wait_for_subscribers(TOPIC, timeout=15)
             publish = agent.publish
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(n):
                 publish(TOPIC, data)
-            t1 = time.perf_counter()
-            emit(event="sent", count=n, elapsed=t1 - t0, rate=n / (t1 - t0))
+            t1, c1 = time.perf_counter(), time.process_time()
+            emit(event="sent", count=n, elapsed=t1 - t0, rate=n / (t1 - t0), cpu_us=(c1 - c0) / n * 1e6)
             wait_quit()
             emit(event="stats", stats=agent.stats())
         finally:
@@ -652,7 +653,8 @@ def measure_mq_tp(o: argparse.Namespace, kind: str, tag: str, insecure: bool = F
     frames = tx_stats.get("frames_sent", 0)
     return {"rate": got["rate"], "elapsed": got["elapsed"], "send_rate": sent["rate"],
             "frames_sent": frames, "messages_per_frame": tx_stats.get("messages_sent", 0) / frames if frames else 0,
-            "receive_paused": rx_stats.get("receive_paused", 0)}
+            "receive_paused": rx_stats.get("receive_paused", 0), "resent": tx_stats.get("messages_resent", 0),
+            "pub_cpu_us": sent.get("cpu_us", 0.0), "sub_cpu_us": got.get("cpu_us", 0.0)}
 
 
 def measure_raw_lat(o: argparse.Namespace) -> dict[str, Any]:
@@ -782,6 +784,10 @@ def run_all(o: argparse.Namespace) -> dict[str, Any]:
     for name in ("raw_tp", "mq_async_tp", "mq_sync_tp", "mq_async_tp_insecure", "mq_sync_tp_insecure"):
         if runs[name]:
             summary[name] = summarize([x["rate"] for x in runs[name]], True)
+            if name != "raw_tp":  # CPU time per message: less at the mercy of other tenants than rates
+                for side in ("pub_cpu_us", "sub_cpu_us"):
+                    summary[name][side] = statistics.median(x[side] for x in runs[name])
+                summary[name]["resent"] = sum(x["resent"] for x in runs[name])
     for name in ("raw_lat", "mq_lat", "raw_lat_insecure", "mq_lat_insecure"):
         if runs[name]:
             summary[name] = {
@@ -838,6 +844,11 @@ def table(res: dict[str, Any]) -> str:
         r = f"{ratio['best']:>10.3f} {ratio['median']:>12.3f}" if ratio else f"{'':>10s} {'':>12s}"
         lines.append(f"{label + ' ' + unit:40s} {best:>12,.0f} {median:>12,.0f}   {r}")
 
+    def cpu(name: str) -> None:
+        one = s[name]
+        lines.append(f"    CPU a message (median): publisher process {one['pub_cpu_us']:.2f} us, subscriber "
+                     f"{one['sub_cpu_us']:.2f} us; {one['resent']:,} messages resent")
+
     def row_us(label: str, best: float, median: float, ratio: dict[str, float] | None) -> None:
         r = f"{ratio['best']:>10.3f} {ratio['median']:>12.3f}" if ratio else f"{'':>10s} {'':>12s}"
         lines.append(f"{label + ' (us)':40s} {best:>12.1f} {median:>12.1f}   {r}")
@@ -847,15 +858,19 @@ def table(res: dict[str, Any]) -> str:
     if "mq_async_tp" in s:
         row("meshmq AsyncAgent publish", s["mq_async_tp"]["best"], s["mq_async_tp"]["median"], "msg/s",
             ratios.get("throughput_async"))
+        cpu("mq_async_tp")
     if "mq_sync_tp" in s:
         row("meshmq Agent (blocking) publish", s["mq_sync_tp"]["best"], s["mq_sync_tp"]["median"], "msg/s",
             ratios.get("throughput_sync"))
+        cpu("mq_sync_tp")
     if "mq_async_tp_insecure" in s:
         row("insecure AsyncAgent publish", s["mq_async_tp_insecure"]["best"], s["mq_async_tp_insecure"]["median"],
             "msg/s", None)
+        cpu("mq_async_tp_insecure")
     if "mq_sync_tp_insecure" in s:
         row("insecure Agent (blocking) publish", s["mq_sync_tp_insecure"]["best"], s["mq_sync_tp_insecure"]["median"],
             "msg/s", None)
+        cpu("mq_sync_tp_insecure")
     if "raw_lat" in s:
         row_us("raw zmq round trip p50", s["raw_lat"]["p50_us"]["best"], s["raw_lat"]["p50_us"]["median"], None)
         row_us("raw zmq round trip p99", s["raw_lat"]["p99_us"]["best"], s["raw_lat"]["p99_us"]["median"], None)
