@@ -664,7 +664,6 @@ class AsyncAgent:
         self._inbox: Inbox | None = None
         self._batch_waiter: asyncio.Future[None] | None = None
         self._intake: collections.deque[tuple[_Prepared, concurrent.futures.Future[str] | None]] = collections.deque()
-        self._intake_lock = threading.Lock()
         self._intake_scheduled = False
         self._intake_blocked = False  # a publish waits for room in the outbox; the rest wait behind it
         self._intake_error: BaseException | None = None
@@ -2241,21 +2240,21 @@ class AsyncAgent:
     def _take_intake(self) -> None:
         """Publishes handed over by the blocking Agent's threads, in their order. One that finds
         the outbox full waits for room, and those behind it wait behind it."""
-        with self._intake_lock:
-            self._intake_scheduled = False
-            if self._intake_blocked:
-                return
-            batch = list(self._intake)
-            self._intake.clear()
+        # No lock: deque appends and pops are thread-safe, and the flag is cleared before the
+        # intake is emptied, so a publish that finds it set has appended in time to be taken.
+        self._intake_scheduled = False
+        if self._intake_blocked:
+            return
+        intake = self._intake
+        batch = [intake.popleft() for _ in range(len(intake))]  # what comes meanwhile schedules a take
         for i, (prepared, future) in enumerate(batch):
             if future is not None and future.done():
                 continue
             try:
                 stored = self._enqueue(prepared)
             except _Full:
-                with self._intake_lock:
-                    self._intake.extendleft(reversed(batch[i + 1:]))
-                    self._intake_blocked = True
+                self._intake_blocked = True
+                intake.extendleft(reversed(batch[i + 1:]))  # before what was handed over meanwhile
                 asyncio.ensure_future(self._intake_when_room(prepared, future))
                 return
             except MeshError as exc:
@@ -2287,8 +2286,7 @@ class AsyncAgent:
             if future is not None and not future.done():
                 future.set_result(prepared[2].hex())
         finally:
-            with self._intake_lock:
-                self._intake_blocked = False
+            self._intake_blocked = False
             self._take_intake()
 
     def _publish_threadsafe(self, prepared: _Prepared, wait: bool = True) -> concurrent.futures.Future[str] | None:
@@ -2296,11 +2294,9 @@ class AsyncAgent:
         Returns a future of its outcome, or with ``wait=False`` None (a failure is kept for
         the next publish)."""
         future: concurrent.futures.Future[str] | None = concurrent.futures.Future() if wait else None
-        with self._intake_lock:
-            self._intake.append((prepared, future))
-            wake = not self._intake_scheduled
+        self._intake.append((prepared, future))  # then the flag: see _take_intake
+        if not self._intake_scheduled:
             self._intake_scheduled = True
-        if wake:
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._take_intake)
         return future
