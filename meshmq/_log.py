@@ -22,7 +22,7 @@ class QuietLogger:
         self.max_keys = max_keys
         self._last: OrderedDict[str, tuple[float, int]] = OrderedDict()
 
-    def log(self, level: int, key: str, msg: str, *args: object) -> None:
+    def log(self, level: int, key: str, msg: str, *args: object, exc_info: bool = False) -> None:
         now = time.monotonic()
         last = self._last.get(key)
         if last is not None and now - last[0] < self.interval:
@@ -35,7 +35,7 @@ class QuietLogger:
             self._last.popitem(last=False)
         if suppressed:
             msg += f" ({suppressed} similar suppressed)"
-        self.logger.log(level, msg, *args)
+        self.logger.log(level, msg, *args, exc_info=exc_info)
 
     def warning(self, key: str, msg: str, *args: object) -> None:
         self.log(logging.WARNING, key, msg, *args)

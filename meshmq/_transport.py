@@ -26,10 +26,12 @@ from typing import Any
 
 import zmq
 
+from ._log import QuietLogger
 from ._security import curve_public_of, unb64
 from ._wire import split_endpoint
 
 log = logging.getLogger("meshmq.transport")
+quiet = QuietLogger(log)
 ZAP_DOMAIN = "meshmq"
 
 
@@ -191,7 +193,12 @@ class Transport:
             except zmq.Again:
                 self.behind = False
                 return
-            on_frame(frame.bytes, frame.get("User-Id") if secure else "")
+            try:
+                on_frame(frame.bytes, frame.get("User-Id") if secure else "")
+            except Exception:  # a fault of ours with one frame must not end the reading
+                self.counters["frames_failed"] += 1
+                quiet.log(logging.ERROR, "frame-failed", "handling a received frame failed (a meshmq bug; "
+                          "the frame is dropped)", exc_info=True)
             # Asking EVENTS re-arms the edge-triggered FD like a failed recv does, at a third of
             # the cost (no exception): it matters on few cores, where this work competes with
             # ZeroMQ's I/O thread carrying our reply.

@@ -48,3 +48,30 @@ def test_reading_a_backlog_yields_to_timers_after_its_time_slice() -> None:
             transport.async_close(0)
 
     run(main(), timeout=30)
+
+
+def test_a_frame_whose_handling_fails_is_counted_and_the_reading_goes_on() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        seen: list[bytes] = []
+
+        def on_frame(frame: bytes, peer: str) -> None:
+            if frame == b"1":
+                raise KeyError("a bug of ours")
+            seen.append(frame)
+
+        transport = Transport(Config(), "reader", on_frame, lambda link: [], None)
+        endpoint = transport.async_bind(loop, ["inproc://failing"])[0]
+        push = transport.ctx.socket(zmq.PUSH)
+        try:
+            push.connect(endpoint)
+            for i in range(4):
+                push.send(b"%d" % i)
+            await eventually(lambda: len(seen) == 3, what="the other frames read")
+            assert seen == [b"0", b"2", b"3"] and transport.counters["frames_failed"] == 1
+            assert not transport.behind
+        finally:
+            push.close(0)
+            transport.async_close(0)
+
+    run(main(), timeout=30)
