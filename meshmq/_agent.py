@@ -2016,8 +2016,10 @@ class AsyncAgent:
               key: str | None, fmt: int, raw: bytes) -> _Prepared:
         """A new message id and the envelope bytes, packed with this thread's packer."""
         if not self._rights.may_publish(topic):
+            # may_publish is False only under a certificate: cert is not None here.
             raise NotPermitted(f"this agent's certificate does not allow publishing on {topic!r} "
-                               f"(it allows: {', '.join(self._rights.cert.publish) or 'nothing'})")
+                               "(it allows: "
+                               f"{', '.join(self._rights.cert.publish) or 'nothing'})")  # type: ignore[union-attr]
         state = self._thread_state()
         mid = self._id_prefix + next(self._id_counter).to_bytes(8, "big")
         now = time.time()
