@@ -16,7 +16,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from ._errors import UsageError
@@ -81,8 +81,8 @@ class Mirror:
     def __bool__(self) -> bool:
         return bool(self.routes)
 
-    def set_routes(self, taps: dict[str, tuple[tuple[tuple[str, ...], ...], frozenset[str],
-                                                Callable[[str], bool]]]) -> None:
+    def set_routes(self, taps: Mapping[str, tuple[tuple[tuple[str, ...], ...], frozenset[str],
+                                                   Callable[[str], bool]]]) -> None:
         """The taps of the mesh now: node -> (patterns as tokens, delivery events it wants,
         may it read a topic)."""
         kept = {}
