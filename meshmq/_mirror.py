@@ -70,9 +70,10 @@ class Mirror:
         self._send = send  # (tap node, lost, items) -> whether it left
         self.routes: dict[str, TapRoute] = {}
         self._by_topic: dict[str, tuple[TapRoute, ...]] = {}
-        # What was published since the last flush: (topic, envelope, destinations), sorted out
-        # per tap when flushed, so that a publish pays one append and nothing more.
-        self._published: collections.deque[tuple[str, bytes, Any]] = collections.deque()
+        # What was published since the last flush: (topic, envelope, destinations (a node or a
+        # list), lane), sorted out per tap when flushed, so that a publish pays one append and
+        # nothing more.
+        self._published: collections.deque[tuple[str, bytes, Any, int]] = collections.deque()
         self._unsorted_lost = 0
         self._saturated = False  # every tap stalled or full: publishes are only counted until a flush
         self._timer: asyncio.TimerHandle | None = None
