@@ -2016,8 +2016,10 @@ class AsyncAgent:
               key: str | None, fmt: int, raw: bytes) -> _Prepared:
         """A new message id and the envelope bytes, packed with this thread's packer."""
         if not self._rights.may_publish(topic):
+            # may_publish is False only under a certificate: cert is not None here.
             raise NotPermitted(f"this agent's certificate does not allow publishing on {topic!r} "
-                               f"(it allows: {', '.join(self._rights.cert.publish) or 'nothing'})")
+                               "(it allows: "
+                               f"{', '.join(self._rights.cert.publish) or 'nothing'})")  # type: ignore[union-attr]
         state = self._thread_state()
         mid = self._id_prefix + next(self._id_counter).to_bytes(8, "big")
         now = time.time()
@@ -2416,7 +2418,9 @@ class AsyncAgent:
             if len(frame) > 2 and frame[0] == PROTOCOL_VERSION and frame[1] == TAP:
                 self._on_tap_frame(frame, peer)
                 return
-            decoded = decode_frame(frame, self.limits)
+            # A Frame, dispatched below on `kind is X`: cheaper than isinstance per frame, but mypy
+            # does not narrow through it, so to mypy the fields of each kind are Any here.
+            decoded: Any = decode_frame(frame, self.limits)
         except ForgedFrame as exc:
             self.counters["frames_forged"] += 1
             quiet.warning("forged", "dropped a data frame that does not prove its sender (%d bytes): %s",
@@ -3509,7 +3513,7 @@ class AsyncAgent:
         outbox = self._outbox
         assert outbox is not None and self._mirror is not None
         cfg = self.config
-        shares = [(None, "the outbox", outbox.count / cfg.max_outbox_messages, outbox.bytes / cfg.max_outbox_bytes)]
+        shares: list[tuple[str | None, str, float, float]] = [(None, "the outbox", outbox.count / cfg.max_outbox_messages, outbox.bytes / cfg.max_outbox_bytes)]
         shares += [(d.node, f"the share for {d.service or d.node}", d.pending / cfg.peer_queue_messages,
                     d.bytes / cfg.peer_queue_bytes) for d in outbox.dests.values() if d.pending]
         levels = self._outbox_levels

@@ -16,7 +16,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from ._errors import UsageError
@@ -70,9 +70,10 @@ class Mirror:
         self._send = send  # (tap node, lost, items) -> whether it left
         self.routes: dict[str, TapRoute] = {}
         self._by_topic: dict[str, tuple[TapRoute, ...]] = {}
-        # What was published since the last flush: (topic, envelope, destinations), sorted out
-        # per tap when flushed, so that a publish pays one append and nothing more.
-        self._published: collections.deque[tuple[str, bytes, Any]] = collections.deque()
+        # What was published since the last flush: (topic, envelope, destinations (a node or a
+        # list), lane), sorted out per tap when flushed, so that a publish pays one append and
+        # nothing more.
+        self._published: collections.deque[tuple[str, bytes, Any, int]] = collections.deque()
         self._unsorted_lost = 0
         self._saturated = False  # every tap stalled or full: publishes are only counted until a flush
         self._timer: asyncio.TimerHandle | None = None
@@ -81,8 +82,8 @@ class Mirror:
     def __bool__(self) -> bool:
         return bool(self.routes)
 
-    def set_routes(self, taps: dict[str, tuple[tuple[tuple[str, ...], ...], frozenset[str],
-                                                Callable[[str], bool]]]) -> None:
+    def set_routes(self, taps: Mapping[str, tuple[tuple[tuple[str, ...], ...], frozenset[str],
+                                                   Callable[[str], bool]]]) -> None:
         """The taps of the mesh now: node -> (patterns as tokens, delivery events it wants,
         may it read a topic)."""
         kept = {}

@@ -68,8 +68,8 @@ from ._routing import RoutingTable
 from ._topics import check_pattern
 from ._wire import (
     ALIVE, DEAD, LEFT, MAX_SYNC_ENTRIES, STATUS_NAMES, SUSPECT, SYNC_LAST, SYNC_OPEN, SYNC_REPLY, Ack, Bye, Data, Entry,
-    Frame, Hello, Limits, NodeRecord, Ping, PingReq, Subscription, Sync, ack_frame, bye_frame, hello_frame, is_endpoint,
-    ping_frame, ping_req_frame, sync_frame,
+    Frame, Hello, Limits, NodeRecord, Ping, PingReq, Receipt, Subscription, Sync, ack_frame, bye_frame, hello_frame,
+    is_endpoint, ping_frame, ping_req_frame, sync_frame,
 )
 
 _DEPARTED_KEPT = 256
@@ -334,6 +334,8 @@ class Node:
         if isinstance(frame, Data):
             self.touch(frame.node, now)
             return actions
+        if isinstance(frame, Receipt):
+            return actions  # the outbox's business, not membership's (and it carries no mesh)
         if frame.mesh != self.mesh:
             self.counters["rejected_other_mesh"] += 1
             return actions

@@ -194,7 +194,8 @@ class Transport:
                 self.behind = False
                 return
             try:
-                on_frame(frame.bytes, frame.get("User-Id") if secure else "")
+                # A named property such as User-Id comes back as a str (pyzmq types get as int | str).
+                on_frame(frame.bytes, frame.get("User-Id") if secure else "")  # type: ignore[arg-type]
             except Exception:  # a fault of ours with one frame must not end the reading
                 self.counters["frames_failed"] += 1
                 quiet.log(logging.ERROR, "frame-failed", "handling a received frame failed (a meshmq bug; "

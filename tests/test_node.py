@@ -13,7 +13,7 @@ from meshmq._node import MAX_HEALTH, Connect, Disconnect, Node, PeerDown, PeerUp
 from meshmq._records import claim
 from meshmq._wire import (
     ACK, ALIVE, DEAD, LEFT, MAX_SYNC_ENTRIES, PING, PING_REQ, SUSPECT, SYNC, SYNC_OPEN, Ack, Entry, Hello, Limits, NodeRecord, Ping,
-    Subscription, Sync, bye_frame, data_frame, decode_frame, hello_frame,
+    Subscription, Sync, bye_frame, data_frame, decode_frame, hello_frame, receipt_frame,
 )
 from meshmq.testing import FakeClock, LinkError, MemoryNetwork, make_node
 
@@ -486,6 +486,11 @@ def test_a_stopped_node_ignores_everything(net: MemoryNetwork) -> None:
     assert a.tick(100.0) == []
     assert a.receive(Ping("test", "b", B, 5, "a"), 1.0) == []
     assert a.discovered(1.0, None, (D,), None) == []
+
+
+def test_a_receipt_reaching_the_membership_core_is_ignored(net: MemoryNetwork) -> None:
+    a = net.add(make_node("a"))
+    assert a.receive(decode_frame(receipt_frame("b", 1, 2, 3), a.limits), 0.0) == []
 
 
 def test_bye_for_an_unknown_node_is_harmless(net: MemoryNetwork) -> None:
