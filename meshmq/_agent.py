@@ -3513,7 +3513,8 @@ class AsyncAgent:
         outbox = self._outbox
         assert outbox is not None and self._mirror is not None
         cfg = self.config
-        shares: list[tuple[str | None, str, float, float]] = [(None, "the outbox", outbox.count / cfg.max_outbox_messages, outbox.bytes / cfg.max_outbox_bytes)]
+        shares: list[tuple[str | None, str, float, float]] = [
+            (None, "the outbox", outbox.count / cfg.max_outbox_messages, outbox.bytes / cfg.max_outbox_bytes)]
         shares += [(d.node, f"the share for {d.service or d.node}", d.pending / cfg.peer_queue_messages,
                     d.bytes / cfg.peer_queue_bytes) for d in outbox.dests.values() if d.pending]
         levels = self._outbox_levels
