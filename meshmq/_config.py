@@ -155,6 +155,10 @@ class Config:
     """Seconds ``publish`` waits for room in a full outbox before raising ``OutboxFull`` (``PeerQueueFull`` when one destination is full)."""
     socket_hwm: int = 1000
     """ZeroMQ high-water mark, in frames, of every socket."""
+    read_slice: float = 0.005
+    """Seconds the agent reads the network in one loop turn before its other work (timers, receipts) runs: a backlog is read in slices."""
+    blocking_intake_messages: int = 1000
+    """With durability "memory": publishes a blocking Agent hands its loop before publish waits for the loop to catch up (small keeps them in the CPU's caches)."""
     stop_timeout: float = 2.0
     """Seconds ``stop`` spends flushing queued messages before closing."""
     tap_queue_messages: int = 10_000
@@ -206,7 +210,8 @@ class Config:
                   "rejoin_window", "work_report_interval", "publish_timeout", "stop_timeout", "max_attempts",
                   "tap_flush_interval", "tap_stats_interval", "health_max_outbox_age", "health_dead_letter_window",
                   "health_certificate_warning",
-                  "retry_backoff", "retry_backoff_max", "retransmit_initial", "retransmit_max", "durable_forget_after")
+                  "retry_backoff", "retry_backoff_max", "retransmit_initial", "retransmit_max", "durable_forget_after",
+                  "read_slice")
         _check(self.gossip_entries <= 256, "gossip_entries", f"{self.gossip_entries} is above the wire limit of 256")
         _check(
             self.probe_timeout < self.probe_interval,
@@ -223,7 +228,7 @@ class Config:
             "max_subscriptions", "max_peers", "peer_queue_messages", "peer_queue_bytes",
             "subscription_queue_messages", "send_window", "lane_starve_after", "socket_hwm", "max_store_bytes", "max_outbox_messages",
             "max_outbox_bytes", "max_held_messages", "tap_queue_messages", "tap_buffer_messages", "max_revocations",
-            "max_schemas",
+            "max_schemas", "blocking_intake_messages",
         )
         _check(self.max_schemas <= MAX_SCHEMA_KEYS, "max_schemas",
                f"{self.max_schemas} is above the wire limit of {MAX_SCHEMA_KEYS}")

@@ -5,7 +5,7 @@ One implementation, two faces (as python-zeroconf does). Control calls
 encodes in the caller's thread and hands the envelope to the loop, which takes
 what all threads handed over once per loop turn. With a durable store it then
 waits for the commit; with ``durability="memory"`` it returns at once (nothing is
-committed), waiting only when the loop is more than ``INTAKE_LIMIT`` messages behind.
+committed), waiting only when the loop is more than ``Config.blocking_intake_messages`` behind.
 Plain handlers run on a thread of their subscription's own.
 """
 
@@ -30,11 +30,6 @@ from ._errors import AgentClosed, MeshTimeout
 
 T = TypeVar("T")
 
-INTAKE_LIMIT = 1000
-"""With durability "memory": publishes a blocking Agent's loop may be behind before publish waits.
-Small enough that a batch is still in the CPU's caches when the loop thread takes it: at
-10,000 the publishing process used 5.6-6.1 us of CPU a message, at 1,000 4.7-5.0 (see
-docs/benchmarks.md)."""
 
 
 class Agent:
@@ -165,7 +160,11 @@ class Agent:
             except _Full as full:
                 raise agent._full_error(full.dest) from None
             return prepared[2].hex()
-        if agent.config.durability != "memory" or len(agent._intake) > INTAKE_LIMIT:
+        # The intake limit (Config.blocking_intake_messages) keeps a batch small enough to be in
+        # the CPU's caches when the loop thread takes it: at 10,000 the publishing process used
+        # 5.6-6.1 us of CPU a message, at 1,000 4.7-5.0 (docs/benchmarks.md).
+        cfg = agent.config
+        if cfg.durability != "memory" or len(agent._intake) > cfg.blocking_intake_messages:
             future = agent._publish_threadsafe(prepared)
             assert future is not None
             return self._wait_published(future)

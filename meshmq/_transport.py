@@ -98,7 +98,7 @@ class Transport:
         self.reading = False
         self.counters: collections.Counter[str] = collections.Counter()
         self.read_budget = 2000  # frames per loop turn before yielding to other work
-        self.read_slice = 0.005
+        self.read_slice: float = config.read_slice
         """Seconds of reading per loop turn before yielding to other work. A frame may hold
         hundreds of messages: without a time limit, a backlog kept the loop for seconds and
         starved the timers that send receipts, so publishers sent everything again."""
