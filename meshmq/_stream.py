@@ -139,7 +139,8 @@ class SendStream(Generic[T]):
         self.highest_sent = self.next_seq - 1  # any of them may have been sent before the restart
         self.timer, self.timeouts, self.resend_from = None, 0, None
 
-    def due(self, now: float, limit: int, fresh: int | None = None, *, heard: float | None = None) -> list[tuple[int, T]]:
+    def due(self, now: float, limit: int, fresh: int | None = None, *,
+            heard: float | None = None) -> list[tuple[int, T]]:
         """Up to ``limit`` messages ``(seq, item)`` to send now, lowest numbers first: a resend in
         progress (after the timer expired), then messages never sent, at most ``fresh`` of
         those (the sender's window: how many more may be on the way unreported).

@@ -31,7 +31,6 @@ from ._errors import AgentClosed, MeshTimeout
 T = TypeVar("T")
 
 
-
 class Agent:
     """The meshmq agent for ordinary (blocking) Python code. Same API as :class:`AsyncAgent`.
 
