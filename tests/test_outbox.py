@@ -314,6 +314,7 @@ def test_meshmq_outbox_shows_what_waits_per_destination(mesh: str, data_dir: Pat
     assert missing.returncode == 2 and "no store of service 'nope'" in missing.stderr
 
 
+@pytest.mark.timeout(300)  # above the tool's own --timeout, so that it always ends and reports itself
 @pytest.mark.parametrize("victim", ["producers", "subscriber"])
 def test_kill9_loses_nothing_and_duplicates_nothing(victim: str) -> None:
     """tools/kill9.py, small: 4 producer processes, SIGKILL every second to a producer (or

@@ -2,7 +2,8 @@
 
 Producers publish to one subscriber through their outboxes (durability fsync)
 while this script kills a process with SIGKILL every few seconds and starts it
-again with the same store. Every id whose ``publish`` returned must reach the
+again with the same store (the next kill comes a few seconds after the restarted
+process got going, so kills never outpace restarts on a slow machine). Every id whose ``publish`` returned must reach the
 subscriber's application exactly once, and per producer in publication order.
 
     python tools/kill9.py --kill producers            # 4 producers, 100,000 messages
@@ -22,7 +23,8 @@ message that could have been handed over before a crash, so the application
 checks only those). The report counts those skips, and every duplicate that
 reached processing (must be 0), lost ids (must be 0) and order violations (must
 be 0). Traffic stays on 127.0.0.1 (fixed ports, seeds, no mDNS); every process is
-one this script started and is ended by its PID.
+one this script started and is ended by its PID, and each ends by itself at the
+run's deadline or when this script is gone.
 """
 
 from __future__ import annotations
@@ -81,6 +83,27 @@ def append(fd: int, lines: list[str]) -> None:
 # --- the processes ---------------------------------------------------------------------
 
 
+def going(stop: asyncio.Event, a: dict[str, Any]) -> bool:
+    """Not told to stop (SIGTERM), before the run's deadline, and the controller alive (if it
+    died, this process was reparented): a child never outlives its run."""
+    return not stop.is_set() and time.time() < a["until"] and os.getppid() == a["parent"]
+
+
+async def until_stopped(stop: asyncio.Event, a: dict[str, Any]) -> None:
+    while going(stop, a):
+        try:
+            await asyncio.wait_for(stop.wait(), 1.0)
+        except asyncio.TimeoutError:
+            pass
+
+
+def mark_ready(a: dict[str, Any], name: str) -> None:
+    """One line per life that got going (agent started, subscriber known): the controller
+    waits for it before it schedules the next kill, so kills cannot outpace restarts."""
+    with open(Path(a["dir"]) / f"{name}.ready", "a") as f:
+        f.write("ready\n")
+
+
 def role_producer(a: dict[str, Any]) -> None:
     import meshmq
 
@@ -106,11 +129,12 @@ def role_producer(a: dict[str, Any]) -> None:
             # Every life: a life killed before it stored the subscriber's record would leave the
             # next one publishing to no one (a publish with no subscriber known goes nowhere).
             await agent.wait_for_subscribers(TOPIC.format(index), timeout=30)
+            mark_ready(a, f"producer{index}")
             n = confirmed
             life = lives
             started = time.monotonic()
             sent_this_life = 0
-            while n < total and not stop.is_set():
+            while n < total and going(stop, a):
                 batch = list(range(n + 1, min(total, n + window) + 1))
                 try:
                     ids = await asyncio.gather(*(agent.publish(TOPIC.format(index),
@@ -129,11 +153,11 @@ def role_producer(a: dict[str, Any]) -> None:
                 if ahead > 0:
                     await asyncio.sleep(ahead)  # the pace asked for, so the kills land mid-stream
             deadline = time.monotonic() + 120
-            while agent.stats()["outbox_messages"] and time.monotonic() < deadline and not stop.is_set():
+            while agent.stats()["outbox_messages"] and time.monotonic() < deadline and going(stop, a):
                 await asyncio.sleep(0.05)  # bounded: until the subscriber acknowledged everything
             if n >= total and not agent.stats()["outbox_messages"]:
                 append(fd, ["done"])
-            await stop.wait()
+            await until_stopped(stop, a)
             counted = {k: v for k, v in sorted(agent.stats().items()) if v}
             print(f"producer{index} life {lives} stats: {json.dumps(counted)}", file=sys.stderr, flush=True)
         finally:
@@ -168,10 +192,11 @@ def role_subscriber(a: dict[str, Any]) -> None:
 
         agent.subscribe("kill.>", handle, durable=True)
         await agent.start()
+        mark_ready(a, "subscriber")
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         try:
-            await stop.wait()
+            await until_stopped(stop, a)
         finally:
             # What the agent counted (drops, rejections, resends), for whoever reads a failed run.
             counted = {k: v for k, v in sorted(agent.stats().items()) if v}
@@ -195,6 +220,10 @@ class Proc:
         self.proc = subprocess.Popen([sys.executable, __file__, "--role", self.role, "--args", json.dumps(self.args)],
                                      stdout=subprocess.DEVNULL, stderr=err)
         err.close()
+
+    def lives_ready(self) -> int:
+        path = Path(self.args["dir"]) / f"{self.name}.ready"
+        return path.read_text().count("\n") if path.exists() else 0
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -263,7 +292,8 @@ def run_kills(o: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("MESHMQ_HOME", str(directory / "home"))  # the development authority they share
     args = {"mesh": f"kill{os.getpid()}", "dir": str(directory), "ports": dict(zip(names, free_ports(len(names)))),
             "keys": node_keys(directory / "data", names),
-            "count": o.messages // o.producers, "rate": o.rate / o.producers, "window": o.window}
+            "count": o.messages // o.producers, "rate": o.rate / o.producers, "window": o.window,
+            "parent": os.getpid(), "until": time.time() + o.timeout + 60}
     sub = Proc("subscriber", "subscriber", args)
     producers = [Proc(f"producer{i}", "producer", {**args, "index": i}) for i in range(o.producers)]
     sub.start()
@@ -274,16 +304,21 @@ def run_kills(o: argparse.Namespace) -> dict[str, Any]:
     victims = producers if o.kill == "producers" else [sub]
     turn = 0
     next_kill = started + o.every
+    restarted: tuple[Proc, int] | None = None  # a victim whose new life has not got going yet
     try:
         while time.monotonic() < deadline:
             if all(read_producer(directory / f"{p.name}.log")[1] for p in producers):
                 break
-            if time.monotonic() >= next_kill and o.kill != "none":
+            if restarted is not None and restarted[0].lives_ready() > restarted[1]:
+                restarted = None  # the next kill comes `every` seconds after a life got going
+                next_kill = time.monotonic() + o.every
+            if restarted is None and time.monotonic() >= next_kill and o.kill != "none":
                 victim = victims[turn % len(victims)]
                 turn += 1
+                ready = victim.lives_ready()
                 victim.kill()
                 victim.start()
-                next_kill = time.monotonic() + o.every
+                restarted = (victim, ready)
             time.sleep(0.05)  # the controller's pace; the processes do not wait on it
         finished = time.monotonic() - started
     finally:
@@ -305,7 +340,8 @@ def run_outage(o: argparse.Namespace) -> dict[str, Any]:
     os.environ["MESHMQ_DATA_DIR"] = str(directory / "data")
     os.environ.setdefault("MESHMQ_HOME", str(directory / "home"))
     args = {"mesh": f"outage{os.getpid()}", "dir": str(directory), "ports": dict(zip(names, free_ports(2))),
-            "keys": node_keys(directory / "data", names), "count": o.messages, "rate": o.rate, "window": o.window}
+            "keys": node_keys(directory / "data", names), "count": o.messages, "rate": o.rate, "window": o.window,
+            "parent": os.getpid(), "until": time.time() + o.down + o.timeout + 120}
     sub = Proc("subscriber", "subscriber", args)
     producer = Proc("producer0", "producer", {**args, "index": 0})
     sub.start()
@@ -349,7 +385,7 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=100_000, help="in all (kills) or for the one producer (outage)")
     parser.add_argument("--rate", type=float, default=4000.0, help="messages/s in all, so that kills land mid-stream")
     parser.add_argument("--window", type=int, default=100, help="concurrent publishes per producer")
-    parser.add_argument("--every", type=float, default=3.0, help="seconds between two kills")
+    parser.add_argument("--every", type=float, default=3.0, help="seconds from a restarted process getting going to the next kill")
     parser.add_argument("--down", type=float, default=30.0, help="outage: seconds the consumer is down")
     parser.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
     parser.add_argument("--json", action="store_true")
