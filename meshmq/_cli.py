@@ -847,6 +847,18 @@ declare schemas in code there.
 """
 
 
+def _pushing_agent(args: argparse.Namespace, cfg: Config, authority: Any, service: str) -> Agent:
+    """A short-lived agent that hands a signed document to the mesh. Under a real authority
+    it is certified here, with no rights to publish or subscribe, for ten minutes."""
+    agent = Agent(service, durability="memory", **_overrides(args))
+    if cfg.authority is not None:
+        inner, now = agent._agent, time.time()
+        inner._own_certificate = authority.issue(node_key=inner._keys.public, service=service, mesh=cfg.mesh,
+                                                 publish=(), subscribe=(), tap=False,
+                                                 not_before=now - 60, not_after=now + 600)
+    return agent
+
+
 def _cmd_schema(args: argparse.Namespace) -> int:
     if args.action == "add":
         return _add_schema(args)
@@ -949,13 +961,8 @@ def _add_schema(args: argparse.Namespace) -> int:
     document = authority.sign_schema(mesh=cfg.mesh, type=args.type, version=version, schema_text=text,
                                      at=time.time())
     wait = 5.0 if args.wait is None else args.wait
-    agent = Agent("meshmq-schema", durability="memory", **_overrides(args))
+    agent = _pushing_agent(args, cfg, authority, "meshmq-schema")
     inner = agent._agent
-    if cfg.authority is not None:  # a real authority: certify this short-lived agent's key ourselves
-        now = time.time()
-        inner._own_certificate = authority.issue(node_key=inner._keys.public, service="meshmq-schema",
-                                                 mesh=cfg.mesh, publish=(), subscribe=(), tap=False,
-                                                 not_before=now - 60, not_after=now + 600)
     deadline = time.monotonic() + wait
     pair = (args.type, version)
     with agent:
@@ -1028,13 +1035,8 @@ def _push_policy(args: argparse.Namespace, version: int, text: str) -> int:
     cfg = Config.load(**_overrides(args))
     authority = _signing_authority(args, cfg, "policy")
     document = authority.sign_policy(mesh=cfg.mesh, version=version, text=text, at=time.time())
-    agent = Agent("meshmq-policy", durability="memory", **_overrides(args))
+    agent = _pushing_agent(args, cfg, authority, "meshmq-policy")
     inner = agent._agent
-    if cfg.authority is not None:  # a real authority: certify this short-lived agent's key ourselves
-        now = time.time()
-        inner._own_certificate = authority.issue(node_key=inner._keys.public, service="meshmq-policy",
-                                                 mesh=cfg.mesh, publish=(), subscribe=(), tap=False,
-                                                 not_before=now - 60, not_after=now + 600)
     deadline = time.monotonic() + args.wait
     with agent:
         agent.wait_settled(timeout=max(0.0, min(args.wait, 2.0)))
