@@ -33,6 +33,8 @@ from ._wire import split_endpoint
 log = logging.getLogger("meshmq.transport")
 quiet = QuietLogger(log)
 ZAP_DOMAIN = "meshmq"
+# Plain ints: ``int & zmq.POLLIN`` would build an enum member on every test (a hot path).
+_EVENTS, _POLLIN, _POLLOUT = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT)
 
 
 class Wakeup:
@@ -203,7 +205,7 @@ class Transport:
             # Asking EVENTS re-arms the edge-triggered FD like a failed recv does, at a third of
             # the cost (no exception): it matters on few cores, where this work competes with
             # ZeroMQ's I/O thread carrying our reply.
-            if not self.reading or not int(pull.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            if not self.reading or not pull.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
                 self.behind = False
                 return
             if clock() >= until:
@@ -348,7 +350,7 @@ class Transport:
         def writable() -> None:
             if link.closed:
                 return
-            if int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLOUT:
+            if sock.getsockopt(_EVENTS) & _POLLOUT:  # type: ignore[operator]
                 assert self.loop is not None
                 self.loop.remove_reader(sock.FD)
                 link.watching = False
