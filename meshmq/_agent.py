@@ -1323,19 +1323,8 @@ class AsyncAgent:
         seen = self._vouched.get(record.sig)
         if seen is not None and seen[1] >= time.time() and (seen[0] is not None or record.node in self._peer_keys):
             return seen[0]
-        now = time.time()
-        cert = self._certs.get(record.cert)
+        cert = self._trusted_certificate(record.cert, f"record of {record.node} ({record.service})")
         if cert is None:
-            try:
-                cert = check_certificate(record.cert, self._trusted, self.config.mesh, now)
-            except CertificateError as exc:
-                quiet.warning(f"cert:{record.node}", "record of %s (%s) refused: certificate %s",
-                              record.node, record.service, exc)
-                return "untrusted"
-            if len(self._certs) >= 4096:
-                self._certs.clear()
-            self._certs[record.cert] = cert
-        elif not cert.valid_at(now):
             return "untrusted"
         if self._revocations.revoked(cert):
             problem = "revoked"
@@ -1357,9 +1346,7 @@ class AsyncAgent:
                 if len(self._peer_keys) >= 65536:
                     self._peer_keys.clear()  # refilled as records are vouched again
                 self._peer_keys[record.node] = (cert.node_key, self._signer.shared_key(cert.node_key))
-            if len(self._curve_nodes) >= 65536:
-                self._curve_nodes.clear()
-            self._curve_nodes[curve_public_of(cert.node_key).decode()] = record.node
+            self._admit(cert, record.node)
         if problem is not None:
             quiet.warning(f"record:{record.node}", "record of %s (%s) refused: %s", record.node, record.service,
                           problem)
@@ -1367,6 +1354,47 @@ class AsyncAgent:
             self._vouched.clear()
         self._vouched[record.sig] = (problem, cert.not_after)
         return problem
+
+    def _vouch_card(self, node: str, cert_data: bytes, endpoint: str) -> str | None:
+        """Why a stranger's card must be refused, or None: a certificate of a trusted authority
+        for that node and mesh, valid now, whose key its endpoint names. (Its frames count as
+        the node's when they come over that key: the shell checks that per frame.)"""
+        if self._revocations.node_revoked(node):
+            return "revoked"
+        cert = self._trusted_certificate(cert_data, f"card of {node}")
+        if cert is None:
+            return "untrusted"
+        if self._revocations.revoked(cert):
+            return "revoked"
+        if cert.node_id != node or split_endpoint(endpoint)[1] != b64(cert.node_key):
+            quiet.warning(f"card:{node}", "card of %s refused: its certificate is another node's", node)
+            return "mismatch"
+        self._admit(cert, node)
+        return None
+
+    def _trusted_certificate(self, data: bytes, whose: str) -> Certificate | None:
+        """The certificate ``data`` if a trusted authority issued it for this mesh and it is
+        valid now (checked once, then cached); None, logged, if not."""
+        now = time.time()
+        cert = self._certs.get(data)
+        if cert is None:
+            try:
+                cert = check_certificate(data, self._trusted, self.config.mesh, now)
+            except CertificateError as exc:
+                quiet.warning(f"cert:{whose}", "%s refused: certificate %s", whose, exc)
+                return None
+            if len(self._certs) >= 4096:
+                self._certs.clear()
+            self._certs[data] = cert
+        elif not cert.valid_at(now):
+            return None
+        return cert
+
+    def _admit(self, cert: Certificate, node: str) -> None:
+        """Frames that come over ``cert``'s key are ``node``'s from now on."""
+        if len(self._curve_nodes) >= 65536:
+            self._curve_nodes.clear()
+        self._curve_nodes[curve_public_of(cert.node_key).decode()] = node
 
     # --- revocation, renewal and authority keys ------------------------------------------
 
@@ -2434,10 +2462,16 @@ class AsyncAgent:
         if kind is Hello:
             node = decoded.entry.node
             record = decoded.entry.record
-            if self._secure and self._curve_nodes.get(peer) != node and record is not None:
-                problem = self._vouch(record)  # a stranger: its certificate must name this connection's key
-                if problem is not None:
-                    self.counters[f"rejected_record_{problem}"] += 1
+            if self._secure and self._curve_nodes.get(peer) != node:
+                # A stranger: its certificate must name this connection's key.
+                if record is not None:
+                    problem = self._vouch(record)
+                    if problem is not None:
+                        self.counters[f"rejected_record_{problem}"] += 1
+                elif decoded.cert is not None:
+                    problem = self._vouch_card(node, decoded.cert, decoded.endpoint)
+                    if problem is not None:
+                        self.counters[f"rejected_card_{problem}"] += 1
         else:
             node = decoded.node
         if self._secure and self._curve_nodes.get(peer) != node:

@@ -33,8 +33,13 @@ calls :meth:`Node.revoke`: the node leaves routing at once (``PeerDown``, reason
 are ignored, and its records reach the shell's ``vouch``, which refuses them. A record
 that passes (a renewed certificate) lifts the bar.
 
-**Joining.** An endpoint learnt from mDNS or a seed is greeted with HELLO
-(our record); the node there answers with its own and a full digest. Endpoints
+**Joining.** An endpoint learnt from mDNS or a seed is greeted with HELLO. Our record
+goes only to an endpoint whose key a record we accepted names; any other endpoint gets
+a *card* (our claim, certificate and endpoint, no record), so an endpoint planted by
+mDNS learns nothing the certificate does not say. The node there answers with its own
+record and a full digest (the shell proved the card's certificate before it reached the
+core), and a node that sent a card sends its record once the answer proved the other
+side. Endpoints
 of peers declared dead are greeted again for ``rejoin_window``, as mDNS
 announces nothing when a partition heals; a node that hears itself declared
 dead refutes it, so both sides of a healed partition rejoin.
@@ -56,7 +61,7 @@ import dataclasses
 import itertools
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import msgpack
@@ -68,8 +73,8 @@ from ._routing import RoutingTable
 from ._topics import check_pattern
 from ._wire import (
     ALIVE, DEAD, LEFT, MAX_SYNC_ENTRIES, STATUS_NAMES, SUSPECT, SYNC_LAST, SYNC_OPEN, SYNC_REPLY, Ack, Bye, Data, Entry,
-    Frame, Hello, Limits, NodeRecord, Ping, PingReq, Receipt, Subscription, Sync, ack_frame, bye_frame, hello_frame,
-    is_endpoint, ping_frame, ping_req_frame, sync_frame,
+    Frame, Hello, Limits, NodeRecord, Ping, PingReq, Receipt, Subscription, Sync, ack_frame, bye_frame, card_frame,
+    hello_frame, is_endpoint, ping_frame, ping_req_frame, split_endpoint, sync_frame,
 )
 
 _DEPARTED_KEPT = 256
@@ -257,6 +262,10 @@ class Node:
         # Endpoints greeted whose node has not answered yet: endpoint -> last hello time.
         self.pending: dict[str, float] = {}
         self.seeds: tuple[str, ...] = ()
+        # Keys named by the endpoints of records we accepted: our record may go there.
+        self.proven_keys: set[str] = set()
+        # Endpoints greeted with a card: our record goes there once their node proves itself.
+        self.carded: set[str] = set()
         # Endpoints of peers declared dead -> when: greeted again until rejoin_window passes.
         self.lost: dict[str, float] = {}
         # Recently departed peers, newest last (bounded; for display only).
@@ -419,6 +428,7 @@ class Node:
         if member.entry.record is not None:
             for ep in member.entry.record.endpoints:
                 self.lost.pop(ep, None)
+                self.carded.discard(ep)
                 if self.pending.pop(ep, None) is not None:
                     self._unlink(ep, actions)
         self.fresh.pop(node, None)
@@ -724,6 +734,7 @@ class Node:
                 self.departed.pop(node, None)
                 for ep in record.endpoints:
                     self.lost.pop(ep, None)
+                    self.carded.discard(ep)
                     if self.pending.pop(ep, None) is not None:
                         self._unlink(ep, actions)
                 self.routes.update(record)
@@ -825,28 +836,60 @@ class Node:
             if problem is not None:
                 self.counters[f"rejected_record_{problem}"] += 1
                 return False
+        self._prove(record.endpoints)
         return True
+
+    def _prove(self, endpoints: Iterable[str]) -> None:
+        """The keys these endpoints name are certified to the nodes they belong to."""
+        if len(self.proven_keys) >= 65536:
+            self.proven_keys.clear()  # refilled as records are accepted again
+        for ep in endpoints:
+            key = split_endpoint(ep)[1]
+            if key is not None:
+                self.proven_keys.add(key)
+
+    def _proven(self, ep: str) -> bool:
+        """Whether our record may go to ``ep``: we run without certificates, or its key is
+        one a record we accepted names (CurveZMQ makes sure only that key's holder reads it)."""
+        if self.sign is None or self.record.cert is None:
+            return True
+        key = split_endpoint(ep)[1]
+        return key is not None and key in self.proven_keys
 
     # --- joining --------------------------------------------------------------------
 
     def _on_hello(self, hello: Hello, now: float, actions: list[Action]) -> None:
         entry = hello.entry
-        record = entry.record
-        assert record is not None  # the codec guarantees it
         if entry.node == self.node_id:
             return
+        record = entry.record
+        if record is None:  # a card (the codec allows no other hello without a record)
+            # The shell proved its certificate and that it came over that certificate's key.
+            self._prove((hello.endpoint,))
+            self._answer_hello(entry.node, hello.endpoint, now, actions)
+            return
+        carded = [ep for ep in record.endpoints if ep in self.carded]
         wants: list[str] = []
         self._learn(entry, entry.node, now, actions, wants)
-        endpoint = record.endpoints[0]
-        if hello.want_reply:
-            ep = self._reply_endpoint(entry.node, endpoint, now, actions)
-            if ep is not None:
-                actions.append(Send(ep, hello_frame(self.mesh, self.me, False)))
-                # A newcomer knows nobody: give it the whole table as digests, page by page.
-                claims = [self._wire_claim(m.entry) for m in self.members.values()]
-                claims.append(self._wire_claim(self.me))
-                for i in range(0, len(claims), MAX_SYNC_ENTRIES):
-                    self._send_sync(ep, SYNC_OPEN, claims[i:i + MAX_SYNC_ENTRIES], [], actions)
+        if (hello.want_reply or carded) and self._proven(record.endpoints[0]):
+            # Asked, or the answer to our card, by a node whose record we accepted: ours may go.
+            self.carded.difference_update(carded)
+            self._answer_hello(entry.node, record.endpoints[0], now, actions, hello.want_reply)
+
+    def _answer_hello(self, node: str, endpoint: str, now: float, actions: list[Action],
+                      digests: bool = True) -> None:
+        """Our record to a node that proved itself; with ``digests``, the whole table as
+        digests too (a newcomer knows nobody), page by page."""
+        ep = self._reply_endpoint(node, endpoint, now, actions)
+        if ep is None:
+            return
+        self.carded.discard(ep)
+        actions.append(Send(ep, hello_frame(self.mesh, self.me, False)))
+        if digests:
+            claims = [self._wire_claim(m.entry) for m in self.members.values()]
+            claims.append(self._wire_claim(self.me))
+            for i in range(0, len(claims), MAX_SYNC_ENTRIES):
+                self._send_sync(ep, SYNC_OPEN, claims[i:i + MAX_SYNC_ENTRIES], [], actions)
 
     def _greet(self, ep: str, now: float, actions: list[Action]) -> None:
         if ep not in self.pending:
@@ -857,7 +900,13 @@ class Node:
                 return
             self._link(ep, actions)
         self.pending[ep] = now
-        actions.append(Send(ep, hello_frame(self.mesh, self.me, True)))
+        if self._proven(ep):
+            self.carded.discard(ep)
+            actions.append(Send(ep, hello_frame(self.mesh, self.me, True)))
+        else:
+            assert self.record.cert is not None  # _proven says so
+            self.carded.add(ep)
+            actions.append(Send(ep, card_frame(self.mesh, self.me, self.record.cert, self.endpoint)))
 
     def _reply_endpoint(self, node: str, endpoint: str, now: float, actions: list[Action]) -> str | None:
         """Where to answer ``node``: its peer link, or a link opened for a node we do not know yet
@@ -890,6 +939,7 @@ class Node:
                     self._greet(ep, now, actions)  # it may come back: keep asking, slowly
                 else:
                     del self.pending[ep]
+                    self.carded.discard(ep)
                     self.counters["greetings_unanswered"] += 1  # nobody there, or nobody who could prove it
                     self._unlink(ep, actions)
 
@@ -1009,7 +1059,10 @@ class Node:
         phase = SYNC_REPLY if sync.phase == SYNC_OPEN else SYNC_LAST
         if not exchange:
             wants = []
-        self._send_sync(ep, phase, self._records(answers, pushes) + digest, wants, actions)
+        # Records go only where a record we accepted proved the key (the shell lets no other
+        # node's frames through; this holds without it too).
+        records = self._records(answers, pushes) if self._proven(ep) else []
+        self._send_sync(ep, phase, records + digest, wants, actions)
 
     def _records(self, answers: list[Entry], pushes: list[Entry]) -> list[list[object]]:
         """Entries with their records, up to about gossip_max_bytes (one always goes).

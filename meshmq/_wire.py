@@ -27,7 +27,7 @@ from ._errors import PayloadError, ProtocolError, TopicError
 from ._message import FORMAT_BYTES, FORMAT_MSGPACK, Message
 from ._topics import check_topic
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 ENVELOPE_VERSION = 1
 
 HELLO = 1
@@ -466,8 +466,16 @@ def _pack(kind: int, body: list[Any]) -> bytes:
 
 
 def hello_frame(mesh: str, me: Entry, want_reply: bool) -> bytes:
-    """Introduce ourselves (entry with our record) to an endpoint whose node we may not know."""
+    """Introduce ourselves (entry with our record) to a node that has proved its certificate."""
     return _pack(HELLO, [mesh, me.to_wire(True), want_reply])
+
+
+def card_frame(mesh: str, me: Entry, cert: bytes, endpoint: str) -> bytes:
+    """Introduce ourselves to an endpoint that has proved nothing yet (one planted by mDNS, a
+    seed): our claim without the record, our certificate and where to answer. A certified node
+    there answers with its record, and gets ours in return; anybody else learns no more than
+    the certificate says."""
+    return _pack(HELLO, [mesh, me.to_wire(False), True, cert, endpoint])
 
 
 def ping_frame(mesh: str, node: str, endpoint: str, seq: int, target: str, sent_at: float = 0.0) -> bytes:
@@ -577,9 +585,15 @@ def receipt_frame(node: str, epoch: int, committed: int, received: int, lane: in
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Hello:
+    """A greeting: the sender's claim with its record, or a *card* (``cert`` set): the claim
+    without the record, for an endpoint that has not proved a certificate yet."""
+
     mesh: str
     entry: Entry
     want_reply: bool
+    cert: bytes | None = None
+    endpoint: str = ""
+    """A card's: where its sender is (naming the key its certificate certifies)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -715,12 +729,23 @@ def decode_frame(frame: bytes | memoryview, limits: Limits) -> Frame:
             raise ProtocolError("bad ping-req")
         return PingReq(mesh, node, endpoint, _seq(seq, "ping-req"), target, target_endpoint)
     if kind == HELLO:
-        if len(body) != 3 or type(body[0]) is not str or type(body[2]) is not bool:
+        if len(body) not in (3, 5) or type(body[0]) is not str or type(body[2]) is not bool:
             raise ProtocolError("bad hello")
         entry = Entry.from_wire(body[1], limits)
-        if entry.record is None or entry.status != ALIVE:
-            raise ProtocolError("a hello must carry the sender's record, alive")
-        return Hello(body[0], entry, body[2])
+        if entry.status != ALIVE:
+            raise ProtocolError("a hello must carry the sender's claim, alive")
+        if len(body) == 3:
+            if entry.record is None:
+                raise ProtocolError("a hello must carry the sender's record")
+            return Hello(body[0], entry, body[2])
+        cert, endpoint = body[3], body[4]
+        if entry.record is not None or body[2] is not True:
+            raise ProtocolError("a card carries no record and asks for an answer")
+        if type(cert) is not bytes or not 0 < len(cert) <= MAX_CERT_BYTES:
+            raise ProtocolError("bad certificate in card")
+        if not is_endpoint(endpoint) or split_endpoint(endpoint)[1] is None:
+            raise ProtocolError("a card's endpoint must name its key")
+        return Hello(body[0], entry, True, cert, endpoint)
     if kind == RECEIPT:
         if len(body) != 5 or type(body[0]) is not str or not 0 < len(body[0]) <= _MAX_NAME or "/" in body[0]:
             raise ProtocolError("bad receipt")

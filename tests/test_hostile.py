@@ -34,7 +34,7 @@ from meshmq._records import claim, merge
 from meshmq._security import Authority, NodeKeys
 from meshmq._wire import (
     KINDS, PROTOCOL_VERSION, Entry, Hello, Limits, NodeRecord, decode_data, decode_envelope, decode_frame,
-    Subscription, hello_frame, ping_frame, split_endpoint, split_entry,
+    Subscription, card_frame, hello_frame, ping_frame, split_endpoint, split_entry,
 )
 
 LIMITS = Limits()
@@ -282,9 +282,10 @@ def test_a_rogue_mdns_announcement_in_a_real_nodes_name_is_refused(mesh: str) ->
 
 def test_a_rogue_mdns_announcement_of_the_attackers_own_key_gets_in_nowhere(mesh: str, tmp_path: Path) -> None:
     """Real mDNS on loopback: the attacker announces its own endpoint and key, consistently.
-    The agents greet it (a greeting carries the greeter's record: the known leak, see
-    docs/security.md) and send it nothing else: no gossip, no data. The attacker's answer, a record
-    certified by an authority of its own, is refused and counted, and changes nothing."""
+    The agents greet it with a card (claim and certificate, no routing record: its key has
+    proved nothing) and send it nothing else: no record, no gossip, no data. The attacker's
+    answer, a record certified by an authority of its own, is refused and counted, and
+    changes nothing."""
     async def main() -> None:
         async with agents(mesh, "target", "friend", durability="memory", join_timeout=1.0) as (target, friend):
             got: asyncio.Queue[meshmq.Message] = asyncio.Queue()
@@ -315,15 +316,56 @@ def test_a_rogue_mdns_announcement_of_the_attackers_own_key_gets_in_nowhere(mesh
                 heard += drain(attacker.pull)
                 after = target.stats()
                 assert after["frames_unauthenticated"] > before.get("frames_unauthenticated", 0)
-                # Only greetings (the friend, browsing the same mDNS, greets it too): no gossip, no data.
+                # Only cards (the friend, browsing the same mDNS, greets it too): no record, no
+                # gossip, no data.
                 assert heard and all(type(f) is Hello and f.entry.node in (target.node_id, friend.node_id)
-                                     for f in heard), heard
+                                     and f.entry.record is None and f.cert is not None for f in heard), heard
                 assert_routes_only(target, friend)
                 assert {r.service for r in target.routes("orders.x")} == {"friend"}
                 assert keys.node_id not in target._curve_nodes.values()  # its key names no node to us
                 assert after.get("received", 0) == before.get("received", 0)
             finally:
                 attacker.close()
+
+    run(main(), timeout=60)
+
+
+def test_a_card_gets_the_agents_record_only_when_its_certificate_holds(mesh: str, tmp_path: Path) -> None:
+    """Cards (a greeting without a record) from three raw peers: one certified by the mesh's
+    authority, answered with the agent's record; one certified by an authority of its own,
+    refused; one showing the first's certificate over its own key, refused. The refused ones
+    are sent nothing at all."""
+    async def main() -> None:
+        async with agents(mesh, "target", durability="memory", discovery=False) as (target,):
+            good = RawPeer(mesh, target.endpoints[0], "good")
+            rogue = RawPeer(mesh, target.endpoints[0], "rogue")
+            thief = RawPeer(mesh, target.endpoints[0], "thief")
+            try:
+                now = time.time()
+                own_cert = Authority.create(tmp_path, "rogue").issue(
+                    node_key=rogue.keys.public, service="rogue", mesh=mesh, publish=(">",), subscribe=(">",),
+                    tap=False, not_before=now - 60, not_after=now + 3600)
+                assert good.record.cert is not None
+                rogue.send(card_frame(mesh, claim(dataclasses.replace(rogue.record, cert=own_cert)), own_cert,
+                                      rogue.endpoint))
+                thief.send(card_frame(mesh, claim(good.record), good.record.cert, thief.endpoint))
+                await eventually(lambda: target.stats().get("rejected_card_untrusted", 0) == 1
+                                 and target.stats().get("rejected_card_mismatch", 0) == 1, what="two cards refused")
+                good.send(card_frame(mesh, claim(good.record), good.record.cert, good.endpoint))
+                heard: list[Any] = []
+                await eventually(lambda: bool(heard.extend(drain(good.pull)) or any(
+                    type(f) is Hello and f.entry.record is not None for f in heard)), what="the target's record")
+                answer = next(f for f in heard if type(f) is Hello and f.entry.record is not None)
+                assert answer.entry.node == target.node_id and answer.entry.record.endpoints == target.endpoints
+                assert drain(rogue.pull) == [] and drain(thief.pull) == []
+                # good has not shown its record yet: it is answered, not routed to.
+                assert good.node not in {p.node for p in target.peers()}
+                good.introduce()
+                await eventually(lambda: good.node in {p.node for p in target.peers()}, what="good admitted")
+                assert rogue.node not in {p.node for p in target.peers()}
+            finally:
+                for peer in (good, rogue, thief):
+                    peer.close()
 
     run(main(), timeout=60)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 from hypothesis import settings
@@ -12,7 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from meshmq._node import MAX_HEALTH, Connect, Disconnect, Node, PeerDown, PeerUp, Send, Timing
 from meshmq._records import claim
 from meshmq._wire import (
-    ACK, ALIVE, DEAD, LEFT, MAX_SYNC_ENTRIES, PING, PING_REQ, SUSPECT, SYNC, SYNC_OPEN, Ack, Entry, Hello, Limits, NodeRecord, Ping,
+    ACK, ALIVE, DEAD, HELLO, LEFT, MAX_SYNC_ENTRIES, PING, PING_REQ, SUSPECT, SYNC, SYNC_OPEN, Ack, Entry, Hello, Limits, NodeRecord, Ping,
     Subscription, Sync, bye_frame, data_frame, decode_frame, hello_frame, receipt_frame,
 )
 from meshmq.testing import FakeClock, LinkError, MemoryNetwork, make_node
@@ -190,6 +191,77 @@ def test_an_unanswered_hint_is_given_up_after_join_timeout(net: MemoryNetwork) -
     assert D not in a.pending and not a.links and a.counters["greetings_unanswered"] == 1
     assert net.actions(A, Disconnect) == [Disconnect(D)]
     check_invariants(net)
+
+
+def certified_node(node_id: str, refuse: tuple[str, ...] = ()) -> Node:
+    """A node core as a secure agent runs it: signed records with a certificate, endpoints
+    that name keys, and a ``vouch`` (here: refusing the records of the nodes in ``refuse``)."""
+    endpoint = f"inproc://{node_id}#{(node_id + '-' * 43)[:43]}"
+    record = NodeRecord(node_id, "svc", (endpoint,), (Subscription(f"{node_id}.>"),), 1, 0.0,
+                        cert=b"certificate of " + node_id.encode())
+    return Node("test", record, sign=lambda r: r, vouch=lambda r: "untrusted" if r.node in refuse else None,
+                rng=random.Random(node_id))
+
+
+def hellos(net: MemoryNetwork, src: str, dst: str) -> list[tuple[int, Hello]]:
+    """(position among all sends, hello) of every HELLO the node at ``src`` sent to ``dst``."""
+    out = []
+    for i, event in enumerate(net.events):
+        action = event.action
+        if event.endpoint == src and isinstance(action, Send) and action.endpoint == dst and action.frame[1] == HELLO:
+            hello = decode_frame(action.frame, Limits())
+            assert isinstance(hello, Hello)
+            out.append((i, hello))
+    return out
+
+
+def test_an_unproven_endpoint_is_greeted_with_a_card_and_gets_our_record_after_its_own(net: MemoryNetwork) -> None:
+    """A seed has proved nothing: the newcomer greets it with a card (claim, certificate and
+    endpoint, no record). The node there answers with its record; only then does the
+    newcomer's record go. Both end up routing to each other as before."""
+    n0 = net.add(certified_node("n0"))
+    n1 = net.add(certified_node("n1"), seeds=[n0.endpoint])
+    net.run(3.0)
+    assert set(n0.peers) == {"n1"} and set(n1.peers) == {"n0"}
+    assert n0.routes.index.resolve("n1.x").plain == ("n1",) and n1.routes.index.resolve("n0.x").plain == ("n0",)
+    sent_by_n1 = hellos(net, n1.endpoint, n0.endpoint)
+    first = sent_by_n1[0][1]
+    assert first.entry.record is None and first.cert == n1.record.cert and first.endpoint == n1.endpoint
+    n1_record_at = min(i for i, h in sent_by_n1 if h.entry.record is not None)
+    n0_record_at = min(i for i, h in hellos(net, n0.endpoint, n1.endpoint) if h.entry.record is not None)
+    assert n0_record_at < n1_record_at
+    assert not n0.carded and not n1.carded
+    check_invariants(net)
+
+
+def test_a_greeted_node_whose_record_is_refused_never_gets_ours(net: MemoryNetwork) -> None:
+    """The seed answers the card with a record our vouch refuses (another authority's, say):
+    nothing it is sent carries our record, however often it is greeted, and it routes nowhere.
+    (The shell drops the rest of what such a node sends; this core sees it all.)"""
+    rogue = net.add(certified_node("rogue"))
+    n0 = net.add(certified_node("n0", refuse=("rogue",)), seeds=[rogue.endpoint])
+    net.run(10.0)
+    to_rogue = frames_sent(net, n0.endpoint, rogue.endpoint)
+    cards = [f for f in to_rogue if type(f) is Hello]
+    assert len(cards) >= 2  # greeted again and again: a seed is never given up
+    assert all(f.entry.record is None and f.cert is not None for f in cards), cards
+    assert not [f for f in to_rogue if type(f) is Sync and any(e.record is not None for e in f.entries)]
+    assert n0.counters["rejected_record_untrusted"] >= 1 and not n0.peers
+
+
+def test_a_lost_peer_is_greeted_again_with_our_record(net: MemoryNetwork) -> None:
+    """Its key was proved by the record we accepted: the greetings that look for it after it
+    died (a restart, a healed partition) need no card."""
+    n0 = net.add(certified_node("n0"))
+    n1 = net.add(certified_node("n1"), seeds=[n0.endpoint])
+    net.run(3.0)
+    assert set(n0.peers) == {"n1"}
+    seen = len(net.events)
+    net.crash(n1.endpoint)
+    net.run(30.0)
+    assert not n0.peers and n1.endpoint in n0.lost
+    again = [h for i, h in hellos(net, n0.endpoint, n1.endpoint) if i >= seen]
+    assert again and all(h.entry.record == n0.record for h in again)
 
 
 def test_a_stranger_that_probes_us_is_answered_and_greeted(net: MemoryNetwork) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from typing import Any
 
@@ -16,7 +17,7 @@ from meshmq._records import claim
 from meshmq._wire import (
     ACK, ALIVE, BYE, DATA, DEAD, ENVELOPE_VERSION, HELLO, LEFT, MAX_INCARNATION, PING, PING_REQ, PROTOCOL_VERSION,
     RECEIPT, SUSPECT, SYNC, SYNC_LAST, SYNC_OPEN, SYNC_REPLY, Ack, Bye, Data, Entry, Hello, Limits, NodeRecord, Ping,
-    PingReq, Receipt, Subscription, Sync, ack_frame, bye_frame, check_headers, data_frame, decode_envelope,
+    PingReq, Receipt, Subscription, Sync, ack_frame, bye_frame, card_frame, check_headers, data_frame, decode_envelope,
     decode_frame, encode_envelope, encode_payload, hello_frame, ping_frame, ping_req_frame, receipt_frame, split_entry,
     sync_frame,
 )
@@ -399,6 +400,33 @@ _RECORDS = st.builds(
     cert=st.none() | st.binary(max_size=64),
     sig=st.none() | st.binary(min_size=64, max_size=64),
 )
+
+
+KEYED_EP = "tcp://127.0.0.1:7401#" + "k" * 43
+
+
+def test_a_card_round_trips_without_the_record() -> None:
+    frame = card_frame("prod", claim(RECORD), b"a certificate", KEYED_EP)
+    assert frame[:2] == bytes((PROTOCOL_VERSION, HELLO))
+    card = decode_frame(frame, LIMITS)
+    assert card == Hello("prod", dataclasses.replace(claim(RECORD), record=None), True, b"a certificate", KEYED_EP)
+    assert card.entry.record is None  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("body, problem", [
+    (["m", claim(RECORD).to_wire(True), True, b"cert", KEYED_EP], "no record"),  # a card with the record
+    (["m", claim(RECORD).to_wire(False), False, b"cert", KEYED_EP], "asks for an answer"),
+    (["m", claim(RECORD).to_wire(False), True, b"", KEYED_EP], "certificate"),
+    (["m", claim(RECORD).to_wire(False), True, "cert", KEYED_EP], "certificate"),
+    (["m", claim(RECORD).to_wire(False), True, b"c" * (16 * 1024 + 1), KEYED_EP], "certificate"),
+    (["m", claim(RECORD).to_wire(False), True, b"cert", EP], "name its key"),  # no key to check the cert against
+    (["m", claim(RECORD).to_wire(False), True, b"cert", "udp://x:1#" + "k" * 43], "name its key"),
+    (["m", claim(RECORD).to_wire(False), True, b"cert"], "bad hello"),
+    (["m", claim(RECORD).to_wire(False), True], "record"),  # a full hello needs its record
+])
+def test_malformed_cards_are_rejected(body: list[object], problem: str) -> None:
+    with pytest.raises(ProtocolError, match=problem):
+        decode_frame(bytes((PROTOCOL_VERSION, HELLO)) + msgpack.packb(body, use_bin_type=True), LIMITS)
 
 
 @given(record=_RECORDS, want_reply=st.booleans())

@@ -72,6 +72,8 @@ def _canonical(decoded: Any) -> bytes | None:
     w = wire
     kind = type(decoded)
     if kind is w.Hello:
+        if decoded.cert is not None:
+            return w.card_frame(decoded.mesh, decoded.entry, decoded.cert, decoded.endpoint)  # type: ignore[no-any-return]
         return w.hello_frame(decoded.mesh, decoded.entry, decoded.want_reply)  # type: ignore[no-any-return]
     if kind is w.Sync:
         return w.sync_frame(decoded.mesh, decoded.node, decoded.endpoint, decoded.phase,  # type: ignore[no-any-return]
@@ -154,6 +156,7 @@ def decoder_seeds() -> list[bytes]:
                             {"traceparent": "00-x"}, "k1", FORMAT_BYTES, b"payload")
     return [
         w.hello_frame("shop", me, True),
+        w.card_frame("shop", me, cert, ep),
         w.sync_frame("shop", keys.node_id, ep, w.SYNC_OPEN, b"\0" * 8, 41, [me.to_wire(True), *claims],
                      [f"{i:016x}" for i in range(5)]),
         w.ping_frame("shop", keys.node_id, ep, 7, "00000000000000aa", now),
