@@ -3524,10 +3524,10 @@ class AsyncAgent:
         if self._state != "running" or self._outbox is None or self._loop is None:
             return
         now = time.monotonic()
-        if self._transport is not None and not self._transport.behind:
-            # A timer callback runs after the loop turn's reading: every receipt that had
-            # arrived is read. Only now may a retransmission timer expire (see Outbox.heard).
-            self._outbox.heard = now
+        if self._transport is not None:
+            # A timer callback runs after the loop turn's reading: unless frames still wait,
+            # every receipt that had arrived is read (see Outbox.hear).
+            self._outbox.hear(now, self._transport.behind)
         if self._outbox.count:
             self._outbox.tick(now, time.time())
         if self._tapped and OUTBOX_WARNING in self._mirror.wanted_kinds:  # type: ignore[union-attr]

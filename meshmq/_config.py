@@ -103,6 +103,8 @@ class Config:
     """Seconds before an unacknowledged message is sent again; doubles (with jitter) while the receiver stays silent."""
     retransmit_max: float = 5.0
     """Longest wait between two retransmissions."""
+    unread_receipts_wait: float = 1.0
+    """Seconds a retransmission waits past its time while the agent is behind on reading the network (receipts may be among the unread frames); after that it goes anyway."""
     max_held_messages: int = 1024
     """Messages a receiver holds from one sender while waiting for an earlier one that is missing."""
     durable_forget_after: float = 7 * 86400.0
@@ -211,7 +213,7 @@ class Config:
                   "tap_flush_interval", "tap_stats_interval", "health_max_outbox_age", "health_dead_letter_window",
                   "health_certificate_warning",
                   "retry_backoff", "retry_backoff_max", "retransmit_initial", "retransmit_max", "durable_forget_after",
-                  "read_slice")
+                  "read_slice", "unread_receipts_wait")
         _check(self.gossip_entries <= 256, "gossip_entries", f"{self.gossip_entries} is above the wire limit of 256")
         _check(
             self.probe_timeout < self.probe_interval,

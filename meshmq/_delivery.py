@@ -220,9 +220,10 @@ class Outbox:
         self.windowed = False
         """Keep the send window (the policy gives some topic a priority)."""
         self.heard = math.inf
-        """Until when every receipt that arrived has been read (the shell sets it). A timer
+        """Until when every receipt that arrived has been read (see :meth:`hear`). A timer
         that expired after this time proves nothing yet: a publisher that keeps the loop busy
         has receipts waiting unread, and sending everything again then doubled its traffic."""
+        self.unread_receipts_wait = config.unread_receipts_wait
         self.starve_after = config.lane_starve_after
         self.backoff = Backoff(initial=config.retransmit_initial, maximum=config.retransmit_max)
         self.rng = random.Random()
@@ -481,6 +482,16 @@ class Outbox:
         if self._seal is not None:
             return self._seal(lane.dest.node, epoch, first, floor, resent, entries, self._packer, lane.number)
         return data_frame(self.node_id, epoch, first, entries, self._packer, floor, resent, lane.number)
+
+    def hear(self, now: float, behind: bool) -> None:
+        """The shell has read what arrived by ``now``; with ``behind``, not all of it (frames
+        wait unread, receipts may be among them), so expired timers hold, but for at most
+        ``unread_receipts_wait``: an agent kept behind for good (a peer flooding it) must
+        still send again what its other peers lost."""
+        if not behind:
+            self.heard = now
+        elif now - self.heard > self.unread_receipts_wait:
+            self.heard = now - self.unread_receipts_wait
 
     def tick(self, now: float, wall: float) -> None:
         """Wake destinations whose retransmission timer expired; dead-letter what expired."""

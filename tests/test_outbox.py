@@ -371,6 +371,39 @@ def test_duplicated_replayed_stale_and_far_ahead_data_frames_reach_no_handler_tw
     run(main(), timeout=60)
 
 
+def test_an_agent_behind_on_reading_holds_its_timers_for_unread_receipts_wait_only() -> None:
+    """Virtual time, no sockets. Behind on reading, a receipt may wait among the unread
+    frames, so an expired retransmission timer holds; an agent kept behind for good (a peer
+    flooding it) still resends, ``unread_receipts_wait`` late."""
+    import collections
+
+    from meshmq._delivery import Outbox
+    from meshmq._transport import Link
+
+    config = meshmq.Config(retransmit_initial=0.2, unread_receipts_wait=1.0)
+    outbox = Outbox("me", config, None, wake=lambda link: None, dead_letter=lambda *a: None,
+                    counters=collections.Counter())
+    link = Link("tcp://127.0.0.1:1", None)
+    link.node = "peer"
+    lane = outbox.lane("peer", "svc", link)
+    outbox.put(lane, b"m1", 2, 0.0, 0.0)
+    outbox.hear(0.0, behind=False)
+    assert len(outbox.frames(link, 0.0)) == 1
+    timer = lane.stream.timer  # about retransmit_initial (with jitter)
+    assert timer is not None and 0.1 < timer < 0.3
+    resent_at = None
+    for step in range(1, 400):  # behind on every loop turn, 10 ms apart
+        now = step * 0.01
+        outbox.hear(now, behind=True)
+        if outbox.frames(link, now):
+            resent_at = now
+            break
+    assert resent_at is not None and timer + 1.0 <= resent_at < timer + 1.0 + 0.011, (timer, resent_at)
+    # Reading caught up: heard is now, and the next timer (backed off) is not due yet.
+    outbox.hear(resent_at, behind=False)
+    assert outbox.frames(link, resent_at) == [] and outbox.heard == resent_at
+
+
 def test_a_publisher_busy_past_its_retransmission_timer_does_not_resend_what_was_acked(mesh: str) -> None:
     """Receipts that arrive while the publisher's loop is busy wait unread in its socket: the
     retransmission timer must not expire on them. (It did: a publisher that never yielded
