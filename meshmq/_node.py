@@ -39,10 +39,9 @@ a *card* (our claim, certificate and endpoint, no record), so an endpoint plante
 mDNS learns nothing the certificate does not say. The node there answers with its own
 record and a full digest (the shell proved the card's certificate before it reached the
 core), and a node that sent a card sends its record once the answer proved the other
-side. Endpoints
-of peers declared dead are greeted again for ``rejoin_window``, as mDNS
-announces nothing when a partition heals; a node that hears itself declared
-dead refutes it, so both sides of a healed partition rejoin.
+side. Endpoints of peers declared dead are greeted again for ``rejoin_window``, as mDNS
+announces nothing when a partition heals; a node that hears itself declared dead
+refutes it, so both sides of a healed partition rejoin.
 
 Invariants:
 - ``peers`` holds exactly the members in ``routes.records``: those whose record
