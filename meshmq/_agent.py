@@ -44,7 +44,7 @@ from ._log import QuietLogger
 from ._metrics import LatencyHistogram, MetricsServer, exposition, gauges_of
 from . import _trace
 from ._policy import Policy, PolicyError, TokenBucket, lane as priority_lane, load as load_policy
-from ._registry import FULL, NEW, REPLACED, SchemaDocument, SchemaRegistry
+from ._registry import DISPLACED, FULL, NEW, REPLACED, SchemaDocument, SchemaRegistry
 from ._schema import check_schema, validate as validate_schema
 from ._message import FORMAT_BYTES, Message
 from ._node import Connect, Disconnect, Node, PeerDown, PeerUp, Send, Suspected, Timing
@@ -1009,7 +1009,8 @@ class AsyncAgent:
         Raises:
             UsageError: this agent runs with ``insecure=True`` (schemas pushed to the mesh are
                 trusted because the authority signed them; declare the schema in code instead),
-                or it keeps ``max_schemas`` schemas already.
+                or it keeps ``max_schemas`` schemas already and this one is of a new type or
+                version.
             CertificateError: not a schema document of a trusted authority for this mesh.
             SchemaError: what the document holds is not a schema meshmq can check.
         """
@@ -1023,14 +1024,17 @@ class AsyncAgent:
     def _learn_schemas(self, blobs: list[bytes] | tuple[bytes, ...], source: str, sender: str | None, *,
                        keep: bool = True, strict: bool = False) -> list[SchemaDocument]:
         """Schema documents from ``source``: check each, keep the last signed of each (type,
-        version), and return those newly taken, after keeping them in the store (with ``keep``),
-        telling taps, and passing them on. Refused ones are counted and logged (raised instead
-        with ``strict``) and change nothing.
+        version), of at most ``max_schemas`` pairs, the smallest (see :mod:`meshmq._registry`),
+        and return those newly taken, after keeping them in the store (with ``keep``), telling
+        taps, and passing them on. Refused ones are counted and logged (raised instead with
+        ``strict``, which also refuses a new pair when full) and change nothing; displaced
+        ones are counted, logged and dropped from the store.
 
         Taken from this process (``sender`` None), they go to every peer: one hop to everyone
         in a full mesh. Taken from a peer, they go on to ``gossip_fanout`` random others, in
         case the first agent did not reach everyone."""
         taken = []
+        displaced = []
         for blob in blobs:
             try:
                 type_, version, schema, at, digest = check_schema_document(blob, self._trusted, self.config.mesh)
@@ -1041,28 +1045,44 @@ class AsyncAgent:
                 quiet.warning(f"schema:{source}", "a schema from %s was refused: %s", source, exc)
                 continue
             document = SchemaDocument(type_, version, schema, at, digest, blob)
+            full = (f"this agent keeps at most max_schemas={self.config.max_schemas} schemas, the smallest by "
+                    f"type and version; raise max_schemas")
             with self._schemas_lock:
+                if strict and document.pair not in self._registry.entries and len(self._registry) >= \
+                        self._registry.limit:
+                    raise UsageError(f"{full}: {type_} version {version} would displace another or be refused")
                 verdict = self._registry.add(document)
+                gone = self._registry.displaced if verdict == DISPLACED else None
             if verdict == FULL:
                 self.counters["schemas_refused_full"] += 1
-                problem = (f"this agent keeps at most max_schemas={self.config.max_schemas} schemas: {type_} "
-                           f"version {version} from {source} was refused; raise max_schemas")
-                if strict:
-                    raise UsageError(problem)
-                quiet.log(logging.ERROR, "schemas-full", "%s", problem)
-            elif verdict in (NEW, REPLACED):
+                quiet.log(logging.ERROR, "schemas-full", "%s: %s version %d from %s was refused", full, type_,
+                          version, source)
+            elif verdict in (NEW, REPLACED, DISPLACED):
                 taken.append(document)
                 self.counters["schemas_adopted"] += 1
                 log.info("schema %s version %d from %s taken (%s)", type_, version, source,
-                         "new" if verdict == NEW else "a later one")
+                         "a later one" if verdict == REPLACED else "new")
                 self._control(SCHEMA_CHANGE, None, None, f"{type_} version {version} from {source}")
+                if gone is not None:
+                    displaced.append(gone)
+                    self.counters["schemas_displaced"] += 1
+                    quiet.log(logging.ERROR, "schemas-full", "%s: %s version %d from %s displaced %s version %d, "
+                              "which messages are no longer checked with", full, type_, version, source,
+                              gone.type, gone.version)
+                    self._control(SCHEMA_CHANGE, None, None, f"{gone.type} version {gone.version} displaced")
         if not taken:
             return taken
         self._rebuild_checked_schemas()
         if keep and self._store is not None:
             batch = Batch()
+            with self._schemas_lock:
+                held = dict(self._registry.entries)
             for document in taken:
-                batch.put_meta(f"{_SCHEMA_META}{document.type}:{document.version}", document.blob)
+                if held.get(document.pair) is document:  # not displaced by a later one of these
+                    batch.put_meta(f"{_SCHEMA_META}{document.type}:{document.version}", document.blob)
+            for document in displaced:
+                if document.pair not in held:
+                    batch.drop_meta(f"{_SCHEMA_META}{document.type}:{document.version}")
             self._store.submit(batch).add_done_callback(_schemas_stored)
         if self._node is not None and self._transport is not None:
             peers = [n for n in self._node.peers if n != sender]

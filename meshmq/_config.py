@@ -60,7 +60,7 @@ class Config:
     max_revocations: int = 10_000
     """Most revocations an agent keeps (each about 200 bytes); one beyond it is refused, logged and counted (revocations_refused_full). A revoked certificate's revocation is forgotten once the certificate has expired."""
     max_schemas: int = 1024
-    """Most message schemas pushed to the mesh (``meshmq schema add``) an agent keeps, one per type and version (at most 4096); a schema of a new type or version beyond it is refused, logged and counted (schemas_refused_full)."""
+    """Most message schemas pushed to the mesh (``meshmq schema add``) an agent keeps, one per type and version (at most 4096); beyond it the smallest pairs by type and version are kept: a smaller new one displaces the greatest (schemas_displaced), others are refused (schemas_refused_full); both logged."""
     policy_file: Path | None = None
     """A policy file (``docs/policies.md``) this agent enforces: rate limits on what it publishes, default TTLs, retries of its handlers and content routes. Checked at start (ConfigError naming line and rule)."""
     insecure: bool = False

@@ -8,8 +8,11 @@ Invariants:
    document is a maximum per pair, so it is commutative, associative and idempotent:
    nodes that saw the same documents, in any order and any number of times, hold the same
    ones, even when two were pushed for one pair.
-2. At most ``limit`` pairs. A document for a pair not held is refused beyond it
-   (``full``); one for a held pair is always weighed.
+2. At most ``limit`` pairs: the smallest ones by (type, version) of every pair seen. A
+   document for a pair not held, when ``limit`` are held, displaces the greatest held
+   pair if its own is smaller, and is refused (``full``) if not; one for a held pair is
+   always weighed. Registries that saw the same documents thus hold the same pairs even
+   when more pairs exist than they keep: full registries converge too.
 3. :attr:`SchemaRegistry.digest` is order-free and computed from the keys alone
    (:func:`digest_of`), so the digest of what a peer holds follows from the keys it offers.
 """
@@ -34,7 +37,10 @@ KNOWN = "known"
 OLDER = "older"
 """An earlier document for a held pair: the held one stays."""
 FULL = "full"
-"""A pair not held, and ``limit`` pairs are held already: refused."""
+"""A pair not held, greater than every pair held, and ``limit`` pairs are held already: refused."""
+DISPLACED = "displaced"
+"""A pair not held, taken in place of the greatest pair held (``limit`` were held); that
+one's document is :attr:`SchemaRegistry.displaced`."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -83,6 +89,8 @@ class SchemaRegistry:
         self.limit = limit
         self.entries: dict[tuple[str, int], SchemaDocument] = {}
         self._hash = 0
+        self.displaced: SchemaDocument | None = None
+        """The document the last DISPLACED verdict pushed out."""
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -103,7 +111,12 @@ class SchemaRegistry:
             self._hash ^= _key_hash(held.key)
             verdict = REPLACED
         elif len(self.entries) >= self.limit:
-            return FULL
+            greatest = max(self.entries)
+            if document.pair > greatest:
+                return FULL
+            self.displaced = self.entries.pop(greatest)
+            self._hash ^= _key_hash(self.displaced.key)
+            verdict = DISPLACED
         else:
             verdict = NEW
         self.entries[document.pair] = document
@@ -127,11 +140,14 @@ class SchemaRegistry:
         return out
 
     def wants(self, peer_keys: Iterable[SchemaKey]) -> bool:
-        """Whether a peer holding ``peer_keys`` has a document this registry lacks (it may
-        still refuse it: see FULL)."""
+        """Whether a peer holding ``peer_keys`` has a document this registry would take."""
+        greatest = max(self.entries) if len(self.entries) >= self.limit else None
         for t, v, at, d in peer_keys:
             mine = self.entries.get((t, v))
-            if mine is None or _rank(mine.at, mine.digest) < _rank(at, d):
+            if mine is None:
+                if greatest is None or (t, v) < greatest:
+                    return True
+            elif _rank(mine.at, mine.digest) < _rank(at, d):
                 return True
         return False
 

@@ -168,6 +168,9 @@ class Batch:
     def put_meta(self, key: str, value: Any) -> None:
         self.puts.append((b"meta", key.encode(), value))
 
+    def drop_meta(self, key: str) -> None:
+        self.deletes.append((b"meta", key.encode()))
+
     def extend(self, other: Batch) -> None:
         self.puts += other.puts
         self.deletes += other.deletes

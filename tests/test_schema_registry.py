@@ -23,7 +23,9 @@ import pytest
 from aio import eventually, run
 
 import meshmq
-from meshmq._registry import FULL, KNOWN, NEW, OLDER, REPLACED, SchemaDocument, SchemaRegistry, digest_of
+from meshmq._registry import (
+    DISPLACED, FULL, KNOWN, NEW, OLDER, REPLACED, SchemaDocument, SchemaRegistry, digest_of,
+)
 from meshmq._schema import MAX_SCHEMA_BYTES
 from meshmq._security import SCHEMA_DOC, Authority, check_schema_document
 from meshmq._wire import (
@@ -137,14 +139,35 @@ def test_the_last_signed_document_of_a_pair_wins() -> None:
     assert registry.schemas() == {("A", 1): {"title": ("02" * 16)}, ("A", 2): {"title": ("05" * 16)}}
 
 
+def test_a_full_registry_keeps_the_smallest_pairs() -> None:
+    registry = SchemaRegistry(limit=2)
+    assert registry.add(_doc("B", 1, 1.0, b"\x01" * 16)) == NEW
+    assert registry.add(_doc("B", 2, 1.0, b"\x02" * 16)) == NEW
+    assert registry.add(_doc("C", 1, 1.0, b"\x03" * 16)) == FULL  # greater than every pair held
+    assert not registry.wants([("C", 1, 1.0, b"\x03" * 16)])  # so it is not asked for
+    assert registry.wants([("A", 7, 1.0, b"\x04" * 16)])
+    assert registry.add(_doc("A", 7, 1.0, b"\x04" * 16)) == DISPLACED
+    assert registry.displaced is not None and registry.displaced.pair == ("B", 2)
+    assert list(registry.entries) == [("B", 1), ("A", 7)] and registry.digest == digest_of(registry.keys())
+    assert registry.add(_doc("B", 2, 9.0, b"\x05" * 16)) == FULL  # displaced for good: a later one too
+    assert registry.add(_doc("B", 1, 2.0, b"\x06" * 16)) == REPLACED  # a held pair still takes later ones
+
+
+_SMALL_LIMIT = 3
+
+
 _documents = st.lists(st.builds(_doc, st.sampled_from(["A", "B", "C"]), st.integers(1, 3),
                                 st.sampled_from([1.0, 2.0, 3.0]), st.binary(min_size=16, max_size=16)),
                       max_size=30)
 
 
+@pytest.mark.parametrize("limit", [100, _SMALL_LIMIT])  # room for every pair, and fewer than exist
 @hypothesis.given(_documents, st.randoms(use_true_random=False))
-def test_any_order_and_any_repetition_of_merges_converges(documents: list[SchemaDocument], rng: Any) -> None:
-    one, two = SchemaRegistry(limit=100), SchemaRegistry(limit=100)
+def test_any_order_and_any_repetition_of_merges_converges(limit: int, documents: list[SchemaDocument],
+                                                          rng: Any) -> None:
+    """Whatever the order, a registry ends with the smallest ``limit`` pairs seen, each with
+    its last signed document."""
+    one, two = SchemaRegistry(limit=limit), SchemaRegistry(limit=limit)
     for document in documents:
         one.add(document)
     shuffled = documents + documents[: len(documents) // 2]
@@ -152,32 +175,38 @@ def test_any_order_and_any_repetition_of_merges_converges(documents: list[Schema
     for document in shuffled:
         two.add(document)
     assert one.keys() == two.keys() and one.digest == two.digest == digest_of(two.keys())
+    assert sorted(one.entries) == sorted({d.pair for d in documents})[:limit]
     for pair, held in one.entries.items():  # and each pair holds the greatest (signed at, digest)
         assert (held.at, held.digest) == max((d.at, d.digest) for d in documents if d.pair == pair)
 
 
+@pytest.mark.parametrize("limit", [100, _SMALL_LIMIT])  # room for every pair, and fewer than exist
 @hypothesis.given(_documents, st.lists(st.booleans(), min_size=30, max_size=30),
                   st.lists(st.booleans(), min_size=30, max_size=30))
 def test_one_offer_its_answer_and_the_documents_it_asks_for_make_two_registries_equal(
-        documents: list[SchemaDocument], at_a: list[bool], at_b: list[bool]) -> None:
+        limit: int, documents: list[SchemaDocument], at_a: list[bool], at_b: list[bool]) -> None:
     """The exchange of the agents, in virtual form: A offers its keys; B answers with the
     documents A lacks and its keys; A sends the documents B lacks, and it ends there."""
-    a, b = SchemaRegistry(limit=100), SchemaRegistry(limit=100)
+    a, b = SchemaRegistry(limit=limit), SchemaRegistry(limit=limit)
     for document, to_a, to_b in zip(documents, at_a, at_b):
         if to_a:
             a.add(document)
         if to_b:
             b.add(document)
+    roomy = limit > len(documents)
+    # Only what the receiver lacked is sent; with too little room, it may displace or be refused.
+    sent = (NEW, REPLACED) if roomy else (NEW, REPLACED, DISPLACED, FULL)
     offer = a.keys()
     for_a, answer = b.lacking(offer), b.keys()
-    assert b.wants(offer) == bool(a.lacking(answer))  # B lacks something of A's: A has something for B
+    if roomy:
+        assert b.wants(offer) == bool(a.lacking(answer))  # B lacks something of A's: A has something for B
     for document in for_a:
-        assert a.add(document) in (NEW, REPLACED)  # only what A lacked was sent
+        assert a.add(document) in sent
     for_b = a.lacking(answer)
     for document in for_b:
-        assert b.add(document) in (NEW, REPLACED)
+        assert b.add(document) in sent
     assert a.keys() == b.keys() and a.digest == b.digest
-    assert not a.lacking(b.keys()) and not b.wants(a.keys())
+    assert not a.lacking(b.keys()) and not b.wants(a.keys()) and not a.wants(b.keys())
 
 
 def test_wants_says_whether_a_peer_holds_something_newer_or_more() -> None:
@@ -338,6 +367,44 @@ def test_a_newcomer_learns_the_schemas_and_a_restart_keeps_them(mesh: str) -> No
             with pytest.raises(meshmq.SchemaError, match="orderId: must match"):
                 await again.publish("orders.placed", {"orderId": "X", "total": 1}, type="OrderPlaced")
             await again.publish("orders.placed", GOOD, type="OrderPlaced")
+        finally:
+            await again.stop()
+
+    run(main(), timeout=60)
+
+
+def test_a_full_agent_keeps_the_smallest_pairs_says_so_and_its_store_follows(mesh: str) -> None:
+    """max_schemas=2. From this process a new pair beyond the limit raises (the pusher is
+    told); from a peer, a smaller pair displaces the greatest held one, counted and logged,
+    and the store drops it, so a restart holds the same two."""
+    from certs import RawPeer
+
+    async def main() -> None:
+        kw: dict[str, Any] = dict(mesh=mesh, durability="os", discovery=False, max_schemas=2)
+        agent = await meshmq.AsyncAgent("svc", **kw).start()
+        raw = RawPeer(mesh, agent.endpoints[0], "raw")
+        try:
+            assert agent.push_schema(_sign(mesh, "B", 1)) and agent.push_schema(_sign(mesh, "B", 2))
+            with pytest.raises(meshmq.UsageError, match="max_schemas=2"):
+                agent.push_schema(_sign(mesh, "A", 1))
+            assert sorted(agent._registry.entries) == [("B", 1), ("B", 2)]
+            raw.introduce()
+            await eventually(lambda: raw.node in agent._peer_keys, what="the raw peer known")
+            raw.send(schemas_frame(mesh, raw.node, None, [_sign(mesh, "C", 1), _sign(mesh, "A", 1)]))
+            await eventually(lambda: agent.stats().get("schemas_displaced", 0) == 1, what="B 2 displaced")
+            assert agent.stats()["schemas_refused_full"] == 1  # C 1: greater than every pair held
+            assert sorted(agent._registry.entries) == [("A", 1), ("B", 1)]
+            assert sorted(agent._checked_schemas) == [("A", 1), ("B", 1)]
+        finally:
+            raw.close()
+            await agent.stop()
+        again = await meshmq.AsyncAgent("svc", **kw).start()
+        try:
+            assert again.node_id == agent.node_id  # the same instance and store
+            assert sorted(again._registry.entries) == [("A", 1), ("B", 1)]
+            # B 2 is no longer in the store: had it been, reading it back would refuse it as full.
+            assert again.stats().get("schemas_refused_full", 0) == 0
+            assert again.stats().get("schemas_displaced", 0) == 0
         finally:
             await again.stop()
 
