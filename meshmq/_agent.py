@@ -1048,10 +1048,10 @@ class AsyncAgent:
             full = (f"this agent keeps at most max_schemas={self.config.max_schemas} schemas, the smallest by "
                     f"type and version; raise max_schemas")
             with self._schemas_lock:
-                if strict and document.pair not in self._registry.entries and len(self._registry) >= \
-                        self._registry.limit:
+                registry = self._registry
+                if strict and document.pair not in registry.entries and len(registry) >= registry.limit:
                     raise UsageError(f"{full}: {type_} version {version} would displace another or be refused")
-                verdict = self._registry.add(document)
+                verdict = registry.add(document)
                 gone = self._registry.displaced if verdict == DISPLACED else None
             if verdict == FULL:
                 self.counters["schemas_refused_full"] += 1
