@@ -1052,7 +1052,7 @@ class AsyncAgent:
                 if strict and document.pair not in registry.entries and len(registry) >= registry.limit:
                     raise UsageError(f"{full}: {type_} version {version} would displace another or be refused")
                 verdict = registry.add(document)
-                gone = self._registry.displaced if verdict == DISPLACED else None
+                gone = registry.displaced if verdict == DISPLACED else None
             if verdict == FULL:
                 self.counters["schemas_refused_full"] += 1
                 quiet.log(logging.ERROR, "schemas-full", "%s: %s version %d from %s was refused", full, type_,
