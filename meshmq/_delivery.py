@@ -72,6 +72,7 @@ def entry_size(entry: Entry) -> int:
 
 
 _LANE_SENT = [f"messages_sent_{name}" for name in PRIORITIES]
+_BYTES_ONLY = {bytes}  # the types of a run of entries that no queue group chose
 
 
 def lane_key(node: str, lane: int) -> str:
@@ -399,24 +400,28 @@ class Outbox:
             if probe:
                 self.counters["breaker_probes"] += 1
         fresh = s.highest_sent + 1  # lower numbers are sent again
-        due = s.due(now, cfg.max_batch_messages, room if self.windowed else None, heard=self.heard)
-        if not due:
-            return []
-        dest.sent_at = now
-        self.counters["messages_sent"] += len(due)
-        if lane.number != NORMAL_LANE:
-            self.counters[_LANE_SENT[lane.number]] += len(due)
-        floor = s.floor
-        first, last = due[0][0], due[-1][0]
-        if first < fresh and dest.breaker is not None and not probe:
-            self._breaker_record(dest, now, ok=False)  # sent again: the last send timed out
-        if first >= fresh and last - first + 1 == len(due):  # the common case: new, consecutive
-            entries = [entry for _, entry in due]
-            if all(type(e) is bytes for e in entries) and sum(map(len, entries)) <= cfg.max_batch_bytes:
+        window = room if self.windowed else None
+        new = s.due_fresh(now, cfg.max_batch_messages, window, heard=self.heard)
+        if new is not None:  # the common case: new messages, consecutive
+            first, entries = new
+            self._count_sent(dest, lane, len(entries), now)
+            floor = s.floor
+            if (first >= fresh and set(map(type, entries)) == _BYTES_ONLY
+                    and sum(map(len, entries)) <= cfg.max_batch_bytes):
                 frame = self._frame(lane, first, entries, floor, False)
                 if self.observe is not None and frame is not None:
                     self.observe("sent", lane, entries)
                 return [frame] if frame is not None else []
+            due = list(zip(range(first, first + len(entries)), entries))
+        else:
+            due = s.due(now, cfg.max_batch_messages, window, heard=self.heard)
+            if not due:
+                return []
+            self._count_sent(dest, lane, len(due), now)
+            floor = s.floor
+            first = due[0][0]
+        if first < fresh and dest.breaker is not None and not probe:
+            self._breaker_record(dest, now, ok=False)  # sent again: the last send timed out
         frames = []
         run: list[Any] = []
         resent = first < fresh
@@ -440,6 +445,12 @@ class Outbox:
         if self.observe is not None:
             self.observe("retried" if resent else "sent", lane, run)
         return [f for f in frames if f is not None]
+
+    def _count_sent(self, dest: Destination, lane: Lane, count: int, now: float) -> None:
+        dest.sent_at = now
+        self.counters["messages_sent"] += count
+        if lane.number != NORMAL_LANE:
+            self.counters[_LANE_SENT[lane.number]] += count
 
     def _turn(self, dest: Destination, now: float, room: int) -> Lane | None:
         """The lane that sends next to ``dest``: of those with something to send now (a
@@ -547,9 +558,10 @@ class Outbox:
                 self._breaker_record(dest, now, ok=True)
             if self.observe is not None:
                 self.observe("acked", lane, released)
-            size = 0
-            for entry in released:
-                size += len(entry) if type(entry) is bytes else len(entry[0])
+            if set(map(type, released)) == _BYTES_ONLY:
+                size = sum(map(len, released))
+            else:
+                size = sum(map(entry_size, released))
             self.count -= len(released)
             self.bytes -= size
             dest.count -= len(released)

@@ -39,9 +39,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import random
 from collections.abc import Iterable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -147,8 +148,7 @@ class SendStream(Generic[T]):
 
         ``heard``: the time until which every ack that arrived has been read (default ``now``).
         The timer expires only by then: an ack may be waiting unread for anything later."""
-        expired_by = now if heard is None or heard > now else heard
-        if self.timer is not None and expired_by >= self.timer and self.pending and self.resend_from is None:
+        if self._expiring(now, heard):
             self.timeouts += 1
             if self.received >= self.sent_upto:
                 # Everything arrived, yet nothing was committed for a whole timeout: the
@@ -181,6 +181,38 @@ class SendStream(Generic[T]):
         if out and self.timer is None:
             self.timer = now + self.backoff.delay(1, self.rng)
         return out
+
+    def due_fresh(self, now: float, limit: int, fresh: int | None = None, *,
+                  heard: float | None = None) -> tuple[int, list[T]] | None:
+        """The common case of :meth:`due`, without a pair per message: ``(first seq, items)``
+        of up to ``limit`` consecutive messages never sent, when nothing is to be sent again
+        and none of them was given up on. None otherwise, and then nothing changed: ask
+        :meth:`due`. When it answers, the stream is left as :meth:`due` would leave it."""
+        if self.resend_from is not None or self._expiring(now, heard):
+            return None
+        sent_upto = self.sent_upto
+        count = min(limit, self.ready - sent_upto)
+        if fresh is not None and fresh < count:
+            count = fresh
+        if count <= 0:
+            return None
+        first = sent_upto + 1
+        items: list[Any] = list(map(self.pending.get, range(first, first + count), itertools.repeat(_MISSING, count)))
+        if _MISSING in items:
+            return None
+        last = sent_upto + count
+        self.sent_upto = last
+        if last > self.highest_sent:
+            self.highest_sent = last
+        if self.timer is None:
+            self.timer = now + self.backoff.delay(1, self.rng)
+        return first, items
+
+    def _expiring(self, now: float, heard: float | None) -> bool:
+        """Whether the retransmission timer expires now: by ``heard`` (see :meth:`due`)."""
+        if self.timer is None or not self.pending or self.resend_from is not None:
+            return False
+        return (now if heard is None or heard > now else heard) >= self.timer
 
     @property
     def in_flight(self) -> int:
@@ -233,16 +265,9 @@ class SendStream(Generic[T]):
             progress = True
         released: list[T] = []
         if seq > self.acked:
+            released = self._release(seq)
             self.acked = seq
             self.received = max(self.received, seq)
-            pending = self.pending
-            while pending:
-                first, item = pending.popitem(last=False)
-                if first > seq:
-                    pending[first] = item
-                    pending.move_to_end(first, last=False)
-                    break
-                released.append(item)
             progress = True
         if not progress:
             self.counters["acks_repeated"] += 1
@@ -254,6 +279,27 @@ class SendStream(Generic[T]):
             self.timer = now + self.backoff.delay(1, self.rng)
         else:  # all arrived, not all committed: check back slowly (the receiver may restart)
             self.timer = now + self.backoff.maximum
+        return released
+
+    def _release(self, seq: int) -> list[T]:
+        """Forget the kept messages numbered up to ``seq`` (all above ``acked``); return them."""
+        pending = self.pending
+        count = seq - self.acked
+        if count <= 2 * len(pending):  # by number, in C: this runs once per message acked
+            kept = len(pending)
+            released: list[Any] = list(map(pending.pop, range(self.acked + 1, seq + 1),
+                                            itertools.repeat(_MISSING, count)))
+            if kept - len(pending) < count:  # some were given up on: they left gaps
+                released = [item for item in released if item is not _MISSING]
+            return released
+        released = []  # far more numbers than messages (most were given up on): by message
+        while pending:
+            first, item = pending.popitem(last=False)
+            if first > seq:
+                pending[first] = item
+                pending.move_to_end(first, last=False)
+                break
+            released.append(item)
         return released
 
     def give_up(self, seq: int) -> T | None:

@@ -3,6 +3,7 @@ duplication, reordering and crashes (a Hypothesis state machine), plus unit case
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -209,6 +210,26 @@ def test_frames_far_ahead_are_dropped_not_held_without_bound() -> None:
 # --- the state machine -------------------------------------------------------------------
 
 
+def test_due_fresh_answers_only_for_new_consecutive_messages() -> None:
+    s: SendStream[str] = SendStream(1, rng=random.Random(0))
+    for item in "abcde":
+        s.put(item, 0.0)
+    assert s.due_fresh(0.0, 2) == (1, ["a", "b"])
+    s.give_up(4)
+    assert s.due_fresh(0.0, 10) is None  # a gap: due skips it
+    assert [seq for seq, _ in s.due(0.0, 10)] == [3, 5]
+    assert s.due_fresh(0.0, 10) is None  # nothing new
+    assert s.due_fresh(5.0, 10) is None and s.resend_from is None  # the timer expired: due resends
+    assert [seq for seq, _ in s.due(5.0, 10)] == [1, 2, 3, 5]
+    s.put("f", 5.0)
+    assert s.due_fresh(5.0, 10, fresh=0) is None  # the window is full
+    assert s.due_fresh(5.0, 10, fresh=1) == (6, ["f"])
+
+
+def _position(s: SendStream[str]) -> tuple[object, ...]:
+    return (s.sent_upto, s.highest_sent, s.timer, s.resend_from, s.timeouts, s.received, dict(s.counters))
+
+
 class StreamScenario(RuleBasedStateMachine):
     """A sender and a receiver over a network that loses, duplicates and reorders frames;
     either side may crash. The sender's outbox is durable unless a crash says otherwise.
@@ -249,9 +270,22 @@ class StreamScenario(RuleBasedStateMachine):
         self.store[seq] = mid  # committed to the outbox before publish returns
         self.positions[mid] = (self.epoch, seq)
 
-    @rule(limit=st.integers(1, 8))
-    def send(self, limit: int) -> None:
-        batch = self.sender.due(self.now, limit)
+    @rule(limit=st.integers(1, 8), fast=st.booleans())
+    def send(self, limit: int, fast: bool) -> None:
+        batch = None
+        if fast:  # as the outbox sends: the cheap form first, due when it has no answer
+            twin = copy.deepcopy(self.sender)
+            before = _position(self.sender)
+            new = self.sender.due_fresh(self.now, limit)
+            if new is None:
+                assert _position(self.sender) == before
+            else:
+                first, items = new
+                batch = list(zip(range(first, first + len(items)), items))
+                assert batch == twin.due(self.now, limit)
+                assert _position(self.sender) == _position(twin)
+        if batch is None:
+            batch = self.sender.due(self.now, limit)
         if batch:
             self.network.append(("data", self.sender.epoch, self.sender.floor, batch))
 
@@ -356,7 +390,7 @@ class StreamScenario(RuleBasedStateMachine):
         # The network behaves from now on: retransmission must deliver everything not excused.
         for _ in range(200):
             self.now += 20.0
-            self.send(64)
+            self.send(64, fast=True)
             while self.network:
                 self._handle(self.network.pop(0))
             self.commit_receiver()
