@@ -458,7 +458,10 @@ class Subscription:
             if token is not None:
                 _trace.done(token, error)
         if retry is None:
-            self._finished(msg)
+            if msg._rx is _HANDING and self.queue is None:
+                msg._open -= 1  # as _finished does, without asking for the thread: this is the loop's
+            else:
+                self._finished(msg)
             return
         self._waiting = msg
         assert self._agent._loop is not None

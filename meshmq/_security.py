@@ -748,11 +748,11 @@ class Rights:
         return rights
 
     def may_publish(self, topic: str) -> bool:
-        if self._publish is None or topic.startswith("_reply."):  # replies go only to their requester
-            return True
-        allowed = self._topics.get(topic)
+        allowed = self._topics.get(topic)  # the cached answer first: this runs per message
         if allowed is None:
-            allowed = any(matches(p, topic) for p in self._publish)
+            allowed = self._publish is None or topic.startswith("_reply.")  # replies go only to their requester
+            if not allowed:
+                allowed = any(matches(p, topic) for p in self._publish)  # type: ignore[union-attr]
             if len(self._topics) >= 4096:
                 self._topics.clear()
             self._topics[topic] = allowed
