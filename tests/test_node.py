@@ -911,7 +911,7 @@ def test_an_indirect_probe_answer_is_not_sent_to_a_requester_dropped_meanwhile(n
 
     r = net.add(make_node("r", endpoint=A))
     h = net.add(make_node("h", endpoint=B), seeds=[A])
-    t = net.add(make_node("t", endpoint=C), seeds=[B])
+    net.add(make_node("t", endpoint=C), seeds=[B])
     net.run(2.0)
     assert {"r", "t"} <= set(h.peers)
     now = net.clock.now()
