@@ -68,9 +68,9 @@ from ._topics import check_pattern, check_topic, check_user_topic, matches, repl
 from ._transport import Link, Transport, Wakeup
 from ._wire import (
     DATA, MAX_FRAME_REVOCATIONS, MAX_FRAME_SCHEMAS, MAX_SCHEMA_FRAME_BYTES, PROTOCOL_VERSION, REVOKE_OPEN,
-    REVOKE_PUSH, REVOKE_REPLY, SEALED, TAP, Hello, Limits, NodeRecord, Ping, PolicyOffer, Receipt, Revocations,
-    SchemaExchange, SchemaKey, Subscription as AdvertisedSubscription, Work, check_headers, policy_frame,
-    schemas_frame,
+    REVOKE_PUSH, REVOKE_REPLY, SEALED, TAP, Hello, Limits, NodeRecord, OtherVersion, Ping, PolicyOffer, Receipt,
+    Revocations, SchemaExchange, SchemaKey, Subscription as AdvertisedSubscription, Work, check_headers,
+    policy_frame, schemas_frame,
     decode_data, decode_envelope, decode_frame, encode_envelope, encode_payload, revoke_frame, split_endpoint,
     split_entry, work_frame,
 )
@@ -807,7 +807,8 @@ class AsyncAgent:
             await self._start_metrics()
         if cfg.discovery:
             self._discovery = Discovery(mesh=cfg.mesh, node=self.node_id, service=self.service,
-                                        endpoints=endpoints, interfaces=interfaces, on_hint=self._on_hint)
+                                        endpoints=endpoints, interfaces=interfaces, on_hint=self._on_hint,
+                                        on_other_version=self._on_other_version)
             try:
                 await self._discovery.async_start()
             except Exception as exc:  # no multicast here: seeds and hellos still work
@@ -2472,6 +2473,12 @@ class AsyncAgent:
             # A Frame, dispatched below on `kind is X`: cheaper than isinstance per frame, but mypy
             # does not narrow through it, so to mypy the fields of each kind are Any here.
             decoded: Any = decode_frame(frame, self.limits)
+        except OtherVersion as exc:
+            self.counters["frames_other_version"] += 1
+            quiet.warning(f"version:{self.node_id}:{exc.version}", "dropped a frame of meshmq protocol version %d; "
+                          "this agent speaks %d. Agents of different protocol versions cannot exchange "
+                          "messages: run one meshmq release across a mesh", exc.version, PROTOCOL_VERSION)
+            return
         except ForgedFrame as exc:
             self.counters["frames_forged"] += 1
             quiet.warning("forged", "dropped a data frame that does not prove its sender (%d bytes): %s",
@@ -3518,6 +3525,15 @@ class AsyncAgent:
             quiet.warning("hint", "ignored an mDNS hint for node %s at an endpoint of another key", node)
             return
         self._apply(self._node.discovered(time.monotonic(), node, endpoints, mesh))
+
+    def _on_other_version(self, node: str | None, versions: str, endpoints: tuple[str, ...]) -> None:
+        """mDNS announces a node of this mesh that speaks only other protocol versions: say so
+        (once a minute per node), and leave it alone; a greeting would be dropped there."""
+        self.counters["peers_other_version"] += 1
+        quiet.warning(f"announced:{self.node_id}:{node}", "node %s at %s announces meshmq protocol version %s; "
+                      "this agent speaks %d. Agents of different protocol versions cannot exchange messages: "
+                      "run one meshmq release across a mesh", node or "?", ", ".join(endpoints), versions,
+                      PROTOCOL_VERSION)
 
     def _schedule_tick(self) -> None:
         assert self._loop is not None and self._node is not None

@@ -1,7 +1,9 @@
 """mDNS discovery: announce this node and report peers of the same mesh. A thin shell.
 
 python-zeroconf registers ``_meshmq._tcp.local.`` with TXT properties (mesh,
-node id, service, endpoints) and browses for the same type. What it finds is a
+node id, service, endpoints, the protocol versions it speaks) and browses for the
+same type. A node that announces only other protocol versions is reported as such
+and never greeted: it could not understand us. What it finds is a
 *hint* handed to the core (``Node.discovered``), which says hello over ZeroMQ;
 identity and subscriptions come from the peer itself, never from mDNS.
 
@@ -23,25 +25,29 @@ from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from ._log import QuietLogger
+from ._wire import PROTOCOL_VERSION, speaks
 
 SERVICE_TYPE = "_meshmq._tcp.local."
 log = logging.getLogger("meshmq.discovery")
 quiet = QuietLogger(log)
 
 Hint = Callable[[str | None, tuple[str, ...], str | None], None]
+OtherVersionHint = Callable[[str | None, str, tuple[str, ...]], None]
+"""(node id, the protocol versions it announces, its endpoints)"""
 
 
 class Discovery:
     """Announces one node and reports the others it browses (on the agent's loop)."""
 
     def __init__(self, *, mesh: str, node: str, service: str, endpoints: tuple[str, ...],
-                 interfaces: list[str], on_hint: Hint) -> None:
+                 interfaces: list[str], on_hint: Hint, on_other_version: OtherVersionHint | None = None) -> None:
         self.mesh = mesh
         self.node = node
         self.service = service
         self.endpoints = endpoints
         self.interfaces = interfaces
         self.on_hint = on_hint
+        self.on_other_version = on_other_version
         self.azc: AsyncZeroconf | None = None
         self.browser: AsyncServiceBrowser | None = None
         self.info: AsyncServiceInfo | None = None
@@ -63,7 +69,7 @@ class Discovery:
         self.info = AsyncServiceInfo(
             SERVICE_TYPE, self.name, addresses=addresses, port=port,
             properties={"mesh": self.mesh, "node": self.node, "service": self.service,
-                        "ep": ",".join(plain), "key": key, "v": "2"},
+                        "ep": ",".join(plain), "key": key, "v": "2", "proto": str(PROTOCOL_VERSION)},
         )
         self._spawn(self._register())
 
@@ -94,6 +100,11 @@ class Discovery:
         key = props.get("key") or ""
         endpoints = tuple(f"{ep}#{key}" if key else ep for ep in (props.get("ep") or "").split(",") if ep)
         if not endpoints:
+            return
+        proto = props.get("proto")
+        if speaks(proto) is False:
+            if self.on_other_version is not None:
+                self.on_other_version(props.get("node"), proto or "", endpoints)
             return
         self.on_hint(props.get("node"), endpoints, mesh)
 

@@ -30,7 +30,8 @@ COUNTERS = {
     "meshmq_expired_total": ("Messages whose time to live ran out in the outbox.", ("expired_in_outbox",)),
     "meshmq_dropped_by_policy_total": ("Messages dropped by a policy rule.", ("dropped_by_policy",)),
 }
-REJECTED_PREFIXES = ("rejected_", "frames_forged", "frames_unauthenticated", "frames_rejected", "frames_revoked")
+REJECTED_PREFIXES = ("rejected_", "frames_forged", "frames_unauthenticated", "frames_rejected", "frames_revoked",
+                     "frames_other_version")
 
 
 class LatencyHistogram:

@@ -697,6 +697,23 @@ def _seq(value: Any, what: str) -> int:
     return value
 
 
+class OtherVersion(ProtocolError):
+    """A frame of another protocol version than this node's: a node of another meshmq
+    release, which this one cannot talk to (told apart from a malformed frame)."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(f"unknown protocol version {version} (this node speaks {PROTOCOL_VERSION})")
+        self.version = version
+
+
+def speaks(versions: str | None) -> bool | None:
+    """Whether a peer that announces the protocol ``versions`` it speaks (comma-separated,
+    the mDNS ``proto`` property) speaks ours; None when it does not say."""
+    if not versions:
+        return None
+    return str(PROTOCOL_VERSION) in versions.split(",")
+
+
 def decode_frame(frame: bytes | memoryview, limits: Limits) -> Frame:
     """Parse one frame's outer layer; envelopes inside DATA stay bytes."""
     if len(frame) < 3:
@@ -705,7 +722,7 @@ def decode_frame(frame: bytes | memoryview, limits: Limits) -> Frame:
         raise ProtocolError("frame larger than max_frame_bytes")
     version, kind = frame[0], frame[1]
     if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"unknown protocol version {version}")
+        raise OtherVersion(version)
     if kind == DATA:
         return Data(*decode_data(frame, limits))
     if kind == SEALED or kind == TAP:

@@ -204,15 +204,16 @@ def test_an_unknown_curve_key_gets_no_frame_acted_on(mesh: str) -> None:
 
 
 @asynccontextmanager
-async def announcing(mesh: str, *claims: tuple[str, str | None, str]) -> AsyncIterator[None]:
+async def announcing(mesh: str, *claims: tuple[str, str | None, str], proto: str = str(PROTOCOL_VERSION)
+                     ) -> AsyncIterator[None]:
     """What anyone on the link can do: announce ``_meshmq._tcp`` services over real mDNS, on
     loopback only, each ``(instance name, node id or None, endpoint#KEY)``. The TXT properties
-    are the ones meshmq's own announcements carry."""
+    are the ones meshmq's own announcements carry (``proto``: the protocol versions spoken)."""
     azc = AsyncZeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
     try:
         for name, node, endpoint in claims:
             plain, key = split_endpoint(endpoint)
-            props = {"mesh": mesh, "service": "rogue", "ep": plain, "key": key or "", "v": "2"}
+            props = {"mesh": mesh, "service": "rogue", "ep": plain, "key": key or "", "v": "2", "proto": proto}
             if node is not None:
                 props["node"] = node
             info = AsyncServiceInfo(SERVICE_TYPE, f"{name}.{SERVICE_TYPE}", addresses=[socket.inet_aton("127.0.0.1")],
@@ -278,6 +279,29 @@ def test_a_rogue_mdns_announcement_in_a_real_nodes_name_is_refused(mesh: str) ->
         await late.stop()
 
     run(main(), timeout=60)
+
+
+def test_a_node_announcing_only_another_protocol_version_is_named_and_never_greeted(
+        mesh: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Not an attack, a node of another meshmq release: its announcement says which protocol
+    versions it speaks. The agent warns, counts it, and sends it nothing (it would drop all
+    of it); the same node announcing our version is greeted."""
+    async def main() -> None:
+        async with agents(mesh, "target", durability="memory") as (target,):
+            other = RawPeer(mesh, target.endpoints[0], "other")  # its PULL socket shows any greeting
+            try:
+                async with announcing(mesh, ("other-release", None, other.endpoint), proto=str(PROTOCOL_VERSION + 1)):
+                    await eventually(lambda: target.stats().get("peers_other_version", 0) >= 1,
+                                     what="the other release noticed")
+                assert drain(other.pull) == []
+                async with announcing(mesh, ("same-release", None, other.endpoint)):
+                    await eventually(lambda: other.pull.poll(0), what="the same release greeted")
+            finally:
+                other.close()
+
+    run(main(), timeout=60)
+    said = [r.getMessage() for r in caplog.records if "announces meshmq protocol version" in r.getMessage()]
+    assert said and f"version {PROTOCOL_VERSION + 1}; this agent speaks {PROTOCOL_VERSION}" in said[0]
 
 
 def test_a_rogue_mdns_announcement_of_the_attackers_own_key_gets_in_nowhere(mesh: str, tmp_path: Path) -> None:

@@ -18,8 +18,8 @@ from meshmq._wire import (
     ACK, ALIVE, BYE, DATA, DEAD, ENVELOPE_VERSION, HELLO, LEFT, MAX_INCARNATION, PING, PING_REQ, PROTOCOL_VERSION,
     RECEIPT, SUSPECT, SYNC, SYNC_LAST, SYNC_OPEN, SYNC_REPLY, Ack, Bye, Data, Entry, Hello, Limits, NodeRecord, Ping,
     PingReq, Receipt, Subscription, Sync, ack_frame, bye_frame, card_frame, check_headers, data_frame, decode_envelope,
-    decode_frame, encode_envelope, encode_payload, hello_frame, ping_frame, ping_req_frame, receipt_frame, split_entry,
-    sync_frame,
+    OtherVersion, decode_frame, encode_envelope, encode_payload, hello_frame, ping_frame, ping_req_frame, receipt_frame,
+    speaks, split_entry, sync_frame,
 )
 
 LIMITS = Limits()
@@ -450,6 +450,22 @@ def _head(kind: int) -> bytes:
 
 
 _ALIVE_WIRE = claim(RECORD).to_wire(True)
+
+
+def test_a_frame_of_another_protocol_version_is_told_apart_from_a_malformed_one() -> None:
+    older = bytes((PROTOCOL_VERSION - 1, HELLO)) + packed(["m"])
+    with pytest.raises(OtherVersion) as caught:
+        decode_frame(older, LIMITS)
+    assert caught.value.version == PROTOCOL_VERSION - 1
+    assert f"this node speaks {PROTOCOL_VERSION}" in str(caught.value)
+
+
+@pytest.mark.parametrize(("announced", "answer"), [
+    (None, None), ("", None), (str(PROTOCOL_VERSION), True), (f"{PROTOCOL_VERSION - 1},{PROTOCOL_VERSION}", True),
+    (str(PROTOCOL_VERSION + 1), False), (f"{PROTOCOL_VERSION}0", False), ("seven", False),
+])
+def test_which_announced_protocol_versions_speak_ours(announced: str | None, answer: bool | None) -> None:
+    assert speaks(announced) is answer
 
 
 @pytest.mark.parametrize(("frame", "problem"), [
