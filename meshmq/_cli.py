@@ -89,6 +89,31 @@ def _note(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
+def _until(count: int | None, noun: str, seconds: float | None) -> str:
+    """How a reading command ends, for its first line: 'N NOUNs or Ss', or 'Ctrl-C'."""
+    ends = []
+    if count:
+        ends.append(f"{count} {noun}{'s' if count > 1 else ''}")
+    if seconds is not None:
+        ends.append(f"{seconds:g}s")
+    return " or ".join(ends) or "Ctrl-C"
+
+
+def _arrivals(source: Any, seconds: float | None) -> Iterator[Any]:
+    """What a blocking subscription or tap receives, as it arrives, until it is closed or
+    ``seconds`` have passed. Short waits keep Ctrl-C prompt."""
+    deadline = None if seconds is None else time.monotonic() + seconds
+    while True:
+        wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+        if wait <= 0:
+            return
+        item = source.get(wait)
+        if item is not None:
+            yield item
+        elif source.closed:
+            return
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -633,27 +658,14 @@ def _cmd_sub(args: argparse.Namespace) -> int:
     render = message_json if args.json else message_line
     with _agent(args) as agent:
         subscription = agent.subscribe(args.pattern, queue=args.queue)
-        until = []
-        if args.count:
-            until.append(f"{args.count} message{'s' if args.count > 1 else ''}")
-        if args.timeout is not None:
-            until.append(f"{args.timeout:g}s")
         _note(f"listening on {args.pattern!r}{f' in queue group {args.queue!r}' if args.queue else ''} "
-              f"in mesh {agent.config.mesh!r} until {' or '.join(until) or 'Ctrl-C'}")
-        deadline = None if args.timeout is None else time.monotonic() + args.timeout
+              f"in mesh {agent.config.mesh!r} until {_until(args.count, 'message', args.timeout)}")
         received = 0
-        while args.count is None or received < args.count:
-            # Short waits keep Ctrl-C prompt; the deadline bounds the whole command.
-            wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
-            if wait <= 0:
-                break
-            msg = subscription.get(wait)
-            if msg is None:
-                if subscription.closed:
-                    break
-                continue
+        for msg in _arrivals(subscription, args.timeout):
             received += 1
             print(render(msg), flush=True)
+            if received == args.count:
+                break
     if args.count is not None and received < args.count:
         _note(f"{received} of {args.count} messages received within {args.timeout:g}s")
         return EXIT_FAILED

@@ -289,7 +289,7 @@ def read_recording(path: str) -> Iterator[TapEvent]:
 
 def cmd_tap(args: argparse.Namespace) -> int:
     from ._sync import Agent
-    from ._cli import _note, _overrides
+    from ._cli import _arrivals, _note, _overrides, _until
 
     shown_filter = Filter(args)
     printer = Printer(sys.stdout, args.json, args.headers_only, _use_color(args, sys.stdout))
@@ -298,30 +298,18 @@ def cmd_tap(args: argparse.Namespace) -> int:
         recorder = Recorder(args.record, patterns, agent.config.mesh) if args.record else None
         try:
             tap = agent.tap(*patterns, events=shown_filter.events)
-            until = []
-            if args.count:
-                until.append(f"{args.count} lines")
-            if args.duration is not None:
-                until.append(f"{args.duration:g}s")
             _note(f"tapping {' '.join(patterns)} in mesh {agent.config.mesh!r} until "
-                  f"{' or '.join(until) or 'Ctrl-C'}")
-            deadline = None if args.duration is None else time.monotonic() + args.duration
+                  f"{_until(args.count, 'line', args.duration)}")
             shown = 0
-            while args.count is None or shown < args.count:
-                wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
-                if wait <= 0:
-                    break
-                event = tap.get(wait)
-                if event is None:
-                    if tap.closed:
-                        break
-                    continue
+            for event in _arrivals(tap, args.duration):
                 if not shown_filter(event):
                     continue
                 shown += 1
                 printer(event)
                 if recorder is not None:
                     recorder(event)
+                if shown == args.count:
+                    break
         finally:
             if recorder is not None:
                 recorder.close()

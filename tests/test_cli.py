@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import meshmq
-from meshmq._cli import main, message_json, message_line, parse_data, parse_headers
+from meshmq._cli import _arrivals, _until, main, message_json, message_line, parse_data, parse_headers
 from meshmq._message import FORMAT_BYTES, FORMAT_MSGPACK, Message
 
 LOOPBACK = "127.0.0.1"
@@ -252,6 +252,42 @@ def test_message_line_shows_topic_type_source_key_and_data() -> None:
     assert re.match(r"^\d\d:\d\d:\d\d\.\d{3}  orders\.placed  OrderPlaced  order-service  key=CUST-1  "
                     r'\{"orderId": "ORD-1"\}$', line)
     assert message_line(_message(b"raw", FORMAT_BYTES)).endswith("order-service  b'raw'")
+
+
+def test_until_says_how_a_reading_command_ends() -> None:
+    assert _until(None, "message", None) == "Ctrl-C"
+    assert _until(1, "line", None) == "1 line"
+    assert _until(3, "message", 2.5) == "3 messages or 2.5s"
+    assert _until(None, "line", 10.0) == "10s"
+
+
+class _Source:
+    """A blocking subscription or tap as ``_arrivals`` sees it: ``get`` and ``closed``."""
+
+    def __init__(self, items: list[object | None], closes: bool) -> None:
+        self.items, self.closes, self.closed, self.waits = items, closes, False, []
+
+    def get(self, timeout: float) -> object | None:
+        self.waits.append(timeout)
+        if self.items:
+            return self.items.pop(0)
+        self.closed = self.closes
+        if not self.closed:
+            time.sleep(timeout)  # what a real get does when nothing comes: wait it out
+        return None
+
+
+def test_arrivals_skip_empty_waits_and_end_when_the_source_closes() -> None:
+    source = _Source(["a", None, "b"], closes=True)
+    assert list(_arrivals(source, None)) == ["a", "b"]
+    assert source.waits == [0.5] * 4  # the last wait found it closed
+
+
+def test_arrivals_end_at_the_deadline() -> None:
+    source = _Source([], closes=False)
+    assert list(_arrivals(source, 0.05)) == []  # returns by itself: the deadline bounds it
+    assert len(source.waits) == 1 and 0 < source.waits[0] <= 0.05
+    assert list(_arrivals(_Source(["x"], closes=False), 0.0)) == []  # no time: nothing is read
 
 
 # --- across processes --------------------------------------------------------------------------
