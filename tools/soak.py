@@ -33,7 +33,7 @@ from typing import Any
 
 from _children import Child, emit  # tools/: the script's own directory is on sys.path
 
-FAIL_EVERY = 100  # one queue-group message in this many fails once, and is retried
+FAIL_EVERY = 10  # one queue-group message in this many fails once, and is retried
 
 
 def _usage() -> dict[str, int]:
@@ -58,7 +58,7 @@ def role_sub(a: dict[str, Any]) -> None:
             counts["plain"] += 1
 
         def queued(msg: Any) -> None:
-            if msg.data["i"] % FAIL_EVERY == 0 and msg.attempts == 1:
+            if msg.data["i"] // 10 % FAIL_EVERY == 0 and msg.attempts == 1:  # the publisher numbers them i // 10
                 counts["failed_once"] += 1
                 raise RuntimeError("fails once, on purpose")  # the agent retries it
             counts["queued"] += 1
