@@ -131,7 +131,8 @@ def main() -> int:
     p.add_argument("--max-growth-mb", type=float, default=8.0, help="with --check: the most RSS either "
                    "process may grow after the warm-up")
     p.add_argument("--check", action="store_true", help="exit 1 if memory or file descriptors grew past the limit")
-    p.add_argument("--timeout", type=float, default=1200.0, help="hard limit of the whole run, s")
+    p.add_argument("--timeout", type=float, default=1200.0,
+                   help="hard limit, s: no round may take longer, and the children end themselves after it")
     p.add_argument("--role", help=argparse.SUPPRESS)
     p.add_argument("--args", help=argparse.SUPPRESS)
     o = p.parse_args()
