@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import select
@@ -10,9 +11,24 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 MARK = "@bench "
+
+
+def add_role_options(parser: argparse.ArgumentParser) -> None:
+    """The hidden options a :class:`Child` is started with (``--role ROLE --args JSON``)."""
+    parser.add_argument("--role", help=argparse.SUPPRESS)
+    parser.add_argument("--args", help=argparse.SUPPRESS)
+
+
+def run_role(options: argparse.Namespace, roles: dict[str, Callable[[dict[str, Any]], None]]) -> bool:
+    """In a child, run its role with its arguments and say True; in the parent, False."""
+    if not options.role:
+        return False
+    roles[options.role](json.loads(options.args))
+    return True
 
 
 def emit(**obj: Any) -> None:

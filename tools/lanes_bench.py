@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _children import Child, emit  # tools/: the script's own directory is on sys.path
+from _children import Child, add_role_options, emit, run_role  # tools/: the script's own directory is on sys.path
 
 PRIORITIES = 'version = 1\n[[rule]]\nname = "alerts"\ntopic = "alerts.>"\npriority = "high"\n' \
              '[[rule]]\nname = "bulk"\ntopic = "bulk.>"\npriority = "low"\n'
@@ -122,11 +122,9 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--timeout", type=float, default=120.0, help="hard limit of one measurement, s")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--role", help=argparse.SUPPRESS)
-    p.add_argument("--args", help=argparse.SUPPRESS)
+    add_role_options(p)
     o = p.parse_args()
-    if o.role:
-        {"sub": role_sub, "pub": role_pub}[o.role](json.loads(o.args))
+    if run_role(o, {"sub": role_sub, "pub": role_pub}):
         return 0
     runs: dict[str, list[dict[str, Any]]] = {"priorities": [], "none": []}
     with tempfile.TemporaryDirectory() as tmp:

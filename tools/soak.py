@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import tempfile
 import time
 from typing import Any
 
-from _children import Child, emit  # tools/: the script's own directory is on sys.path
+from _children import Child, add_role_options, emit, run_role  # tools/: the script's own directory is on sys.path
 
 FAIL_EVERY = 10  # one queue-group message in this many fails once, and is retried
 
@@ -133,11 +132,9 @@ def main() -> int:
     p.add_argument("--check", action="store_true", help="exit 1 if memory or file descriptors grew past the limit")
     p.add_argument("--timeout", type=float, default=1200.0,
                    help="hard limit, s: no round may take longer, and the children end themselves after it")
-    p.add_argument("--role", help=argparse.SUPPRESS)
-    p.add_argument("--args", help=argparse.SUPPRESS)
+    add_role_options(p)
     o = p.parse_args()
-    if o.role:
-        {"sub": role_sub, "pub": role_pub}[o.role](json.loads(o.args))
+    if run_role(o, {"sub": role_sub, "pub": role_pub}):
         return 0
     if not 0 <= o.warmup < o.rounds:
         p.error(f"--warmup must be at least 0 and less than --rounds ({o.rounds}), got {o.warmup}")

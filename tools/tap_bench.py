@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any
 
-from _children import Child, emit  # tools/: the script's own directory is on sys.path
+from _children import Child, add_role_options, emit, run_role  # tools/: the script's own directory is on sys.path
 
 TOPIC = "bench.tap"
 
@@ -129,14 +129,12 @@ def main() -> int:
     p.add_argument("--events", default="retried,expired,dead-lettered,rejected",
                    help="delivery events the tap asks for: 'all', 'none' or a comma list (default: meshmq tap's)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--role", help=argparse.SUPPRESS)
-    p.add_argument("--args", help=argparse.SUPPRESS)
+    add_role_options(p)
     o = p.parse_args()
     if not o.role:
         kinds = ["sent", "acked", "retried", "expired", "dead-lettered", "rejected"]
         o.events = kinds if o.events == "all" else [] if o.events == "none" else o.events.split(",")
-    if o.role:
-        {"sub": role_sub, "tap": role_tap, "pub": role_pub}[o.role](json.loads(o.args))
+    if run_role(o, {"sub": role_sub, "tap": role_tap, "pub": role_pub}):
         return 0
     runs: dict[str, list[dict[str, Any]]] = {"no_tap": [], "stalled_tap": []}
     for r in range(o.repeat):
