@@ -263,6 +263,10 @@ class _Request:
     """Nodes the request went to; when all have left, nobody can answer."""
 
 
+OrderKey = tuple[str, str, "str | None"]
+"""What a subscription keeps order by: sending node, topic, and (queue groups) key."""
+
+
 class _Full(Exception):
     """Internal: the outbox (``dest`` None) or one destination's share of it is full;
     nothing was kept."""
@@ -324,7 +328,9 @@ class Subscription:
     """A live subscription. Close it with :meth:`close`.
 
     With a handler, every matching message is passed to it (a coroutine handler
-    is awaited, one message at a time, in arrival order). Without one, iterate
+    is awaited, one message at a time, in arrival order). A message whose handler
+    fails waits for its retry; only the later messages of its sender and topic
+    (and key, in a queue group) wait behind it. Without one, iterate
     it: ``async for msg in sub`` on :class:`AsyncAgent`, ``for msg in sub`` or
     :meth:`get` on :class:`Agent`. Used as a decorator, the decorated function
     becomes the handler.
@@ -352,7 +358,12 @@ class Subscription:
         self._worker: asyncio.Task[None] | None = None
         self._queued_mode = (handler is None or inspect.iscoroutinefunction(handler)
                              or isinstance(handler, _HandlerThread))
-        self._waiting: Message | None = None  # a plain handler's message held for its retry
+        self._held: dict[OrderKey, collections.deque[Message]] = {}
+        """Per order key with a message waiting for its retry: that message, then the later ones
+        of its key, which wait behind it. Messages of other keys go on meanwhile."""
+        self._held_count = 0
+        self._retries: dict[OrderKey, asyncio.TimerHandle] = {}  # the timer of each key's waiting retry
+        self._ready: collections.deque[OrderKey] = collections.deque()  # keys whose retry is due (queued mode)
         self._current: Message | None = None  # the message a coroutine handler works on
 
     # --- configuration --------------------------------------------------------------
@@ -387,15 +398,27 @@ class Subscription:
 
     # --- delivery (loop thread) --------------------------------------------------------
 
+    def _order_key(self, msg: Message) -> OrderKey:
+        """What order is kept by: sender and topic, and in a queue group also the key (one
+        key's messages go to one member, in order; others of the topic may go elsewhere)."""
+        return msg.node, msg.topic, msg.key if self.queue is not None else None
+
+    def _backlog(self) -> int:
+        """Messages received and not yet handed over: buffered, or held behind a retry."""
+        return len(self._buffer) + self._held_count
+
     def _deliver(self, msg: Message) -> None:
         self.delivered += 1
         if not self._queued_mode:
-            if self._waiting is None:
-                self._handle_now(msg)
-                return
-            self._buffer.append(msg)  # behind the message waiting for its retry: order holds
-            if len(self._buffer) >= self._limit:
-                self._agent._overloaded(self)
+            if self._held:
+                held = self._held.get(self._order_key(msg))
+                if held is not None:  # behind its key's message that waits for a retry: order holds
+                    held.append(msg)
+                    self._held_count += 1
+                    if self._backlog() >= self._limit:
+                        self._agent._overloaded(self)
+                    return
+            self._handle_now(msg)
             return
         if self._cond is not None and self.handler is None:
             with self._cond:
@@ -410,7 +433,7 @@ class Subscription:
                     self._async_ready.set_result(None)
             elif self._async_ready is not None and not self._async_ready.done():
                 self._async_ready.set_result(None)
-        if len(self._buffer) >= self._limit:
+        if self._backlog() >= self._limit:
             self._agent._overloaded(self)
 
     def _attempt(self, msg: Message) -> None:
@@ -463,54 +486,105 @@ class Subscription:
             else:
                 self._finished(msg)
             return
-        self._waiting = msg
-        assert self._agent._loop is not None
-        self._agent._loop.call_later(retry, self._retry_waiting)
+        self._hold(msg, retry)
 
-    def _retry_waiting(self) -> None:
-        msg, self._waiting = self._waiting, None
-        if msg is None or self.closed:
+    def _hold(self, msg: Message, delay: float) -> None:
+        """Hold ``msg`` for another attempt in ``delay`` seconds, before the later messages of
+        its order key; the subscription goes on with the other keys' messages."""
+        if self.closed:  # its handler closed the subscription: let go of it as _abandon does
+            self._agent.counters["dropped_on_unsubscribe"] += 1
+            self._finished(msg)
             return
-        self._handle_now(msg)
-        while self._waiting is None and self._buffer and not self.closed:
+        key = self._order_key(msg)
+        held = self._held.get(key)
+        if held is None:
+            held = self._held[key] = collections.deque()
+        held.appendleft(msg)
+        self._held_count += 1
+        assert self._agent._loop is not None
+        self._retries[key] = self._agent._loop.call_later(delay, self._retry_due, key)
+
+    def _retry_due(self, key: OrderKey) -> None:
+        del self._retries[key]
+        if self.closed:
+            return
+        if self._queued_mode:  # the worker hands it over, before what is buffered
+            self._ready.append(key)
+            if self._async_ready is not None and not self._async_ready.done():
+                self._async_ready.set_result(None)
+            return
+        held = self._held[key]
+        while held:  # in order, until one is held again
+            msg = held.popleft()
+            self._held_count -= 1
             self._drained()
-            self._handle_now(self._buffer.popleft())
+            self._handle_now(msg)
+            if key in self._retries or self.closed:
+                return
+        del self._held[key]
 
     async def _run_handler(self) -> None:
         loop = asyncio.get_running_loop()
         while not self.closed:
-            while self._buffer:
-                msg = self._current = self._buffer.popleft()
+            while self._ready or self._buffer:  # one message at a time
+                key = None
+                if self._ready:  # a held key's retry is due: its messages go first, in order
+                    key = self._ready.popleft()
+                    msg = self._held[key].popleft()
+                    self._held_count -= 1
+                else:
+                    msg = self._buffer.popleft()
+                    if self._held and (held := self._held.get(self._order_key(msg))) is not None:
+                        held.append(msg)  # behind its key's message that waits for a retry: order holds
+                        self._held_count += 1
+                        continue
                 self._drained()
-                while True:  # one message at a time, retried until done: order holds
-                    if self._expired(msg):
-                        break
-                    self._attempt(msg)
-                    # A blocking Agent's handler thread brackets its own call (span and context).
-                    token = None if type(self.handler) is _HandlerThread else _trace.handling(
-                        msg.headers, msg.topic, self._agent._tracing)
-                    error: Exception | None = None
-                    try:
-                        await self.handler(msg)  # type: ignore[misc]
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception as exc:
-                        error = exc
-                        retry = self._outcome(msg, exc)
-                    else:
-                        retry = self._outcome(msg, None)
-                    finally:
-                        _trace.done(token, error)
-                    if retry is None:
-                        self._finished(msg)
-                        break
-                    await asyncio.sleep(retry)  # bounded by retry_backoff_max; close() cancels it
+                self._current = msg
+                retry = await self._attempt_async(msg)
                 self._current = None
+                if self.closed:  # by its own handler: _abandon let go of the message
+                    return
+                if retry is not None:
+                    self._hold(msg, retry)
+                elif key is not None:
+                    if self._held[key]:
+                        self._ready.appendleft(key)  # the next of this key, before anything newer
+                    else:
+                        del self._held[key]
             self._async_ready = loop.create_future()
             await self._async_ready
 
+    async def _attempt_async(self, msg: Message) -> float | None:
+        """One attempt of a coroutine handler (or a blocking Agent's handler thread): seconds
+        until the next, or None when the message is done with."""
+        if self._expired(msg):
+            return None
+        self._attempt(msg)
+        # A blocking Agent's handler thread brackets its own call (span and context).
+        token = None if type(self.handler) is _HandlerThread else _trace.handling(
+            msg.headers, msg.topic, self._agent._tracing)
+        error: Exception | None = None
+        try:
+            await self.handler(msg)  # type: ignore[misc]
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            error = exc
+            if self.closed:
+                return None
+            retry = self._outcome(msg, exc)
+        else:
+            if self.closed:
+                return None
+            retry = self._outcome(msg, None)
+        finally:
+            _trace.done(token, error)
+        if retry is None:
+            self._finished(msg)
+        return retry
+
     def _drained(self) -> None:
-        if len(self._buffer) == self._limit // 2:
+        if self._backlog() == self._limit // 2:
             self._agent._call_on_loop(self._agent._maybe_resume)
 
     def _finished(self, msg: Message) -> None:
@@ -536,17 +610,28 @@ class Subscription:
         else:
             left = list(self._buffer)
             self._buffer.clear()
-        for msg in (self._waiting, self._current):
-            if msg is not None:
-                left.append(msg)
-        self._waiting = self._current = None
+        if self._current is not None:
+            left.append(self._current)
+        for held in self._held.values():
+            left.extend(held)
+        self._current = None
+        self._held.clear()
+        self._held_count = 0
+        self._ready.clear()
+        self._cancel_retries()
         if left:
             self._agent.counters["dropped_on_unsubscribe"] += len(left)
         for msg in left:
             self._finished(msg)
 
+    def _cancel_retries(self) -> None:
+        for timer in self._retries.values():
+            timer.cancel()
+        self._retries.clear()
+
     def _closed(self) -> None:
         self.closed = True
+        self._cancel_retries()
         if isinstance(self.handler, _HandlerThread):
             self.handler.close()
         if self._worker is not None:
@@ -606,9 +691,16 @@ class Subscription:
                 self._finished(msg)
                 return msg
 
+    @property
+    def pending(self) -> int:
+        """Messages received and not yet done with: buffered, in a coroutine's or a blocking
+        Agent's handler, or waiting for a retry (with the later ones of their order key)."""
+        return self._backlog() + (self._current is not None)
+
     def __repr__(self) -> str:
         group = f", queue={self.queue!r}" if self.queue else ""
-        return f"Subscription({self.pattern!r}{group}, delivered={self.delivered}, closed={self.closed})"
+        return (f"Subscription({self.pattern!r}{group}, delivered={self.delivered}, pending={self.pending}, "
+                f"closed={self.closed})")
 
 
 class AsyncAgent:
@@ -2890,7 +2982,7 @@ class AsyncAgent:
 
     def _maybe_resume(self) -> None:
         self._overloaded_subs = {
-            s for s in self._overloaded_subs if not s.closed and len(s._buffer) > s._limit // 2
+            s for s in self._overloaded_subs if not s.closed and s._backlog() > s._limit // 2
         }
         if not self._overloaded_subs and self._transport is not None and self._state == "running":
             self._transport.async_resume()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -353,3 +354,171 @@ def test_a_blocking_agents_type_handlers_run_on_the_handler_thread(mesh: str) ->
         assert done.wait(10)
         assert seen == [("A", "meshmq-handler-orders.*")]
         wait_until(lambda: agent.stats().get("unhandled_type", 0) >= 1, what="the unhandled type counted")
+
+
+# --- a failing message holds back only its own order key ------------------------------
+
+
+def _six(queue: str | None) -> list[tuple[str, str, str | None]]:
+    """(topic, data, key) of a0 b0 a1 b1 a2 b2: "a" and "b" are two topics, or two keys of
+    one topic in a queue group."""
+    return [("jobs.x", f"{n}{i}", n) if queue else (f"jobs.{n}", f"{n}{i}", None)
+            for i in range(3) for n in "ab"]
+
+
+class _HoldsA0:
+    """A handler that nacks the first attempt of "a0" for ``delay`` seconds, and records
+    (order key, data, attempt) of every call."""
+
+    def __init__(self, queue: str | None, delay: float) -> None:
+        self.queue, self.delay = queue, delay
+        self.calls: list[tuple[str, str, int]] = []
+
+    def __call__(self, msg: meshmq.Message) -> None:
+        self.calls.append((str(msg.key if self.queue else msg.topic[-1]), msg.data, msg.attempts))
+        if msg.data == "a0" and msg.attempts == 1:
+            msg.nack(delay=self.delay)
+
+    async def coroutine(self, msg: meshmq.Message) -> None:
+        self(msg)
+
+    def of(self, kind: str) -> Any:
+        return self.coroutine if kind == "coroutine" else self
+
+    def only_a0_waits(self) -> bool:
+        """b0-b2 were handled while a0 waited for its retry, and a1, a2 waited behind it."""
+        return self.calls == [("a", "a0", 1), ("b", "b0", 1), ("b", "b1", 1), ("b", "b2", 1)]
+
+    def a_in_order(self) -> bool:
+        return [(d, n) for k, d, n in self.calls if k == "a"] == [("a0", 1), ("a0", 2), ("a1", 1), ("a2", 1)]
+
+
+@pytest.mark.parametrize("kind", ["function", "coroutine", "blocking"])
+@pytest.mark.parametrize("queue", [None, "workers"])
+def test_a_waiting_retry_holds_back_only_its_own_order_key(mesh: str, kind: str, queue: str | None) -> None:
+    """Order is per sender and topic (per key in a queue group): while "a0" waits for its
+    retry, the later messages of its topic (key) wait behind it, and the others go on.
+    Closing the subscription lets go of the held ones, counted."""
+    if kind == "blocking":
+        with meshmq.Agent("solo", mesh=mesh, discovery=False) as agent:
+            held = _HoldsA0(queue, 60.0)
+            sub = agent.subscribe("jobs.*", held.of(kind), queue=queue)
+            for topic, data, key in _six(queue):
+                agent.publish(topic, data, key=key)
+            wait_until(lambda: len(held.calls) == 4, what="b0-b2 handled")
+            assert held.only_a0_waits(), held.calls
+            wait_until(lambda: sub.pending == 3, what="b2 done with")  # a0 waits, a1 and a2 behind it
+            sub.close()
+            wait_until(lambda: agent.stats().get("dropped_on_unsubscribe", 0) == 3, what="a0-a2 let go")
+
+            retried = _HoldsA0(queue, 0.05)
+            agent.subscribe("jobs.*", retried.of(kind), queue=queue)
+            for topic, data, key in _six(queue):
+                agent.publish(topic, data, key=key)
+            wait_until(lambda: len(retried.calls) == 7, what="every message handled")
+            assert retried.a_in_order(), retried.calls
+        return
+
+    async def main() -> None:
+        async with agents(mesh, "solo", discovery=False) as (agent,):
+            held = _HoldsA0(queue, 60.0)
+            sub = agent.subscribe("jobs.*", held.of(kind), queue=queue)
+            for topic, data, key in _six(queue):
+                await agent.publish(topic, data, key=key)
+            await eventually(lambda: len(held.calls) == 4, what="b0-b2 handled")
+            assert held.only_a0_waits(), held.calls
+            await eventually(lambda: sub.pending == 3, what="b2 done with")  # a0 waits, a1 and a2 behind it
+            sub.close()
+            await eventually(lambda: agent.stats().get("dropped_on_unsubscribe", 0) == 3, what="a0-a2 let go")
+
+            retried = _HoldsA0(queue, 0.05)
+            agent.subscribe("jobs.*", retried.of(kind), queue=queue)
+            for topic, data, key in _six(queue):
+                await agent.publish(topic, data, key=key)
+            await eventually(lambda: len(retried.calls) == 7, what="every message handled")
+            assert retried.a_in_order(), retried.calls
+
+    run(main())
+
+
+@pytest.mark.parametrize("kind", ["function", "coroutine", "blocking"])
+@pytest.mark.parametrize("queue", [None, "workers"])
+def test_retries_of_many_keys_keep_each_keys_order(mesh: str, kind: str, queue: str | None) -> None:
+    """Messages of four order keys, each failing 0-3 times at random (3: dead-lettered): every
+    message is handled once or dead-lettered, and within a key, all attempts of a message come
+    before the next message's first."""
+    rng = random.Random(f"{kind}-{queue}")
+    count = 160
+    fails = [rng.choice([0, 0, 0, 0, 1, 2, 3]) for _ in range(count)]
+    names = [f"k{rng.randrange(4)}" for _ in range(count)]
+    calls: list[tuple[str, int, int]] = []  # (order key, message, attempt)
+    handled: list[int] = []
+
+    def work(msg: meshmq.Message) -> None:
+        i = msg.data
+        calls.append((names[i], i, msg.attempts))
+        if msg.attempts <= fails[i]:
+            raise RuntimeError(f"failure {msg.attempts} of {i}")
+        handled.append(i)
+
+    async def async_work(msg: meshmq.Message) -> None:
+        work(msg)
+
+    def where(i: int) -> tuple[str, str | None]:
+        return ("jobs.x", names[i]) if queue else (f"jobs.{names[i]}", None)
+
+    def check(letters: list[meshmq.DeadLetter]) -> None:
+        dead = [d.message.data for d in letters]
+        assert sorted(handled + dead) == list(range(count))  # each once: handled or dead-lettered
+        assert sorted(dead) == [i for i in range(count) if fails[i] >= 3]
+        for name in set(names):
+            mine = [(i, attempt) for k, i, attempt in calls if k == name]
+            expected = [(i, a) for i in range(count) if names[i] == name for a in range(1, min(fails[i], 2) + 2)]
+            assert mine == expected, name
+
+    cfg = dict(discovery=False, max_attempts=3, retry_backoff=0.002, retry_backoff_max=0.01)
+    if kind == "blocking":
+        with meshmq.Agent("solo", mesh=mesh, **cfg) as agent:
+            agent.subscribe("jobs.*", work, queue=queue)
+            for i in range(count):
+                topic, key = where(i)
+                agent.publish(topic, i, key=key)
+            wait_until(lambda: len(handled) + len(agent.dead_letters()) == count, what="every message settled")
+            check(agent.dead_letters())
+        return
+
+    async def main() -> None:
+        async with agents(mesh, "solo", **cfg) as (agent,):
+            agent.subscribe("jobs.*", async_work if kind == "coroutine" else work, queue=queue)
+            for i in range(count):
+                topic, key = where(i)
+                await agent.publish(topic, i, key=key)
+            await eventually(lambda: len(handled) + len(agent.dead_letters()) == count, what="every message settled")
+            check(agent.dead_letters())
+
+    run(main())
+
+
+def test_messages_held_behind_a_retry_pause_the_network_at_the_subscription_limit(mesh: str) -> None:
+    """Messages waiting behind a retry count against subscription_queue_messages: the agent stops
+    reading rather than holding without bound, and every message arrives once, in order."""
+    async def main() -> None:
+        async with agents(mesh, "pub", subscription_queue_messages=50) as (pub,), \
+                agents(mesh, "sub", subscription_queue_messages=50) as (sub,):
+            got: list[int] = []
+
+            def slow_start(msg: meshmq.Message) -> None:
+                if msg.data == 0 and msg.attempts == 1:
+                    msg.nack(delay=0.5)  # the other 599 wait behind it
+                    return
+                got.append(msg.data)
+
+            sub.subscribe("bulk.x", slow_start)
+            await pub.wait_for_subscribers("bulk.x", timeout=10)
+            for i in range(600):
+                await pub.publish("bulk.x", i)
+            await eventually(lambda: len(got) == 600, what="every message handled")
+            assert got == list(range(600))
+            assert sub.stats()["receive_paused"] >= 1
+
+    run(main())
