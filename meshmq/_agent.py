@@ -250,9 +250,9 @@ REPLY_TO = "meshmq-reply-to"
 IN_REPLY_TO = "meshmq-in-reply-to"
 """Header of a reply: the id of the request it answers."""
 REPLY_ERROR = "meshmq-error"
+"""Header of a reply whose responder failed: the error, as text."""
 TTL = "meshmq-ttl"
 """Header of a message with a time to live: seconds after its timestamp."""
-"""Header of a reply whose responder failed: the error, as text."""
 
 
 @dataclasses.dataclass(slots=True)
