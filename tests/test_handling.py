@@ -522,3 +522,43 @@ def test_messages_held_behind_a_retry_pause_the_network_at_the_subscription_limi
             assert sub.stats()["receive_paused"] >= 1
 
     run(main())
+
+
+def test_a_handler_that_closes_its_own_subscription_finishes_its_message_once(mesh: str) -> None:
+    """A message that went to two subscriptions is acknowledged once both are done with it. A
+    coroutine handler that closes its own subscription must not finish the message a second
+    time (closing already let go of it): that would acknowledge it while the other
+    subscription still works on it."""
+    async def main() -> None:
+        async with agents(mesh, "pub") as (pub,), agents(mesh, "sub") as (sub,):
+            finished: list[bytes] = []
+            real = sub._message_finished
+
+            def counted(msg: meshmq.Message, in_group: bool) -> None:
+                finished.append(msg._id)
+                real(msg, in_group)
+
+            sub._message_finished = counted  # type: ignore[method-assign]
+            release = asyncio.Event()
+            started = asyncio.Event()
+
+            async def closes_itself(msg: meshmq.Message) -> None:
+                first.close()
+
+            async def slow(msg: meshmq.Message) -> None:
+                started.set()
+                await asyncio.wait_for(release.wait(), 10)
+
+            first = sub.subscribe("jobs.x", closes_itself)
+            second = sub.subscribe("jobs.x", slow)
+            await pub.wait_for_subscribers("jobs.x", timeout=10)
+            await pub.publish("jobs.x", "both")
+            await asyncio.wait_for(started.wait(), 10)
+            await eventually(lambda: first.closed, what="the first subscription closed")
+            assert len(finished) == 1  # by the close; the second subscription still has it
+            release.set()
+            await eventually(lambda: second.pending == 0, what="the second subscription done")
+            assert len(finished) == 2 and len(set(finished)) == 1
+            await eventually(lambda: pub.stats()["outbox_messages"] == 0, what="the message acknowledged")
+
+    run(main())
