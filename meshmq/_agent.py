@@ -263,8 +263,9 @@ class _Request:
     """Nodes the request went to; when all have left, nobody can answer."""
 
 
-OrderKey = tuple[str, str, "str | None"]
-"""What a subscription keeps order by: sending node, topic, and (queue groups) key."""
+OrderKey = tuple[str, str, "str | None"] | bytes
+"""What a subscription keeps order by: sending node, topic, and (queue groups) key; a queue
+group's message without a key is on its own (its id)."""
 
 
 class _Full(Exception):
@@ -330,7 +331,8 @@ class Subscription:
     With a handler, every matching message is passed to it (a coroutine handler
     is awaited, one message at a time, in arrival order). A message whose handler
     fails waits for its retry; only the later messages of its sender and topic
-    (and key, in a queue group) wait behind it. Without one, iterate
+    (and key, in a queue group; a queue group's message without a key holds back
+    nothing) wait behind it. Without one, iterate
     it: ``async for msg in sub`` on :class:`AsyncAgent`, ``for msg in sub`` or
     :meth:`get` on :class:`Agent`. Used as a decorator, the decorated function
     becomes the handler.
@@ -400,8 +402,11 @@ class Subscription:
 
     def _order_key(self, msg: Message) -> OrderKey:
         """What order is kept by: sender and topic, and in a queue group also the key (one
-        key's messages go to one member, in order; others of the topic may go elsewhere)."""
-        return msg.node, msg.topic, msg.key if self.queue is not None else None
+        key's messages go to one member, in order). A queue group's messages without a key
+        are spread over its members by their load, in no order: each is on its own."""
+        if self.queue is None:
+            return msg.node, msg.topic, None
+        return (msg.node, msg.topic, msg.key) if msg.key is not None else msg._id
 
     def _backlog(self) -> int:
         """Messages received and not yet handed over: buffered, or held behind a retry."""
