@@ -580,3 +580,46 @@ def test_a_queue_groups_message_without_a_key_holds_back_nothing(mesh: str, kind
             assert sub.pending == 1  # a0, waiting for its retry on its own
 
     run(main())
+
+
+def test_a_message_from_another_node_waiting_for_its_retry_holds_back_only_its_topic(mesh: str) -> None:
+    """Across two agents: while a0 waits for its retry, jobs.b goes on and the later jobs.a
+    messages wait behind it.
+    The acknowledged position waits for a0 (the publisher keeps every message meanwhile);
+    once a0 is done with (dead-lettered, or let go by closing), the publisher's outbox
+    empties, and nothing was handed over twice."""
+    async def main() -> None:
+        async with agents(mesh, "pub") as (pub,), agents(mesh, "sub", **FAST) as (sub,):
+            for retry in ("waits", "dead-lettered"):
+                handled: list[tuple[str, int]] = []
+                a0_attempts: list[int] = []
+
+                def work(msg: meshmq.Message) -> None:
+                    if msg.topic == "jobs.a" and msg.data == 0:
+                        a0_attempts.append(msg.attempts)
+                        if retry == "waits":
+                            msg.nack(delay=60)
+                            return
+                        raise ValueError("poison")
+                    handled.append((msg.topic, msg.data))
+
+                subscription = sub.subscribe("jobs.*", work)
+                await pub.wait_for_subscribers("jobs.a", timeout=10)
+                for i in range(200):
+                    await pub.publish("jobs.a" if i % 2 == 0 else "jobs.b", i)
+                if retry == "waits":
+                    await eventually(lambda: len(handled) == 100, what="jobs.b handled")
+                    assert handled == [("jobs.b", i) for i in range(1, 200, 2)] and a0_attempts == [1]
+                    await eventually(lambda: subscription.pending == 100, what="a0 waiting, a2... behind it")
+                    assert pub.stats()["outbox_messages"] == 200  # none acknowledged past a0
+                    subscription.close()  # lets go of a0 and the 99 behind it: done with, so acknowledged
+                else:
+                    await eventually(lambda: len(handled) == 199 and len(sub.dead_letters()) == 1, what="settled")
+                    assert [d for t, d in handled if t == "jobs.a"] == list(range(2, 200, 2))  # in order, once each
+                    assert [d for t, d in handled if t == "jobs.b"] == list(range(1, 200, 2))
+                    assert a0_attempts == [1, 2, 3]
+                await eventually(lambda: pub.stats()["outbox_messages"] == 0, what="everything acknowledged")
+                assert len(handled) == (100 if retry == "waits" else 199)  # nothing handed over twice
+            assert sub.stats()["dropped_on_unsubscribe"] == 100
+
+    run(main())
