@@ -32,7 +32,6 @@ import logging
 import statistics
 import sys
 import time
-from typing import Any
 
 import meshmq
 
