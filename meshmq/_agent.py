@@ -932,7 +932,8 @@ class AsyncAgent:
     def _render_metrics(self) -> str:
         stats = self.stats()
         assert self._latency is not None
-        return exposition(stats, gauges_of(stats, self.peers()), self._latency,
+        pending = [(sub.pattern, sub.queue, sub.pending) for sub in self._subs]
+        return exposition(stats, gauges_of(stats, self.peers(), pending), self._latency,
                           {"service": self.service, "node": self.node_id, "mesh": self.config.mesh})
 
     def _load_policy(self) -> None:

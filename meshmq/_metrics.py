@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 log = logging.getLogger("meshmq.metrics")
@@ -144,11 +144,20 @@ class MetricsServer:
             self._server = None
 
 
-def gauges_of(stats: dict[str, int], peers: list[Any]) -> dict[str, tuple[str, dict[str, float]]]:
+def gauges_of(stats: dict[str, int], peers: list[Any],
+              pending: Iterable[tuple[str, str | None, int]] = ()) -> dict[str, tuple[str, dict[str, float]]]:
+    """The gauges, from the agent's counters, its peers, and (pattern, queue group, pending)
+    of each subscription (those alike are summed)."""
     states: dict[str, float] = {}
     for p in peers:
         states[p.state] = states.get(p.state, 0) + 1
+    backlog: dict[str, float] = {}
+    for pattern, queue, n in pending:
+        series = f'pattern="{_label(pattern)}",queue="{_label(queue or "")}"'
+        backlog[series] = backlog.get(series, 0) + n
     return {
+        "meshmq_subscription_pending": ("Messages a subscription received and has not finished: buffered, "
+                                        "in its handler, or waiting for a retry.", backlog),
         "meshmq_outbox_messages": ("Messages waiting in the outbox for an acknowledgment.",
                                    {"": stats.get("outbox_messages", 0)}),
         "meshmq_outbox_bytes": ("Bytes waiting in the outbox.", {"": stats.get("outbox_bytes", 0)}),

@@ -38,6 +38,7 @@ def test_an_agent_serves_its_counters_gauges_and_latency(mesh: str) -> None:
         sub = await meshmq.AsyncAgent("sub", mesh=mesh, durability="memory", metrics_port=sub_port).start()
         got: list[bytes] = []
         sub.subscribe("m.*", lambda m: got.append(m.raw))
+        held = sub.subscribe("h.*", lambda m: m.nack(delay=60), queue="workers")  # keeps its one message
         pub = await meshmq.AsyncAgent("pub", mesh=mesh, durability="memory", metrics_port=pub_port).start()
         try:
             assert pub.metrics_port == pub_port
@@ -61,6 +62,11 @@ def test_an_agent_serves_its_counters_gauges_and_latency(mesh: str) -> None:
             with pytest.raises(urllib.error.HTTPError) as missing:
                 await loop.run_in_executor(None, _scrape, pub_port, "/other")
             assert missing.value.code == 404
+            await pub.publish("h.x", b"wait")
+            await eventually(lambda: held.pending == 1, what="the held message")
+            sub_text = await loop.run_in_executor(None, _scrape, sub_port)
+            assert _value(sub_text, f'meshmq_subscription_pending{{{sub_labels},pattern="m.*",queue=""}}') == 0
+            assert _value(sub_text, f'meshmq_subscription_pending{{{sub_labels},pattern="h.*",queue="workers"}}') == 1
         finally:
             await pub.stop()
             await sub.stop()
