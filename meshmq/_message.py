@@ -92,8 +92,9 @@ class Message:
 
     def nack(self, delay: float | None = None) -> None:
         """Hand this message to the handler again after ``delay`` seconds (default: the
-        retry backoff), once the handler returns. Later messages of the subscription wait,
-        so order holds; after ``max_attempts`` the message is dead-lettered instead."""
+        retry backoff), once the handler returns. Later messages of its sender and topic (its
+        key, in a queue group) wait behind it, so their order holds; other messages go on.
+        After ``max_attempts`` the message is dead-lettered instead."""
         self._check_in_handler("nack")
         if delay is not None and (isinstance(delay, bool) or not isinstance(delay, (int, float))
                                   or not 0 <= delay <= 86_400):
