@@ -59,7 +59,7 @@ from ._security import (
 )
 from ._store import Batch, Contents, Store, open_instance
 from ._tap import (
-    ACKED, BREAKER, CONTROL_EVENTS, DEAD_LETTERED, DELIVERY_EVENTS, EXPIRED, JOINED, LEFT, LIMITED, LOST, OUTBOX_WARNING,
+    ACKED, BREAKER, CONTROL_EVENTS, DEAD_LETTERED, DELIVERY_EVENTS, EXPIRED, FAILED, JOINED, LEFT, LIMITED, LOST, OUTBOX_WARNING,
     REJECTED, RETRIED, REROUTED, REVOCATION, ROUTES, SCHEMA_CHANGE, SENT, STATS, SUSPECTED, Journeys, TapEvent,
     decode_items,
     envelope_head,
@@ -2864,6 +2864,10 @@ class AsyncAgent:
             if delay is None:
                 base = min(backoff_max, backoff * 2 ** (msg.attempts - 1))
                 delay = base * (0.8 + 0.4 * random.random())  # jitter: retries of many messages spread out
+            if self._tapped:
+                self._tap_event(FAILED, [(msg.topic, msg._id)], None,
+                                f"attempt {msg.attempts} of {attempts} {reason}{': ' + error if error else ''}; "
+                                f"next in {delay:.3g}s")
             return delay
         self._dead_letter(sub, msg, reason, error)
         return None
@@ -3322,7 +3326,7 @@ class AsyncAgent:
     def tap(self, *patterns: str, events: bool | Iterable[str] = True) -> Tap:
         """Watch the mesh's traffic on ``patterns`` (default ``>``: everything): every agent
         mirrors to this one what it publishes there, and what happens to it: ``events`` is
-        True (every delivery event: sent, acked, retried, expired, dead-lettered, rejected),
+        True (every delivery event: sent, acked, retried, expired, failed, dead-lettered, rejected),
         False (messages only) or the kinds wanted (agents report only those). Iterate the
         returned :class:`Tap` for :class:`TapEvent` objects. Needs the tap right in this
         agent's certificate (the development authority gives it); payloads come only for

@@ -3,8 +3,8 @@ clock (times are arguments).
 
 A tap is a node whose record names the topic patterns it watches. Every agent
 mirrors to it, off the data path: what it publishes on those topics, and what
-happens to those messages (sent, acknowledged, sent again, expired, dead-lettered,
-rejected). Mirroring never waits: items go into a bounded queue per tap
+happens to those messages (sent, acknowledged, sent again, expired, failed in a
+handler, dead-lettered, rejected). Mirroring never waits: items go into a bounded queue per tap
 (:class:`MirrorQueue`), flushed on the agent's timer; when a tap falls behind, the
 oldest items give way and the tap is told how many it did not get.
 
@@ -29,6 +29,9 @@ SENT = "sent"
 ACKED = "acked"
 RETRIED = "retried"
 EXPIRED = "expired"
+FAILED = "failed"
+"""A handler raised or nacked a message; the detail says which attempt, why, and when the
+next one comes (after the last, ``dead-lettered`` follows instead)."""
 DEAD_LETTERED = "dead-lettered"
 REJECTED = "rejected"
 LOST = "lost"
@@ -36,7 +39,7 @@ LIMITED = "limited"
 """A policy's rate limit delayed, refused or dead-lettered a publish."""
 REROUTED = "rerouted"
 """A policy's content rule also sent a message to another topic (``peer`` names it)."""
-DELIVERY_EVENTS = (SENT, ACKED, RETRIED, EXPIRED, DEAD_LETTERED, REJECTED, LIMITED, REROUTED)
+DELIVERY_EVENTS = (SENT, ACKED, RETRIED, EXPIRED, FAILED, DEAD_LETTERED, REJECTED, LIMITED, REROUTED)
 JOINED, LEFT, SUSPECTED, DEAD, REPLACED, REVOKED, ROUTES = (
     "joined", "left", "suspected", "dead", "replaced", "revoked", "routes")
 REVOCATION = "revocation"
@@ -90,7 +93,7 @@ class TapEvent:
 
     ``kind`` is ``message`` (a message was published: its header, its destinations, and
     its payload if the tap may read it) or a delivery event naming the messages it is
-    about: ``sent``, ``acked``, ``retried``, ``expired``, ``dead-lettered``,
+    about: ``sent``, ``acked``, ``retried``, ``expired``, ``failed``, ``dead-lettered``,
     ``rejected``; or a control event the tap's own agent saw (``joined``, ``left``,
     ``dead``, ``replaced``, ``revoked``, ``routes``: ``peer`` is the node concerned); or
     ``lost``: ``count`` items the tap fell too far behind to be shown.

@@ -18,7 +18,7 @@ from ._tap import CONTROL_EVENTS, DELIVERY_EVENTS, LOST, MESSAGE, TapEvent
 from ._topics import check_pattern, matches
 
 RECORD_FORMAT = "meshmq-tap-record/1"
-DEFAULT_EVENTS = ("retried", "expired", "dead-lettered", "rejected", "limited", "rerouted")
+DEFAULT_EVENTS = ("retried", "expired", "failed", "dead-lettered", "rejected", "limited", "rerouted")
 """Delivery events shown without --events: the ones that mean something went wrong."""
 _DATA_LIMIT = 400  # characters of payload per table line
 _REMEMBERED_IDS = 100_000  # message ids kept to filter their events by the message's fields
@@ -31,8 +31,8 @@ TAP_EPILOG = """\
   meshmq tap --duration 60 --record today.tap   a minute of traffic, saved (meshmq replay today.tap)
 
 Each line is a message (time, topic, type, source -> destinations, size, id, payload),
-a delivery event about messages (sent, acked, retried, expired, dead-lettered,
-rejected), or a control event the tap saw (joined, left, dead, replaced, revoked,
+a delivery event about messages (sent, acked, retried, expired, failed: a handler
+raised or nacked it and it will be tried again, dead-lettered, rejected), or a control event the tap saw (joined, left, dead, replaced, revoked,
 routes). --events picks which events: 'all', 'none', 'control' or a comma list;
 default: the delivery events that mean trouble. Payloads are shown only for topics this tap's certificate lets it
 subscribe to; the header alone otherwise. A tap that falls behind says how many
@@ -164,7 +164,7 @@ class Printer:
     """Lines on ``out``: a readable, colored table in a terminal, or JSON lines."""
 
     COLORS = {MESSAGE: "", "sent": "\033[2m", "acked": "\033[32m", "retried": "\033[33m", "expired": "\033[31m",
-              "dead-lettered": "\033[1;31m", "rejected": "\033[1;31m", "limited": "\033[33m", "rerouted": "\033[36m", LOST: "\033[1;33m", "joined": "\033[36m",
+              "failed": "\033[33m", "dead-lettered": "\033[1;31m", "rejected": "\033[1;31m", "limited": "\033[33m", "rerouted": "\033[36m", LOST: "\033[1;33m", "joined": "\033[36m",
               "left": "\033[36m", "suspected": "\033[35m", "outbox-warning": "\033[1;33m", "breaker": "\033[1;33m", "dead": "\033[1;35m", "replaced": "\033[36m", "revoked": "\033[1;35m",
               "routes": "\033[36m"}
 

@@ -19,7 +19,7 @@ from aio import eventually, run
 import meshmq
 from meshmq._mirror import Tap
 from meshmq._security import Authority
-from meshmq._tap import DEAD_LETTERED, LOST, MESSAGE, MirrorQueue, TapEvent, envelope_head
+from meshmq._tap import DEAD_LETTERED, FAILED, LOST, MESSAGE, MirrorQueue, TapEvent, envelope_head
 from meshmq._wire import encode_envelope
 
 
@@ -152,11 +152,12 @@ def test_the_tap_right_and_payloads_only_where_the_tap_may_subscribe(mesh: str, 
     run(main(), timeout=60)
 
 
-def test_a_dead_lettered_message_shows_up_as_an_event(mesh: str) -> None:
+def test_a_failing_handler_shows_up_as_failed_then_dead_lettered(mesh: str) -> None:
     async def main() -> None:
         watcher = await meshmq.AsyncAgent("watcher", mesh=mesh, durability="memory").start()
         tap = watcher.tap("jobs.>")
-        worker = await meshmq.AsyncAgent("worker", mesh=mesh, durability="os", max_attempts=1).start()
+        worker = await meshmq.AsyncAgent("worker", mesh=mesh, durability="os", max_attempts=2,
+                                         retry_backoff=0.01).start()
 
         def refuse(msg: meshmq.Message) -> None:
             raise ValueError("no")
@@ -168,7 +169,9 @@ def test_a_dead_lettered_message_shows_up_as_an_event(mesh: str) -> None:
             await eventually(lambda: worker._tapped and boss._tapped, what="both to know the tap")
             mid = await boss.publish("jobs.x", b"job")
             got = await _events(tap, lambda seen: any(e.kind == DEAD_LETTERED for e in seen))
-            [dead] = [e for e in got if e.kind == DEAD_LETTERED]
+            [failed, dead] = [e for e in got if e.kind in (FAILED, DEAD_LETTERED)]  # in that order
+            assert failed.kind == FAILED and failed.ids == (mid,) and failed.service == "worker"
+            assert (failed.detail or "").startswith("attempt 1 of 2 handler failed: ValueError: no; next in 0.0")
             assert dead.ids == (mid,) and dead.service == "worker" and "ValueError" in (dead.detail or "")
         finally:
             for agent in (boss, worker, watcher):
