@@ -277,23 +277,25 @@ class _Full(Exception):
 
 
 class _HandlerThread:
-    """Runs a blocking :class:`Agent`'s plain handler on a thread of its own, one message at a
-    time, and looks like a coroutine handler to the subscription (which keeps order, retries
-    and dead-letters as for any handler). So slow handler code never stalls the agent's loop:
-    probes are answered and the node is not suspected while a handler works."""
+    """Runs a blocking :class:`Agent`'s plain handler on threads of its own (one per message
+    the subscription's ``concurrency`` lets it work on at once), and looks like a coroutine
+    handler to the subscription (which keeps order, retries and dead-letters as for any
+    handler). So slow handler code never stalls the agent's loop: probes are answered and the
+    node is not suspected while a handler works."""
 
-    def __init__(self, fn: Callable[[Message], Any], name: str) -> None:
+    def __init__(self, fn: Callable[[Message], Any], name: str, threads: int = 1) -> None:
         self.__wrapped__ = fn
         self.tracing = False  # set by the subscription: spans around each call (Config.tracing)
         self._jobs: queue.SimpleQueue[tuple[Message, asyncio.Future[None]] | None] = queue.SimpleQueue()
-        self._name = name
-        self._thread: threading.Thread | None = None
+        self._names = [name] if threads == 1 else [f"{name}#{i}" for i in range(1, threads + 1)]
+        self._started = False
 
     async def __call__(self, msg: Message) -> None:
         loop = asyncio.get_running_loop()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, args=(loop,), name=self._name, daemon=True)
-            self._thread.start()
+        if not self._started:
+            self._started = True
+            for name in self._names:
+                threading.Thread(target=self._run, args=(loop,), name=name, daemon=True).start()
         done: asyncio.Future[None] = loop.create_future()
         self._jobs.put((msg, done))
         await done
@@ -314,7 +316,8 @@ class _HandlerThread:
                 _trace.done(token, error)
 
     def close(self) -> None:
-        self._jobs.put(None)  # the thread ends after the message in hand (a daemon: never blocks exit)
+        for _ in self._names:
+            self._jobs.put(None)  # each thread ends after the message in hand (daemons: never block exit)
 
 
 def _settle(future: asyncio.Future[None], exc: Exception | None) -> None:
@@ -339,13 +342,16 @@ class Subscription:
     """
 
     def __init__(self, agent: AsyncAgent, pattern: str, queue: str | None, handler: Handler | None,
-                 threaded: bool, blocking: bool = False) -> None:
+                 threaded: bool, blocking: bool = False, concurrency: int = 1) -> None:
         self.pattern = pattern
         self.queue = queue
         self.durable = False
         """Whether publishers keep this subscription's messages while its node is down."""
-        self._blocking = blocking  # a blocking Agent's: plain handlers run on a thread of their own
+        self.concurrency = concurrency
+        """Messages its handler works on at once, never two of one order key."""
+        self._blocking = blocking  # a blocking Agent's: plain handlers run on threads of their own
         self._agent = agent
+        self._check_concurrency(handler)
         handler = self._adopt(handler)
         self.handler = handler
         self.closed = False
@@ -357,7 +363,7 @@ class Subscription:
         self._limit = agent.config.subscription_queue_messages
         self._async_ready: asyncio.Future[None] | None = None
         self._cond = threading.Condition() if threaded else None
-        self._worker: asyncio.Task[None] | None = None
+        self._workers: list[asyncio.Task[None]] = []
         self._queued_mode = (handler is None or inspect.iscoroutinefunction(handler)
                              or isinstance(handler, _HandlerThread))
         self._held: dict[OrderKey, collections.deque[Message]] = {}
@@ -366,7 +372,7 @@ class Subscription:
         self._held_count = 0
         self._retries: dict[OrderKey, asyncio.TimerHandle] = {}  # the timer of each key's waiting retry
         self._ready: collections.deque[OrderKey] = collections.deque()  # keys whose retry is due (queued mode)
-        self._current: Message | None = None  # the message a coroutine handler works on
+        self._in_hand: set[Message] = set()  # the messages coroutine handlers work on
 
     # --- configuration --------------------------------------------------------------
 
@@ -374,13 +380,22 @@ class Subscription:
         """Decorator form: ``@agent.subscribe("orders.*")`` makes the function the handler."""
         if not callable(handler):
             raise UsageError(f"handler must be callable, got {handler!r}")
+        self._check_concurrency(handler)
         self._agent._call_on_loop(self._set_handler, handler)
         return handler
+
+    def _check_concurrency(self, handler: Handler | None) -> None:
+        if self.concurrency > 1 and handler is not None and not self._blocking \
+                and not inspect.iscoroutinefunction(handler):
+            raise UsageError(f"concurrency={self.concurrency} needs a coroutine handler on AsyncAgent: a plain "
+                             "function runs on the agent's loop, one call at a time (on the blocking Agent it "
+                             "runs on that many threads)")
 
     def _adopt(self, handler: Handler | None) -> Handler | None:
         if handler is None or not self._blocking or inspect.iscoroutinefunction(handler):
             return handler
-        threaded = _HandlerThread(handler, f"meshmq-handler-{self.pattern}")  # type: ignore[arg-type]
+        threaded = _HandlerThread(handler, f"meshmq-handler-{self.pattern}",  # type: ignore[arg-type]
+                                  self.concurrency)
         threaded.tracing = self._agent._tracing
         return threaded
 
@@ -432,8 +447,8 @@ class Subscription:
         else:
             self._buffer.append(msg)
             if self.handler is not None:
-                if self._worker is None:
-                    self._worker = asyncio.ensure_future(self._run_handler())
+                if not self._workers:
+                    self._workers = [asyncio.ensure_future(self._run_handler()) for _ in range(self.concurrency)]
                 elif self._async_ready is not None and not self._async_ready.done():
                     self._async_ready.set_result(None)
             elif self._async_ready is not None and not self._async_ready.done():
@@ -529,35 +544,64 @@ class Subscription:
         del self._held[key]
 
     async def _run_handler(self) -> None:
+        """A worker: one message at a time (``concurrency`` workers share the subscription)."""
         loop = asyncio.get_running_loop()
         while not self.closed:
-            while self._ready or self._buffer:  # one message at a time
-                key = None
-                if self._ready:  # a held key's retry is due: its messages go first, in order
-                    key = self._ready.popleft()
-                    msg = self._held[key].popleft()
-                    self._held_count -= 1
+            while True:
+                key: OrderKey | None
+                if self._ready or self._held or self.concurrency > 1:
+                    taken = self._take()
+                    if taken is None:
+                        break
+                    key, msg = taken
+                elif self._buffer:  # the common case, inline: one worker, no retry waiting
+                    msg, key = self._buffer.popleft(), None
+                    self._drained()
                 else:
-                    msg = self._buffer.popleft()
-                    if self._held and (held := self._held.get(self._order_key(msg))) is not None:
-                        held.append(msg)  # behind its key's message that waits for a retry: order holds
-                        self._held_count += 1
-                        continue
-                self._drained()
-                self._current = msg
+                    break
+                self._in_hand.add(msg)
                 retry = await self._attempt_async(msg)
-                self._current = None
+                self._in_hand.discard(msg)  # (closing cleared it)
                 if self.closed:  # by its own handler: _abandon let go of the message
                     return
                 if retry is not None:
-                    self._hold(msg, retry)
-                elif key is not None:
+                    self._hold(msg, retry)  # first of its key again
+                elif key is not None:  # its key's next message, if any, before anything newer
                     if self._held[key]:
-                        self._ready.appendleft(key)  # the next of this key, before anything newer
+                        self._ready.appendleft(key)
                     else:
                         del self._held[key]
-            self._async_ready = loop.create_future()
+            if self._async_ready is None or self._async_ready.done():  # idle workers wait together
+                self._async_ready = loop.create_future()
             await self._async_ready
+
+    def _take(self) -> tuple[OrderKey | None, Message] | None:
+        """The next message a worker may work on, with the order key it then occupies (None:
+        none, a lone worker needs no marks), or None when there is none."""
+        if self._ready:  # a held key's turn (its retry is due, or the one before it is done)
+            key = self._ready.popleft()
+            msg = self._held[key].popleft()
+            self._held_count -= 1
+            self._drained()
+            return key, msg
+        concurrent = self.concurrency > 1
+        while self._buffer:
+            msg = self._buffer.popleft()
+            if self._held or concurrent:
+                key = self._order_key(msg)
+                held = self._held.get(key)
+                if held is not None:  # behind its key's message in hand or waiting for a retry: order holds
+                    held.append(msg)
+                    self._held_count += 1
+                    continue
+                self._drained()
+                if concurrent:
+                    self._held[key] = collections.deque()  # occupied while in hand
+                    return key, msg
+                return None, msg
+            self._drained()
+            return None, msg
+        return None
 
     async def _attempt_async(self, msg: Message) -> float | None:
         """One attempt of a coroutine handler (or a blocking Agent's handler thread): seconds
@@ -615,11 +659,10 @@ class Subscription:
         else:
             left = list(self._buffer)
             self._buffer.clear()
-        if self._current is not None:
-            left.append(self._current)
+        left.extend(self._in_hand)
         for held in self._held.values():
             left.extend(held)
-        self._current = None
+        self._in_hand.clear()
         self._held.clear()
         self._held_count = 0
         self._ready.clear()
@@ -639,8 +682,8 @@ class Subscription:
         self._cancel_retries()
         if isinstance(self.handler, _HandlerThread):
             self.handler.close()
-        if self._worker is not None:
-            self._worker.cancel()
+        for worker in self._workers:
+            worker.cancel()
         if self._async_ready is not None and not self._async_ready.done():
             self._async_ready.set_result(None)
         if self._cond is not None:
@@ -652,7 +695,13 @@ class Subscription:
     def __aiter__(self) -> AsyncIterator[Message]:
         if self.handler is not None or self._threaded:
             raise UsageError("only a subscription without a handler, on AsyncAgent, is an async iterator")
+        self._check_iterable()
         return self
+
+    def _check_iterable(self) -> None:
+        if self.concurrency > 1:
+            raise UsageError(f"concurrency={self.concurrency} is for a handler; an iterating consumer "
+                             "takes one message at a time (subscribe with concurrency=1)")
 
     async def __anext__(self) -> Message:
         while True:
@@ -680,6 +729,7 @@ class Subscription:
         """Blocking Agent: the next message, or None when closed or after ``timeout`` seconds."""
         if self._cond is None:
             raise UsageError("get() is for subscriptions of the blocking Agent; use 'async for' on AsyncAgent")
+        self._check_iterable()
         deadline = None if timeout is None else time.monotonic() + _check_seconds("timeout", timeout, zero=True)
         while True:
             with self._cond:
@@ -700,7 +750,7 @@ class Subscription:
     def pending(self) -> int:
         """Messages received and not yet done with: buffered, in a coroutine's or a blocking
         Agent's handler, or waiting for a retry (with the later ones of their order key)."""
-        return self._backlog() + (self._current is not None)
+        return self._backlog() + len(self._in_hand)
 
     def __repr__(self) -> str:
         group = f", queue={self.queue!r}" if self.queue else ""
@@ -3000,7 +3050,7 @@ class AsyncAgent:
     # --- subscribing ----------------------------------------------------------------
 
     def subscribe(self, pattern: str, handler: Handler | None = None, *, queue: str | None = None,
-                  durable: bool | None = None) -> Subscription:
+                  durable: bool | None = None, concurrency: int = 1) -> Subscription:
         """Receive messages whose topic matches ``pattern`` (``*`` one token, ``>`` the rest).
 
         ``handler`` may be a function or a coroutine function; without one the
@@ -3010,12 +3060,14 @@ class AsyncAgent:
         this subscription's messages while this node is down, and send them when it
         returns with its identity (it needs a store: not with ``durability="memory"``).
         A subscription that is not durable gets only what is published while it is alive.
-        May be called before :meth:`start`.
+        ``concurrency`` (coroutine handlers) is how many messages the handler works on at
+        once; never two of one order key (sender and topic, or key in a queue group), so
+        each key keeps its order. May be called before :meth:`start`.
         """
-        return self._subscribe(pattern, handler, queue, threaded=False, durable=durable)
+        return self._subscribe(pattern, handler, queue, threaded=False, durable=durable, concurrency=concurrency)
 
     def _subscribe(self, pattern: str, handler: Handler | None, queue: str | None, threaded: bool,
-                   blocking: bool = False, durable: bool | None = None) -> Subscription:
+                   blocking: bool = False, durable: bool | None = None, concurrency: int = 1) -> Subscription:
         if self._state in ("stopping", "stopped"):
             self._check_running()
         if handler is not None and not callable(handler):
@@ -3029,9 +3081,13 @@ class AsyncAgent:
                              "durability='memory' has none (use 'os' or 'fsync')")
         if durable is None:
             durable = queue is not None and self.config.durability != "memory"
+        limit = self.config.subscription_queue_messages
+        if type(concurrency) is not int or not 1 <= concurrency <= limit:
+            raise UsageError(f"concurrency must be a whole number from 1 to subscription_queue_messages "
+                             f"({limit}), got {concurrency!r}")
         if len(self._subs) >= self.config.max_subscriptions:
             raise UsageError(f"this agent already has max_subscriptions={self.config.max_subscriptions}")
-        sub = Subscription(self, pattern, queue, handler, threaded, blocking)
+        sub = Subscription(self, pattern, queue, handler, threaded, blocking, concurrency)
         self._rights.check_subscribe(pattern, sub._tokens)
         sub.durable = durable
         self._subs.append(sub)

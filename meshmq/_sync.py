@@ -219,10 +219,12 @@ class Agent:
         return self._run(coro, timeout=wait + 10)
 
     def subscribe(self, pattern: str, handler: Handler | None = None, *, queue: str | None = None,
-                  durable: bool | None = None) -> Subscription:
+                  durable: bool | None = None, concurrency: int = 1) -> Subscription:
         """See :meth:`AsyncAgent.subscribe`. Without a handler, iterate the subscription
-        (``for msg in sub``) or call ``sub.get(timeout)``."""
-        return self._call(self._agent._subscribe, pattern, handler, queue, handler is None, True, durable)
+        (``for msg in sub``) or call ``sub.get(timeout)``. A plain handler runs on threads of
+        its own, ``concurrency`` of them."""
+        return self._call(self._agent._subscribe, pattern, handler, queue, handler is None, True, durable,
+                          concurrency)
 
     def tap(self, *patterns: str, events: bool | Iterable[str] = True) -> Tap:
         """See :meth:`AsyncAgent.tap`. Iterate the tap (``for event in tap``) or call

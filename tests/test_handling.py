@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -442,13 +443,14 @@ def test_a_waiting_retry_holds_back_only_its_own_order_key(mesh: str, kind: str,
     run(main())
 
 
-@pytest.mark.parametrize("kind", ["function", "coroutine", "blocking"])
+@pytest.mark.parametrize(("kind", "concurrency"), [
+    ("function", 1), ("coroutine", 1), ("blocking", 1), ("coroutine", 3), ("blocking", 3)])
 @pytest.mark.parametrize("queue", [None, "workers"])
-def test_retries_of_many_keys_keep_each_keys_order(mesh: str, kind: str, queue: str | None) -> None:
+def test_retries_of_many_keys_keep_each_keys_order(mesh: str, kind: str, concurrency: int, queue: str | None) -> None:
     """Messages of four order keys, each failing 0-3 times at random (3: dead-lettered): every
     message is handled once or dead-lettered, and within a key, all attempts of a message come
-    before the next message's first."""
-    rng = random.Random(f"{kind}-{queue}")
+    before the next message's first; also with handlers working on three at once."""
+    rng = random.Random(f"{kind}-{queue}-{concurrency}")
     count = 160
     fails = [rng.choice([0, 0, 0, 0, 1, 2, 3]) for _ in range(count)]
     names = [f"k{rng.randrange(4)}" for _ in range(count)]
@@ -463,6 +465,7 @@ def test_retries_of_many_keys_keep_each_keys_order(mesh: str, kind: str, queue: 
         handled.append(i)
 
     async def async_work(msg: meshmq.Message) -> None:
+        await asyncio.sleep(0)  # the other workers' turn: calls of several keys interleave
         work(msg)
 
     def where(i: int) -> tuple[str, str | None]:
@@ -480,7 +483,7 @@ def test_retries_of_many_keys_keep_each_keys_order(mesh: str, kind: str, queue: 
     cfg = dict(discovery=False, max_attempts=3, retry_backoff=0.002, retry_backoff_max=0.01)
     if kind == "blocking":
         with meshmq.Agent("solo", mesh=mesh, **cfg) as agent:
-            agent.subscribe("jobs.*", work, queue=queue)
+            agent.subscribe("jobs.*", work, queue=queue, concurrency=concurrency)
             for i in range(count):
                 topic, key = where(i)
                 agent.publish(topic, i, key=key)
@@ -490,7 +493,8 @@ def test_retries_of_many_keys_keep_each_keys_order(mesh: str, kind: str, queue: 
 
     async def main() -> None:
         async with agents(mesh, "solo", **cfg) as (agent,):
-            agent.subscribe("jobs.*", async_work if kind == "coroutine" else work, queue=queue)
+            agent.subscribe("jobs.*", async_work if kind == "coroutine" else work, queue=queue,
+                            concurrency=concurrency)
             for i in range(count):
                 topic, key = where(i)
                 await agent.publish(topic, i, key=key)
@@ -623,3 +627,165 @@ def test_a_message_from_another_node_waiting_for_its_retry_holds_back_only_its_t
             assert sub.stats()["dropped_on_unsubscribe"] == 100
 
     run(main())
+
+
+# --- concurrency: several messages at once, never two of one order key -----------------
+
+
+class _Gauge:
+    """Counts a handler's calls in progress, overall and per order key."""
+
+    def __init__(self) -> None:
+        self.now = self.most = 0
+        self.per_key: dict[str, int] = {}
+        self.overlap_in_a_key = False
+        self.done: list[tuple[str, int]] = []
+
+    def enter(self, key: str) -> None:
+        self.now += 1
+        self.most = max(self.most, self.now)
+        self.per_key[key] = self.per_key.get(key, 0) + 1
+        self.overlap_in_a_key |= self.per_key[key] > 1
+
+    def leave(self, key: str, data: int) -> None:
+        self.now -= 1
+        self.per_key[key] -= 1
+        self.done.append((key, data))
+
+
+@pytest.mark.parametrize("queue", [None, "workers"])
+def test_a_coroutine_handler_works_on_up_to_concurrency_messages_at_once(mesh: str, queue: str | None) -> None:
+    """With concurrency=4, four messages of four keys are in the handler at once (the gate
+    opens only when they are), two of one key never are, and each key keeps its order."""
+    async def main() -> None:
+        async with agents(mesh, "solo", discovery=False) as (agent,):
+            gauge = _Gauge()
+            gate = asyncio.Event()
+
+            async def work(msg: meshmq.Message) -> None:
+                key = msg.key if queue else msg.topic
+                gauge.enter(key)
+                if gauge.now == 4:
+                    gate.set()
+                await asyncio.wait_for(gate.wait(), 10)
+                await asyncio.sleep(0)  # let the others in while this one is in hand
+                gauge.leave(key, msg.data)
+
+            sub = agent.subscribe("jobs.*", work, queue=queue, concurrency=4)
+            assert sub.concurrency == 4
+            for i in range(200):
+                key = f"k{i % 6}"
+                await agent.publish("jobs.x" if queue else f"jobs.{key}", i, key=key if queue else None)
+            await eventually(lambda: len(gauge.done) == 200, what="every message handled")
+            assert gauge.most == 4 and not gauge.overlap_in_a_key
+            for k in range(6):
+                key = f"k{k}" if queue else f"jobs.k{k}"
+                assert [d for kk, d in gauge.done if kk == key] == list(range(k, 200, 6))
+            assert sub.pending == 0
+
+    run(main())
+
+
+def test_concurrency_never_runs_two_messages_of_one_key_at_once(mesh: str) -> None:
+    async def main() -> None:
+        async with agents(mesh, "solo", discovery=False) as (agent,):
+            gauge = _Gauge()
+
+            async def work(msg: meshmq.Message) -> None:
+                gauge.enter(msg.topic)
+                for _ in range(3):
+                    await asyncio.sleep(0.001)
+                gauge.leave(msg.topic, msg.data)
+
+            agent.subscribe("jobs.*", work, concurrency=8)
+            for i in range(30):
+                await agent.publish("jobs.one", i)
+            await eventually(lambda: len(gauge.done) == 30, what="every message handled")
+            assert gauge.most == 1 and [d for _, d in gauge.done] == list(range(30))
+
+    run(main())
+
+
+def test_a_blocking_agents_handler_runs_on_concurrency_threads(mesh: str) -> None:
+    """concurrency=3 on the blocking Agent: three handler threads work at once (each waits
+    until all three are in), on three keys; each key keeps its order."""
+    with meshmq.Agent("solo", mesh=mesh, discovery=False) as agent:
+        lock = threading.Lock()
+        inside: set[str] = set()
+        three_in = threading.Event()
+        done: list[tuple[str, int]] = []
+
+        def work(msg: meshmq.Message) -> None:
+            with lock:
+                inside.add(threading.current_thread().name)
+                if len(inside) == 3:
+                    three_in.set()
+            assert three_in.wait(10)
+            with lock:
+                done.append((msg.topic, msg.data))
+
+        agent.subscribe("jobs.*", work, concurrency=3)
+        for i in range(60):
+            agent.publish(f"jobs.k{i % 3}", i)
+        wait_until(lambda: len(done) == 60, what="every message handled")
+        assert inside == {"meshmq-handler-jobs.*#1", "meshmq-handler-jobs.*#2", "meshmq-handler-jobs.*#3"}
+        for k in range(3):
+            assert [d for t, d in done if t == f"jobs.k{k}"] == list(range(k, 60, 3))
+
+
+def test_closing_a_concurrent_subscription_lets_go_of_what_is_in_hand_and_held(mesh: str) -> None:
+    async def main() -> None:
+        async with agents(mesh, "solo", discovery=False) as (agent,):
+            started: list[int] = []
+            never = asyncio.Event()
+
+            async def stuck(msg: meshmq.Message) -> None:
+                started.append(msg.data)
+                await never.wait()  # until the subscription closes (its workers are cancelled)
+
+            sub = agent.subscribe("jobs.*", stuck, concurrency=2)
+            for i in range(6):  # jobs.a 0 2 4, jobs.b 1 3 5: two in hand, four behind them
+                await agent.publish("jobs.a" if i % 2 == 0 else "jobs.b", i)
+            await eventually(lambda: sub.pending == 6 and len(started) == 2, what="two in hand")
+            assert sorted(started) == [0, 1]
+            sub.close()
+            await eventually(lambda: agent.stats().get("dropped_on_unsubscribe", 0) == 6, what="all six let go")
+            assert sub.pending == 0
+
+    run(main())
+
+
+@pytest.mark.parametrize(("concurrency", "words"), [
+    (0, "from 1 to subscription_queue_messages (10000), got 0"),
+    (-2, "got -2"), (1.5, "got 1.5"), (True, "got True"), ("2", "got '2'"), (10_001, "got 10001"),
+])
+def test_a_bad_concurrency_is_refused(mesh: str, concurrency: Any, words: str) -> None:
+    async def main() -> None:
+        async with agents(mesh, "solo", discovery=False) as (agent,):
+            async def work(msg: meshmq.Message) -> None:
+                pass
+
+            with pytest.raises(meshmq.UsageError, match=re.escape(words)):
+                agent.subscribe("jobs.*", work, concurrency=concurrency)
+            assert agent.stats().get("dropped_on_unsubscribe", 0) == 0 and not agent._subs
+
+    run(main())
+
+
+def test_concurrency_is_for_handlers_that_can_use_it(mesh: str) -> None:
+    async def main() -> None:
+        async with agents(mesh, "solo", discovery=False) as (agent,):
+            with pytest.raises(meshmq.UsageError, match="needs a coroutine handler on AsyncAgent"):
+                agent.subscribe("jobs.*", lambda m: None, concurrency=2)
+            later = agent.subscribe("jobs.*", concurrency=2)
+            with pytest.raises(meshmq.UsageError, match="needs a coroutine handler on AsyncAgent"):
+                later(lambda m: None)  # the decorator form checks too
+            with pytest.raises(meshmq.UsageError, match="an iterating consumer takes one message at a time"):
+                later.__aiter__()
+            later.close()
+
+    run(main())
+    with meshmq.Agent("solo", mesh=mesh, discovery=False) as agent:
+        sub = agent.subscribe("jobs.*", concurrency=2)
+        with pytest.raises(meshmq.UsageError, match="an iterating consumer takes one message at a time"):
+            sub.get(timeout=0)
