@@ -332,7 +332,8 @@ class Subscription:
     """A live subscription. Close it with :meth:`close`.
 
     With a handler, every matching message is passed to it (a coroutine handler
-    is awaited, one message at a time, in arrival order). A message whose handler
+    is awaited, one message at a time, in arrival order; with ``concurrency`` N,
+    up to N at a time, never two of one order key). A message whose handler
     fails waits for its retry; only the later messages of its sender and topic
     (and key, in a queue group; a queue group's message without a key holds back
     nothing) wait behind it. Without one, iterate
