@@ -3328,7 +3328,9 @@ class AsyncAgent:
             dead_letter_times=[r["at"] for _, r in store.dead_letters()] if store is not None else [],
             dead_letter_window=cfg.health_dead_letter_window,
             cert_not_after=cert.not_after if cert is not None else None, cert_warning=cfg.health_certificate_warning,
-            quarantined=store.counters["quarantined"] if store is not None else 0, revoked=self._revoked_self)
+            quarantined=store.counters["quarantined"] if store is not None else 0, revoked=self._revoked_self,
+            backlogs=[(s.pattern + (f"@{s.queue}" if s.queue else ""), s.pending) for s in self._subs],
+            backlog_limit=cfg.subscription_queue_messages)
 
     def outbox(self) -> list[OutboxEntry]:
         """What waits in the outbox, per destination (``meshmq outbox`` shows the same)."""

@@ -4,7 +4,9 @@
 Checks: peers (how many are up, suspected), the outbox (backlog against its limits,
 the age of its oldest message, destinations that are down), dead letters (how many
 arrived lately), the certificate (time left), the store (records moved to
-quarantine). Each is ``ok``, ``warn`` or ``fail``; the worst is the verdict.
+quarantine), and in the agent's own process its subscriptions (the fullest backlog
+against ``subscription_queue_messages``: at the limit the agent stops reading the
+network). Each is ``ok``, ``warn`` or ``fail``; the worst is the verdict.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ class WaitingFor:
 def assess(*, now: float, peers: int, suspects: int, waiting: Iterable[WaitingFor], max_messages: int,
            max_bytes: int, max_age: float, dead_letter_times: Iterable[float], dead_letter_window: float,
            cert_not_after: float | None, cert_warning: float, quarantined: int = 0,
-           revoked: bool = False) -> Health:
+           revoked: bool = False, backlogs: Iterable[tuple[str, int]] | None = None,
+           backlog_limit: int = 0) -> Health:
     """The verdict on what was measured (see the module docstring for the rules)."""
     checks = [HealthCheck("peers", OK, f"{peers} up" + (f", {suspects} suspected" if suspects else ""))]
     waiting = list(waiting)
@@ -102,6 +105,15 @@ def assess(*, now: float, peers: int, suspects: int, waiting: Iterable[WaitingFo
             checks.append(HealthCheck("certificate", status, f"valid until {until} ({left / 86400:.1f} days)"))
     if quarantined:
         checks.append(HealthCheck("store", WARN, f"{quarantined} damaged records were moved to quarantine"))
+    if backlogs is not None and backlog_limit:  # (name, pending) of each subscription
+        subs = list(backlogs)
+        name, pending = max(subs, key=lambda b: b[1], default=("", 0))
+        fill = pending / backlog_limit
+        status = FAIL if fill >= 0.9 else WARN if fill >= 0.5 else OK
+        detail = f"{len(subs)} subscription(s)"
+        if pending:
+            detail += f"; fullest {name}: {pending} of {backlog_limit} pending ({fill:.0%}; reading pauses at 100%)"
+        checks.append(HealthCheck("subscriptions", status, detail))
     return Health(tuple(checks))
 
 

@@ -49,6 +49,13 @@ def test_each_rule_of_the_verdict() -> None:
     assert _status(_assess(cert_not_after=NOW - 1), "certificate") == FAIL
     assert _status(_assess(revoked=True), "certificate") == FAIL
     assert _assess(quarantined=2).status == WARN
+    assert "subscriptions" not in str(_assess())  # meshmq health, from another process, cannot see them
+    subs = [("orders.*", 0), ("jobs.>@workers", 60)]
+    assert _status(_assess(backlogs=subs, backlog_limit=100), "subscriptions") == WARN
+    assert "fullest jobs.>@workers: 60 of 100 pending (60%" in str(_assess(backlogs=subs, backlog_limit=100))
+    assert _status(_assess(backlogs=subs, backlog_limit=1000), "subscriptions") == OK
+    assert _status(_assess(backlogs=[("x", 95)], backlog_limit=100), "subscriptions") == FAIL
+    assert _status(_assess(backlogs=[], backlog_limit=100), "subscriptions") == OK
     assert _assess(waiting=full, revoked=True).to_json()["status"] == FAIL
 
 
@@ -109,3 +116,21 @@ def test_meshmq_health_reads_an_agents_store_and_exits_for_scripts(mesh: str, tm
     missing = subprocess.run([sys.executable, "-m", "meshmq", "health", "--service", "nope"], capture_output=True,
                              text=True, timeout=60, env=env)
     assert missing.returncode == 2 and "no store of service 'nope'" in missing.stderr
+
+
+def test_agent_health_sees_a_subscription_backing_up(mesh: str) -> None:
+    """Six messages wait behind one nacked for a minute, with subscription_queue_messages=10:
+    the subscription is 60 % full, a warning naming it."""
+    async def main() -> None:
+        async with meshmq.AsyncAgent("solo", mesh=mesh, discovery=False, durability="memory",
+                                     subscription_queue_messages=10) as agent:
+            sub = agent.subscribe("jobs.*", lambda m: m.nack(delay=60), queue="workers")
+            assert _status(agent.health(), "subscriptions") == OK
+            for i in range(6):
+                await agent.publish("jobs.x", i, key="one-customer")
+            await eventually(lambda: sub.pending == 6, what="six pending")
+            health = agent.health()
+            assert _status(health, "subscriptions") == WARN, str(health)
+            assert "fullest jobs.*@workers: 6 of 10 pending (60%" in str(health)
+
+    run(main())
