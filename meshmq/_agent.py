@@ -368,8 +368,9 @@ class Subscription:
         self._queued_mode = (handler is None or inspect.iscoroutinefunction(handler)
                              or isinstance(handler, _HandlerThread))
         self._held: dict[OrderKey, collections.deque[Message]] = {}
-        """Per order key with a message waiting for its retry: that message, then the later ones
-        of its key, which wait behind it. Messages of other keys go on meanwhile."""
+        """Per order key that is busy, the later messages of that key, which wait: its message
+        waits for a retry (and is first here), or is in a handler (concurrency > 1). Messages
+        of other keys go on meanwhile."""
         self._held_count = 0
         self._retries: dict[OrderKey, asyncio.TimerHandle] = {}  # the timer of each key's waiting retry
         self._ready: collections.deque[OrderKey] = collections.deque()  # keys whose retry is due (queued mode)
@@ -577,8 +578,9 @@ class Subscription:
             await self._async_ready
 
     def _take(self) -> tuple[OrderKey | None, Message] | None:
-        """The next message a worker may work on, with the order key it then occupies (None:
-        none, a lone worker needs no marks), or None when there is none."""
+        """The next message a worker may work on, or None when there is none; with the order
+        key the worker must release when done with it (None: the key is not marked busy,
+        as a lone worker's keys never need to be)."""
         if self._ready:  # a held key's turn (its retry is due, or the one before it is done)
             key = self._ready.popleft()
             msg = self._held[key].popleft()
@@ -588,20 +590,18 @@ class Subscription:
         concurrent = self.concurrency > 1
         while self._buffer:
             msg = self._buffer.popleft()
+            busy: OrderKey | None = None
             if self._held or concurrent:
                 key = self._order_key(msg)
-                held = self._held.get(key)
-                if held is not None:  # behind its key's message in hand or waiting for a retry: order holds
+                if (held := self._held.get(key)) is not None:  # behind its key's busy message: order holds
                     held.append(msg)
                     self._held_count += 1
                     continue
-                self._drained()
                 if concurrent:
-                    self._held[key] = collections.deque()  # occupied while in hand
-                    return key, msg
-                return None, msg
+                    busy = key
+                    self._held[key] = collections.deque()  # busy while in hand
             self._drained()
-            return None, msg
+            return busy, msg
         return None
 
     async def _attempt_async(self, msg: Message) -> float | None:
