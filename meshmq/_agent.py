@@ -455,7 +455,7 @@ class Subscription:
                     self._async_ready.set_result(None)
             elif self._async_ready is not None and not self._async_ready.done():
                 self._async_ready.set_result(None)
-        if self._backlog() >= self._limit:
+        if len(self._buffer) + self._held_count >= self._limit:  # _backlog(), inline: once per message
             self._agent._overloaded(self)
 
     def _attempt(self, msg: Message) -> None:
@@ -634,7 +634,7 @@ class Subscription:
         return retry
 
     def _drained(self) -> None:
-        if self._backlog() == self._limit // 2:
+        if len(self._buffer) + self._held_count == self._limit // 2:  # _backlog(), inline: once per message
             self._agent._call_on_loop(self._agent._maybe_resume)
 
     def _finished(self, msg: Message) -> None:
