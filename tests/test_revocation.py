@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import meshmq
-from aio import eventually, run
+from aio import eventually, run, wait_until
 from certs import RawPeer
 from meshmq._security import (
     Authority, CertificateError, NodeKeys, RevocationList, armor, armor_revocation, check_revocation,
@@ -405,10 +405,7 @@ def test_meshmq_cert_revoke_cuts_a_running_node_off_with_no_set_up(mesh: str, tm
 
     with meshmq.Agent("witness", mesh=mesh, durability="memory") as witness, \
             meshmq.Agent("victim", mesh=mesh, durability="memory") as victim:
-        wait_peers = time.monotonic() + 20
-        while {p.node for p in witness.peers()} != {victim.node_id}:
-            assert time.monotonic() < wait_peers, "the two agents did not meet"
-            time.sleep(0.02)
+        wait_until(lambda: {p.node for p in witness.peers()} == {victim.node_id}, 20, "the two agents meeting")
         out = tmp_path / "revoked.txt"
         tap = witness.tap(events=["revocation", "revoked"])  # meshmq tap --events control shows them
         code = main(["cert", "revoke", victim.node_id, "--mesh", mesh, "-o", str(out), "--wait", "15"])
@@ -460,10 +457,7 @@ def test_meshmq_cert_revoke_with_a_real_authority_revokes_a_certificate_file(
     victim_cert = _certified(authority, tmp_path, "victim", mesh)
     with meshmq.Agent("witness", certificate=_certified(authority, tmp_path, "witness", mesh), **base) as witness, \
             meshmq.Agent("victim", certificate=victim_cert, **base) as victim:  # type: ignore[arg-type]
-        deadline = time.monotonic() + 20
-        while {p.node for p in witness.peers()} != {victim.node_id}:
-            assert time.monotonic() < deadline, "the two agents did not meet"
-            time.sleep(0.02)
+        wait_until(lambda: {p.node for p in witness.peers()} == {victim.node_id}, 20, "the two agents meeting")
         code = main(["cert", "revoke", str(victim_cert), "--mesh", mesh, "--wait", "15",
                      "--authority-key", str(tmp_path / "authority" / "authority.key")])
         captured = capsys.readouterr()
