@@ -805,6 +805,12 @@ class AsyncAgent:
         self._route_waiters = Wakeup()
         self._space_waiters = Wakeup()
         self._overloaded_subs: set[Subscription] = set()
+        # While a subscription is full, data frames wait here (frame, connection key) instead of
+        # being handled; the rest of the traffic (probes, gossip, receipts) is handled as it comes.
+        self._taking_data = True
+        self._aside: collections.deque[tuple[bytes, str]] = collections.deque()
+        self._aside_bytes = 0
+        self._data_aside = False  # not taking data, or frames still aside: new ones queue behind them
         self._tick_handle: asyncio.TimerHandle | None = None
         self._outbox_timer: asyncio.TimerHandle | None = None
         self._id_prefix = os.urandom(8)  # message ids: unique per life, even with a kept identity
@@ -1989,6 +1995,8 @@ class AsyncAgent:
         for tap in list(self._taps):
             tap.close()
         self._transport.async_close(linger=max(0.0, min(0.5, deadline - time.monotonic())))
+        self._aside.clear()  # unacknowledged: their senders keep them
+        self._aside_bytes = 0
         if self._store is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._close_store)
         self._state = "stopped"
@@ -2614,7 +2622,10 @@ class AsyncAgent:
         assert self._node is not None
         try:
             if len(frame) > 2 and frame[0] == PROTOCOL_VERSION and (frame[1] == SEALED or frame[1] == DATA):
-                self._on_data_frame(frame, peer)  # the hot path
+                if self._data_aside:
+                    self._set_aside(frame, peer)
+                else:
+                    self._on_data_frame(frame, peer)  # the hot path
                 return
             if len(frame) > 2 and frame[0] == PROTOCOL_VERSION and frame[1] == TAP:
                 self._on_tap_frame(frame, peer)
@@ -3035,18 +3046,57 @@ class AsyncAgent:
         return True
 
     def _overloaded(self, sub: Subscription) -> None:
-        """A subscription's backlog reached its limit: stop reading until it halves."""
+        """A subscription's backlog reached its limit: take no more data until it halves.
+
+        The network is still read: probes, gossip and receipts are handled as they come, so
+        a consumer that falls behind is not taken for dead, and its own outbox still hears
+        its receipts. Data frames wait aside (see :meth:`_set_aside`)."""
         self._overloaded_subs.add(sub)
-        if self._transport is not None and self._transport.reading:
+        if self._taking_data:
+            self._taking_data = False
+            self._data_aside = True
             self.counters["receive_paused"] += 1
-            self._transport.async_pause()
+
+    def _set_aside(self, frame: bytes, peer: str) -> None:
+        """A data frame while data waits: kept for later up to ``paused_data_bytes``. Beyond
+        that it is dropped unacknowledged, so its sender keeps its messages and sends them
+        again (as after a loss): nothing is lost, and memory stays bounded."""
+        if self._aside_bytes + len(frame) > self.config.paused_data_bytes:
+            self.counters["data_frames_refused_paused"] += 1
+            quiet.warning("paused", "a full subscription keeps this agent from taking data, and %d bytes of "
+                          "data frames wait already (paused_data_bytes): a frame of %d bytes is left for its "
+                          "sender to send again", self._aside_bytes, len(frame))
+            return
+        self._aside.append((frame, peer))
+        self._aside_bytes += len(frame)
 
     def _maybe_resume(self) -> None:
         self._overloaded_subs = {
             s for s in self._overloaded_subs if not s.closed and s._backlog() > s._limit // 2
         }
-        if not self._overloaded_subs and self._transport is not None and self._state == "running":
-            self._transport.async_resume()
+        if not self._overloaded_subs and not self._taking_data and self._state == "running" and self._loop is not None:
+            self._taking_data = True
+            self._loop.call_soon(self._take_aside)  # not from inside a handler that closed its subscription
+
+    def _take_aside(self) -> None:
+        """Handle the data frames set aside, oldest first, a read slice at a time, until none is
+        left or a subscription is full again; frames arriving meanwhile queue behind them."""
+        if not self._taking_data or self._state != "running":
+            return
+        aside = self._aside
+        until = time.monotonic() + self.config.read_slice
+        self._data_aside = False  # the frames below are handled, not set aside again
+        try:
+            while aside and self._taking_data:
+                frame, peer = aside.popleft()
+                self._aside_bytes -= len(frame)
+                self._on_frame(frame, peer)
+                if time.monotonic() >= until:
+                    break
+        finally:
+            self._data_aside = not self._taking_data or bool(aside)
+        if aside and self._taking_data and self._loop is not None:
+            self._loop.call_soon(self._take_aside)  # the rest after other work (a read slice's worth)
 
     # --- subscribing ----------------------------------------------------------------
 

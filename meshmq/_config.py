@@ -152,7 +152,9 @@ class Config:
     lane_starve_after: int = 8
     """Frames in a row a lower priority lane with messages due may be passed over for higher ones before it sends one (so low priority is slower, never starved)."""
     subscription_queue_messages: int = 10_000
-    """Messages waiting for one subscription's handler or iterator before the agent stops reading the network."""
+    """Messages waiting for one subscription's handler or iterator before the agent stops taking data, until half of them are done. It still reads and answers the rest (probes, gossip, receipts)."""
+    paused_data_bytes: int = 32 * _MiB
+    """Bytes of data frames an agent keeps aside while a full subscription stops it taking data, to handle when it resumes. Later frames are dropped unacknowledged and counted (``data_frames_refused_paused``); their senders keep the messages and send them again."""
     publish_timeout: float = 5.0
     """Seconds ``publish`` waits for room in a full outbox before raising ``OutboxFull`` (``PeerQueueFull`` when one destination is full)."""
     socket_hwm: int = 1000
@@ -228,7 +230,7 @@ class Config:
             self, "max_frame_bytes", "max_payload_bytes", "max_topic_length", "max_topic_tokens",
             "max_header_count", "max_header_bytes", "max_batch_messages", "max_batch_bytes",
             "max_subscriptions", "max_peers", "peer_queue_messages", "peer_queue_bytes",
-            "subscription_queue_messages", "send_window", "lane_starve_after", "socket_hwm", "max_store_bytes", "max_outbox_messages",
+            "subscription_queue_messages", "paused_data_bytes", "send_window", "lane_starve_after", "socket_hwm", "max_store_bytes", "max_outbox_messages",
             "max_outbox_bytes", "max_held_messages", "tap_queue_messages", "tap_buffer_messages", "max_revocations",
             "max_schemas", "blocking_intake_messages",
         )

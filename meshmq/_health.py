@@ -5,8 +5,8 @@ Checks: peers (how many are up, suspected), the outbox (backlog against its limi
 the age of its oldest message, destinations that are down), dead letters (how many
 arrived lately), the certificate (time left), the store (records moved to
 quarantine), and in the agent's own process its subscriptions (the fullest backlog
-against ``subscription_queue_messages``: at the limit the agent stops reading the
-network). Each is ``ok``, ``warn`` or ``fail``; the worst is the verdict.
+against ``subscription_queue_messages``: at the limit the agent stops taking data
+until it halves). Each is ``ok``, ``warn`` or ``fail``; the worst is the verdict.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def assess(*, now: float, peers: int, suspects: int, waiting: Iterable[WaitingFo
         status = FAIL if fill >= 0.9 else WARN if fill >= 0.5 else OK
         detail = f"{len(subs)} subscription(s)"
         if pending:
-            detail += f"; fullest {name}: {pending} of {backlog_limit} pending ({fill:.0%}; reading pauses at 100%)"
+            detail += f"; fullest {name}: {pending} of {backlog_limit} pending ({fill:.0%}; data waits at 100%)"
         checks.append(HealthCheck("subscriptions", status, detail))
     return Health(tuple(checks))
 

@@ -167,7 +167,8 @@ class Transport:
     # --- receiving ------------------------------------------------------------------
 
     def async_pause(self) -> None:
-        """Stop reading the network (the application is behind); peers feel it as back-pressure."""
+        """Stop reading the network (closing). An agent whose application is behind reads on and
+        sets data aside instead (``AsyncAgent._overloaded``), so that it still answers its peers."""
         if self.reading and self.pull is not None and self.loop is not None:
             self.loop.remove_reader(self.pull.FD)
             self.reading = False

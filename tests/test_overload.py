@@ -1,0 +1,85 @@
+"""A full subscription stops its agent taking data, not hearing the mesh.
+
+When a subscription's backlog reaches ``subscription_queue_messages`` the agent takes no
+more data until it halves. Probes, gossip and receipts are still read and answered
+meanwhile: a consumer that falls behind for longer than the failure detector waits must
+not declare its peers dead, and its own outbox must still hear its receipts. Data frames
+that arrive meanwhile wait aside up to ``paused_data_bytes``; beyond that they are dropped
+unacknowledged and their senders send them again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from aio import agents, collect, eventually, run
+
+import meshmq
+
+# A failure detector that declares a silent peer dead within about a second.
+QUICK = dict(probe_interval=0.2, probe_timeout=0.1, suspicion_mult=2.0, suspicion_max_mult=2.0)
+
+
+def test_a_full_subscription_keeps_its_agent_answering_the_mesh(mesh: str) -> None:
+    async def main() -> None:
+        async with agents(mesh, "pub", **QUICK) as (pub,), \
+                agents(mesh, "sub", subscription_queue_messages=20, **QUICK) as (sub,):
+            it = sub.subscribe("bulk.x")  # read only at the end: it stays full meanwhile
+            back: list[Any] = []
+            pub.subscribe("back.x", lambda msg: back.append(msg.data))
+            await pub.wait_for_subscribers("bulk.x", timeout=10)
+            await sub.wait_for_subscribers("back.x", timeout=10)
+            for i in range(200):
+                await pub.publish("bulk.x", i)
+            await eventually(lambda: sub.stats().get("receive_paused", 0) >= 1, what="the subscription full")
+
+            # While it takes no data, the agent probes its peer (and is probed) round after
+            # round: far longer than the detector needs to declare a silent peer dead.
+            probes = sub.stats().get("probes_answered", 0)
+            await eventually(lambda: sub.stats().get("probes_answered", 0) >= probes + 15,
+                             what="15 probes answered while the subscription is full")
+            # Its own publishing goes on: receipts are read, so its outbox empties.
+            for i in range(5):
+                await sub.publish("back.x", i)
+            await eventually(lambda: back == list(range(5)) and sub.stats()["outbox_messages"] == 0,
+                             what="the full agent's own messages delivered and acknowledged")
+            assert sub.stats().get("receive_paused") == 1  # still the one pause: no data was taken
+            for agent in (pub, sub):
+                stats = agent.stats()
+                assert stats.get("suspicions", 0) == 0 and stats.get("peers_dead", 0) == 0, stats
+                assert len(agent.peers()) == 1
+
+            assert [m.data for m in await collect(it, 200)] == list(range(200))
+
+    run(main(), timeout=60)
+
+
+def test_data_beyond_paused_data_bytes_is_sent_again_not_lost(mesh: str) -> None:
+    """Past ``paused_data_bytes`` data frames are refused unacknowledged: the publisher keeps
+    their messages and sends them again, so each arrives once, in order."""
+    n = 2000
+
+    async def main() -> None:
+        async with agents(mesh, "pub", retransmit_initial=0.05, retransmit_max=0.3) as (pub,), \
+                agents(mesh, "sub", subscription_queue_messages=20, paused_data_bytes=4096) as (sub,):
+            it = sub.subscribe("bulk.x")
+            await pub.wait_for_subscribers("bulk.x", timeout=10)
+            for i in range(n):
+                await pub.publish("bulk.x", i)
+            await eventually(lambda: sub.stats().get("data_frames_refused_paused", 0) >= 1,
+                             what="a data frame refused while the subscription is full")
+            assert pub.stats()["outbox_messages"] > 0  # what was refused is kept
+
+            assert [m.data for m in await collect(it, n)] == list(range(n))
+            await eventually(lambda: pub.stats()["outbox_messages"] == 0, what="every message acknowledged")
+            assert sub.stats()["receive_paused"] >= 1
+            assert it.pending == 0  # nothing handed over twice is left over either
+
+    run(main(), timeout=60)
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_paused_data_bytes_is_validated(bad: int) -> None:
+    with pytest.raises(meshmq.ConfigError, match="paused_data_bytes"):
+        meshmq.Config(paused_data_bytes=bad)
