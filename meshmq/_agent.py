@@ -812,6 +812,7 @@ class AsyncAgent:
         self._aside_bytes = 0
         self._data_aside = False  # not taking data, or frames still aside: new ones queue behind them
         self._tick_handle: asyncio.TimerHandle | None = None
+        self._tick_due = 0.0  # when the tick was asked for: a later one measures how long the loop was held
         self._outbox_timer: asyncio.TimerHandle | None = None
         self._id_prefix = os.urandom(8)  # message ids: unique per life, even with a kept identity
         self._store: Store | None = None
@@ -3748,13 +3749,17 @@ class AsyncAgent:
 
     def _schedule_tick(self) -> None:
         assert self._loop is not None and self._node is not None
-        delay = self._node.next_deadline(time.monotonic()) - time.monotonic()
-        self._tick_handle = self._loop.call_later(max(delay, 0.001), self._tick)
+        now = time.monotonic()
+        delay = max(self._node.next_deadline(now) - now, 0.001)
+        self._tick_due = now + delay
+        self._tick_handle = self._loop.call_later(delay, self._tick)
 
     def _tick(self) -> None:
         if self._state != "running" or self._node is None or self._transport is None:
             return
         now = time.monotonic()
+        if now - self._tick_due > self.config.probe_timeout:
+            self._loop_stalled(now - self._tick_due)
         self._apply(self._node.tick(now, time.time()))
         self._transport.flush_all()  # fallback for a missed writable edge
         if self._overloaded_subs:
@@ -3768,6 +3773,16 @@ class AsyncAgent:
                 asyncio.ensure_future(self._replay_requested())
         self._security_tick(now)
         self._schedule_tick()
+
+    def _loop_stalled(self, late: float) -> None:
+        """The loop ran nothing else for ``late`` seconds: something held it (blocking code in a
+        plain function or coroutine handler, most often). Probes wait as long for an answer, so
+        the peers may have suspected this node, and may declare it dead if it lasts."""
+        self.counters["loop_stalls"] += 1
+        quiet.warning("stall", "the event loop of agent %s was held for %.2fs, longer than a peer waits for a "
+                      "probe answer (probe_timeout %gs): peers may take this node for dead. Blocking work "
+                      "belongs off the loop: a coroutine handler that awaits it, a thread, or the blocking Agent",
+                      self.service, late, self.config.probe_timeout)
 
     def _outbox_tick(self) -> None:
         """Retransmissions and expiries of the outbox (a short timer: backoffs start at 0.2 s)."""

@@ -338,6 +338,28 @@ def test_a_slow_blocking_handler_does_not_get_its_node_suspected(mesh: str) -> N
         stats = watcher.stats()
         assert stats.get("suspicions", 0) == 0 and stats.get("peers_dead", 0) == 0
         assert stats.get("probes_answered", 0) > 10  # probes went on during the 1.5 s
+        assert worker.stats().get("loop_stalls", 0) == 0
+
+
+def test_blocking_code_on_the_loop_is_reported(mesh: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A plain function handler of an AsyncAgent runs on the agent's loop: when it blocks
+    longer than a probe waits for its answer, the agent counts it and says what to do."""
+    async def main() -> None:
+        async with agents(mesh, "svc", discovery=False, probe_timeout=0.3) as (agent,):
+            done = asyncio.Event()
+
+            def blocking(msg: meshmq.Message) -> None:
+                time.sleep(0.8)  # blocking the loop is the subject of this test
+                done.set()
+
+            agent.subscribe("jobs.x", blocking)
+            await agent.publish("jobs.x", 1)
+            await asyncio.wait_for(done.wait(), 10)
+            await eventually(lambda: agent.stats().get("loop_stalls", 0) >= 1, what="the stall counted")
+
+    run(main())
+    said = [r.getMessage() for r in caplog.records if "event loop" in r.getMessage()]
+    assert said and "probe_timeout 0.3s" in said[0] and "blocking Agent" in said[0], said
 
 
 def test_a_blocking_agents_type_handlers_run_on_the_handler_thread(mesh: str) -> None:
