@@ -37,6 +37,7 @@ from ._errors import (
     RequestTimeout,
     SchemaError,
     StoreError,
+    SubscriptionFull,
     TopicError,
     UsageError,
 )
@@ -97,6 +98,7 @@ __all__ = [
     "SchemaError",
     "StoreError",
     "Subscription",
+    "SubscriptionFull",
     "Tap",
     "TapEvent",
     "TopicError",

@@ -36,8 +36,9 @@ from ._config import MAX_TTL, Config
 from ._discovery import Discovery
 from ._delivery import NEVER, Destination, Entry, GroupCommit, Inbox, Lane, Outbox, Remembered
 from ._errors import (
-    AgentClosed, ConfigError, MeshError, MeshTimeout, NoResponders, NotPermitted, OutboxFull, PeerQueueFull,
-    ProtocolError, RateLimited, RemoteError, RequestTimeout, SchemaError, StoreError, UsageError,
+    AgentClosed, Backpressure, ConfigError, MeshError, MeshTimeout, NoResponders, NotPermitted, OutboxFull,
+    PeerQueueFull, ProtocolError, RateLimited, RemoteError, RequestTimeout, SchemaError, StoreError,
+    SubscriptionFull, UsageError,
 )
 from ._health import Health, WaitingFor, assess, envelope_time
 from ._log import QuietLogger
@@ -269,10 +270,11 @@ group's message without a key is on its own (its id)."""
 
 
 class _Full(Exception):
-    """Internal: the outbox (``dest`` None) or one destination's share of it is full;
-    nothing was kept."""
+    """Internal: the outbox (``dest`` None), one destination's share of it, or (a
+    :class:`Subscription`) a subscription of this agent it publishes to, is full; nothing
+    was kept."""
 
-    def __init__(self, dest: Destination | None) -> None:
+    def __init__(self, dest: Destination | Subscription | None) -> None:
         self.dest = dest
 
 
@@ -800,6 +802,7 @@ class AsyncAgent:
         self._node_links: dict[str, Link] = {}
         self._local: collections.deque[Any] = collections.deque()  # what this node published to itself
         self._local_scheduled = False
+        self._limit_local = self.config.subscription_queue_messages  # of _local (see _local_full)
         self._index = RouteIndex(())
         self._remembered = Remembered()
         self._route_waiters = Wakeup()
@@ -2048,7 +2051,9 @@ class AsyncAgent:
         ``Config.durability``) for every destination, including durable subscribers that
         are down. Concurrent publishes share one commit. While the outbox (or one
         destination's share of it) is full, waits up to ``publish_timeout``, then raises
-        :class:`OutboxFull` (:class:`PeerQueueFull`); nothing is kept then. If the commit
+        :class:`OutboxFull` (:class:`PeerQueueFull`); nothing is kept then. The same holds
+        for a subscription of this agent that matches ``topic`` and is full
+        (``subscription_queue_messages``): :class:`SubscriptionFull`. If the commit
         fails, raises :class:`StoreError` and the message is not sent.
         """
         if type is None and key is None and headers is None and ttl is None and schema_version == 1:
@@ -2140,7 +2145,7 @@ class AsyncAgent:
                        headers: dict[str, str] | None = None, schema_version: int = 1,
                        ttl: float | None = None) -> str:
         """As :meth:`publish`, for plain (non-async) code on the agent's loop, such as a
-        handler: raises :class:`OutboxFull` at once instead of waiting for room, and
+        handler: raises :class:`OutboxFull` (or :class:`SubscriptionFull`) at once instead of waiting for room, and
         returns before the outbox commit is done (a crash within the next milliseconds may
         lose the message; use ``await publish`` where that matters)."""
         if self._loop_thread is not None and threading.get_ident() != self._loop_thread:
@@ -2166,10 +2171,12 @@ class AsyncAgent:
                 raise self._full_error(full.dest) from None
         return prepared[2].hex()
 
-    def _full_error(self, dest: Destination | None) -> OutboxFull:
+    def _full_error(self, dest: Destination | Subscription | None) -> Backpressure:
         with self._counters_lock:
             self.counters["publish_backpressure_errors"] += 1
         timeout = self.config.publish_timeout
+        if isinstance(dest, Subscription):
+            return SubscriptionFull(dest.pattern, dest._backlog(), timeout)
         if dest is None:
             assert self._outbox is not None
             return OutboxFull(self._outbox.count, self._outbox.bytes, timeout)
@@ -2312,6 +2319,10 @@ class AsyncAgent:
                 local = entry
                 continue
             lanes.append((outbox.lane(node, self._service_of(node), self._node_links.get(node), number), entry))
+        if local is not None and (self._overloaded_subs or len(self._local) >= self._limit_local):
+            sub = self._local_full(topic)
+            if sub is not None:
+                raise _Full(sub)
         if lanes:
             full = outbox.full([lane.dest for lane, _ in lanes], size)
             if full is not None:
@@ -2425,8 +2436,23 @@ class AsyncAgent:
         """Deliver what this node published to itself, in order (in-process: not kept in the outbox)."""
         self._local_scheduled = False
         local = self._local
+        waited = len(local) >= self._limit_local  # a publisher may wait for room (see _local_full)
         while local:
             self._deliver_entry(local.popleft(), None, 0)
+        if waited:
+            self._space_waiters.fire()
+
+    def _local_full(self, topic: str) -> Subscription | None:
+        """The subscription of this agent with no room for a message it publishes on ``topic``:
+        one that stopped the agent taking data (:meth:`_overloaded`), or any it matches while
+        ``subscription_queue_messages`` such messages wait to be handed over (a publisher that
+        never yields). None if there is room."""
+        for sub in self._overloaded_subs:
+            if not sub.closed and matches(sub._tokens, topic):
+                return sub
+        if len(self._local) >= self._limit_local:
+            return next((s for s in self._subs if matches(s._tokens, topic)), None)
+        return None
 
     def _send_to(self, node: str, frame: bytes) -> None:
         """A control frame to a node, if it is linked (receipts: lost ones are repeated)."""
@@ -3072,9 +3098,12 @@ class AsyncAgent:
         self._aside_bytes += len(frame)
 
     def _maybe_resume(self) -> None:
+        before = len(self._overloaded_subs)
         self._overloaded_subs = {
             s for s in self._overloaded_subs if not s.closed and s._backlog() > s._limit // 2
         }
+        if len(self._overloaded_subs) < before:
+            self._space_waiters.fire()  # publishers to this agent's own subscriptions may go on
         if not self._overloaded_subs and not self._taking_data and self._state == "running" and self._loop is not None:
             self._taking_data = True
             self._loop.call_soon(self._take_aside)  # not from inside a handler that closed its subscription

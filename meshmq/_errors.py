@@ -90,6 +90,21 @@ class OutboxFull(Backpressure):
         self.timeout = timeout
 
 
+class SubscriptionFull(Backpressure):
+    """A message this agent publishes to one of its own subscriptions found it holding
+    ``subscription_queue_messages`` waiting for its handler or iterator, and it did not drain
+    within the publish timeout. Such messages are handed over in-process, with no outbox
+    between, so the subscription's limit holds the publisher back directly."""
+
+    def __init__(self, pattern: str, queued: int, timeout: float) -> None:
+        super().__init__(f"subscription {pattern!r} of this agent has {queued} messages waiting for its handler "
+                         f"(subscription_queue_messages) and did not drain within {timeout:g}s; it is handled more "
+                         f"slowly than this agent publishes to it")
+        self.pattern = pattern
+        self.queued = queued
+        self.timeout = timeout
+
+
 class RateLimited(Backpressure):
     """A policy rule's rate limit refused a publish (``on_excess = "reject"``, or ``"delay"``
     where waiting is not possible: ``publish_nowait``)."""
@@ -201,6 +216,7 @@ __all__ = [
     "RequestTimeout",
     "SchemaError",
     "StoreError",
+    "SubscriptionFull",
     "TopicError",
     "UsageError",
 ]

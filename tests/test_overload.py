@@ -10,6 +10,8 @@ unacknowledged and their senders send them again.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from typing import Any
 
 import pytest
@@ -83,3 +85,76 @@ def test_data_beyond_paused_data_bytes_is_sent_again_not_lost(mesh: str) -> None
 def test_paused_data_bytes_is_validated(bad: int) -> None:
     with pytest.raises(meshmq.ConfigError, match="paused_data_bytes"):
         meshmq.Config(paused_data_bytes=bad)
+
+
+# --- an agent publishing to its own subscriptions ----------------------------------------
+
+
+def test_publishing_to_a_full_own_subscription_waits_then_raises_subscription_full(mesh: str) -> None:
+    """A message an agent publishes to itself is handed over in-process, with no outbox to
+    hold it: the subscription's limit holds the publisher back. Nothing is half-done when it
+    gives up: the refused message reaches neither the full subscription nor another agent."""
+    async def main() -> None:
+        async with agents(mesh, "svc", subscription_queue_messages=50, publish_timeout=1.0) as (svc,), \
+                agents(mesh, "other") as (other,):
+            gate = asyncio.Event()
+            got: list[int] = []
+            elsewhere: list[int] = []
+
+            async def slow(msg: meshmq.Message) -> None:
+                await gate.wait()
+                got.append(msg.data)
+
+            sub = svc.subscribe("jobs.x", slow)
+            other.subscribe("jobs.x", lambda msg: elsewhere.append(msg.data))
+            await svc.wait_for_subscribers("jobs.x", count=2, timeout=10)  # itself and the other
+            published = []
+            with pytest.raises(meshmq.SubscriptionFull, match=r"'jobs.x' of this agent has \d+ messages waiting") as info:
+                for i in range(1000):
+                    await svc.publish("jobs.x", i)
+                    published.append(i)
+            assert isinstance(info.value, meshmq.Backpressure)
+            n = len(published)  # the limit, and maybe one more taken by the handler at once
+            assert published == list(range(n)) and n in (50, 51) and sub.pending == n
+            with pytest.raises(meshmq.SubscriptionFull):
+                svc.publish_nowait("jobs.x", -1)  # at once, without waiting
+
+            waiting = asyncio.ensure_future(svc.publish("jobs.x", n))  # waits for room ...
+            finished, _ = await asyncio.wait({waiting}, timeout=0.05)
+            assert not finished
+            gate.set()
+            await asyncio.wait_for(waiting, 10)  # ... which comes as the handler catches up
+            await eventually(lambda: got == list(range(n + 1)) and elsewhere == list(range(n + 1)),
+                             what="every accepted message handled, here and there")
+            assert svc.stats()["publish_backpressure_errors"] == 2
+
+    run(main(), timeout=60)
+
+
+def test_a_publisher_that_never_yields_is_held_to_the_limit_too(mesh: str) -> None:
+    """Messages an agent publishes to itself wait to be handed over until its loop runs: a
+    publisher that never yields meets the limit there."""
+    async def main() -> None:
+        async with agents(mesh, "svc", discovery=False, subscription_queue_messages=100) as (svc,):
+            it = svc.subscribe("jobs.x")
+            with pytest.raises(meshmq.SubscriptionFull):
+                for i in range(1000):
+                    svc.publish_nowait("jobs.x", b"%d" % i)  # bytes: the plainest path
+            assert i == 100
+            assert [m.raw for m in await collect(it, 100)] == [b"%d" % i for i in range(100)]
+
+    run(main())
+
+
+def test_a_blocking_agent_publishing_to_its_own_full_subscription_gets_subscription_full(mesh: str) -> None:
+    with meshmq.Agent("svc", mesh=mesh, discovery=False, subscription_queue_messages=20,
+                      publish_timeout=0.3) as svc:
+        gate = threading.Event()
+        svc.subscribe("jobs.x", lambda msg: gate.wait(10))
+        try:
+            with pytest.raises(meshmq.SubscriptionFull, match="jobs.x"):
+                for i in range(1000):
+                    svc.publish("jobs.x", i)
+            assert 20 <= i <= 22  # the limit, plus what the handler thread holds
+        finally:
+            gate.set()

@@ -51,6 +51,7 @@ def test_public_names_are_exactly_these() -> None:
         "SchemaError",
         "StoreError",
         "Subscription",
+        "SubscriptionFull",
         "Tap",
         "TapEvent",
         "TopicError",
@@ -79,7 +80,7 @@ def test_public_classes_live_in_private_modules_but_say_they_are_public() -> Non
 def test_every_error_derives_from_mesh_error() -> None:
     errors = [getattr(meshmq, n) for n in meshmq.__all__ if inspect.isclass(getattr(meshmq, n))
               and issubclass(getattr(meshmq, n), BaseException)]
-    assert len(errors) == 20
+    assert len(errors) == 21
     for exc in errors:
         assert issubclass(exc, meshmq.MeshError), exc
     # and every error the package defines is public
@@ -97,6 +98,8 @@ def test_errors_are_split_by_whose_fault_it_is() -> None:
     assert not issubclass(meshmq.ProtocolError, meshmq.UsageError)
     assert issubclass(meshmq.PeerQueueFull, meshmq.Backpressure)
     assert issubclass(meshmq.OutboxFull, meshmq.Backpressure)
+    assert issubclass(meshmq.SubscriptionFull, meshmq.Backpressure)
+    assert not issubclass(meshmq.SubscriptionFull, meshmq.OutboxFull)  # no outbox holds such messages
     assert issubclass(meshmq.RequestTimeout, meshmq.MeshTimeout)
     assert issubclass(meshmq.MeshTimeout, TimeoutError)
     assert issubclass(meshmq.CorruptStore, meshmq.StoreError) and not issubclass(meshmq.StoreError, meshmq.UsageError)
@@ -107,6 +110,9 @@ def test_errors_carry_their_fields() -> None:
     err = meshmq.PeerQueueFull("n1", "billing", 500, 5.0)
     assert (err.node, err.service, err.queued, err.timeout) == ("n1", "billing", 500, 5.0)
     assert "billing" in str(err) and "5s" in str(err)
+    full = meshmq.SubscriptionFull("jobs.>", 10_000, 5.0)
+    assert (full.pattern, full.queued, full.timeout) == ("jobs.>", 10_000, 5.0)
+    assert "'jobs.>'" in str(full) and "10000 messages" in str(full) and "5s" in str(full)
     assert meshmq.NoResponders("orders.get").topic == "orders.get"
     assert meshmq.ConfigError("mesh", "bad").field == "mesh"
     assert meshmq.TopicError("a..b", "empty").problem == "empty"
