@@ -3808,9 +3808,10 @@ class AsyncAgent:
         plain function or coroutine handler, most often). Probes wait as long for an answer, so
         the peers may have suspected this node, and may declare it dead if it lasts."""
         self.counters["loop_stalls"] += 1
-        quiet.warning("stall", "the event loop of agent %s was held for %.2fs, longer than a peer waits for a "
-                      "probe answer (probe_timeout %gs): peers may take this node for dead. Blocking work "
-                      "belongs off the loop: a coroutine handler that awaits it, a thread, or the blocking Agent",
+        quiet.warning("stall", "the event loop of agent %s was held for %.2fs (blocked, or busy without a "
+                      "break), longer than a peer waits for a probe answer (probe_timeout %gs): peers may take "
+                      "this node for dead. Blocking work belongs off the loop: a coroutine handler that awaits "
+                      "it, a thread, or the blocking Agent",
                       self.service, late, self.config.probe_timeout)
 
     def _outbox_tick(self) -> None:

@@ -156,7 +156,7 @@ class Config:
     paused_data_bytes: int = 32 * _MiB
     """Bytes of data frames an agent keeps aside while a full subscription stops it taking data, to handle when it resumes. Later frames are dropped unacknowledged and counted (``data_frames_refused_paused``); their senders keep the messages and send them again."""
     publish_timeout: float = 5.0
-    """Seconds ``publish`` waits for room in a full outbox before raising ``OutboxFull`` (``PeerQueueFull`` when one destination is full)."""
+    """Seconds ``publish`` waits for room in a full outbox before raising ``OutboxFull`` (``PeerQueueFull`` when one destination is full; ``SubscriptionFull`` when a subscription of the same agent is)."""
     socket_hwm: int = 1000
     """ZeroMQ high-water mark, in frames, of every socket."""
     read_slice: float = 0.005
