@@ -816,6 +816,7 @@ class AsyncAgent:
         self._data_aside = False  # not taking data, or frames still aside: new ones queue behind them
         self._tick_handle: asyncio.TimerHandle | None = None
         self._tick_due = 0.0  # when the tick was asked for: a later one measures how long the loop was held
+        self._last_stall: tuple[float, float] | None = None  # (wall time, seconds held) of the last stall
         self._outbox_timer: asyncio.TimerHandle | None = None
         self._id_prefix = os.urandom(8)  # message ids: unique per life, even with a kept identity
         self._store: Store | None = None
@@ -3410,7 +3411,8 @@ class AsyncAgent:
             cert_not_after=cert.not_after if cert is not None else None, cert_warning=cfg.health_certificate_warning,
             quarantined=store.counters["quarantined"] if store is not None else 0, revoked=self._revoked_self,
             backlogs=[(s.pattern + (f"@{s.queue}" if s.queue else ""), s.pending) for s in self._subs],
-            backlog_limit=cfg.subscription_queue_messages)
+            backlog_limit=cfg.subscription_queue_messages, stalls=self.counters["loop_stalls"],
+            last_stall=self._last_stall, stall_window=cfg.health_stall_window)
 
     def outbox(self) -> list[OutboxEntry]:
         """What waits in the outbox, per destination (``meshmq outbox`` shows the same)."""
@@ -3808,6 +3810,7 @@ class AsyncAgent:
         plain function or coroutine handler, most often). Probes wait as long for an answer, so
         the peers may have suspected this node, and may declare it dead if it lasts."""
         self.counters["loop_stalls"] += 1
+        self._last_stall = (time.time(), late)
         quiet.warning("stall", "the event loop of agent %s was held for %.2fs (blocked, or busy without a "
                       "break), longer than a peer waits for a probe answer (probe_timeout %gs): peers may take "
                       "this node for dead. Blocking work belongs off the loop: a coroutine handler that awaits "

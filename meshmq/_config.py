@@ -183,6 +183,8 @@ class Config:
     """Seconds the oldest message may wait in the outbox before ``health()`` warns."""
     health_dead_letter_window: float = 300.0
     """``health()`` warns when a message was dead-lettered within this many seconds."""
+    health_stall_window: float = 300.0
+    """``health()`` warns when the agent's event loop was held longer than ``probe_timeout`` (``loop_stalls``) within this many seconds."""
     health_certificate_warning: float = 7 * 86_400.0
     """``health()`` warns when the certificate expires within this many seconds."""
 
@@ -212,7 +214,7 @@ class Config:
         _positive(self, "probe_interval", "probe_timeout", "indirect_probes", "suspicion_mult", "gossip_interval",
                   "gossip_fanout", "gossip_entries", "gossip_max_bytes", "tombstone_ttl", "join_timeout",
                   "rejoin_window", "work_report_interval", "publish_timeout", "stop_timeout", "max_attempts",
-                  "tap_flush_interval", "tap_stats_interval", "health_max_outbox_age", "health_dead_letter_window",
+                  "tap_flush_interval", "tap_stats_interval", "health_max_outbox_age", "health_dead_letter_window", "health_stall_window",
                   "health_certificate_warning",
                   "retry_backoff", "retry_backoff_max", "retransmit_initial", "retransmit_max", "durable_forget_after",
                   "read_slice", "unread_receipts_wait")

@@ -6,7 +6,8 @@ the age of its oldest message, destinations that are down), dead letters (how ma
 arrived lately), the certificate (time left), the store (records moved to
 quarantine), and in the agent's own process its subscriptions (the fullest backlog
 against ``subscription_queue_messages``: at the limit the agent stops taking data
-until it halves). Each is ``ok``, ``warn`` or ``fail``; the worst is the verdict.
+until it halves) and its event loop (held past ``probe_timeout`` within
+``health_stall_window``). Each is ``ok``, ``warn`` or ``fail``; the worst is the verdict.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def assess(*, now: float, peers: int, suspects: int, waiting: Iterable[WaitingFo
            max_bytes: int, max_age: float, dead_letter_times: Iterable[float], dead_letter_window: float,
            cert_not_after: float | None, cert_warning: float, quarantined: int = 0,
            revoked: bool = False, backlogs: Iterable[tuple[str, int]] | None = None,
-           backlog_limit: int = 0) -> Health:
+           backlog_limit: int = 0, stalls: int | None = None, last_stall: tuple[float, float] | None = None,
+           stall_window: float = 0.0) -> Health:
     """The verdict on what was measured (see the module docstring for the rules)."""
     checks = [HealthCheck("peers", OK, f"{peers} up" + (f", {suspects} suspected" if suspects else ""))]
     waiting = list(waiting)
@@ -114,6 +116,15 @@ def assess(*, now: float, peers: int, suspects: int, waiting: Iterable[WaitingFo
         if pending:
             detail += f"; fullest {name}: {pending} of {backlog_limit} pending ({fill:.0%}; data waits at 100%)"
         checks.append(HealthCheck("subscriptions", status, detail))
+    if stalls is not None:  # the event loop held past probe_timeout: (when, how long) of the last time
+        if last_stall is None:
+            checks.append(HealthCheck("event-loop", OK, "never held longer than a probe waits"))
+        else:
+            at, late = last_stall
+            ago = now - at
+            checks.append(HealthCheck("event-loop", WARN if ago <= stall_window else OK,
+                                      f"held for {late:.2f}s {ago:.0f}s ago ({stalls} time(s) in all), longer "
+                                      f"than a probe waits: peers may have suspected this node"))
     return Health(tuple(checks))
 
 

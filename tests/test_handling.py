@@ -356,6 +356,8 @@ def test_blocking_code_on_the_loop_is_reported(mesh: str, caplog: pytest.LogCapt
             await agent.publish("jobs.x", 1)
             await asyncio.wait_for(done.wait(), 10)
             await eventually(lambda: agent.stats().get("loop_stalls", 0) >= 1, what="the stall counted")
+            check = next(c for c in agent.health().checks if c.name == "event-loop")
+            assert check.status == "warn" and "held for 0." in check.detail, check
 
     run(main())
     said = [r.getMessage() for r in caplog.records if "event loop" in r.getMessage()]

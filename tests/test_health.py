@@ -56,6 +56,11 @@ def test_each_rule_of_the_verdict() -> None:
     assert _status(_assess(backlogs=subs, backlog_limit=1000), "subscriptions") == OK
     assert _status(_assess(backlogs=[("x", 95)], backlog_limit=100), "subscriptions") == FAIL
     assert _status(_assess(backlogs=[], backlog_limit=100), "subscriptions") == OK
+    assert "event-loop" not in str(_assess())  # nor its event loop
+    assert _status(_assess(stalls=0, last_stall=None, stall_window=300.0), "event-loop") == OK
+    stalled = _assess(stalls=2, last_stall=(NOW - 20, 0.84), stall_window=300.0)
+    assert _status(stalled, "event-loop") == WARN and "held for 0.84s 20s ago (2 time(s) in all)" in str(stalled)
+    assert _status(_assess(stalls=2, last_stall=(NOW - 301, 0.84), stall_window=300.0), "event-loop") == OK
     assert _assess(waiting=full, revoked=True).to_json()["status"] == FAIL
 
 
