@@ -2434,11 +2434,16 @@ class AsyncAgent:
         return self._outbox.frames(link, time.monotonic())
 
     def _flush_local(self) -> None:
-        """Deliver what this node published to itself, in order (in-process: not kept in the outbox)."""
+        """Deliver what this node published to itself, in order (in-process: not kept in the outbox).
+        Only what waits now: what handlers publish to this node meanwhile goes in the next loop
+        turn, so a chain of handlers publishing to each other never keeps the loop from the
+        network and its timers."""
         self._local_scheduled = False
         local = self._local
         waited = len(local) >= self._limit_local  # a publisher may wait for room (see _local_full)
-        while local:
+        for _ in range(len(local)):
+            if not local:  # a reply to this node's own request flushed from inside a handler
+                break
             self._deliver_entry(local.popleft(), None, 0)
         if waited:
             self._space_waiters.fire()

@@ -158,3 +158,30 @@ def test_a_blocking_agent_publishing_to_its_own_full_subscription_gets_subscript
             assert 20 <= i <= 22  # the limit, plus what the handler thread holds
         finally:
             gate.set()
+
+
+def test_handlers_publishing_to_their_own_agent_let_the_loop_run_between_hops(mesh: str) -> None:
+    """A chain of plain handlers publishing to the same agent goes hop by hop through the
+    loop: probes, timers and I/O get their turn in between, however long the chain."""
+    async def main() -> None:
+        async with agents(mesh, "svc", discovery=False) as (svc,):
+            loop = asyncio.get_running_loop()
+            others_ran = asyncio.Event()
+            seen_at: dict[int, bool] = {}
+            done = asyncio.Event()
+
+            def hop(msg: meshmq.Message) -> None:
+                seen_at[msg.data] = others_ran.is_set()
+                if msg.data < 2000:
+                    svc.publish_nowait("chain.x", msg.data + 1)
+                else:
+                    done.set()
+
+            svc.subscribe("chain.x", hop)
+            await svc.publish("chain.x", 1)
+            loop.call_soon(others_ran.set)  # queued behind the first hop
+            await asyncio.wait_for(done.wait(), 20)
+            assert len(seen_at) == 2000
+            assert seen_at[1000]  # it ran long before the chain ended
+
+    run(main())
