@@ -808,12 +808,13 @@ class AsyncAgent:
         self._route_waiters = Wakeup()
         self._space_waiters = Wakeup()
         self._overloaded_subs: set[Subscription] = set()
-        # While a subscription is full, data frames wait here (frame, connection key) instead of
-        # being handled; the rest of the traffic (probes, gossip, receipts) is handled as it comes.
+        # While a subscription is full, received messages wait here, in order, to be handed over
+        # (entry, (sender, epoch, seq), resent, size); the rest of the traffic (probes, gossip,
+        # receipts) is handled as it comes.
         self._taking_data = True
-        self._aside: collections.deque[tuple[bytes, str]] = collections.deque()
+        self._aside: collections.deque[tuple[Any, tuple[Any, int, int], bool, int]] = collections.deque()
         self._aside_bytes = 0
-        self._data_aside = False  # not taking data, or frames still aside: new ones queue behind them
+        self._data_aside = False  # not taking data, or messages still aside: new ones queue behind them
         self._tick_handle: asyncio.TimerHandle | None = None
         self._tick_due = 0.0  # when the tick was asked for: a later one measures how long the loop was held
         self._last_stall: tuple[float, float] | None = None  # (wall time, seconds held) of the last stall
@@ -2000,7 +2001,7 @@ class AsyncAgent:
         for tap in list(self._taps):
             tap.close()
         self._transport.async_close(linger=max(0.0, min(0.5, deadline - time.monotonic())))
-        self._aside.clear()  # unacknowledged: their senders keep them
+        self._aside.clear()  # not acknowledged as handled: their senders keep them
         self._aside_bytes = 0
         if self._store is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._close_store)
@@ -2655,10 +2656,10 @@ class AsyncAgent:
         assert self._node is not None
         try:
             if len(frame) > 2 and frame[0] == PROTOCOL_VERSION and (frame[1] == SEALED or frame[1] == DATA):
-                if self._data_aside:
-                    self._set_aside(frame, peer)
-                else:
-                    self._on_data_frame(frame, peer)  # the hot path
+                if self._data_aside and self._aside_bytes + len(frame) > self.config.paused_data_bytes:
+                    self._refuse_data(len(frame))
+                    return
+                self._on_data_frame(frame, peer)  # the hot path
                 return
             if len(frame) > 2 and frame[0] == PROTOCOL_VERSION and frame[1] == TAP:
                 self._on_tap_frame(frame, peer)
@@ -2768,8 +2769,11 @@ class AsyncAgent:
             inbox.received(sender, before)
         if got.deliver:
             epoch = sender.stream.epoch
-            for seq, entry in got.deliver:
-                self._deliver_entry(entry, (sender, epoch, seq), seq, resent)
+            if self._data_aside:
+                self._set_aside(sender, epoch, got.deliver, resent)
+            else:
+                for seq, entry in got.deliver:
+                    self._deliver_entry(entry, (sender, epoch, seq), seq, resent)
         if got.deliver or got.skipped:
             inbox.advance(sender)
 
@@ -2819,9 +2823,10 @@ class AsyncAgent:
                     link.endpoint, work_frame(self.config.mesh, self.node_id, self._work_done[publisher]))
         self._work_unreported.clear()
 
-    def _deliver_entry(self, entry: Any, rx: tuple[Any, int, int] | None, seq: int, resent: bool = False) -> None:
+    def _deliver_entry(self, entry: Any, rx: tuple[Any, int, int] | None, seq: int, resent: bool = False) -> bool:
         """Hand one received (or self-published) message to every subscription it is for.
-        The inbox learns first how many subscriptions must finish it (they may finish at once)."""
+        The inbox learns first how many subscriptions must finish it (they may finish at once).
+        Returns whether one still works on it (False: handled, rejected, or nobody's)."""
         try:
             if type(entry) is bytes:  # the common case: no queue group chose us
                 msg = decode_envelope(entry, self.limits, seq)
@@ -2832,14 +2837,14 @@ class AsyncAgent:
         except ProtocolError as exc:
             self.counters["messages_rejected"] += 1
             quiet.warning("envelope", "dropped a malformed message: %s", exc)
-            return  # nobody works on it: handled
+            return False  # nobody works on it: handled
         if rx is not None and self._secure:
             if msg.node != rx[0].node:  # a node signs only for itself: nobody relays data
                 self.counters["rejected_wrong_sender"] += 1
                 quiet.warning(f"sender:{rx[0].node}", "dropped message %s: it names node %s but came from %s",
                               msg.id, msg.node, rx[0].node)
                 self._tap_event(REJECTED, [(msg.topic, msg._id)], rx[0].node, f"names node {msg.node}")
-                return
+                return False
             rights = self._peer_rights.get(msg.node)
             if rights is None or not rights.may_publish(msg.topic):
                 self.counters["rejected_not_permitted"] += 1
@@ -2847,13 +2852,13 @@ class AsyncAgent:
                               "allow publishing there", msg.id, msg.topic, msg.node)
                 self._tap_event(REJECTED, [(msg.topic, msg._id)], msg.node, "its certificate does not allow "
                                 "publishing on this topic")
-                return
+                return False
         if self._checked_schemas or self._upcasters:
             problem = self._check_incoming(msg)
             if problem is not None:
                 self.counters["rejected_schema"] += 1
                 self._store_dead_letter(msg, "schema", problem, msg.topic, None, 0, None)
-                return  # kept in the dead letters: handled
+                return False  # kept in the dead letters: handled
         self._received += 1
         if self._latency is not None or self._window_latency is not None:
             late = time.time() - msg.timestamp
@@ -2882,13 +2887,15 @@ class AsyncAgent:
             member._deliver(msg)
         if rx is not None and msg._open > 0:  # some subscription still works on it
             msg._rx = rx
-            self._inbox.unfinished(rx[0], rx[2])  # type: ignore[union-attr]
+            self._inbox.unfinished(rx[0], rx[2], rx[1])  # type: ignore[union-attr]
+            return True
         if not subs and not members:
             if msg.topic == self._reply_topic:
                 self._on_reply(msg)
             else:
                 # Our subscription closed after the sender routed this message to us.
                 self.counters["received_without_subscription"] += 1
+        return False
 
     def _group_members(self, msg: Message, groups: tuple[str, ...]) -> list[Subscription]:
         """For each queue group the sender chose us for, the local member whose turn it is."""
@@ -3083,25 +3090,34 @@ class AsyncAgent:
 
         The network is still read: probes, gossip and receipts are handled as they come, so
         a consumer that falls behind is not taken for dead, and its own outbox still hears
-        its receipts. Data frames wait aside (see :meth:`_set_aside`)."""
+        its receipts. Received messages wait aside (see :meth:`_set_aside`)."""
         self._overloaded_subs.add(sub)
         if self._taking_data:
             self._taking_data = False
             self._data_aside = True
             self.counters["receive_paused"] += 1
 
-    def _set_aside(self, frame: bytes, peer: str) -> None:
-        """A data frame while data waits: kept for later up to ``paused_data_bytes``. Beyond
-        that it is dropped unacknowledged, so its sender keeps its messages and sends them
-        again (as after a loss): nothing is lost, and memory stays bounded."""
-        if self._aside_bytes + len(frame) > self.config.paused_data_bytes:
-            self.counters["data_frames_refused_paused"] += 1
-            quiet.warning("paused", "a full subscription keeps this agent from taking data, and %d bytes of "
-                          "data frames wait already (paused_data_bytes): a frame of %d bytes is left for its "
-                          "sender to send again", self._aside_bytes, len(frame))
-            return
-        self._aside.append((frame, peer))
-        self._aside_bytes += len(frame)
+    def _set_aside(self, sender: Any, epoch: int, received: list[tuple[int, Any]], resent: bool) -> None:
+        """Messages of a data frame that arrived while data waits: received (the stream reports
+        them so, and their sender stops sending them again), not handed over yet, so the
+        position acknowledged as handled stays before them."""
+        inbox = self._inbox
+        assert inbox is not None
+        aside = self._aside
+        for seq, entry in received:
+            inbox.unfinished(sender, seq, epoch)
+            size = len(entry) if type(entry) is bytes else len(entry[0])
+            aside.append((entry, (sender, epoch, seq), resent, size))
+            self._aside_bytes += size
+
+    def _refuse_data(self, size: int) -> None:
+        """A data frame while ``paused_data_bytes`` of messages wait aside: dropped unread and
+        unacknowledged, so its sender keeps its messages and sends them again (as after a
+        loss). Nothing is lost, and memory stays bounded."""
+        self.counters["data_frames_refused_paused"] += 1
+        quiet.warning("paused", "a full subscription keeps this agent from taking data, and %d bytes of messages "
+                      "wait already (paused_data_bytes): a frame of %d bytes is left for its sender to send again",
+                      self._aside_bytes, size)
 
     def _maybe_resume(self) -> None:
         before = len(self._overloaded_subs)
@@ -3115,18 +3131,20 @@ class AsyncAgent:
             self._loop.call_soon(self._take_aside)  # not from inside a handler that closed its subscription
 
     def _take_aside(self) -> None:
-        """Handle the data frames set aside, oldest first, a read slice at a time, until none is
-        left or a subscription is full again; frames arriving meanwhile queue behind them."""
+        """Hand over the messages set aside, oldest first, a read slice at a time, until none is
+        left or a subscription is full again; messages arriving meanwhile queue behind them."""
         if not self._taking_data or self._state != "running":
             return
         aside = self._aside
+        inbox = self._inbox
+        assert inbox is not None
         until = time.monotonic() + self.config.read_slice
-        self._data_aside = False  # the frames below are handled, not set aside again
         try:
             while aside and self._taking_data:
-                frame, peer = aside.popleft()
-                self._aside_bytes -= len(frame)
-                self._on_frame(frame, peer)
+                entry, rx, resent, size = aside.popleft()
+                self._aside_bytes -= size
+                if not self._deliver_entry(entry, rx, rx[2], resent):
+                    inbox.finished(*rx)  # nobody works on it (handled at once, or refused): done with
                 if time.monotonic() >= until:
                     break
         finally:

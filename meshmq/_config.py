@@ -154,7 +154,7 @@ class Config:
     subscription_queue_messages: int = 10_000
     """Messages waiting for one subscription's handler or iterator before the agent stops taking data, until half of them are done. It still reads and answers the rest (probes, gossip, receipts)."""
     paused_data_bytes: int = 32 * _MiB
-    """Bytes of data frames an agent keeps aside while a full subscription stops it taking data, to handle when it resumes. Later frames are dropped unacknowledged and counted (``data_frames_refused_paused``); their senders keep the messages and send them again."""
+    """Bytes of received messages (envelopes) an agent keeps aside while a full subscription stops it taking data, to hand over when it resumes. Data frames beyond it are dropped unread and counted (``data_frames_refused_paused``); their senders keep the messages and send them again."""
     publish_timeout: float = 5.0
     """Seconds ``publish`` waits for room in a full outbox before raising ``OutboxFull`` (``PeerQueueFull`` when one destination is full; ``SubscriptionFull`` when a subscription of the same agent is)."""
     socket_hwm: int = 1000

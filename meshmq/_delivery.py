@@ -637,9 +637,9 @@ class Sender:
         self.lane = lane
         self.key = lane_key(node, lane)
         self.stream = stream
-        # Seqs handed over that a subscription still works on, in order. An OrderedDict: taking
-        # the first of a plain dict that is emptied from the front scans the slots freed so far
-        # (measured: 5.8 µs per message at 10,000 unfinished, 0.4 µs as an OrderedDict).
+        # Seqs received that are not finished yet, in order. An OrderedDict: taking the first of a
+        # plain dict that is emptied from the front scans the slots freed so far (measured: 5.8 µs
+        # per message at 10,000 unfinished, 0.4 µs as an OrderedDict).
         self.unfinished: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.handled = stream.delivered  # every number up to it is finished
         self.stored = stream.committed  # what the store holds (durable) as our position
@@ -700,9 +700,11 @@ class Inbox:
                 self.commit.add()
         self._receipt_due(sender)
 
-    def unfinished(self, sender: Sender, seq: int) -> None:
-        """Message ``seq`` was handed over and is not finished yet (a subscription holds it)."""
-        sender.unfinished[seq] = None
+    def unfinished(self, sender: Sender, seq: int, epoch: int) -> None:
+        """Message ``seq`` (of ``epoch``) was received and is not finished yet: a subscription
+        holds it, or it waits to be handed over. Nothing for an epoch the sender abandoned."""
+        if sender.stream.epoch == epoch:
+            sender.unfinished[seq] = None
 
     def finished(self, sender: Sender, epoch: int, seq: int) -> None:
         """Every subscription finished message ``seq`` (of ``epoch``), after it was handed over."""

@@ -3,9 +3,9 @@
 When a subscription's backlog reaches ``subscription_queue_messages`` the agent takes no
 more data until it halves. Probes, gossip and receipts are still read and answered
 meanwhile: a consumer that falls behind for longer than the failure detector waits must
-not declare its peers dead, and its own outbox must still hear its receipts. Data frames
-that arrive meanwhile wait aside up to ``paused_data_bytes``; beyond that they are dropped
-unacknowledged and their senders send them again.
+not declare its peers dead, and its own outbox must still hear its receipts. Messages
+that arrive meanwhile are received and wait aside, up to ``paused_data_bytes``; beyond that
+data frames are dropped unread and their senders send them again.
 """
 
 from __future__ import annotations
@@ -53,6 +53,31 @@ def test_a_full_subscription_keeps_its_agent_answering_the_mesh(mesh: str) -> No
                 assert len(agent.peers()) == 1
 
             assert [m.data for m in await collect(it, 200)] == list(range(200))
+
+    run(main(), timeout=60)
+
+
+def test_messages_set_aside_count_as_received_so_they_are_not_sent_again(mesh: str) -> None:
+    """What arrives while the subscription is full is received, just not handed over yet: the
+    publisher's receipts say so, and it keeps the messages (not acknowledged as handled)
+    without sending them again."""
+    async def main() -> None:
+        async with agents(mesh, "pub", retransmit_initial=0.3, retransmit_max=60.0, **QUICK) as (pub,), \
+                agents(mesh, "sub", subscription_queue_messages=20, **QUICK) as (sub,):
+            it = sub.subscribe("bulk.x")
+            await pub.wait_for_subscribers("bulk.x", timeout=10)
+            for i in range(200):
+                await pub.publish("bulk.x", i)
+            await eventually(lambda: sub.stats().get("receive_paused", 0) >= 1, what="the subscription full")
+            probes = sub.stats().get("probes_answered", 0)
+            await eventually(lambda: sub.stats().get("probes_answered", 0) >= probes + 10,
+                             what="10 probes answered while the subscription is full")  # 2 s and more
+            assert pub.stats().get("retransmitted", 0) == 0  # frames held unread went again after 0.3 s
+            assert pub.stats()["outbox_messages"] == 200
+
+            assert [m.data for m in await collect(it, 200)] == list(range(200))
+            await eventually(lambda: pub.stats()["outbox_messages"] == 0, what="every message acknowledged")
+            assert pub.stats().get("retransmitted", 0) == 0
 
     run(main(), timeout=60)
 
