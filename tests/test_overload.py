@@ -23,6 +23,18 @@ import meshmq
 QUICK = dict(probe_interval=0.2, probe_timeout=0.1, suspicion_mult=2.0, suspicion_max_mult=2.0)
 
 
+async def fill_and_stay_full(pub: meshmq.AsyncAgent, sub: meshmq.AsyncAgent, probes: int) -> None:
+    """Publish 200 messages to sub's (unread) subscription on bulk.x, then wait while it stays
+    full for ``probes`` probes answered by sub: far longer than the detector needs to declare a
+    silent peer dead."""
+    for i in range(200):
+        await pub.publish("bulk.x", i)
+    await eventually(lambda: sub.stats().get("receive_paused", 0) >= 1, what="the subscription full")
+    first = sub.stats().get("probes_answered", 0)
+    await eventually(lambda: sub.stats().get("probes_answered", 0) >= first + probes,
+                     what=f"{probes} probes answered while the subscription is full")
+
+
 def test_a_full_subscription_keeps_its_agent_answering_the_mesh(mesh: str) -> None:
     async def main() -> None:
         async with agents(mesh, "pub", **QUICK) as (pub,), \
@@ -32,15 +44,7 @@ def test_a_full_subscription_keeps_its_agent_answering_the_mesh(mesh: str) -> No
             pub.subscribe("back.x", lambda msg: back.append(msg.data))
             await pub.wait_for_subscribers("bulk.x", timeout=10)
             await sub.wait_for_subscribers("back.x", timeout=10)
-            for i in range(200):
-                await pub.publish("bulk.x", i)
-            await eventually(lambda: sub.stats().get("receive_paused", 0) >= 1, what="the subscription full")
-
-            # While it takes no data, the agent probes its peer (and is probed) round after
-            # round: far longer than the detector needs to declare a silent peer dead.
-            probes = sub.stats().get("probes_answered", 0)
-            await eventually(lambda: sub.stats().get("probes_answered", 0) >= probes + 15,
-                             what="15 probes answered while the subscription is full")
+            await fill_and_stay_full(pub, sub, probes=15)
             # Its own publishing goes on: receipts are read, so its outbox empties.
             for i in range(5):
                 await sub.publish("back.x", i)
@@ -66,12 +70,7 @@ def test_messages_set_aside_count_as_received_so_they_are_not_sent_again(mesh: s
                 agents(mesh, "sub", subscription_queue_messages=20, **QUICK) as (sub,):
             it = sub.subscribe("bulk.x")
             await pub.wait_for_subscribers("bulk.x", timeout=10)
-            for i in range(200):
-                await pub.publish("bulk.x", i)
-            await eventually(lambda: sub.stats().get("receive_paused", 0) >= 1, what="the subscription full")
-            probes = sub.stats().get("probes_answered", 0)
-            await eventually(lambda: sub.stats().get("probes_answered", 0) >= probes + 10,
-                             what="10 probes answered while the subscription is full")  # 2 s and more
+            await fill_and_stay_full(pub, sub, probes=10)  # 2 s and more
             assert pub.stats().get("retransmitted", 0) == 0  # frames held unread went again after 0.3 s
             assert pub.stats()["outbox_messages"] == 200
 
