@@ -144,9 +144,12 @@ def test_the_gossip_target_holds_on_random_input(data: bytes) -> None:
 def test_atheris_finds_nothing_in_a_few_seconds(target: str, tmp_path: Path) -> None:
     """Coverage-guided fuzzing for 5 s per target; memory is bounded (libFuzzer's rss limit).
     Longer runs: see docs/security.md."""
+    corpus = tmp_path / "corpus"  # in the test's own directory: nothing is left behind
+    corpus.mkdir()
+    FUZZ.seed_corpus(target, str(corpus))
     out = subprocess.run(
         [sys.executable, str(_TOOLS / "fuzz_decoder.py"), target, "-max_total_time=5", "-rss_limit_mb=512",
-         f"-artifact_prefix={tmp_path}/"],
+         f"-artifact_prefix={tmp_path}/", str(corpus)],
         capture_output=True, text=True, timeout=90, cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_TOOLS.parent),
                                                                       os.environ.get("PYTHONPATH")]))})

@@ -19,7 +19,8 @@ Two targets, each a function of one input (bytes):
 The targets need no atheris (``tests/test_hostile.py`` drives them with Hypothesis);
 atheris is optional and not a dependency of meshmq (``pip install atheris``: wheels for
 CPython 3.11 on x86-64 Linux). Arguments after the target go to libFuzzer; with no corpus
-directory given, one is made from valid frames of every kind::
+directory given, one is made in the temporary directory from valid frames of every kind
+(its path is printed; it is kept, so a later run can go on from it)::
 
     python tools/fuzz_decoder.py decoder -max_total_time=180 -rss_limit_mb=512
     python tools/fuzz_decoder.py gossip -max_total_time=180 -rss_limit_mb=512
@@ -325,6 +326,14 @@ def gossip_one(data: bytes) -> None:
 # --- running ---------------------------------------------------------------------------------
 
 
+def seed_corpus(target: str, directory: str) -> None:
+    """Write the starting inputs of ``target`` into ``directory`` (which exists)."""
+    seeds = decoder_seeds() if target == "decoder" else [os.urandom(64) for _ in range(8)]
+    for i, seed in enumerate(seeds):
+        with open(os.path.join(directory, f"seed-{i}"), "wb") as f:
+            f.write(seed)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[1] not in TARGETS:
         sys.exit(f"usage: {argv[0]} {{{','.join(TARGETS)}}} [libFuzzer flags] [corpus dir or input file]")
@@ -335,11 +344,9 @@ def main(argv: list[str]) -> None:
     target = argv[1]
     flags = argv[2:]
     if not any(not f.startswith("-") for f in flags):
-        corpus = tempfile.mkdtemp(prefix=f"meshmq-fuzz-{target}-")
-        seeds = decoder_seeds() if target == "decoder" else [os.urandom(64) for _ in range(8)]
-        for i, seed in enumerate(seeds):
-            with open(os.path.join(corpus, f"seed-{i}"), "wb") as f:
-                f.write(seed)
+        corpus = tempfile.mkdtemp(prefix=f"meshmq-fuzz-{target}-")  # kept: what the run learnt, to go on from
+        print(f"corpus: {corpus}", file=sys.stderr)
+        seed_corpus(target, corpus)
         flags.append(corpus)
     one = decoder_one if target == "decoder" else gossip_one
     atheris.Setup([argv[0], *flags], one)
